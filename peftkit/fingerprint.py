@@ -20,10 +20,24 @@ from typing import Any
 import torch
 
 _VOLATILE_CONFIG_KEYS = {
-    "_name_or_path", "name_or_path", "torch_dtype", "dtype", "quantization_config",
-    "transformers_version", "_commit_hash", "architectures", "use_cache", "_attn_implementation",
-    "_attn_implementation_autoset", "attn_implementation", "output_hidden_states",
-    "output_attentions", "return_dict", "tie_word_embeddings", "id2label", "label2id",
+    "_name_or_path",
+    "name_or_path",
+    "torch_dtype",
+    "dtype",
+    "quantization_config",
+    "transformers_version",
+    "_commit_hash",
+    "architectures",
+    "use_cache",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "attn_implementation",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "tie_word_embeddings",
+    "id2label",
+    "label2id",
 }
 
 
@@ -87,8 +101,13 @@ def tensors_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint_model(model: torch.nn.Module, *, source: str, folder: str | None = None,
-                      quantization: str | None = None) -> Fingerprint:
+def fingerprint_model(
+    model: torch.nn.Module,
+    *,
+    source: str,
+    folder: str | None = None,
+    quantization: str | None = None,
+) -> Fingerprint:
     config = model.config
     arch = type(model).__name__
     base_arch = config.model_type
@@ -102,8 +121,13 @@ def fingerprint_model(model: torch.nn.Module, *, source: str, folder: str | None
             weights = _unquantized_hash(model)
         else:
             weights = tensors_hash(model)
-    return Fingerprint(architecture=f"{base_arch}:{arch}", config_hash=config_hash(config),
-                       weights_hash=weights, quantization=quantization, source=source)
+    return Fingerprint(
+        architecture=f"{base_arch}:{arch}",
+        config_hash=config_hash(config),
+        weights_hash=weights,
+        quantization=quantization,
+        source=source,
+    )
 
 
 def _unquantized_hash(model: torch.nn.Module) -> str:

@@ -33,16 +33,26 @@ def make_tokenizer(style: str):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if style == "bert":
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B [SEP]",
             special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
         )
         return PreTrainedTokenizerFast(
-            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-            sep_token="[SEP]", mask_token="[MASK]", model_max_length=64,
+            tokenizer_object=tok,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+            model_max_length=64,
         )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
-        eos_token="</s>", model_max_length=64,
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=64,
     )
 
 
@@ -56,19 +66,40 @@ def build_tiny(family: str, folder: Path) -> Path:
     tokenizer = make_tokenizer(style)
     vocab = len(tokenizer)
     if family == "bert":
-        config = tf.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, intermediate_size=64,
-                               max_position_embeddings=64)
+        config = tf.BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
         model = tf.BertModel(config, add_pooling_layer=False)
     elif family == "llama":
-        config = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2,
-                                intermediate_size=64, max_position_embeddings=64,
-                                pad_token_id=0, bos_token_id=5, eos_token_id=6)
+        config = tf.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=5,
+            eos_token_id=6,
+        )
         model = tf.LlamaForCausalLM(config)
     elif family == "gpt2":
-        config = tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                               pad_token_id=0, bos_token_id=5, eos_token_id=6)
+        config = tf.GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            pad_token_id=0,
+            bos_token_id=5,
+            eos_token_id=6,
+        )
         model = tf.GPT2LMHeadModel(config)
     else:
         raise ValueError(family)

@@ -11,8 +11,9 @@ from peftkit.base import load_base, quantization_config
 from peftkit.errors import ConfigError, ModelError
 
 
-@pytest.mark.parametrize("family,kind", [("bert", "encoder"), ("llama", "causal-lm"),
-                                         ("gpt2", "causal-lm")])
+@pytest.mark.parametrize(
+    "family,kind", [("bert", "encoder"), ("llama", "causal-lm"), ("gpt2", "causal-lm")]
+)
 def test_tiny_models_load_with_inferred_kind(tiny_models, family, kind):
     base = load_base(tiny_models[family])
     assert base.kind == kind
@@ -137,8 +138,9 @@ def test_interrupted_gguf_conversion_leaves_no_cache(tmp_path, tiny_models, monk
 def test_cache_without_marker_is_rebuilt(tmp_path, tiny_models, monkeypatch):
     gguf = _fake_gguf(tmp_path)
     cache = tmp_path / "cache"
-    monkeypatch.setattr(assets, "_convert_gguf",
-                        lambda src, dest: shutil.copytree(tiny_models["llama"], dest))
+    monkeypatch.setattr(
+        assets, "_convert_gguf", lambda src, dest: shutil.copytree(tiny_models["llama"], dest)
+    )
     folder = assets.gguf_cache(gguf, "fake", cache=cache)
     (folder / assets.COMPLETE_MARKER).unlink()  # as if a copy stopped half way
     (folder / "model.safetensors").write_bytes(b"junk")
