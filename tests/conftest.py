@@ -7,10 +7,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models are all thread overhead: one thread is several times faster, and it keeps
+# the suite fast when the machine is shared. Child processes inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 WORDS = (
     "the a an is was this that it movie film great good bad awful terrible fine "

@@ -1,0 +1,315 @@
+"""Adapter presets (YAML in ``adapters/``) and what they build: peft configs and task models.
+
+A preset names a method and its options::
+
+    spec = load_preset("lora", overrides={"peft": {"r": 16}})
+    model = build_task_model(base, spec, num_labels=4)   # body (+ peft) + its own head
+
+Every method trains the same kind of :class:`TaskModel`: the base's head-less body
+(``AutoModel``; for a causal LM, the transformer under its LM head), wrapped by peft as a
+``FEATURE_EXTRACTION`` model, then pooled (mean for encoders, last token for decoders) into
+a classification head sized to the task's own labels. So adapters with 2, 4 and 77 labels
+share one base, and an export loads in plain peft with ``AutoModel`` + ``PeftModel``.
+``full`` trains a copy of every weight; ``probe`` trains the head alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from peftkit.errors import ConfigError, did_you_mean
+from peftkit.paths import library_dir
+
+METHODS = ("lora", "qlora", "prefix", "prompt-tuning", "ia3", "full", "probe")
+PEFT_METHODS = ("lora", "qlora", "prefix", "prompt-tuning", "ia3")
+PRESET_KEYS = ("method", "peft", "head", "learning_rate", "quantization", "pooling")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A validated adapter preset."""
+
+    method: str
+    peft: dict[str, Any] = field(default_factory=dict)
+    head_dropout: float = 0.1
+    learning_rate: float = 1e-3
+    quantization: str | None = None  # qlora: "4bit" (default) or "8bit"
+    pooling: str = "auto"  # auto | mean | last | cls
+    source: str = "<dict>"
+
+    @property
+    def uses_peft(self) -> bool:
+        return self.method in PEFT_METHODS
+
+
+def available_presets(folder: Path | None = None) -> list[str]:
+    root = folder or library_dir("adapters")
+    return sorted(p.stem for p in root.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> AdapterSpec:
+    """Load a built-in preset by name, or a user's YAML file by path, then apply overrides."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        candidate = library_dir("adapters") / f"{name_or_path}.yaml"
+        if not candidate.is_file():
+            names = available_presets()
+            raise ConfigError(
+                f"unknown adapter preset {str(name_or_path)!r}; built-in presets: "
+                f"{', '.join(names)}, or give a path to a .yaml file"
+                + did_you_mean(str(name_or_path), names)
+            )
+        path = candidate
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: an adapter preset must be a mapping with a 'method' key")
+    return spec_from_dict(_merge(data, overrides or {}), source=str(path))
+
+
+def spec_from_dict(data: dict[str, Any], source: str = "<dict>") -> AdapterSpec:
+    for key in data:
+        if key not in PRESET_KEYS:
+            raise ConfigError(
+                f"{source}: unknown key {key!r} in adapter preset"
+                + did_you_mean(key, PRESET_KEYS)
+                + f"; valid keys: {', '.join(PRESET_KEYS)}"
+            )
+    method = data.get("method")
+    if method not in METHODS:
+        raise ConfigError(
+            f"{source}: method={method!r} is not one of {', '.join(METHODS)}"
+            + did_you_mean(str(method), METHODS)
+        )
+    peft_opts = dict(data.get("peft") or {})
+    if peft_opts and method in ("full", "probe"):
+        raise ConfigError(f"{source}: method {method!r} takes no 'peft' options")
+    head = data.get("head") or {}
+    if not isinstance(head, dict) or set(head) - {"dropout"}:
+        raise ConfigError(f"{source}: 'head' takes only 'dropout'")
+    quant = data.get("quantization")
+    if method == "qlora":
+        quant = quant or "4bit"
+    if quant not in (None, "4bit", "8bit"):
+        raise ConfigError(f"{source}: quantization={quant!r}; use '4bit' or '8bit'")
+    pooling = data.get("pooling", "auto")
+    if pooling not in ("auto", "mean", "last", "cls"):
+        raise ConfigError(f"{source}: pooling={pooling!r}; use auto, mean, last or cls")
+    try:
+        lr = float(data.get("learning_rate", 1e-3))
+        dropout = float(head.get("dropout", 0.1))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: learning_rate and head.dropout must be numbers") from exc
+    return AdapterSpec(
+        method=method,
+        peft=peft_opts,
+        head_dropout=dropout,
+        learning_rate=lr,
+        quantization=quant,
+        pooling=pooling,
+        source=source,
+    )
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# -- peft configs -------------------------------------------------------------------------
+
+
+def target_modules(body: nn.Module, method: str) -> tuple[list[str], list[str] | None]:
+    """Target (and, for IA3, feed-forward) module names for this architecture, from peft's
+    own per-architecture tables; raises with the model's Linear layers when unknown."""
+    from peft.utils import constants as c
+
+    model_type = getattr(body.config, "model_type", "")
+    if method == "ia3":
+        targets = c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(model_type)
+        ff = c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type)
+    else:
+        targets = c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        ff = None
+    if not targets:
+        linear = sorted(
+            {
+                n.split(".")[-1]
+                for n, m in body.named_modules()
+                if isinstance(m, nn.Linear) or "Linear" in type(m).__name__
+            }
+        )
+        raise ConfigError(
+            f"no default target modules for architecture {model_type!r}; set "
+            f"peft.target_modules to some of its linear layers: {linear}"
+        )
+    return list(targets), (list(ff) if ff else None)
+
+
+def peft_config(spec: AdapterSpec, body: nn.Module) -> Any:
+    """The ``peft`` config for ``spec`` on ``body`` (task type FEATURE_EXTRACTION)."""
+    import peft
+
+    opts = dict(spec.peft)
+    task = peft.TaskType.FEATURE_EXTRACTION
+    try:
+        if spec.method in ("lora", "qlora"):
+            if opts.get("target_modules", "auto") == "auto":
+                opts["target_modules"], _ = target_modules(body, "lora")
+            return peft.LoraConfig(task_type=task, **opts)
+        if spec.method == "ia3":
+            targets, ff = target_modules(body, "ia3")
+            if opts.get("target_modules", "auto") == "auto":
+                opts["target_modules"] = targets
+            if opts.get("feedforward_modules", "auto") == "auto":
+                opts["feedforward_modules"] = ff or []
+            return peft.IA3Config(task_type=task, **opts)
+        if spec.method == "prefix":
+            return peft.PrefixTuningConfig(task_type=task, **opts)
+        if spec.method == "prompt-tuning":
+            return peft.PromptTuningConfig(task_type=task, **opts)
+    except TypeError as exc:
+        raise ConfigError(f"{spec.source}: bad peft option for {spec.method}: {exc}") from exc
+    raise ConfigError(f"method {spec.method!r} has no peft config")
+
+
+# -- the task model -----------------------------------------------------------------------
+
+
+def body_of(model: nn.Module) -> nn.Module:
+    """The head-less transformer inside ``model`` (itself for an ``AutoModel``)."""
+    inner = getattr(model, "base_model", model)
+    return inner if inner is not None else model
+
+
+def default_pooling(config: Any) -> str:
+    from peftkit.base import infer_kind
+
+    return "last" if infer_kind(config) == "causal-lm" else "mean"
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Pool token states (B, T, H) into one vector per row, ignoring padding.
+
+    Soft prompts make the output longer than the mask: the extra (virtual) positions come
+    first and count as real tokens.
+    """
+    extra = hidden.shape[1] - attention_mask.shape[1]
+    if extra > 0:
+        ones = attention_mask.new_ones(attention_mask.shape[0], extra)
+        attention_mask = torch.cat([ones, attention_mask], dim=1)
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    if how == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    if how == "cls":
+        return hidden[:, 0]
+    # last real token (right padding); with left padding the last position is real anyway
+    lengths = attention_mask.sum(1).long() - 1
+    if bool((attention_mask[:, -1] == 1).all()):
+        return hidden[:, -1]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths]
+
+
+class Head(nn.Module):
+    """Dropout + linear layer over a pooled vector."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(pooled))
+
+
+class TaskModel(nn.Module):
+    """Body (peft-wrapped, full or frozen) + pooling + one classification head."""
+
+    def __init__(self, body: nn.Module, head: Head, pooling: str):
+        super().__init__()
+        self.body = body
+        self.head = head
+        self.pooling = pooling
+
+    def features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return pool(hidden, attention_mask, self.pooling)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.features(input_ids, attention_mask)
+        return self.head(pooled.to(self.head.linear.weight.dtype))
+
+
+def hidden_size(config: Any) -> int:
+    for key in ("hidden_size", "n_embd", "d_model", "dim"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise ConfigError(f"cannot tell the hidden size of {type(config).__name__}")
+
+
+def build_task_model(
+    base_model: nn.Module,
+    spec: AdapterSpec,
+    num_labels: int,
+    *,
+    adapter_name: str = "default",
+    seed: int = 0,
+) -> TaskModel:
+    """Wrap ``base_model``'s body for ``spec`` and add a fresh head of ``num_labels``.
+
+    For ``full`` the body is deep-copied (the shared base stays frozen and untouched).
+    """
+    if num_labels < 2:
+        raise ConfigError(f"a classifier needs at least 2 labels, got {num_labels}")
+    torch.manual_seed(seed)
+    body = body_of(base_model)
+    pooling = default_pooling(body.config) if spec.pooling == "auto" else spec.pooling
+    if spec.method == "full":
+        body = copy.deepcopy(body)
+        for p in body.parameters():
+            p.requires_grad_(True)
+    elif spec.method == "probe":
+        for p in body.parameters():
+            p.requires_grad_(False)
+    else:
+        import peft
+
+        if (
+            spec.method == "qlora"
+            or getattr(body, "is_loaded_in_4bit", False)
+            or getattr(body, "is_loaded_in_8bit", False)
+        ):
+            # casts norms to fp32 and enables input grads; no gradient checkpointing on CPU
+            body = peft.prepare_model_for_kbit_training(
+                body, use_gradient_checkpointing=torch.cuda.is_available()
+            )
+        body = peft.get_peft_model(body, peft_config(spec, body), adapter_name=adapter_name)
+    head = Head(hidden_size(body_of(base_model).config), num_labels, spec.head_dropout)
+    device = next(body_of(base_model).parameters()).device
+    return TaskModel(body, head.to(device), pooling)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,294 @@
+"""Hot-swap: one base in memory, many task adapters, switch in microseconds, mixed batches.
+
+    from peftkit import AdaptedModel, Registry, load_base
+    model = AdaptedModel(load_base("minilm"), Registry("registry"), max_resident=8)
+    model.use("sst2")                      # loads once (hash and base checked), then O(1)
+    model.predict(["a gripping film"])     # -> [Prediction(label='positive', ...)]
+    model.predict_mixed(["a gripping film", "stocks fell"], adapters=["sst2", "agnews"])
+
+LoRA adapters (and head-only probes) share one peft model: switching only changes which
+adapter name the next forward passes (``adapter_names=``), so ``use()`` touches no module;
+a batch may mix adapters, and each row gets its own head, label set included. IA3, prefix
+and prompt-tuning adapters are served too, one adapter group per forward. Forwards run
+under a lock, so the object is safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftkit.adapters import Head, body_of, pool
+from peftkit.artifacts import TaskInfo, load_head, read_task
+from peftkit.batching import collate, pad_id
+from peftkit.errors import ConfigError, RegistryError
+from peftkit.registry import Entry, Registry
+
+LORA_FAMILY = ("lora", "qlora")
+PROMPT_FAMILY = ("prefix", "prompt-tuning")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    probs: dict[str, float]
+    adapter: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "label": self.label,
+            "score": self.score,
+            "probs": self.probs,
+        }
+
+
+@dataclass
+class _Resident:
+    entry: Entry
+    info: TaskInfo
+    head: Head
+    key: str  # the adapter name inside the peft model ("__base__" for a probe)
+
+
+class AdaptedModel:
+    """A base model with up to ``max_resident`` adapters resident (least recently used go)."""
+
+    def __init__(
+        self,
+        base: Any,
+        registry: Registry | str | Path,
+        *,
+        max_resident: int = 8,
+        batch_size: int = 32,
+        verify: bool = True,
+    ):
+        if max_resident < 1:
+            raise ConfigError(f"max_resident must be >= 1, got {max_resident}")
+        self.base = base
+        self.registry = registry if isinstance(registry, Registry) else Registry(registry)
+        self.max_resident = max_resident
+        self.batch_size = batch_size
+        self.verify = verify
+        self._body = body_of(base.model)
+        self._peft: Any = None  # the PeftModel once a peft adapter is loaded
+        self._family: str | None = None
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()
+        self._current: str | None = None
+        self._lock = threading.RLock()
+        self._pad = pad_id(base.tokenizer)
+        self._device = next(self._body.parameters()).device
+        self._serial = 0
+
+    # -- residency ------------------------------------------------------------------------
+
+    @property
+    def current(self) -> str | None:
+        return self._current
+
+    @property
+    def resident(self) -> list[str]:
+        return list(self._resident)
+
+    def use(self, ref: str) -> AdaptedModel:
+        """Make ``ref`` (``name`` or ``name@N``) the adapter that ``predict`` uses."""
+        slot = self._resident.get(ref)
+        if slot is None:
+            self.load(ref)
+        else:
+            self._resident.move_to_end(ref)
+        self._current = ref
+        return self
+
+    def load(self, ref: str) -> str:
+        """Make ``ref`` resident (fingerprint and hashes checked); returns ``ref``."""
+        with self._lock:
+            if ref in self._resident:
+                self._resident.move_to_end(ref)
+                return ref
+            fp = self.base.fingerprint
+            entry = self.registry.load_path(
+                ref, expected_fingerprint=fp.id, expected_base=fp.to_dict(), verify=self.verify
+            )
+            info = read_task(entry.path)
+            if info.method == "full":
+                raise ConfigError(
+                    f"{entry.ref} is a full fine-tune (a whole model, not an "
+                    "adapter); load its export with load_base(folder) instead"
+                )
+            head = load_head(entry.path, info, self._device)
+            key = self._attach(entry, info)
+            while len(self._resident) >= self.max_resident:
+                self._evict_lru()
+            self._resident[ref] = _Resident(entry=entry, info=info, head=head, key=key)
+            return ref
+
+    def evict(self, ref: str) -> None:
+        with self._lock:
+            slot = self._resident.pop(ref, None)
+            if slot is not None:
+                self._detach(slot)
+            if self._current == ref:
+                self._current = None
+
+    def _evict_lru(self) -> None:
+        ref, slot = self._resident.popitem(last=False)
+        self._detach(slot)
+        if self._current == ref:
+            self._current = None
+
+    def _attach(self, entry: Entry, info: TaskInfo) -> str:
+        import peft
+
+        if info.method == "probe":
+            return "__base__"
+        family = "lora" if info.method in LORA_FAMILY else info.method
+        if self._family is not None and family != self._family:
+            raise ConfigError(
+                f"{entry.ref} is a {info.method} adapter, but this AdaptedModel serves "
+                f"{self._family} adapters; peft cannot hold both on one base. Load another "
+                f"base for {info.method} adapters"
+            )
+        self._serial += 1
+        key = f"a{self._serial}"
+        if self._peft is None:
+            self._peft = peft.PeftModel.from_pretrained(
+                self._body, str(entry.path), adapter_name=key, is_trainable=False
+            )
+            self._family = family
+        else:
+            self._peft.load_adapter(str(entry.path), adapter_name=key, is_trainable=False)
+        self._peft.eval()
+        return key
+
+    def close(self) -> None:
+        """Take every adapter out of the base, leaving it as it was loaded."""
+        with self._lock:
+            self._resident.clear()
+            self._current = None
+            if self._peft is not None:
+                if self._family == "lora" or self._family == "ia3":
+                    self._peft.unload()  # prompt learning injected nothing into the base
+                self._peft = None
+                self._family = None
+
+    def _detach(self, slot: _Resident) -> None:
+        if slot.key != "__base__" and self._peft is not None:
+            self._peft.delete_adapter(slot.key)
+
+    # -- prediction -----------------------------------------------------------------------
+
+    def predict_proba(self, texts: Sequence[str], adapter: str | None = None) -> np.ndarray:
+        """Class probabilities (rows × the adapter's labels)."""
+        ref = self._ref(adapter)
+        return self._probs(list(texts), [ref] * len(texts))[0][0]
+
+    def predict(self, texts: Sequence[str], adapter: str | None = None) -> list[Prediction]:
+        ref = self._ref(adapter)
+        return self.predict_mixed(texts, [ref] * len(texts))
+
+    def predict_mixed(self, texts: Sequence[str], adapters: Sequence[str]) -> list[Prediction]:
+        """One batch where row ``i`` goes through adapter ``adapters[i]`` and its own head."""
+        if len(texts) != len(adapters):
+            raise ConfigError(f"{len(texts)} texts but {len(adapters)} adapter names")
+        groups, order = self._probs(list(texts), list(adapters))
+        out: list[Prediction | None] = [None] * len(texts)
+        for probs, rows, ref in zip(groups, order, self._unique(adapters), strict=True):
+            labels = self._resident[ref].info.labels
+            for p, i in zip(probs, rows, strict=True):
+                k = int(p.argmax())
+                out[i] = Prediction(
+                    label=labels[k],
+                    score=float(p[k]),
+                    probs={lab: float(v) for lab, v in zip(labels, p, strict=True)},
+                    adapter=ref,
+                )
+        return [p for p in out if p is not None]
+
+    def _ref(self, adapter: str | None) -> str:
+        ref = adapter or self._current
+        if ref is None:
+            raise RegistryError("no adapter in use: call use(name) or pass adapter=name")
+        return ref
+
+    @staticmethod
+    def _unique(adapters: Sequence[str]) -> list[str]:
+        return list(dict.fromkeys(adapters))
+
+    def _probs(
+        self, texts: list[str], adapters: list[str]
+    ) -> tuple[list[np.ndarray], list[list[int]]]:
+        """Probabilities per distinct adapter (in first-seen order) and their row indices."""
+        with self._lock:
+            for ref in self._unique(adapters):
+                self.load(ref)
+            return self._probs_loaded(texts, adapters)
+
+    @torch.inference_mode()
+    def _probs_loaded(
+        self, texts: list[str], adapters: list[str]
+    ) -> tuple[list[np.ndarray], list[list[int]]]:
+        if True:
+            slots = [self._resident[a] for a in adapters]
+            max_len = max(s.info.max_length for s in slots)
+            enc = self.base.tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]
+            refs = self._unique(adapters)
+            rows = [[i for i, a in enumerate(adapters) if a == ref] for ref in refs]
+            pooled = torch.empty(0)
+            results: list[list[np.ndarray]] = [[] for _ in refs]
+            batch = self.batch_size
+            for start in range(0, len(texts), batch):
+                idx = list(range(start, min(start + batch, len(texts))))
+                tensors = collate([enc[i] for i in idx], self._pad)
+                pooled = self._features(tensors, [slots[i] for i in idx])
+                for g, ref in enumerate(refs):
+                    local = [j for j, i in enumerate(idx) if adapters[i] == ref]
+                    if not local:
+                        continue
+                    head = self._resident[ref].head
+                    logits = head(pooled[local].to(head.linear.weight.dtype))
+                    results[g].append(torch.softmax(logits.float(), -1).numpy())
+            return [np.concatenate(r) for r in results], rows
+
+    def _features(self, tensors: dict[str, torch.Tensor], slots: list[_Resident]) -> torch.Tensor:
+        ids = tensors["input_ids"].to(self._device)
+        mask = tensors["attention_mask"].to(self._device)
+        names = [s.key for s in slots]
+        poolings = {s.info.pooling for s in slots}
+        if self._peft is None or self._family == "lora":
+            model = self._peft if self._peft is not None else self._body
+            kwargs = {"adapter_names": names} if self._peft is not None else {}
+            out = model(input_ids=ids, attention_mask=mask, **kwargs)
+            hidden = out.last_hidden_state
+            if len(poolings) == 1:
+                return pool(hidden, mask, poolings.pop())
+            return torch.stack(
+                [
+                    pool(hidden[i : i + 1], mask[i : i + 1], s.info.pooling)[0]
+                    for i, s in enumerate(slots)
+                ]
+            )
+        # IA3 / prefix / prompt tuning: one forward per adapter group.
+        result: torch.Tensor | None = None
+        for key in dict.fromkeys(names):
+            rows = [i for i, n in enumerate(names) if n == key]
+            if key == "__base__":
+                with self._peft.disable_adapter():
+                    out = self._peft(input_ids=ids[rows], attention_mask=mask[rows])
+            else:
+                self._peft.set_adapter(key)
+                out = self._peft(input_ids=ids[rows], attention_mask=mask[rows])
+            vec = pool(out.last_hidden_state, mask[rows], slots[rows[0]].info.pooling)
+            if result is None:
+                result = vec.new_empty(len(names), vec.shape[-1])
+            result[rows] = vec
+        assert result is not None
+        return result

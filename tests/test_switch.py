@@ -1,0 +1,230 @@
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import synthetic
+
+from peftkit.adapters import load_preset
+from peftkit.artifacts import release, save_adapter
+from peftkit.base import load_base
+from peftkit.errors import ConfigError, FingerprintMismatch, IntegrityError, RegistryError
+from peftkit.registry import Registry
+from peftkit.switch import AdaptedModel
+from peftkit.train import TrainConfig, train
+
+TASKS = {"sentiment": "lora", "topic": "lora", "spam": "probe"}
+PROBE_TEXTS = [
+    "the movie was great",
+    "stock market price",
+    "free prize now",
+    "bad film",
+    "the election vote",
+    "hello ok",
+]
+
+
+def _train_into(base, registry, name, task, method, root: Path):
+    data = synthetic(task)
+    config = TrainConfig(
+        max_steps=24,
+        batch_size=8,
+        learning_rate=5e-2,
+        progress=False,
+        patience=None,
+        eval_every=1000,
+    )
+    result = train(base, load_preset(method), data, config, root / f"run-{name}")
+    result.model.eval()
+    tensors = base.tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = result.model(tensors["input_ids"], tensors["attention_mask"])
+    folder = save_adapter(
+        result.model,
+        root / f"run-{name}" / "adapter",
+        method=method,
+        labels=data.labels,
+        max_length=config.max_length,
+    )
+    release(result.model)
+    registry.register(
+        name,
+        folder,
+        method=method,
+        labels=data.labels,
+        base_fingerprint=base.fingerprint.id,
+        base=base.fingerprint.to_dict(),
+        metrics=result.test_metrics,
+    )
+    return torch.softmax(logits, -1).numpy()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("switch")
+    base = load_base(tiny_models["bert"])
+    registry = Registry(root / "registry")
+    expected = {
+        name: _train_into(base, registry, name, name, method, root)
+        for name, method in TASKS.items()
+    }
+    return base, registry, expected, root
+
+
+@pytest.fixture()
+def model(served):
+    base, registry, _, _ = served
+    am = AdaptedModel(base, registry, max_resident=3)
+    yield am
+    am.close()
+
+
+def test_predictions_equal_the_trained_model(served, model):
+    _, _, expected, _ = served
+    for name, probs in expected.items():
+        got = model.predict_proba(PROBE_TEXTS, adapter=name)
+        np.testing.assert_allclose(got, probs, atol=1e-5)
+
+
+def test_adapters_change_the_output(served, model):
+    a = model.predict_proba(PROBE_TEXTS, adapter="sentiment")
+    model.use("spam")
+    b = model.predict_proba(PROBE_TEXTS)
+    assert a.shape == b.shape == (len(PROBE_TEXTS), 2)
+    assert np.abs(a - b).max() > 1e-3
+
+
+def test_mixed_batch_rows_equal_single_adapter_results(model):
+    names = ["sentiment", "topic", "spam", "topic", "sentiment", "spam"]
+    mixed = model.predict_mixed(PROBE_TEXTS, names)
+    assert [p.adapter for p in mixed] == names
+    assert [len(p.probs) for p in mixed] == [2, 4, 2, 4, 2, 2]  # each row its own label set
+    for text, name, row in zip(PROBE_TEXTS, names, mixed, strict=True):
+        alone = model.predict([text], adapter=name)[0]
+        assert alone.label == row.label
+        for label, value in alone.probs.items():
+            assert abs(row.probs[label] - value) <= 1e-5
+
+
+def test_use_switches_and_lru_evicts(served):
+    base, registry, _, _ = served
+    am = AdaptedModel(base, registry, max_resident=2)
+    try:
+        am.use("sentiment").use("topic")
+        assert am.resident == ["sentiment", "topic"]
+        am.use("sentiment")  # touch: topic is now least recent
+        am.use("spam")
+        assert am.resident == ["sentiment", "spam"]
+        assert am.current == "spam"
+        assert am.predict(["free prize now"])[0].adapter == "spam"
+        am.use("topic")  # reloads after eviction
+        assert am.resident == ["spam", "topic"]
+    finally:
+        am.close()
+
+
+def test_versions_resolve(served, model):
+    _, registry, _, _ = served
+    assert registry.get("sentiment").version == 1
+    a = model.predict_proba(["bad film"], adapter="sentiment@1")
+    b = model.predict_proba(["bad film"], adapter="sentiment")
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_unknown_adapter_gets_closest_names(model):
+    with pytest.raises(RegistryError, match="did you mean 'sentiment'"):
+        model.use("sentimnt")
+    with pytest.raises(RegistryError, match="no adapter in use"):
+        model.predict(["x"])
+
+
+def test_adapter_from_another_base_is_refused(served, tiny_models, tmp_path):
+    _, registry, _, _ = served
+    other = tmp_path / "other"
+    shutil.copytree(tiny_models["bert"], other)
+    changed = load_base(other)
+    with torch.no_grad():
+        changed.model.embeddings.word_embeddings.weight.mul_(1.5)
+    changed.model.save_pretrained(other)
+    am = AdaptedModel(load_base(other), registry)
+    with pytest.raises(FingerprintMismatch, match="trained on base .* but the loaded base is"):
+        am.use("sentiment")
+
+
+def test_corrupt_adapter_is_refused_and_the_rest_still_serve(served, tmp_path):
+    base, registry, _, root = served
+    data = synthetic("spam")
+    folder = root / "run-spam" / "adapter"
+    entry = registry.register(
+        "fragile", folder, method="probe", labels=data.labels, base_fingerprint=base.fingerprint.id
+    )
+    head = entry.path / "head.safetensors"
+    raw = bytearray(head.read_bytes())
+    raw[-1] ^= 0xFF
+    head.write_bytes(bytes(raw))
+    am = AdaptedModel(base, registry)
+    try:
+        with pytest.raises(IntegrityError, match="head.safetensors"):
+            am.use("fragile")
+        assert "fragile" not in am.resident
+        assert am.use("sentiment").predict(["great"])[0].adapter == "sentiment"
+    finally:
+        am.close()
+        registry.remove("fragile", all_versions=True)
+
+
+def test_threads_get_their_own_adapter_results(model):
+    expected = {name: model.predict_proba(PROBE_TEXTS, adapter=name) for name in TASKS}
+    errors: list[str] = []
+
+    def work(name):
+        for _ in range(5):
+            got = model.predict_proba(PROBE_TEXTS, adapter=name)
+            if not np.allclose(got, expected[name], atol=1e-5):
+                errors.append(name)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in TASKS for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+@pytest.mark.parametrize("method", ["ia3", "prefix", "prompt-tuning"])
+def test_other_peft_methods_serve_and_mix(tiny_models, tmp_path, method):
+    base = load_base(tiny_models["bert"])
+    registry = Registry(tmp_path / "registry")
+    expected = {
+        "a": _train_into(base, registry, "a", "sentiment", method, tmp_path),
+        "b": _train_into(base, registry, "b", "topic", method, tmp_path),
+    }
+    _train_into(base, registry, "lora-one", "spam", "lora", tmp_path)
+    am = AdaptedModel(base, registry)
+    try:
+        for name, probs in expected.items():
+            np.testing.assert_allclose(
+                am.predict_proba(PROBE_TEXTS, adapter=name), probs, atol=1e-5
+            )
+        mixed = am.predict_mixed(PROBE_TEXTS[:2], ["a", "b"])
+        np.testing.assert_allclose(list(mixed[1].probs.values()), expected["b"][1], atol=1e-5)
+        with pytest.raises(ConfigError, match="serves .* adapters"):
+            am.use("lora-one")
+    finally:
+        am.close()
+
+
+def test_qlora_adapter_serves_on_a_4bit_base(tiny_models, tmp_path):
+    base = load_base(tiny_models["bert"], quantization="4bit")
+    registry = Registry(tmp_path / "registry")
+    expected = _train_into(base, registry, "q", "sentiment", "qlora", tmp_path)
+    assert registry.get("q").method == "qlora"
+    am = AdaptedModel(base, registry)
+    try:
+        np.testing.assert_allclose(am.predict_proba(PROBE_TEXTS, adapter="q"), expected, atol=1e-4)
+    finally:
+        am.close()

@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import synthetic
+from safetensors.torch import load_file
+
+from peftkit.adapters import METHODS, build_task_model, load_preset, trainable_parameters
+from peftkit.artifacts import release
+from peftkit.base import load_base
+from peftkit.errors import ConfigError, TrainingError
+from peftkit.train import TrainConfig, train
+
+QUICK = dict(batch_size=8, progress=False, eval_every=1000, patience=None)
+
+
+def _base(tiny_models, family, method="lora"):
+    spec = load_preset(method)
+    return load_base(tiny_models[family], kind="encoder", quantization=spec.quantization), spec
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_on_every_family(tiny_models, tmp_path, family, method):
+    base, spec = _base(tiny_models, family, method)
+    frozen = {
+        n: p.detach().clone() for n, p in base.model.named_parameters() if p.dtype.is_floating_point
+    }
+    data = synthetic("topic", n=32)
+    result = train(base, spec, data, TrainConfig(max_steps=2, **QUICK), tmp_path / "run")
+    assert result.steps == 2
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history if "loss" in r)
+    assert 0 < result.trainable < result.total or method == "full"
+    assert set(result.test_metrics) >= {"accuracy", "macro_f1"}
+    assert result.report.labels == data.labels
+    release(result.model)
+    # The shared base is never changed by training an adapter (full trains a copy).
+    for name, param in base.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), f"{method} changed base weight {name}"
+
+
+def test_trainable_parameter_counts_are_ordered(tiny_models):
+    counts = {}
+    for method in ("probe", "ia3", "lora", "full"):
+        base, spec = _base(tiny_models, "bert", method)
+        model = build_task_model(base.model, spec, num_labels=3)
+        counts[method] = trainable_parameters(model)[0]
+    assert counts["probe"] < counts["ia3"] < counts["lora"] < counts["full"]
+    assert counts["probe"] == 32 * 3 + 3  # hidden 32 x 3 labels + bias
+
+
+def test_lora_learns_the_synthetic_task(tiny_models, tmp_path):
+    base, spec = _base(tiny_models, "bert")
+    config = TrainConfig(epochs=12, batch_size=8, learning_rate=5e-2, progress=False, patience=None)
+    result = train(base, spec, synthetic("sentiment"), config, tmp_path / "run")
+    assert result.test_metrics["accuracy"] >= 0.8
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    evals = [r for r in history if "eval_accuracy" in r]
+    assert len(evals) == 12  # once per epoch
+    assert result.best["step"] in [r["step"] for r in evals]
+
+
+def test_early_stopping_keeps_the_best(tiny_models, tmp_path):
+    base, spec = _base(tiny_models, "bert")
+    # A zero learning rate never improves: stop after 1 + patience evaluations.
+    config = TrainConfig(
+        max_steps=50, batch_size=8, learning_rate=0.0, eval_every=2, patience=2, progress=False
+    )
+    result = train(base, spec, synthetic("sentiment"), config, tmp_path / "run")
+    assert result.steps == 6
+    assert result.best["step"] == 2
+    assert (tmp_path / "run" / "checkpoints" / "best" / "trainable.safetensors").is_file()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_models, tmp_path, monkeypatch):
+    base, spec = _base(tiny_models, "bert")
+    real = torch.nn.functional.cross_entropy
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 8 else loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", flaky)
+    config = TrainConfig(max_steps=20, checkpoint_every=5, **QUICK)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 8.*checkpoint"):
+        train(base, spec, synthetic("sentiment"), config, tmp_path / "run")
+    state = json.loads((tmp_path / "run" / "checkpoints" / "last" / "state.json").read_text())
+    assert state["step"] == 5
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "last" / "trainable.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_kill_9_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
+    worker = Path(__file__).parent / "_train_worker.py"
+    steps = 120
+    run = tmp_path / "killed"
+    child = subprocess.Popen(
+        [sys.executable, str(worker), str(tiny_models["bert"]), str(run), str(steps)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    state = run / "checkpoints" / "last" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and child.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 10:
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, "the child finished before it could be killed"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    killed_at = json.loads(state.read_text())["step"]
+    assert 10 <= killed_at < steps
+
+    resumed = subprocess.run(
+        [sys.executable, str(worker), str(tiny_models["bert"]), str(run), str(steps)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"steps={steps} resumed_from={killed_at}" in resumed.stdout
+    straight = subprocess.run(
+        [
+            sys.executable,
+            str(worker),
+            str(tiny_models["bert"]),
+            str(tmp_path / "straight"),
+            str(steps),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"steps={steps} resumed_from=0" in straight.stdout
+    a = load_file(str(run / "checkpoints" / "last" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "checkpoints" / "last" / "trainable.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_bad_training_settings_are_named():
+    with pytest.raises(ConfigError, match="scheduler='cosin'"):
+        TrainConfig(scheduler="cosin")
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        TrainConfig(batch_size=0)
+
+
+def test_bad_presets_are_named(tmp_path, tiny_models):
+    with pytest.raises(ConfigError, match="did you mean 'lora'"):
+        load_preset("lorra")
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("method: lora\npef: {r: 4}\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: unknown key 'pef'.*did you mean 'peft'"):
+        load_preset(bad)
+    bad.write_text("method: lora\npeft: {rank: 4}\n")
+    spec = load_preset(bad)
+    with pytest.raises(ConfigError, match="bad peft option"):
+        from peftkit.adapters import peft_config
+
+        peft_config(spec, load_base(tiny_models["bert"]).model)
+    bad.write_text("method: lora\n  peft: [\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml:\d+: invalid YAML"):
+        load_preset(bad)
+
+
+def test_one_label_is_refused(tiny_models):
+    base, spec = _base(tiny_models, "bert")
+    with pytest.raises(ConfigError, match="at least 2 labels"):
+        build_task_model(base.model, spec, num_labels=1)
