@@ -273,10 +273,14 @@ def build_task_model(
     *,
     adapter_name: str = "default",
     seed: int = 0,
+    verbalizer: dict[str, int] | None = None,
 ) -> TaskModel:
     """Wrap ``base_model``'s body for ``spec`` and add a fresh head of ``num_labels``.
 
     For ``full`` the body is deep-copied (the shared base stays frozen and untouched).
+    ``verbalizer`` (label index order: label -> first token id of its word) starts the
+    head from the causal LM's own output rows for those tokens, so before training the
+    model scores label words exactly as the LM does (see :func:`verbalizer_token_ids`).
     """
     if num_labels < 2:
         raise ConfigError(f"a classifier needs at least 2 labels, got {num_labels}")
@@ -304,8 +308,50 @@ def build_task_model(
             )
         body = peft.get_peft_model(body, peft_config(spec, body), adapter_name=adapter_name)
     head = Head(hidden_size(body_of(base_model).config), num_labels, spec.head_dropout)
+    if verbalizer is not None:
+        _init_from_lm_head(head, base_model, list(verbalizer.values()))
     device = next(body_of(base_model).parameters()).device
     return TaskModel(body, head.to(device), pooling)
+
+
+def verbalizer_token_ids(tokenizer: Any, words: dict[str, str]) -> dict[str, int]:
+    """First token id of each label word (with its leading space, as the LM sees it).
+
+    Raises :class:`ConfigError` when a word tokenizes to nothing or two labels share a
+    first token (they could not be told apart).
+    """
+    ids: dict[str, int] = {}
+    for label, word in words.items():
+        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise ConfigError(f"verbalizer word {word!r} for label {label!r} tokenizes to nothing")
+        ids[label] = int(tokens[0])
+    seen: dict[int, str] = {}
+    for label, tok in ids.items():
+        if tok in seen:
+            raise ConfigError(
+                f"verbalizer words for {seen[tok]!r} and {label!r} start with the "
+                f"same token ({tokenizer.decode([tok])!r}); choose words that differ "
+                "in their first token"
+            )
+        seen[tok] = label
+    return ids
+
+
+def _init_from_lm_head(head: Head, base_model: nn.Module, token_ids: list[int]) -> None:
+    lm_head = (
+        base_model.get_output_embeddings() if hasattr(base_model, "get_output_embeddings") else None
+    )
+    if lm_head is None or not hasattr(lm_head, "weight"):
+        raise ConfigError(
+            "a verbalizer head needs a causal LM base with its LM head: load the "
+            "base with kind='causal-lm'"
+        )
+    with torch.no_grad():
+        rows = lm_head.weight[token_ids].float()
+        head.linear.weight.copy_(rows)
+        bias = getattr(lm_head, "bias", None)
+        head.linear.bias.copy_(bias[token_ids].float() if bias is not None else 0.0)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

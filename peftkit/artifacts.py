@@ -35,6 +35,8 @@ class TaskInfo:
     pooling: str
     max_length: int
     hidden_size: int
+    template: str | None = None  # inputs are formatted with it when set
+    verbalizer: dict[str, str] | None = None  # label words the head started from
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -43,11 +45,20 @@ class TaskInfo:
             "pooling": self.pooling,
             "max_length": self.max_length,
             "hidden_size": self.hidden_size,
+            "template": self.template,
+            "verbalizer": self.verbalizer,
         }
 
 
 def save_adapter(
-    model: TaskModel, folder: str | Path, *, method: str, labels: tuple[str, ...], max_length: int
+    model: TaskModel,
+    folder: str | Path,
+    *,
+    method: str,
+    labels: tuple[str, ...],
+    max_length: int,
+    template: str | None = None,
+    verbalizer: dict[str, str] | None = None,
 ) -> Path:
     """Write ``model``'s adapter, head and task description to ``folder`` (replaced whole)."""
     folder = Path(folder)
@@ -73,6 +84,8 @@ def save_adapter(
         pooling=model.pooling,
         max_length=max_length,
         hidden_size=head.in_features,
+        template=template,
+        verbalizer=dict(verbalizer) if verbalizer else None,
     )
     atomic_write_text(tmp / TASK_FILE, json.dumps(info.to_dict(), indent=1))
     if folder.exists():
@@ -91,6 +104,8 @@ def read_task(folder: Path) -> TaskInfo:
             pooling=data["pooling"],
             max_length=int(data["max_length"]),
             hidden_size=int(data["hidden_size"]),
+            template=data.get("template"),
+            verbalizer=data.get("verbalizer"),
         )
     except (OSError, ValueError, KeyError) as exc:
         raise IntegrityError(

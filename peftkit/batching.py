@@ -34,12 +34,21 @@ def encode(
     labels: Sequence[int],
     max_length: int,
     text_pairs: Sequence[str] | None = None,
+    *,
+    keep_end: bool = False,
 ) -> Encoded:
-    """Tokenize ``texts`` (and pairs) once, truncated to ``max_length`` tokens."""
+    """Tokenize ``texts`` (and pairs) once, truncated to ``max_length`` tokens.
+
+    ``keep_end`` cuts long rows from the left instead, keeping a prompt's final words
+    (where a verbalizer reads the answer) intact.
+    """
     args: list[Any] = [list(texts)] if text_pairs is None else [list(texts), list(text_pairs)]
     rows = list(tokenizer(*args, truncation=False, verbose=False)["input_ids"])
     long = [i for i, r in enumerate(rows) if len(r) > max_length]
-    if long:  # re-tokenize only the long rows, letting the tokenizer keep special tokens
+    if long and keep_end:
+        for i in long:
+            rows[i] = rows[i][-max_length:]
+    elif long:  # re-tokenize only the long rows, letting the tokenizer keep special tokens
         sub = [[a[i] for i in long] for a in args]
         cut = tokenizer(*sub, truncation=True, max_length=max_length)["input_ids"]
         for i, r in zip(long, cut, strict=True):
@@ -47,6 +56,19 @@ def encode(
     ids = tuple(tuple(r) for r in rows)
     truncated = len(long)
     return Encoded(ids=ids, labels=tuple(int(y) for y in labels), truncated=truncated)
+
+
+def apply_template(
+    template: str | None, texts: Sequence[str], text_pairs: Sequence[str] | None = None
+) -> list[str]:
+    """Format each text into ``template`` (fields ``{text}`` and ``{text_pair}``)."""
+    if template is None:
+        return list(texts)
+    pairs = text_pairs if text_pairs is not None else [""] * len(texts)
+    return [
+        template.replace("{text}", t).replace("{text_pair}", p)
+        for t, p in zip(texts, pairs, strict=True)
+    ]
 
 
 def length_batches(

@@ -27,7 +27,7 @@ import torch
 
 from peftkit.adapters import Head, body_of, pool
 from peftkit.artifacts import TaskInfo, load_head, read_task
-from peftkit.batching import collate, pad_id
+from peftkit.batching import apply_template, collate, pad_id
 from peftkit.errors import ConfigError, RegistryError
 from peftkit.registry import Entry, Registry
 
@@ -236,27 +236,43 @@ class AdaptedModel:
     def _probs_loaded(
         self, texts: list[str], adapters: list[str]
     ) -> tuple[list[np.ndarray], list[list[int]]]:
-        if True:
-            slots = [self._resident[a] for a in adapters]
-            max_len = max(s.info.max_length for s in slots)
-            enc = self.base.tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]
-            refs = self._unique(adapters)
-            rows = [[i for i, a in enumerate(adapters) if a == ref] for ref in refs]
-            pooled = torch.empty(0)
-            results: list[list[np.ndarray]] = [[] for _ in refs]
-            batch = self.batch_size
-            for start in range(0, len(texts), batch):
-                idx = list(range(start, min(start + batch, len(texts))))
-                tensors = collate([enc[i] for i in idx], self._pad)
-                pooled = self._features(tensors, [slots[i] for i in idx])
-                for g, ref in enumerate(refs):
-                    local = [j for j, i in enumerate(idx) if adapters[i] == ref]
-                    if not local:
-                        continue
-                    head = self._resident[ref].head
-                    logits = head(pooled[local].to(head.linear.weight.dtype))
-                    results[g].append(torch.softmax(logits.float(), -1).numpy())
-            return [np.concatenate(r) for r in results], rows
+        """Probabilities per distinct adapter for resident adapters (lock held)."""
+        slots = [self._resident[a] for a in adapters]
+        enc = self._encode(texts, slots)
+        refs = self._unique(adapters)
+        rows = [[i for i, a in enumerate(adapters) if a == ref] for ref in refs]
+        results: list[list[np.ndarray]] = [[] for _ in refs]
+        batch = self.batch_size
+        for start in range(0, len(texts), batch):
+            idx = list(range(start, min(start + batch, len(texts))))
+            tensors = collate([enc[i] for i in idx], self._pad)
+            pooled = self._features(tensors, [slots[i] for i in idx])
+            for g, ref in enumerate(refs):
+                local = [j for j, i in enumerate(idx) if adapters[i] == ref]
+                if not local:
+                    continue
+                head = self._resident[ref].head
+                logits = head(pooled[local].to(head.linear.weight.dtype))
+                results[g].append(torch.softmax(logits.float(), -1).numpy())
+        return [np.concatenate(r) for r in results], rows
+
+    def _encode(self, texts: list[str], slots: list[_Resident]) -> list[list[int]]:
+        """Token ids per row: the row's adapter template applied, cut to its max length
+        (from the left for templates, so the prompt's answer cue survives)."""
+        formatted = [
+            apply_template(s.info.template, [t])[0] for t, s in zip(texts, slots, strict=True)
+        ]
+        tok = self.base.tokenizer
+        enc = list(tok(formatted, truncation=False, verbose=False)["input_ids"])
+        for i, slot in enumerate(slots):
+            limit = slot.info.max_length
+            if len(enc[i]) <= limit:
+                continue
+            if slot.info.template is not None:
+                enc[i] = enc[i][-limit:]
+            else:
+                enc[i] = tok(formatted[i], truncation=True, max_length=limit)["input_ids"]
+        return enc
 
     def _features(self, tensors: dict[str, torch.Tensor], slots: list[_Resident]) -> torch.Tensor:
         ids = tensors["input_ids"].to(self._device)

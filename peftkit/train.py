@@ -28,8 +28,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftkit.adapters import AdapterSpec, TaskModel, build_task_model, trainable_parameters
-from peftkit.batching import Encoded, collate, encode, length_batches, pad_id
+from peftkit.adapters import (
+    AdapterSpec,
+    TaskModel,
+    build_task_model,
+    trainable_parameters,
+    verbalizer_token_ids,
+)
+from peftkit.batching import (
+    Encoded,
+    apply_template,
+    collate,
+    encode,
+    length_batches,
+    pad_id,
+)
 from peftkit.data import Split, TextDataset
 from peftkit.errors import ConfigError, TrainingError
 from peftkit.evaluation import classification_report, compute_metrics
@@ -221,11 +234,17 @@ def train(
     *,
     accelerator: Any = None,
     train_split: Split | None = None,
+    template: str | None = None,
+    verbalizer: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train ``spec`` on ``data`` and return the best model, its history and test report.
 
     ``run_dir`` holds ``checkpoints/`` (resumable state, best weights) and ``history.json``.
     Starting again on the same ``run_dir`` resumes from the last checkpoint.
+
+    ``template`` (``"{text} Sentiment:"``) formats every input; ``verbalizer`` (label ->
+    word) starts the head from a causal LM's own rows for the label words' first tokens,
+    so training fine-tunes the LM's label-word scores (pattern-based fine-tuning).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -239,11 +258,15 @@ def train(
     pad = pad_id(tokenizer)
     train_rows = train_split or data.split("train")
     val_name = "validation" if "validation" in data.splits else "test"
-    enc_train = encode(
-        tokenizer, train_rows.texts, train_rows.labels, config.max_length, train_rows.text_pairs
-    )
-    val = data.split(val_name)
-    enc_val = encode(tokenizer, val.texts, val.labels, config.max_length, val.text_pairs)
+
+    def enc(split: Split) -> Encoded:
+        if template is None:
+            return encode(tokenizer, split.texts, split.labels, config.max_length, split.text_pairs)
+        texts = apply_template(template, split.texts, split.text_pairs)
+        return encode(tokenizer, texts, split.labels, config.max_length, keep_end=True)
+
+    enc_train = enc(train_rows)
+    enc_val = enc(data.split(val_name))
     if enc_train.truncated:
         log.info(
             "%d of %d training rows cut to %d tokens",
@@ -251,8 +274,18 @@ def train(
             len(enc_train),
             config.max_length,
         )
+    token_ids = None
+    if verbalizer is not None:
+        missing = [lab for lab in data.labels if lab not in verbalizer]
+        if missing:
+            raise ConfigError(
+                f"verbalizer has no word for labels {missing}; it covers {sorted(verbalizer)}"
+            )
+        token_ids = verbalizer_token_ids(tokenizer, {lab: verbalizer[lab] for lab in data.labels})
 
-    model = build_task_model(base.model, spec, len(data.labels), seed=config.seed)
+    model = build_task_model(
+        base.model, spec, len(data.labels), seed=config.seed, verbalizer=token_ids
+    )
     trainable, total = trainable_parameters(model)
     lr = spec.learning_rate if config.learning_rate is None else config.learning_rate
     optimizer = _make_optimizer(model, lr, config.weight_decay)
@@ -407,7 +440,7 @@ def train(
     )
     if "test" in data.splits:
         test = data.split("test")
-        enc_test = encode(tokenizer, test.texts, test.labels, config.max_length, test.text_pairs)
+        enc_test = enc(test)
         metrics, logits = evaluate_split(
             unwrapped, enc_test, data.labels, pad, config.eval_batch_size, acc
         )

@@ -228,3 +228,61 @@ def test_qlora_adapter_serves_on_a_4bit_base(tiny_models, tmp_path):
         np.testing.assert_allclose(am.predict_proba(PROBE_TEXTS, adapter="q"), expected, atol=1e-4)
     finally:
         am.close()
+
+
+def test_template_and_verbalizer_adapter_serves_on_a_causal_lm(tiny_models, tmp_path):
+    base = load_base(tiny_models["llama"], kind="causal-lm")
+    data = synthetic("sentiment")
+    words = {"negative": " bad", "positive": " good"}
+    config = TrainConfig(
+        max_steps=6,
+        batch_size=8,
+        learning_rate=5e-2,
+        progress=False,
+        patience=None,
+        eval_every=1000,
+    )
+    template = "{text} it was"
+    result = train(
+        base,
+        load_preset("lora"),
+        data,
+        config,
+        tmp_path / "run",
+        template=template,
+        verbalizer=words,
+    )
+    result.model.eval()
+    formatted = [t + " it was" for t in PROBE_TEXTS]
+    tensors = base.tokenizer(formatted, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.softmax(
+            result.model(tensors["input_ids"], tensors["attention_mask"]), -1
+        ).numpy()
+    folder = save_adapter(
+        result.model,
+        tmp_path / "adapter",
+        method="lora",
+        labels=data.labels,
+        max_length=config.max_length,
+        template=template,
+        verbalizer=words,
+    )
+    release(result.model)
+    registry = Registry(tmp_path / "registry")
+    registry.register(
+        "verb",
+        folder,
+        method="lora",
+        labels=data.labels,
+        base_fingerprint=base.fingerprint.id,
+        template=template,
+        verbalizer=words,
+    )
+    am = AdaptedModel(base, registry)
+    try:
+        np.testing.assert_allclose(
+            am.predict_proba(PROBE_TEXTS, adapter="verb"), expected, atol=1e-5
+        )
+    finally:
+        am.close()

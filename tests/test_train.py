@@ -178,3 +178,54 @@ def test_one_label_is_refused(tiny_models):
     base, spec = _base(tiny_models, "bert")
     with pytest.raises(ConfigError, match="at least 2 labels"):
         build_task_model(base.model, spec, num_labels=1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_verbalizer_head_starts_as_the_lm_scores(tiny_models, tmp_path, family):
+    """Before training, a verbalizer head's logits equal the LM's next-token logits for the
+    label words; then it trains like any head and serves with its template."""
+    from peftkit.adapters import verbalizer_token_ids
+
+    base = load_base(tiny_models[family], kind="causal-lm")
+    words = {"negative": " bad", "positive": " good"}
+    ids = verbalizer_token_ids(base.tokenizer, words)
+    model = build_task_model(base.model, load_preset("lora"), 2, verbalizer=ids)
+    model.eval()
+    batch = base.tokenizer(["the movie was great"], return_tensors="pt")
+    with torch.no_grad():
+        ours = model(batch["input_ids"], batch["attention_mask"])
+        lm = base.model(**batch).logits[:, -1, list(ids.values())]
+    torch.testing.assert_close(ours, lm, atol=1e-4, rtol=1e-4)
+    release(model)
+
+    config = TrainConfig(max_steps=3, **QUICK)
+    result = train(
+        base,
+        load_preset("lora"),
+        synthetic("sentiment", n=32),
+        config,
+        tmp_path / "run",
+        template="{text} it was",
+        verbalizer=words,
+    )
+    assert result.steps == 3
+    release(result.model)
+    with pytest.raises(ConfigError, match="no word for labels"):
+        train(
+            base,
+            load_preset("lora"),
+            synthetic("sentiment", n=32),
+            config,
+            tmp_path / "run2",
+            verbalizer={"positive": " good"},
+        )
+
+
+def test_verbalizer_words_must_differ(tiny_models):
+    from peftkit.adapters import verbalizer_token_ids
+
+    base = load_base(tiny_models["llama"], kind="causal-lm")
+    with pytest.raises(ConfigError, match="same token"):
+        verbalizer_token_ids(base.tokenizer, {"a": " good", "b": " good film"})
+    with pytest.raises(ConfigError, match="tokenizes to nothing"):
+        verbalizer_token_ids(base.tokenizer, {"a": "", "b": " bad"})
