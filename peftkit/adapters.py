@@ -142,8 +142,8 @@ def target_modules(body: nn.Module, method: str) -> tuple[list[str], list[str] |
 
     model_type = getattr(body.config, "model_type", "")
     if method == "ia3":
-        targets = c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(model_type)
-        ff = c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type)
+        targets: Any = c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(model_type)
+        ff: Any = c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type)
     else:
         targets = c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
         ff = None
@@ -338,7 +338,7 @@ def verbalizer_token_ids(tokenizer: Any, words: dict[str, str]) -> dict[str, int
     return ids
 
 
-def _init_from_lm_head(head: Head, base_model: nn.Module, token_ids: list[int]) -> None:
+def _init_from_lm_head(head: Head, base_model: Any, token_ids: list[int]) -> None:
     lm_head = (
         base_model.get_output_embeddings() if hasattr(base_model, "get_output_embeddings") else None
     )
@@ -351,7 +351,10 @@ def _init_from_lm_head(head: Head, base_model: nn.Module, token_ids: list[int]) 
         rows = lm_head.weight[token_ids].float()
         head.linear.weight.copy_(rows)
         bias = getattr(lm_head, "bias", None)
-        head.linear.bias.copy_(bias[token_ids].float() if bias is not None else 0.0)
+        if bias is not None:
+            head.linear.bias.copy_(bias[token_ids].float())
+        else:
+            head.linear.bias.zero_()
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

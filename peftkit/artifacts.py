@@ -65,7 +65,7 @@ def save_adapter(
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    body = model.body
+    body: Any = model.body
     if method == "full":
         body.save_pretrained(tmp, safe_serialization=True)
     elif method != "probe":
@@ -134,7 +134,7 @@ def load_head(folder: Path, info: TaskInfo, device: torch.device | str = "cpu") 
 def release(model: TaskModel) -> Any:
     """Take a trained peft adapter back out of the shared base (after saving it), so the
     same base can train or serve the next one. Returns the clean body."""
-    body = model.body
+    body: Any = model.body
     if hasattr(body, "peft_config") and hasattr(body, "unload"):
         try:
             return body.unload()

@@ -102,7 +102,7 @@ def tensors_hash(model: torch.nn.Module) -> str:
 
 
 def fingerprint_model(
-    model: torch.nn.Module,
+    model: Any,
     *,
     source: str,
     folder: str | None = None,

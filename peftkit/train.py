@@ -167,7 +167,8 @@ def find_checkpoint(folder: Path) -> Path | None:
 
 
 def _make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float):
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
