@@ -87,6 +87,11 @@ class AdaptedModel:
         self._pad = pad_id(base.tokenizer)
         self._device = next(self._body.parameters()).device
         self._serial = 0
+        # Evicted LoRA slots keep their (stale) weights: the next adapter of the same shape
+        # is hot-swapped into one (peft's hotswap_adapter, a copy in place) instead of
+        # building new layers, which is most of a load's cost.
+        self._free: dict[str, tuple] = {}
+        self._shape: dict[str, tuple] = {}
 
     # -- residency ------------------------------------------------------------------------
 
@@ -100,12 +105,12 @@ class AdaptedModel:
 
     def use(self, ref: str) -> AdaptedModel:
         """Make ``ref`` (``name`` or ``name@N``) the adapter that ``predict`` uses."""
-        slot = self._resident.get(ref)
-        if slot is None:
-            self.load(ref)
-        else:
-            self._resident.move_to_end(ref)
-        self._current = ref
+        with self._lock:
+            if ref in self._resident:
+                self._resident.move_to_end(ref)
+            else:
+                self.load(ref)
+            self._current = ref
         return self
 
     def load(self, ref: str) -> str:
@@ -157,9 +162,17 @@ class AdaptedModel:
                 f"{self._family} adapters; peft cannot hold both on one base. Load another "
                 f"base for {info.method} adapters"
             )
+        shape = _lora_shape(entry.path) if family == "lora" else None
+        reused = self._reuse_slot(entry, shape)
+        if reused is not None:
+            return reused
         self._serial += 1
         key = f"a{self._serial}"
+        if shape is not None:
+            self._shape[key] = shape
         if self._peft is None:
+            # low_cpu_mem_usage: create the adapter weights empty and load them in place
+            # (no random init that the checkpoint overwrites anyway).
             self._peft = peft.PeftModel.from_pretrained(
                 self._body, str(entry.path), adapter_name=key, is_trainable=False
             )
@@ -173,6 +186,8 @@ class AdaptedModel:
         """Take every adapter out of the base, leaving it as it was loaded."""
         with self._lock:
             self._resident.clear()
+            self._free.clear()
+            self._shape.clear()
             self._current = None
             if self._peft is not None:
                 if self._family == "lora" or self._family == "ia3":
@@ -180,9 +195,32 @@ class AdaptedModel:
                 self._peft = None
                 self._family = None
 
+    def _reuse_slot(self, entry: Entry, shape: tuple | None) -> str | None:
+        """Hot-swap ``entry`` into a free LoRA slot of the same shape, if there is one."""
+        from peft.utils.hotswap import hotswap_adapter
+
+        key = next((k for k, v in self._free.items() if shape is not None and v == shape), None)
+        if key is None or self._peft is None:
+            return None
+        del self._free[key]
+        try:
+            hotswap_adapter(
+                self._peft, str(entry.path), adapter_name=key, torch_device=str(self._device)
+            )
+        except Exception:  # incompatible after all: drop the slot, load the usual way
+            self._peft.delete_adapter(key)
+            self._shape.pop(key, None)
+            return None
+        return key
+
     def _detach(self, slot: _Resident) -> None:
-        if slot.key != "__base__" and self._peft is not None:
-            self._peft.delete_adapter(slot.key)
+        if slot.key == "__base__" or self._peft is None:
+            return
+        if slot.key in self._shape and len(self._free) < self.max_resident:
+            self._free[slot.key] = self._shape[slot.key]  # keep the layers for reuse
+            return
+        self._peft.delete_adapter(slot.key)
+        self._shape.pop(slot.key, None)
 
     # -- prediction -----------------------------------------------------------------------
 
@@ -199,10 +237,11 @@ class AdaptedModel:
         """One batch where row ``i`` goes through adapter ``adapters[i]`` and its own head."""
         if len(texts) != len(adapters):
             raise ConfigError(f"{len(texts)} texts but {len(adapters)} adapter names")
-        groups, order = self._probs(list(texts), list(adapters))
+        groups, order, label_sets = self._probs(list(texts), list(adapters))
         out: list[Prediction | None] = [None] * len(texts)
-        for probs, rows, ref in zip(groups, order, self._unique(adapters), strict=True):
-            labels = self._resident[ref].info.labels
+        for probs, rows, ref, labels in zip(
+            groups, order, self._unique(adapters), label_sets, strict=True
+        ):
             for p, i in zip(probs, rows, strict=True):
                 k = int(p.argmax())
                 out[i] = Prediction(
@@ -225,12 +264,20 @@ class AdaptedModel:
 
     def _probs(
         self, texts: list[str], adapters: list[str]
-    ) -> tuple[list[np.ndarray], list[list[int]]]:
-        """Probabilities per distinct adapter (in first-seen order) and their row indices."""
+    ) -> tuple[list[np.ndarray], list[list[int]], list[tuple[str, ...]]]:
+        """Probabilities per distinct adapter (in first-seen order), their row indices and
+        label sets."""
+        refs = self._unique(adapters)
+        if len(refs) > self.max_resident:
+            raise ConfigError(
+                f"this batch names {len(refs)} adapters but max_resident={self.max_resident}; "
+                "create the AdaptedModel with a larger max_resident or split the batch"
+            )
         with self._lock:
-            for ref in self._unique(adapters):
+            for ref in refs:
                 self.load(ref)
-            return self._probs_loaded(texts, adapters)
+            groups, rows = self._probs_loaded(texts, adapters)
+            return groups, rows, [self._resident[ref].info.labels for ref in refs]
 
     @torch.inference_mode()
     def _probs_loaded(
@@ -308,3 +355,28 @@ class AdaptedModel:
             result[rows] = vec
         assert result is not None
         return result
+
+
+def _lora_shape(folder: Path) -> tuple | None:
+    """What must match for one LoRA adapter to be hot-swapped into another's layers."""
+    import json
+
+    try:
+        cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    targets = cfg.get("target_modules")
+    targets = tuple(sorted(targets)) if isinstance(targets, list) else targets
+    keys = (
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "use_dora",
+        "bias",
+        "fan_in_fan_out",
+        "modules_to_save",
+        "rank_pattern",
+        "alpha_pattern",
+    )
+    return (targets, *(json.dumps(cfg.get(k), sort_keys=True) for k in keys))

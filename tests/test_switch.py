@@ -286,3 +286,29 @@ def test_template_and_verbalizer_adapter_serves_on_a_causal_lm(tiny_models, tmp_
         )
     finally:
         am.close()
+
+
+def test_evicted_lora_slot_is_reused_by_hotswap(served):
+    base, registry, expected, _ = served
+    am = AdaptedModel(base, registry, max_resident=1)
+    try:
+        am.use("sentiment")
+        am.use("topic")  # evicts sentiment; its layers stay as a free slot
+        am.use("sentiment")  # same LoRA shape: hot-swapped into topic's old slot
+        np.testing.assert_allclose(am.predict_proba(PROBE_TEXTS), expected["sentiment"], atol=1e-5)
+        np.testing.assert_allclose(
+            am.predict_proba(PROBE_TEXTS, adapter="topic"), expected["topic"], atol=1e-5
+        )
+        assert len(am._peft.peft_config) <= 2
+    finally:
+        am.close()
+
+
+def test_batch_naming_more_adapters_than_resident_is_refused(served):
+    base, registry, _, _ = served
+    am = AdaptedModel(base, registry, max_resident=2)
+    try:
+        with pytest.raises(ConfigError, match="names 3 adapters but max_resident=2"):
+            am.predict_mixed(PROBE_TEXTS[:3], ["sentiment", "topic", "spam"])
+    finally:
+        am.close()
