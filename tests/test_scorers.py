@@ -1,0 +1,433 @@
+"""Scorers and calibration on tiny random models built from configs.
+
+The key check: the shared-prefix causal scorer (one forward per prompt, cached prefix for
+every label continuation) gives the same log-probs as one forward per (prompt, label).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+from peftkit.calibration import (
+    calibration_report,
+    content_free_probs,
+    contextual_calibration,
+    domain_pmi,
+)
+from peftkit.errors import ConfigError, DataError, ModelError
+from peftkit.evaluation import expected_calibration_error
+from peftkit.prompts import Prompt, Template, Verbalizer
+from peftkit.scorers import (
+    continuation_logprobs,
+    embed_texts,
+    naive_continuation_logprobs,
+    score_causal,
+    score_embedding,
+    score_masked_lm,
+    score_nli,
+)
+
+WORDS = [
+    "the",
+    "a",
+    "is",
+    "was",
+    "it",
+    "this",
+    "movie",
+    "film",
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "very",
+    "not",
+    "at",
+    "all",
+    "fun",
+    "boring",
+    "review",
+    "sentiment",
+    "question",
+    "answer",
+    "positive",
+    "negative",
+    "yes",
+    "no",
+    "plot",
+    "actors",
+    "music",
+    "long",
+    "story",
+    "really",
+    "and",
+    "but",
+    "so",
+    "of",
+    "to",
+    "example",
+    "entailment",
+    ",",
+    ".",
+    ":",
+    "?",
+]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
+CONTEXT = 48
+
+
+def make_tokenizer(style: str) -> tf.PreTrainedTokenizerFast:
+    """Word-level: "bos" adds <s> in front (Llama-like), "plain" adds nothing (GPT-2-like),
+    "bert" wraps in [CLS] ... [SEP]. Accents are stripped, so "\u0301" encodes to nothing."""
+    vocab = {w: i for i, w in enumerate(SPECIALS + sorted(set(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if style == "bos":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
+    elif style == "bert":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+    return tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=CONTEXT,
+    )
+
+
+def make_causal(family: str):
+    torch.manual_seed(0)
+    n = len(SPECIALS) + len(set(WORDS))
+    if family == "llama":
+        config = tf.LlamaConfig(
+            vocab_size=n,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=CONTEXT,
+            pad_token_id=0,
+            bos_token_id=5,
+            eos_token_id=6,
+        )
+        return tf.LlamaForCausalLM(config).eval(), make_tokenizer("bos")
+    config = tf.GPT2Config(
+        vocab_size=n,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=CONTEXT,
+        pad_token_id=0,
+        bos_token_id=5,
+        eos_token_id=6,
+    )
+    return tf.GPT2LMHeadModel(config).eval(), make_tokenizer("plain")
+
+
+def make_bert(head: str):
+    torch.manual_seed(0)
+    n = len(SPECIALS) + len(set(WORDS))
+    config = tf.BertConfig(
+        vocab_size=n,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=CONTEXT,
+    )
+    if head == "nli":
+        config.id2label = {0: "entailment", 1: "neutral", 2: "contradiction"}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+        model = tf.BertForSequenceClassification(config)
+    elif head == "mlm":
+        model = tf.BertForMaskedLM(config)
+    else:
+        model = tf.BertModel(config, add_pooling_layer=False)
+    return model.eval(), make_tokenizer("bert")
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def causal(request):
+    return make_causal(request.param)
+
+
+PROMPTS = [
+    "the movie was good",
+    "review : this film is really boring and the plot is not fun at all so",
+    "it",
+    "a long story of actors and music , but the film is very long",
+    "question : was it good ? answer :",
+]
+CONTINUATIONS = {
+    "single": [" good", " bad", " great"],
+    "multi": [" very good", " not good at all", " really bad"],
+    "mixed": [" good", " not very good", " bad", " yes it was"],
+}
+
+
+# --- the key test: shared prefix == one forward per (prompt, label) ----------------------
+
+
+@pytest.mark.parametrize("kind", sorted(CONTINUATIONS))
+@pytest.mark.parametrize("batch_size, max_rows", [(2, 3), (5, 256)])
+def test_shared_prefix_matches_naive(causal, kind, batch_size, max_rows):
+    model, tok = causal
+    conts = CONTINUATIONS[kind]
+    fast = continuation_logprobs(
+        model, tok, PROMPTS, conts, batch_size=batch_size, max_rows=max_rows
+    )
+    naive = naive_continuation_logprobs(model, tok, PROMPTS, conts, batch_size=1)
+    assert fast.shape == (len(PROMPTS), len(conts))
+    assert np.all(fast < 0)
+    np.testing.assert_allclose(fast, naive, atol=1e-4, rtol=0)
+
+
+def test_naive_batched_with_padding_matches_unbatched(causal):
+    model, tok = causal
+    conts = CONTINUATIONS["mixed"]
+    one = naive_continuation_logprobs(model, tok, PROMPTS, conts, batch_size=1)
+    many = naive_continuation_logprobs(model, tok, PROMPTS, conts, batch_size=7)
+    np.testing.assert_allclose(one, many, atol=1e-4, rtol=0)
+
+
+def test_bos_is_part_of_the_prompt():
+    model, tok = make_causal("llama")
+    with_bos = continuation_logprobs(model, tok, ["the movie"], [" good"])
+    ids = tok("the movie good", add_special_tokens=False)["input_ids"]
+    logits = model(input_ids=torch.tensor([[tok.bos_token_id, *ids]])).logits
+    expected = logits[0, -2].log_softmax(-1)[ids[-1]].item()
+    assert with_bos[0, 0] == pytest.approx(expected, abs=1e-5)
+
+
+# --- score_causal: normalizations, labels, truncation, bad input ---------------------------
+
+VERB = Verbalizer.from_dict({"negative": [" bad", " not good at all"], "positive": " very good"})
+PROMPT = Prompt(Template("review : {text} . sentiment :", name="t"), VERB)
+
+
+def test_score_causal_normalizations_match_reference(causal):
+    model, tok = causal
+    texts = PROMPTS[:3]
+    rendered = [PROMPT.template.render({"text": t}) for t in texts]
+    phrases = [" bad", " not good at all", " very good"]
+    ref = naive_continuation_logprobs(model, tok, rendered, phrases)
+    lengths = np.array([1, 4, 2])
+
+    def lse(a, b):
+        return np.logaddexp(a, b)
+
+    got = score_causal(model, tok, PROMPT, texts, batch_size=2)
+    assert got.labels == ("negative", "positive")
+    np.testing.assert_allclose(got.logprobs[:, 0], lse(ref[:, 0], ref[:, 1]), atol=1e-4)
+    np.testing.assert_allclose(got.logprobs[:, 1], ref[:, 2], atol=1e-4)
+
+    mean = score_causal(model, tok, PROMPT, texts, normalize="mean", aggregate="max")
+    per = ref / lengths
+    np.testing.assert_allclose(mean.logprobs[:, 0], per[:, :2].max(1), atol=1e-4)
+
+    pmi = score_causal(model, tok, PROMPT, texts, normalize="pmi")
+    assert PROMPT.template.domain_prompt() == ". sentiment :"
+    dom = naive_continuation_logprobs(model, tok, [". sentiment :"], phrases)
+    expected = lse(ref[:, 0], ref[:, 1]) - lse(dom[:, 0], dom[:, 1])
+    np.testing.assert_allclose(pmi.logprobs[:, 0], expected, atol=1e-4)
+    assert got.predictions.tolist() == np.argmax(got.logprobs, 1).tolist()
+    np.testing.assert_allclose(got.probs.sum(1), 1.0)
+
+
+def test_labels_order_the_columns_and_must_be_covered(causal):
+    model, tok = causal
+    a = score_causal(model, tok, PROMPT, PROMPTS[:2])
+    b = score_causal(model, tok, PROMPT, PROMPTS[:2], labels=["positive", "negative"])
+    assert b.labels == ("positive", "negative")
+    np.testing.assert_allclose(a.logprobs[:, ::-1], b.logprobs)
+    with pytest.raises(DataError, match="neutral"):
+        score_causal(model, tok, PROMPT, PROMPTS[:2], labels=["negative", "neutral"])
+
+
+def test_long_input_is_cut_never_the_label_words(causal, caplog):
+    model, tok = causal
+    long_text = " ".join(["the film was very long and boring"] * 30)
+    scores = score_causal(model, tok, PROMPT, [long_text, "good fun"], batch_size=2)
+    assert scores.truncated == 1
+    assert np.all(np.isfinite(scores.logprobs))
+    assert "1 of 2 inputs were cut" in caplog.text
+    short = score_causal(model, tok, PROMPT, ["good fun"])
+    np.testing.assert_allclose(scores.logprobs[1], short.logprobs[0], atol=1e-4)
+
+
+def test_label_words_that_tokenize_to_nothing(causal):
+    model, tok = causal
+    verb = Verbalizer.from_dict({"negative": " bad", "positive": "\u0301"})
+    with pytest.raises(ConfigError, match="positive.*tokenize to nothing|tokenize to nothing"):
+        score_causal(model, tok, Prompt(PROMPT.template, verb), ["good"])
+
+
+def test_template_field_the_data_lacks(causal):
+    model, tok = causal
+    pair = Prompt(Template("{text} ? {text_pair} :", name="nli-ish"), VERB)
+    with pytest.raises(DataError, match=r"text_pair.*only: text"):
+        score_causal(model, tok, pair, ["good"])
+    ok = score_causal(model, tok, pair, ["good"], text_pairs=["bad"])
+    assert ok.logprobs.shape == (1, 2)
+
+
+def test_bad_options(causal):
+    model, tok = causal
+    with pytest.raises(ConfigError, match="normalize"):
+        score_causal(model, tok, PROMPT, ["good"], normalize="softmax")
+    mlm = Prompt(Template("{text} it was {mask}", name="m"), VERB)
+    with pytest.raises(ConfigError, match="score_masked_lm"):
+        score_causal(model, tok, mlm, ["good"])
+
+
+# --- encoders -------------------------------------------------------------------------------
+
+
+def test_embedding_scorer():
+    model, tok = make_bert("plain")
+    verb = Verbalizer.from_dict({"neg": "awful boring", "pos": "good fun"})
+    texts = ["good fun", "awful boring", "the plot"]
+    scores = score_embedding(model, tok, texts, verb, temperature=0.1)
+    np.testing.assert_allclose(scores.probs.sum(1), 1.0)
+    assert scores.predicted_labels[:2] == ["pos", "neg"]  # identical text: cosine 1
+    vecs = embed_texts(model, tok, texts)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-6)
+    sharp = score_embedding(model, tok, texts, verb, temperature=0.01)
+    assert sharp.probs.max(1)[0] > scores.probs.max(1)[0]
+    with pytest.raises(ConfigError, match="temperature"):
+        score_embedding(model, tok, texts, verb, temperature=0)
+
+
+def test_nli_scorer_uses_entailment_logit():
+    model, tok = make_bert("nli")
+    verb = Verbalizer.from_dict({"neg": "bad", "pos": "good"})
+    scores = score_nli(model, tok, ["the film was fun", "boring"], verb)
+    enc = tok(
+        ["the film was fun"] * 2,
+        ["This example is bad.", "This example is good."],
+        padding=True,
+        return_tensors="pt",
+    )
+    entail = model(**enc).logits[:, 0].detach().numpy()
+    expected = entail - np.logaddexp(entail[0], entail[1])
+    np.testing.assert_allclose(scores.logprobs[0], expected, atol=1e-5)
+    model.config.id2label = {0: "yes", 1: "no"}
+    with pytest.raises(ModelError, match="entailment"):
+        score_nli(model, tok, ["x"], verb)
+
+
+def test_masked_lm_scorer_scores_words_at_the_mask():
+    model, tok = make_bert("mlm")
+    verb = Verbalizer.from_dict({"neg": " bad", "pos": " very good"})
+    prompt = Prompt(Template("{text} it was {mask} .", name="m"), verb)
+    scores = score_masked_lm(model, tok, prompt, ["the film"])
+    ids = tok.convert_tokens_to_ids
+    one = tok("the film it was [MASK] .", return_tensors="pt")
+    logp = model(**one).logits[0].log_softmax(-1)
+    pos = (one["input_ids"][0] == tok.mask_token_id).nonzero()[0, 0]
+    assert scores.logprobs[0, 0] == pytest.approx(logp[pos, ids("bad")].item(), abs=1e-5)
+    two = tok("the film it was [MASK][MASK] .", return_tensors="pt")
+    logp = model(**two).logits[0].log_softmax(-1)
+    p = (two["input_ids"][0] == tok.mask_token_id).nonzero()[:, 0]
+    expected = logp[p[0], ids("very")] + logp[p[1], ids("good")]
+    assert scores.logprobs[0, 1] == pytest.approx(expected.item(), abs=1e-5)
+    literal = Prompt(Template("{text} it was [MASK] .", name="lit"), verb)
+    np.testing.assert_allclose(
+        score_masked_lm(model, tok, literal, ["the film"]).logprobs, scores.logprobs, atol=1e-6
+    )
+    with pytest.raises(ConfigError, match="no mask"):
+        score_masked_lm(model, tok, Prompt(Template("{text} it was", name="x"), verb), ["a"])
+
+
+# --- calibration ------------------------------------------------------------------------------
+
+
+def test_contextual_calibration_is_identity_for_uniform_p_cf():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), size=20)
+    np.testing.assert_allclose(contextual_calibration(probs, np.full(4, 0.25)), probs)
+    np.testing.assert_allclose(contextual_calibration(probs, np.full(4, 0.7)), probs)
+
+
+def test_contextual_calibration_removes_a_constant_bias():
+    true = np.array([[0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
+    bias = np.array([0.9, 0.1])
+    biased = true * bias / (true * bias).sum(1, keepdims=True)
+    assert biased.argmax(1).tolist() == [0, 0, 0]
+    fixed = contextual_calibration(biased, bias)
+    np.testing.assert_allclose(fixed, true, atol=1e-12)
+    with pytest.raises(DataError, match="labels"):
+        contextual_calibration(biased, np.array([0.5, 0.3, 0.2]))
+
+
+def test_content_free_probs_and_report(causal):
+    model, tok = causal
+    seen = []
+
+    def score(texts):
+        seen.extend(texts)
+        return score_causal(model, tok, PROMPT, texts).probs
+
+    p_cf = content_free_probs(score)
+    assert seen == ["N/A", "", "[MASK]"]
+    assert p_cf.shape == (2,) and p_cf.sum() == pytest.approx(1.0)
+    before = score(PROMPTS)
+    after = contextual_calibration(before, p_cf)
+    gold = [1, 0, 1, 0, 1]
+    report = calibration_report(gold, before, after, labels=["negative", "positive"])
+    assert set(report) == {"before", "after"}
+    acc = float(np.mean(after.argmax(1) == np.array(gold)))
+    assert report["after"]["accuracy"] == pytest.approx(acc)
+    assert report["before"]["ece"] == pytest.approx(expected_calibration_error(before, gold))
+    assert 0.0 <= report["after"]["macro_f1"] <= 1.0
+
+
+def test_domain_pmi_subtracts_the_domain_scores():
+    cond = np.log(np.array([[0.6, 0.4], [0.3, 0.7]]))
+    got = domain_pmi(cond, np.log(np.array([[0.8, 0.2]])))
+    np.testing.assert_allclose(got, cond - np.log([[0.8, 0.2]]))
+    assert got.argmax(1).tolist() == [1, 1]
+
+
+def test_few_shot_demos_go_before_the_query(causal):
+    from peftkit.demos import Demo
+
+    model, tok = causal
+    demos = (Demo("good fun", "positive"), Demo("boring", "negative"))
+    got = score_causal(model, tok, PROMPT, ["the plot"], demos=demos)
+    text = (
+        "review : good fun . sentiment : very good\n\n"
+        "review : boring . sentiment : bad\n\n"
+        "review : the plot . sentiment :"
+    )
+    ref = naive_continuation_logprobs(
+        model, tok, [text], [" bad", " not good at all", " very good"]
+    )
+    np.testing.assert_allclose(got.logprobs[0, 1], ref[0, 2], atol=1e-4)
+
+
+def test_pmi_with_an_empty_domain_prompt_uses_bos(causal):
+    model, tok = causal
+    bare = Prompt(Template("{text}", name="bare"), VERB)
+    assert bare.template.domain_prompt() == ""
+    pmi = score_causal(model, tok, bare, PROMPTS[:2], normalize="pmi")
+    plain = score_causal(model, tok, bare, PROMPTS[:2])
+    assert np.all(np.isfinite(pmi.logprobs))
+    diff = plain.logprobs - pmi.logprobs  # the domain term: the same for every example
+    np.testing.assert_allclose(diff[0], diff[1], atol=1e-6)
