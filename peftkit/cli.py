@@ -1,0 +1,333 @@
+"""The ``peftkit`` command.
+
+    peftkit run quickstart                              # train, evaluate, register, report
+    peftkit run recipes/sst2-lora.yaml data.source=../shared/data/sst2 training.epochs=1
+    peftkit eval zero-shot-sst2 data.source=../shared/data/sst2
+    peftkit adapters list | show NAME | rm NAME | export NAME DEST | import FOLDER
+    echo "stocks fell" | peftkit predict --adapter quickstart
+    peftkit compare runs/*
+
+Exit status: 0 when it worked; 1 with one line ``peftkit: error: ...`` on stderr for bad input
+or a refused operation; 2 for bad command-line usage; 130 when interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from peftkit.errors import ConfigError, PeftkitError
+
+DEFAULT_REGISTRY = "registry"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``peftkit`` console script; returns the exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except PeftkitError as exc:
+        print(f"peftkit: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        hint = getattr(args, "resume_hint", None)
+        print(f"peftkit: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `peftkit ... | head`
+        return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftkit",
+        description="Parameter-efficient adaptation and prompting for text classification.",
+        epilog="Run 'peftkit COMMAND --help' for a command's options.",
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    for name, help_text in (
+        ("run", "run a recipe: train, evaluate on the test split, register the adapter"),
+        ("eval", "run a zero-/few-shot prompt recipe (no training)"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("recipe", help="built-in recipe name (see 'peftkit recipes list') or path")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
+        p.add_argument("--run-dir", help="run folder (default: runs/<recipe>-<timestamp>)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+        p.add_argument("--registry", help="registry folder (default: the recipe's, 'registry')")
+        p.set_defaults(func=cmd_run, command=name)
+
+    p = sub.add_parser("adapters", help="list, show, remove, export or import registered adapters")
+    p.add_argument("--registry", default=DEFAULT_REGISTRY, help="registry folder")
+    asub = p.add_subparsers(title="actions", metavar="ACTION", required=True)
+    a = asub.add_parser("list", help="every version, or one name's")
+    a.add_argument("name", nargs="?")
+    a.add_argument("--tag")
+    a.set_defaults(func=cmd_adapters_list)
+    a = asub.add_parser("show", help="one entry as JSON (NAME or NAME@VERSION)")
+    a.add_argument("ref")
+    a.set_defaults(func=cmd_adapters_show)
+    a = asub.add_parser("rm", help="remove NAME@VERSION, NAME's latest, or --all versions")
+    a.add_argument("ref")
+    a.add_argument("--all", action="store_true", help="every version of NAME")
+    a.set_defaults(func=cmd_adapters_rm)
+    a = asub.add_parser("export", help="write an entry as a folder plain peft loads")
+    a.add_argument("ref")
+    a.add_argument("dest")
+    a.set_defaults(func=cmd_adapters_export)
+    a = asub.add_parser("import", help="register an exported folder")
+    a.add_argument("folder")
+    a.add_argument("--name")
+    a.set_defaults(func=cmd_adapters_import)
+
+    p = sub.add_parser("predict", help="classify texts with a registered adapter (JSONL out)")
+    p.add_argument("texts", nargs="*", help="texts (default: --file, else one per stdin line)")
+    p.add_argument("--adapter", required=True, help="NAME or NAME@VERSION")
+    p.add_argument("--registry", default=DEFAULT_REGISTRY, help="registry folder")
+    p.add_argument("--file", help="a text file (one text per line) or JSONL with a 'text' field")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_predict)
+
+    for kind, help_text in (
+        ("recipes", "the built-in recipes"),
+        ("presets", "the built-in adapter presets"),
+        ("prompts", "the built-in prompt sets"),
+    ):
+        p = sub.add_parser(kind, help=help_text)
+        ksub = p.add_subparsers(title="actions", metavar="ACTION", required=True)
+        k = ksub.add_parser("list", help=f"list {help_text}")
+        k.set_defaults(func=cmd_library_list, kind=kind)
+        k = ksub.add_parser("show", help="print one file")
+        k.add_argument("name")
+        k.set_defaults(func=cmd_library_show, kind=kind)
+
+    p = sub.add_parser("compare", help="several run folders side by side")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--json", action="store_true", help="JSON rows instead of a table")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+# --- run / eval ----------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from peftkit.pipeline import run_recipe
+    from peftkit.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "eval" and recipe.prompt is None:
+        raise ConfigError(
+            f"{recipe.source}: 'peftkit eval' runs prompt recipes (with 'prompt:'); "
+            f"this one trains an adapter: use 'peftkit run {args.recipe}'"
+        )
+    again = " ".join(["peftkit", args.command, args.recipe, *args.overrides])
+    args.resume_hint = f"run '{again}' again to resume from the last checkpoint"
+    outcome = run_recipe(
+        recipe, run_dir=args.run_dir, registry=args.registry, overwrite=args.overwrite
+    )
+    args.resume_hint = None
+    return 0 if outcome.run_dir else 1
+
+
+# --- adapters -------------------------------------------------------------------------------------
+
+
+def _registry(args: argparse.Namespace):
+    from peftkit.registry import Registry
+
+    root = Path(args.registry)
+    if not root.is_dir():
+        raise ConfigError(f"no registry at {root.resolve()}; give --registry DIR")
+    return Registry(root)
+
+
+def cmd_adapters_list(args: argparse.Namespace) -> int:
+    from peftkit.runs import format_table
+
+    entries = _registry(args).list(args.name, tag=args.tag)
+    if not entries:
+        print(f"no adapters in {args.registry}", file=sys.stderr)
+        return 0
+    rows = [
+        {
+            "ref": e.ref,
+            "method": e.method,
+            "task": e.task,
+            "labels": len(e.labels),
+            "accuracy": e.metrics.get("accuracy"),
+            "base": (e.base or {}).get("source", e.base_fingerprint[:12]),
+            "created": e.created[:19],
+            "tags": ",".join(e.tags),
+        }
+        for e in entries
+    ]
+    columns = [(k, k) for k in rows[0]]
+    print(format_table(rows, columns))
+    return 0
+
+
+def cmd_adapters_show(args: argparse.Namespace) -> int:
+    entry = _registry(args).get(args.ref)
+    print(json.dumps(entry.to_dict(), indent=2, default=str))
+    return 0
+
+
+def cmd_adapters_rm(args: argparse.Namespace) -> int:
+    gone = _registry(args).remove(args.ref, all_versions=args.all)
+    print("removed " + ", ".join(e.ref for e in gone))
+    return 0
+
+
+def cmd_adapters_export(args: argparse.Namespace) -> int:
+    dest = _registry(args).export(args.ref, args.dest)
+    print(f"exported {args.ref} to {dest}")
+    return 0
+
+
+def cmd_adapters_import(args: argparse.Namespace) -> int:
+    from peftkit.registry import Registry
+
+    Path(args.registry).mkdir(parents=True, exist_ok=True)
+    entry = Registry(args.registry).import_folder(args.folder, args.name)
+    print(f"imported {args.folder} as {entry.ref}")
+    return 0
+
+
+# --- predict --------------------------------------------------------------------------------------
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from peftkit.base import load_base
+    from peftkit.switch import AdaptedModel
+
+    texts = _read_texts(args)
+    registry = _registry(args)
+    entry = registry.get(args.adapter)
+    source = (entry.base or {}).get("source")
+    if not source:
+        raise ConfigError(f"{entry.ref} does not record its base model's source; cannot load it")
+    base = load_base(source, quantization=entry.quantization)
+    model = AdaptedModel(base, registry, batch_size=args.batch_size)
+    for text, pred in zip(texts, model.use(args.adapter).predict(texts), strict=True):
+        print(json.dumps({"text": text, **pred.to_dict()}, ensure_ascii=False))
+    return 0
+
+
+def _read_texts(args: argparse.Namespace) -> list[str]:
+    if args.texts and args.file:
+        raise ConfigError("give texts as arguments or --file, not both")
+    if args.texts:
+        return list(args.texts)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise ConfigError(f"--file {path}: no such file")
+        lines = path.read_text(encoding="utf-8").splitlines()
+    elif not sys.stdin.isatty():
+        lines = sys.stdin.read().splitlines()
+    else:
+        raise ConfigError("no texts: give them as arguments, with --file, or on stdin")
+    texts = [_text_of(line, i + 1) for i, line in enumerate(lines) if line.strip()]
+    if not texts:
+        raise ConfigError("no texts in the input (empty lines only)")
+    return texts
+
+
+def _text_of(line: str, lineno: int) -> str:
+    if line.lstrip().startswith("{"):
+        try:
+            row: Any = json.loads(line)
+        except ValueError:
+            return line
+        if isinstance(row, dict):
+            if "text" not in row:
+                raise ConfigError(f"input line {lineno}: a JSON row needs a 'text' field")
+            return str(row["text"])
+    return line
+
+
+# --- libraries and compare ------------------------------------------------------------------------
+
+
+def _library(kind: str) -> tuple[list[str], Any]:
+    if kind == "recipes":
+        from peftkit.recipes import available_recipes, find_recipe
+
+        return available_recipes(), find_recipe
+    if kind == "presets":
+        from peftkit.adapters import available_presets
+        from peftkit.paths import library_dir
+
+        return available_presets(), lambda n: _builtin(
+            library_dir("adapters"), n, available_presets()
+        )
+    from peftkit.paths import library_dir
+    from peftkit.prompts import available_prompt_sets
+
+    return available_prompt_sets(), lambda n: _builtin(
+        library_dir("prompts"), n, available_prompt_sets()
+    )
+
+
+def _builtin(folder: Path, name: str, names: list[str]) -> Path:
+    from peftkit.errors import did_you_mean
+
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"no built-in {name!r}; available: {', '.join(names)}" + did_you_mean(name, names)
+        )
+    return path
+
+
+def cmd_library_list(args: argparse.Namespace) -> int:
+    names, find = _library(args.kind)
+    for name in names:
+        print(f"{name:<28} {_summary(find(name))}")
+    return 0
+
+
+def cmd_library_show(args: argparse.Namespace) -> int:
+    _, find = _library(args.kind)
+    print(find(args.name).read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def _summary(path: Path) -> str:
+    """The first comment line of a YAML file that is not the command that runs it."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        text = line.lstrip("# ").strip()
+        if line.startswith("#") and text and not text.startswith(("peftkit ", "Run:", "run:")):
+            return text
+        if line and not line.startswith("#"):
+            break
+    return ""
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from peftkit.runs import compare, format_table
+
+    rows = compare(args.runs)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

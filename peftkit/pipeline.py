@@ -1,0 +1,520 @@
+"""Execute a recipe: load the base and the data, train (or score a prompt), write the run
+folder, register the adapter.
+
+    from peftkit.recipes import load_recipe
+    from peftkit.pipeline import run_recipe
+    outcome = run_recipe(load_recipe("quickstart", ["training.max_steps=20"]))
+    outcome.run_dir, outcome.metrics["accuracy"], outcome.entries   # ('runs/...', 0.9, [...])
+
+Under ``accelerate launch`` every process runs this same function: they agree on the run
+folder, train together (``train`` shards the batches and gathers the metrics), and only the
+main process writes the run folder and the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from peftkit.errors import ConfigError
+from peftkit.recipes import Recipe, TaskSpec, recipe_to_dict, task_training
+from peftkit.runs import (
+    METRICS_FILE,
+    default_run_dir,
+    environment,
+    interrupted_run,
+    peak_rss_mb,
+    prepare_run_dir,
+    run_log,
+    write_json,
+    write_report,
+)
+
+log = logging.getLogger("peftkit.pipeline")
+
+
+@dataclass
+class RunOutcome:
+    """What a run produced: its folder, headline metrics, and registered adapter refs."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    entries: list[str] = field(default_factory=list)
+    resumed: bool = False
+
+
+@dataclass
+class _Task:
+    name: str
+    data: Any
+    spec: Any
+    config: Any
+    folder: Path
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    run_dir: str | Path | None = None,
+    registry: str | Path | None = None,
+    overwrite: bool = False,
+    runs_root: str | Path = "runs",
+    out: TextIO | None = None,
+) -> RunOutcome:
+    """Run ``recipe`` end to end and return where its results are.
+
+    ``run_dir`` defaults to ``runs_root/<name>-<timestamp>`` (or the newest unfinished run of
+    the same recipe there, which is resumed); ``registry`` overrides ``recipe.registry.path``.
+    """
+    import torch
+    from accelerate import PartialState
+
+    out = out or sys.stdout
+    # cpu=True on a machine without CUDA: under torchrun/accelerate launch that makes the
+    # process group gloo (MULTI_CPU), the same state train()'s Accelerator then joins.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    main = state.is_main_process
+    resolved = recipe_to_dict(recipe)
+    path: Path | None = None
+    resumed = False
+    if main:
+        if run_dir is None:
+            found = interrupted_run(runs_root, recipe.name, resolved)
+            run_dir = found or default_run_dir(recipe.name, runs_root)
+        path, resumed = prepare_run_dir(run_dir, resolved, overwrite=overwrite)
+        if resumed:
+            print(f"peftkit: resuming the unfinished run in {path}", file=sys.stderr)
+        write_json(path / "environment.json", environment(state.num_processes))
+    path = Path(_broadcast(state, str(path) if path else None))
+    say = _Say(out if main else None)
+    reg_root = Path(registry or recipe.registry.path)
+    if main:
+        with run_log(path):
+            return _run(recipe, path, reg_root, resumed, say, state)
+    return _run(recipe, path, reg_root, resumed, say, state)
+
+
+def _run(recipe: Recipe, path: Path, reg_root: Path, resumed: bool, say, state) -> RunOutcome:
+    if recipe.prompt is not None:
+        metrics = _run_prompt(recipe, path, say)
+        metrics["peak_rss_mb"] = peak_rss_mb()
+        write_json(path / METRICS_FILE, metrics)
+        say(f"\nrun folder: {path}")
+        return RunOutcome(path, metrics, [], resumed)
+    return _train_all(recipe, path, reg_root, resumed, say, state)
+
+
+def _train_all(recipe, path: Path, reg_root: Path, resumed: bool, say, state) -> RunOutcome:
+    from peftkit.base import load_base
+
+    main = state.is_main_process
+    tasks = [_main_task(recipe, path)] + [_then_task(recipe, t, path) for t in recipe.then]
+    quant = {t.spec.quantization for t in tasks} - {None}
+    if len(quant) > 1 or (recipe.base.quantization and quant - {recipe.base.quantization}):
+        raise ConfigError(
+            f"{recipe.source}: every task of a recipe shares one base, but they ask for "
+            f"quantization {sorted(quant | {recipe.base.quantization} - {None})}"
+        )
+    quantization = recipe.base.quantization or (quant.pop() if quant else None)
+    say(f"loading base {recipe.base.source!r} (quantization: {quantization or 'none'})")
+    base = load_base(
+        recipe.base.source,
+        kind=recipe.base.kind,
+        quantization=quantization,
+        double_quant=recipe.base.double_quant,
+    )
+    if (recipe.revisit or recipe.hotswap) and not recipe.registry.enabled:
+        raise ConfigError(
+            f"{recipe.source}: 'revisit' and 'hotswap' load the adapters from the registry; "
+            "set registry.enabled: true"
+        )
+    registry = None
+    if main and recipe.registry.enabled:
+        from peftkit.registry import Registry
+
+        registry = Registry(reg_root)
+    metrics: dict[str, Any] = {}
+    entries: list[str] = []
+    matrix: dict[str, dict[str, float]] = {}
+    for i, task in enumerate(tasks):
+        task_metrics, ref = _train_one(recipe, base, task, path, registry, say, state, i == 0)
+        if i == 0:
+            metrics = task_metrics
+        else:
+            metrics.setdefault("tasks", {})[task.name] = task_metrics
+        if ref:
+            entries.append(ref)
+        if recipe.revisit and main and registry is not None:
+            matrix[task.name] = _revisit(base, registry, tasks[: i + 1], entries, say)
+        state.wait_for_everyone()
+    if recipe.revisit:
+        metrics["revisit"] = matrix
+    if recipe.hotswap is not None and main and registry is not None:
+        metrics["hotswap"] = _hotswap(base, registry, entries, recipe.hotswap, say)
+    metrics["peak_rss_mb"] = peak_rss_mb()
+    if main:
+        write_json(path / METRICS_FILE, metrics)  # last: marks the run finished
+        say(f"\nrun folder: {path}")
+        if entries:
+            say(f"registered in {reg_root}: {', '.join(entries)}")
+    state.wait_for_everyone()
+    return RunOutcome(path, metrics, entries, resumed)
+
+
+def _main_task(recipe: Recipe, path: Path) -> _Task:
+    from peftkit.adapters import load_preset
+
+    assert recipe.adapter is not None
+    spec = load_preset(recipe.adapter.preset, recipe.adapter.overrides())
+    return _Task(recipe.registry_name, recipe.data, spec, recipe.training, path)
+
+
+def _then_task(recipe: Recipe, task: TaskSpec, path: Path) -> _Task:
+    from peftkit.adapters import load_preset
+
+    ref = task.adapter or recipe.adapter
+    assert ref is not None
+    spec = load_preset(ref.preset, ref.overrides())
+    folder = path / "tasks" / task.name
+    return _Task(task.name, task.data, spec, task_training(recipe, task), folder)
+
+
+def load_task_data(spec) -> tuple[Any, Any]:
+    """The dataset of a recipe's ``data:`` and its training split (few-shot when asked)."""
+    from peftkit.data import few_shot, load_data
+
+    data = load_data(
+        spec.source,
+        text_field=spec.text_field,
+        label_field=spec.label_field,
+        text_pair_field=spec.text_pair_field,
+        labels=spec.labels,
+        split_ratios=spec.split_ratios,
+        seed=spec.seed,
+        max_rows=spec.max_rows,
+    )
+    train_split = data.split("train")
+    if spec.few_shot_k:
+        train_split = few_shot(train_split, spec.few_shot_k, spec.seed, label_names=data.labels)
+    return data, train_split
+
+
+def _train_one(recipe, base, task: _Task, path: Path, registry, say, state, first: bool):
+    from peftkit.artifacts import release, save_adapter
+    from peftkit.train import train
+
+    data, train_split = load_task_data(task.data)
+    say(
+        f"\n== {task.name}: {task.spec.method} on {data.name} "
+        f"({len(train_split)} training rows, {len(data.labels)} labels)"
+    )
+    folder = task.folder
+    result = train(base, task.spec, data, task.config, folder, train_split=train_split)
+    prefix = "" if first else f"{task.name}-"
+    metrics: dict[str, Any] = {
+        "recipe": recipe.name,
+        "task": task.name,
+        "method": task.spec.method,
+        "data": data.name,
+        **result.test_metrics,
+        "trainable": result.trainable,
+        "total": result.total,
+        "trainable_share": round(result.trainable / max(result.total, 1), 6),
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 2),
+        "step_seconds": round(result.step_seconds, 4),
+        "best": result.best,
+        "resumed_from": result.resumed_from,
+        "processes": state.num_processes,
+    }
+    ref = None
+    if state.is_main_process:
+        adapter = save_adapter(
+            result.model,
+            folder / "adapter",
+            method=task.spec.method,
+            labels=data.labels,
+            max_length=task.config.max_length,
+        )
+        if result.report is not None:
+            write_report(
+                path, result.report, title=f"{task.name} · {task.spec.method}", prefix=prefix
+            )
+            say(f"\ntest report ({task.name}):\n{result.report.to_text()}")
+        if result.history:
+            from peftkit.plots import plot_history
+
+            plot_history(result.history, path / f"{prefix}curves.png")
+        done = folder / "registered.json"
+        previous = _previous_registration(done, registry)
+        if previous is not None:
+            ref = previous
+            metrics["registered"] = ref
+            say(f"already registered as {ref} (resumed run); not registering again")
+        elif registry is not None:
+            entry = registry.register(
+                task.name,
+                adapter,
+                method=task.spec.method,
+                labels=data.labels,
+                base_fingerprint=base.fingerprint.id,
+                base=base.fingerprint.to_dict(),
+                quantization=base.quantization,
+                task=recipe.registry.task or data.name,
+                metrics=result.test_metrics,
+                tags=recipe.registry.tags,
+            )
+            ref = entry.ref
+            metrics["registered"] = ref
+            write_json(done, {"ref": ref})
+            say(f"registered {ref}")
+    release(result.model)
+    return metrics, ref
+
+
+def _previous_registration(done: Path, registry) -> str | None:
+    """The ref a resumed run already registered, if the registry still has it."""
+    import json
+
+    from peftkit.errors import RegistryError
+
+    if registry is None or not done.is_file():
+        return None
+    try:
+        ref = json.loads(done.read_text())["ref"]
+        return registry.get(ref).ref
+    except (OSError, ValueError, KeyError, RegistryError):
+        return None
+
+
+def _revisit(base, registry, tasks: list[_Task], refs: list[str], say) -> dict[str, float]:
+    """Accuracy of every adapter so far on its own task's test split (continual learning)."""
+    from peftkit.evaluation import compute_metrics
+    from peftkit.switch import AdaptedModel
+
+    model = AdaptedModel(base, registry)
+    scores = {}
+    try:
+        for task, ref in zip(tasks, refs, strict=False):
+            data, _ = load_task_data(task.data)
+            test = data.split("test")
+            preds = model.predict(list(test.texts), adapter=ref)
+            ids = [data.labels.index(p.label) for p in preds]
+            scores[task.name] = compute_metrics(list(test.labels), ids, data.labels)["accuracy"]
+    finally:
+        model.close()
+    say(
+        "revisit (accuracy on each earlier task): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+    )
+    return scores
+
+
+def _hotswap(base, registry, refs: list[str], spec, say) -> dict[str, Any]:
+    """Switch between the adapters just trained; time ``use()`` and predict a mixed batch."""
+    from peftkit.switch import AdaptedModel
+
+    model = AdaptedModel(base, registry)
+    try:
+        t0 = time.perf_counter()
+        for ref in refs:
+            model.load(ref)
+        load_ms = (time.perf_counter() - t0) * 1000 / max(len(refs), 1)
+        times = []
+        for i in range(spec.repeats):
+            t0 = time.perf_counter()
+            model.use(refs[i % len(refs)])
+            times.append((time.perf_counter() - t0) * 1000)
+        texts = list(spec.texts)
+        adapters = [refs[i % len(refs)] for i in range(len(texts))]
+        preds = model.predict_mixed(texts, adapters)
+    finally:
+        model.close()
+    use_ms = statistics.median(times) if times else 0.0
+    say(f"\nhot-swap between {', '.join(refs)}: load {load_ms:.1f} ms each, use() {use_ms:.3f} ms")
+    say("mixed batch (each row names its adapter):")
+    width = max(len(r) for r in refs)
+    for text, pred in zip(texts, preds, strict=True):
+        say(f"  {pred.adapter:<{width}}  {pred.label:<12} {pred.score:.2f}  {text[:60]}")
+    rows = [{"text": t, **p.to_dict()} for t, p in zip(texts, preds, strict=True)]
+    return {
+        "adapters": refs,
+        "load_ms": round(load_ms, 2),
+        "use_ms": round(use_ms, 4),
+        "batch": rows,
+    }
+
+
+# --- prompt recipes: zero-/few-shot scoring, no training -------------------------------------
+
+
+def _run_prompt(recipe: Recipe, path: Path, say) -> dict[str, Any]:
+    """Score every template of the prompt (or the one named) on the evaluation split."""
+    from peftkit.base import load_base
+    from peftkit.evaluation import classification_report, compute_metrics
+    from peftkit.prompts import load_prompt_set
+    from peftkit.runs import format_table
+
+    ref = recipe.prompt
+    assert ref is not None
+    prompt_set = load_prompt_set(ref.set)
+    prompts = [prompt_set.get(ref.template)] if ref.template else list(prompt_set)
+    data, train_split = load_task_data(recipe.data)
+    split = data.split(recipe.evaluation.split)
+    if recipe.evaluation.max_rows:
+        split = split.subset(range(min(recipe.evaluation.max_rows, len(split))))
+    say(f"loading base {recipe.base.source!r}")
+    base = load_base(
+        recipe.base.source, kind=recipe.base.kind, quantization=recipe.base.quantization
+    )
+    demos = _demos(ref, base, data, train_split, split)
+    method = f"few-shot-{ref.demonstrations}" if ref.demonstrations else "zero-shot"
+    say(
+        f"\n== {recipe.name}: {method} on {data.name} {recipe.evaluation.split} ({len(split)} rows)"
+    )
+    rows, reports = [], []
+    for prompt in prompts:
+        if (
+            ref.template is None
+            and _scorer(ref, base, prompt) != "masked-lm"
+            and (prompt.template.uses_mask)
+        ):
+            say(f"(skipping template {prompt.name!r}: its {{mask}} needs a masked LM)")
+            continue
+        t0 = time.perf_counter()
+        probs, scorer, cut = _prompt_probs(ref, base, prompt, split, data.labels, demos, recipe)
+        preds = probs.argmax(-1).tolist()
+        m = compute_metrics(list(split.labels), preds, data.labels)
+        rows.append(
+            {
+                "template": prompt.name,
+                "scorer": scorer,
+                **m,
+                "truncated": cut,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
+        reports.append(classification_report(list(split.labels), preds, data.labels))
+    columns = [
+        (k, k) for k in ("template", "scorer", "accuracy", "macro_f1", "truncated", "seconds")
+    ]
+    say(format_table(rows, columns))
+    head, report = rows[0], reports[0]  # the first template: not picked on the test split
+    write_report(path, report, title=f"{recipe.name} · {head['template']}")
+    say(f"\nreport ({head['template']}):\n{report.to_text()}")
+    return {
+        "recipe": recipe.name,
+        "method": method,
+        "data": data.name,
+        **head,
+        "calibration": ref.calibration,
+        "templates": rows,
+    }
+
+
+def _demos(ref, base, data, train_split, split):
+    from peftkit.demos import nearest_demos, sample_demos
+
+    if not ref.demonstrations:
+        return None
+    if ref.demo_selection == "random":
+        return sample_demos(
+            train_split.texts,
+            train_split.labels,
+            ref.demonstrations,
+            label_names=data.labels,
+            text_pairs=train_split.text_pairs,
+        )
+    if ref.calibration != "none":
+        raise ConfigError(
+            "prompt.calibration needs demonstrations shared by every query; "
+            "use prompt.demo_selection: random"
+        )
+    from peftkit.scorers import embed_texts
+
+    return nearest_demos(
+        split.texts,
+        train_split.texts,
+        train_split.labels,
+        ref.demonstrations,
+        lambda t: embed_texts(base.model, base.tokenizer, t),
+        label_names=data.labels,
+        text_pairs=train_split.text_pairs,
+        query_pairs=split.text_pairs,
+    )
+
+
+def _prompt_probs(ref, base, prompt, split, labels, demos, recipe):
+    """Label probabilities of every row (calibrated when asked), the scorer used, rows cut."""
+    from peftkit import scorers
+    from peftkit.calibration import content_free_probs, contextual_calibration
+
+    scorer = _scorer(ref, base, prompt)
+    batch = recipe.evaluation.batch_size
+
+    def score(texts, pairs):
+        if scorer == "embedding":
+            return scorers.score_embedding(
+                base.model,
+                base.tokenizer,
+                texts,
+                prompt.verbalizer,
+                labels=labels,
+                batch_size=batch,
+            )
+        fn = scorers.score_causal if scorer == "causal" else scorers.score_masked_lm
+        return fn(
+            base.model,
+            base.tokenizer,
+            prompt,
+            texts,
+            pairs,
+            labels=labels,
+            demos=demos,
+            normalize=ref.normalize,
+            batch_size=batch,
+        )
+
+    result = score(list(split.texts), split.text_pairs and list(split.text_pairs))
+    probs = result.probs
+    if ref.calibration == "content-free":
+        has_pairs = split.text_pairs is not None
+        p_cf = content_free_probs(lambda t: score(t, list(t) if has_pairs else None).probs)
+        probs = contextual_calibration(probs, p_cf)
+    return probs, scorer, result.truncated
+
+
+def _scorer(ref, base, prompt) -> str:
+    if ref.scorer != "auto":
+        return ref.scorer
+    if base.kind == "causal-lm":
+        return "causal"
+    return "masked-lm" if prompt.template.uses_mask else "embedding"
+
+
+class _Say:
+    """Print to the run's output (main process only) and log to run.log."""
+
+    def __init__(self, out: TextIO | None):
+        self.out = out
+
+    def __call__(self, text: str) -> None:
+        if self.out is None:
+            return
+        print(text, file=self.out, flush=True)
+        log.info(text.strip())
+
+
+def _broadcast(state, value: Any) -> Any:
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]

@@ -1,0 +1,531 @@
+"""Recipes: one YAML file per experiment, validated against a typed, frozen schema.
+
+A recipe composes a base model, an adapter preset *or* a prompt, data, training,
+evaluation and where the result is registered::
+
+    from peftkit.recipes import load_recipe
+    recipe = load_recipe("quickstart", overrides=["training.epochs=1", "data.max_rows=200"])
+    recipe.base.source, recipe.adapter.preset, recipe.training.epochs   # 'minilm', 'lora', 1.0
+
+Every key is checked: an unknown key, a wrong type or a missing required field is a
+:class:`ConfigError` that names the file, the line, the key path and the closest valid key.
+``key.path=value`` overrides (values parsed as YAML scalars) go through the same checks.
+Scalar shorthands: ``base: minilm`` means ``base: {source: minilm}``, ``adapter: lora``
+means ``adapter: {preset: lora}``, ``prompt: sentiment`` means ``prompt: {set: sentiment}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.errors import ConfigError, did_you_mean
+from peftkit.paths import library_dir
+from peftkit.train import TrainConfig
+
+__all__ = [
+    "AdapterRef",
+    "BaseSpec",
+    "DataSpec",
+    "EvaluationSpec",
+    "HotswapSpec",
+    "PromptRef",
+    "Recipe",
+    "RegistrySpec",
+    "TaskSpec",
+    "apply_overrides",
+    "available_recipes",
+    "find_recipe",
+    "load_recipe",
+    "parse_recipe",
+    "recipe_to_dict",
+]
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """The frozen base model: packaged name, local folder or hub id (+ k-bit loading)."""
+
+    source: str
+    quantization: str | None = field(default=None, metadata={"choices": (None, "4bit", "8bit")})
+    kind: str = field(default="auto", metadata={"choices": ("auto", "encoder", "causal-lm")})
+    double_quant: bool = False
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter preset from ``adapters/`` (name or path) and overrides of its fields."""
+
+    preset: str
+    peft: dict[str, Any] = field(default_factory=dict)  # peft's own options, checked by peft
+    head: dict[str, Any] = field(default_factory=dict)
+    learning_rate: float | None = None
+    quantization: str | None = field(default=None, metadata={"choices": (None, "4bit", "8bit")})
+    pooling: str | None = field(
+        default=None, metadata={"choices": (None, "auto", "mean", "last", "cls")}
+    )
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields given, in the form ``load_preset(..., overrides=)`` takes."""
+        out: dict[str, Any] = {}
+        for name in ("peft", "head", "learning_rate", "quantization", "pooling"):
+            value = getattr(self, name)
+            if value not in (None, {}):
+                out[name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class PromptRef:
+    """A prompt from ``prompts/`` for zero-/few-shot evaluation (no training)."""
+
+    set: str
+    template: str | None = None  # None: every template of the set
+    scorer: str = field(
+        default="auto", metadata={"choices": ("auto", "causal", "masked-lm", "embedding")}
+    )
+    normalize: str = field(default="sum", metadata={"choices": ("sum", "mean", "pmi")})
+    calibration: str = field(default="none", metadata={"choices": ("none", "content-free")})
+    demonstrations: int = 0  # k per class; 0: zero-shot
+    demo_selection: str = field(default="random", metadata={"choices": ("random", "nearest")})
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the rows come from (see ``peftkit.data.load_data``) and how many to use."""
+
+    source: str
+    text_field: str = "text"
+    label_field: str = "label"
+    text_pair_field: str | None = None
+    labels: tuple[str, ...] | None = None
+    split_ratios: tuple[float, ...] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    max_rows: int | None = None  # first N rows of each split
+    few_shot_k: int | None = None  # train on k examples per class
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    split: str = field(default="test", metadata={"choices": ("test", "validation")})
+    batch_size: int = 64
+    max_rows: int | None = None  # prompt runs: first N rows of the split
+
+
+@dataclass(frozen=True)
+class RegistrySpec:
+    """Where the trained adapter is registered (``path`` relative to the working folder)."""
+
+    enabled: bool = True
+    path: str = "registry"
+    name: str | None = None  # default: the recipe's name
+    task: str = ""
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A further task trained on the same base after the main one (``then:``)."""
+
+    name: str
+    data: DataSpec
+    adapter: AdapterRef | None = None  # default: the recipe's adapter
+    training: dict[str, Any] = field(default_factory=dict)  # overrides of the recipe's
+
+
+@dataclass(frozen=True)
+class HotswapSpec:
+    """After training, switch between the adapters trained and predict a mixed batch."""
+
+    texts: tuple[str, ...]
+    repeats: int = 20  # use() calls timed
+
+
+@dataclass(frozen=True)
+class Recipe:
+    base: BaseSpec
+    data: DataSpec
+    name: str = ""
+    description: str = ""
+    adapter: AdapterRef | None = None
+    prompt: PromptRef | None = None
+    training: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    registry: RegistrySpec = field(default_factory=RegistrySpec)
+    then: tuple[TaskSpec, ...] = ()  # more tasks, one adapter each, on the same base
+    revisit: bool = False  # continual learning: re-evaluate earlier tasks after each one
+    hotswap: HotswapSpec | None = None
+    source: str = field(default="<dict>", metadata={"internal": True})
+
+    @property
+    def mode(self) -> str:
+        return "train" if self.adapter is not None else "prompt"
+
+    @property
+    def registry_name(self) -> str:
+        return self.registry.name or self.name
+
+
+SHORTHAND = {BaseSpec: "source", AdapterRef: "preset", PromptRef: "set", DataSpec: "source"}
+
+
+# --- finding and loading --------------------------------------------------------------------
+
+
+def available_recipes(folder: Path | None = None) -> list[str]:
+    """Names of the built-in recipes (``recipes/*.yaml``)."""
+    return sorted(p.stem for p in (folder or library_dir("recipes")).glob("*.yaml"))
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file by path, or a built-in one by name; unknown names list the valid ones."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix in (".yaml", ".yml") or "/" in str(name_or_path):
+        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+    candidate = library_dir("recipes") / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    names = available_recipes()
+    raise ConfigError(
+        f"unknown recipe {str(name_or_path)!r}; built-in recipes: {', '.join(names)}, or give "
+        "the path of a .yaml file" + did_you_mean(str(name_or_path), names)
+    )
+
+
+def load_recipe(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read, override and validate a recipe (built-in name or path)."""
+    path = find_recipe(name_or_path)
+    text = path.read_text(encoding="utf-8")
+    raw, lines = _read_yaml(text, str(path))
+    raw = apply_overrides(raw, overrides, source=str(path))
+    raw.setdefault("name", path.stem)
+    return parse_recipe(raw, source=str(path), lines=lines, overridden=_override_keys(overrides))
+
+
+def parse_recipe(
+    raw: dict[str, Any],
+    source: str = "<dict>",
+    lines: dict[tuple[str, ...], int] | None = None,
+    overridden: dict[tuple[str, ...], str] | None = None,
+) -> Recipe:
+    """Validate a recipe mapping; errors name ``source`` (and the line when known)."""
+    ctx = _Ctx(source, lines or {}, overridden or {})
+    if not isinstance(raw, dict):
+        raise ctx.error((), "a recipe must be a mapping with at least 'base' and 'data'")
+    raw = dict(raw)
+    recipe = typing.cast(Recipe, _parse(Recipe, raw, (), ctx))
+    if (recipe.adapter is None) == (recipe.prompt is None):
+        raise ctx.error((), "give exactly one of 'adapter' (train) or 'prompt' (zero/few-shot)")
+    if recipe.prompt is not None and recipe.then:
+        raise ctx.error(("then",), "'then' (more tasks) needs an 'adapter' recipe")
+    for i, task in enumerate(recipe.then):
+        merged = {**dataclasses.asdict(recipe.training), **task.training}
+        _parse(TrainConfig, merged, ("then", str(i), "training"), ctx)
+    if not recipe.name:
+        recipe = dataclasses.replace(recipe, name=Path(source).stem)
+    return dataclasses.replace(recipe, source=source)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as plain data (what the run folder records)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {
+                f.name: plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if not f.metadata.get("internal")
+            }
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(recipe)
+
+
+def task_training(recipe: Recipe, task: TaskSpec) -> TrainConfig:
+    """The training settings of a ``then:`` task: the recipe's, with the task's overrides."""
+    return dataclasses.replace(recipe.training, **task.training)
+
+
+# --- overrides -------------------------------------------------------------------------------
+
+
+def apply_overrides(
+    raw: dict[str, Any], overrides: typing.Sequence[str], source: str = "<recipe>"
+) -> dict[str, Any]:
+    """``["training.epochs=1", "adapter=probe"]`` applied to a copy of ``raw``.
+
+    Values are YAML scalars (``1`` int, ``1e-3`` float, ``true``, ``null``, ``[a, b]``). A key
+    the schema does not have is an error naming the closest valid one.
+    """
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: write key.path=value (e.g. training.epochs=1)")
+        keys = tuple(key.strip().split("."))
+        _check_override_path(keys, item)
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        if isinstance(value, str) and value == text.strip() and text.strip() != text:
+            value = text.strip()
+        node: Any = out
+        for i, k in enumerate(keys[:-1]):
+            nxt = _child(node, k, item)
+            if isinstance(nxt, str) and _shorthand_at(keys[: i + 1]):
+                nxt = {_shorthand_at(keys[: i + 1]): nxt}
+            elif not isinstance(nxt, (dict, list)):
+                nxt = {}
+            _set_child(node, k, nxt, item)
+            node = nxt
+        _set_child(node, keys[-1], value, item)
+    return out
+
+
+def _child(node: Any, key: str, item: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, key, item)]
+    return node.get(key)
+
+
+def _set_child(node: Any, key: str, value: Any, item: str) -> None:
+    if isinstance(node, list):
+        node[_index(node, key, item)] = value
+    else:
+        node[key] = value
+
+
+def _index(node: list[Any], key: str, item: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"override {item!r}: no item {key!r} in a list of {len(node)}")
+    return int(key)
+
+
+def _override_keys(overrides: typing.Sequence[str]) -> dict[tuple[str, ...], str]:
+    return {tuple(o.partition("=")[0].strip().split(".")): o for o in overrides}
+
+
+def _shorthand_at(keys: tuple[str, ...]) -> str | None:
+    cls = _type_at(keys)
+    return SHORTHAND.get(cls) if isinstance(cls, type) else None
+
+
+def _type_at(keys: tuple[str, ...]) -> Any:
+    """The schema type at ``keys`` (``dict`` for open mappings); raises for unknown keys."""
+    tp: Any = Recipe
+    for depth, key in enumerate(keys):
+        tp = _unwrap(tp)
+        if tp is dict or typing.get_origin(tp) is dict:
+            return dict
+        if typing.get_origin(tp) is tuple and key.isdigit():
+            tp = typing.get_args(tp)[0]
+            continue
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            raise KeyError((depth, []))
+        hints = _hints(tp)
+        if key not in hints:
+            raise KeyError((depth, list(hints)))
+        tp = hints[key]
+    return _unwrap(tp)
+
+
+def _check_override_path(keys: tuple[str, ...], item: str) -> None:
+    try:
+        _type_at(keys)
+    except KeyError as exc:
+        depth, valid = exc.args[0]
+        where = ".".join(keys[:depth]) or "the recipe"
+        if not valid:
+            raise ConfigError(
+                f"override {item!r}: {where} is a single value and has no key {keys[depth]!r}"
+            ) from None
+        raise ConfigError(
+            f"override {item!r}: {where} has no key {keys[depth]!r}"
+            + did_you_mean(keys[depth], valid)
+            + f"; valid keys: {', '.join(valid)}"
+        ) from None
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    source: str
+    lines: dict[tuple[str, ...], int]
+    overridden: dict[tuple[str, ...], str]
+
+    def error(self, path: tuple[str, ...], message: str) -> ConfigError:
+        where = self.source
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.overridden:
+                where += f" (override {self.overridden[path[:n]]!r})"
+                break
+            if path[:n] in self.lines:
+                where += f", line {self.lines[path[:n]]}"
+                break
+        key = f" {'.'.join(path)}:" if path else ""
+        return ConfigError(f"{where}:{key} {message}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: hints[f.name] for f in dataclasses.fields(cls) if not f.metadata.get("internal")
+    }
+
+
+def _unwrap(tp: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _type_name(tp: Any) -> str:
+    tp = _unwrap(tp)
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict or tp is dict:
+        return "a mapping"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        tp, str(tp)
+    )
+
+
+def _parse(tp: Any, value: Any, path: tuple[str, ...], ctx: _Ctx) -> Any:
+    optional = _unwrap(tp) is not tp or tp is type(None)
+    if value is None:
+        if optional or tp is Any:
+            return None
+        raise ctx.error(path, f"must be {_type_name(tp)}, not null")
+    tp = _unwrap(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        assert isinstance(tp, type)
+        return _parse_dataclass(tp, value, path, ctx)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ctx.error(path, f"must be {_type_name(tp)}, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(_parse(item, v, (*path, str(i)), ctx) for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ctx.error(path, f"must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ctx.error(path, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ctx.error(path, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML reads 1e-3 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ctx.error(path, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ctx.error(path, f"must be a string, got {value!r}")
+        return value
+    raise ctx.error(path, f"unsupported schema type {tp}")  # pragma: no cover
+
+
+def _parse_dataclass(cls: type, value: Any, path: tuple[str, ...], ctx: _Ctx) -> Any:
+    if isinstance(value, str) and cls in SHORTHAND:
+        value = {SHORTHAND[cls]: value}
+    if not isinstance(value, dict):
+        raise ctx.error(path, f"must be a mapping, got {value!r}")
+    hints = _hints(cls)
+    for key in value:
+        if key not in hints:
+            raise ctx.error(
+                (*path, str(key)),
+                f"unknown key{did_you_mean(str(key), hints)}; valid keys here: {', '.join(hints)}",
+            )
+    kwargs: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, tp in hints.items():
+        f = fields[name]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in value:
+            if required:
+                raise ctx.error((*path, name), f"missing required key ({_type_name(tp)})")
+            continue
+        parsed = _parse(tp, value[name], (*path, name), ctx)
+        choices = f.metadata.get("choices")
+        if choices is not None and parsed not in choices:
+            shown = ", ".join("null" if c is None else str(c) for c in choices)
+            raise ctx.error(
+                (*path, name),
+                f"{parsed!r} is not one of {shown}"
+                + did_you_mean(str(parsed), [c for c in choices if c]),
+            )
+        kwargs[name] = parsed
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ctx.error(path, str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise ctx.error(path, str(exc)) from None
+
+
+# --- YAML with line numbers ------------------------------------------------------------------
+
+
+def _read_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{source}, line {mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{source}: the recipe is empty; it needs at least 'base' and 'data'")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: a recipe must be a mapping of keys, got {type(data).__name__}"
+        )
+    lines: dict[tuple[str, ...], int] = {}
+    _walk_lines(node, (), lines)
+    return data, lines
+
+
+def _walk_lines(node: Any, path: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            sub = (*path, str(key.value))
+            out[sub] = key.start_mark.line + 1
+            _walk_lines(value, sub, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            sub = (*path, str(i))
+            out[sub] = value.start_mark.line + 1
+            _walk_lines(value, sub, out)

@@ -1,0 +1,249 @@
+"""The run folder: what one ``peftkit run`` leaves behind, and runs side by side.
+
+    runs/quickstart-20250101-120000/
+      recipe.yaml         the resolved recipe (after overrides)
+      environment.json    versions, device, processes, command line
+      metrics.json        test metrics, trainable parameters, time, peak memory (written last:
+                          a folder without it is an interrupted run, resumed by the same command)
+      report.txt|.json    the classification report: per class and averages
+      confusion.png       the confusion matrix
+      curves.png          loss and validation metric curves (training runs)
+      history.json        the training log rows; checkpoints/ for resuming
+      run.log             everything the run printed and logged
+
+``compare(["runs/a", "runs/b"])`` reads each ``metrics.json`` into one row per run, and
+``format_table(rows)`` lays them out for a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.errors import ConfigError
+from peftkit.paths import atomic_write_text
+
+__all__ = [
+    "COMPARE_COLUMNS",
+    "compare",
+    "default_run_dir",
+    "environment",
+    "format_table",
+    "peak_rss_mb",
+    "prepare_run_dir",
+    "run_log",
+    "write_json",
+    "write_report",
+]
+
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.json"
+COMPARE_COLUMNS = (
+    ("run", "run"),
+    ("recipe", "recipe"),
+    ("method", "method"),
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro-F1"),
+    ("trainable", "trainable params"),
+    ("train_seconds", "train s"),
+    ("peak_rss_mb", "peak RSS MiB"),
+)
+
+
+# --- the folder ---------------------------------------------------------------------------------
+
+
+def default_run_dir(name: str, root: str | Path = "runs") -> Path:
+    """``runs/<name>-<YYYYmmdd-HHMMSS>`` (a suffix is added if that exists already)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{name}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{name}-{stamp}-{n}"
+    return path
+
+
+def interrupted_run(root: str | Path, name: str, resolved: dict[str, Any]) -> Path | None:
+    """The newest ``root/<name>-*`` folder that holds this same recipe and never finished."""
+    candidates = sorted(Path(root).glob(f"{name}-*"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(candidates):
+        if _is_interrupted(path, resolved):
+            return path
+    return None
+
+
+def _is_interrupted(path: Path, resolved: dict[str, Any]) -> bool:
+    recipe = path / RECIPE_FILE
+    if not recipe.is_file() or (path / METRICS_FILE).is_file():
+        return False
+    try:
+        return yaml.safe_load(recipe.read_text()) == resolved
+    except yaml.YAMLError:
+        return False
+
+
+def prepare_run_dir(
+    path: str | Path, resolved: dict[str, Any], *, overwrite: bool = False
+) -> tuple[Path, bool]:
+    """Create the run folder (or reuse an interrupted run of the same recipe).
+
+    Returns ``(path, resuming)``. An existing folder is an error unless ``overwrite`` (it is
+    emptied) or it holds an unfinished run of this very recipe (training resumes from its
+    last checkpoint).
+    """
+    path = Path(path)
+    resuming = False
+    if path.exists():
+        if overwrite:
+            shutil.rmtree(path)
+        elif _is_interrupted(path, resolved):
+            resuming = True
+        else:
+            why = (
+                "holds a finished run"
+                if (path / METRICS_FILE).is_file()
+                else "is not an unfinished run of this same recipe"
+            )
+            raise ConfigError(
+                f"run folder {path} already exists and {why}; give another --run-dir, or "
+                "--overwrite to replace it"
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path / RECIPE_FILE, yaml.safe_dump(resolved, sort_keys=False))
+    return path, resuming
+
+
+def environment(num_processes: int = 1) -> dict[str, Any]:
+    """Versions, device and command line, for ``environment.json``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions: dict[str, str | None] = {}
+    for name in ("peftkit", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": versions,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cuda_devices": torch.cuda.device_count(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "num_processes": num_processes,
+        "command": sys.argv,
+        "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_json(path: Path, data: Any) -> Path:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+def write_report(run_dir: Path, report: Any, title: str = "", prefix: str = "") -> None:
+    """``report.txt``, ``report.json`` and ``confusion.png`` (``prefix`` for extra tasks)."""
+    from peftkit.plots import plot_confusion
+
+    atomic_write_text(run_dir / f"{prefix}report.txt", report.to_text() + "\n")
+    write_json(run_dir / f"{prefix}report.json", report.to_dict())
+    plot_confusion(report, run_dir / f"{prefix}confusion.png", title=title)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (``ru_maxrss``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+@contextmanager
+def run_log(run_dir: Path) -> Iterator[logging.Handler]:
+    """Send peftkit's log records to ``run_dir/run.log`` for the duration."""
+    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("peftkit")
+    old = logger.level
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+        handler.close()
+
+
+# --- side by side ----------------------------------------------------------------------------------
+
+
+def compare(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """One row per run from its ``metrics.json`` (keys of :data:`COMPARE_COLUMNS`).
+
+    >>> rows = compare(["runs/sst2-lora-1", "runs/sst2-ia3-1"])     # doctest: +SKIP
+    >>> print(format_table(rows))                                   # doctest: +SKIP
+    """
+    rows = []
+    for folder in run_dirs:
+        path = Path(folder) / METRICS_FILE
+        if not path.is_file():
+            state = "unfinished (no metrics.json)" if Path(folder).is_dir() else "not a folder"
+            raise ConfigError(f"{folder}: not a finished run folder: {state}")
+        try:
+            metrics = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ConfigError(f"{path}: unreadable metrics ({exc})") from None
+        row = {key: metrics.get(key) for key, _ in COMPARE_COLUMNS}
+        row["run"] = Path(folder).name
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns=COMPARE_COLUMNS) -> str:
+    """A plain-text table, numbers right-aligned."""
+    header = [title for _, title in columns]
+    body = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=False)]
+    numeric = [all(_is_num(row.get(key)) for row in rows) for key, _ in columns]
+
+    def line(cells: list[str]) -> str:
+        parts = [
+            c.rjust(w) if num else c.ljust(w)
+            for c, w, num in zip(cells, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def _is_num(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1 else f"{value:,.1f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,301 @@
+"""Recipes: the schema's checks and messages, overrides, and every built-in recipe run for two
+steps on a tiny model (base, data and registry overridden into tmp_path)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftkit.errors import ConfigError
+from peftkit.paths import library_dir
+from peftkit.pipeline import run_recipe
+from peftkit.recipes import (
+    apply_overrides,
+    available_recipes,
+    load_recipe,
+    parse_recipe,
+    recipe_to_dict,
+)
+from peftkit.registry import Registry
+
+RECIPES = sorted(library_dir("recipes").glob("*.yaml"))
+WORDS = "the a movie film great good bad awful market stock game team vote phone".split()
+
+
+def write_data(folder: Path, labels, n_train: int = 24, n_eval: int = 8, seed: int = 0) -> Path:
+    """A tiny JSONL folder (train/validation/test + labels.json) over ``labels``."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("validation", n_eval), ("test", n_eval)):
+        with open(folder / f"{split}.jsonl", "w") as fh:
+            for i in range(n):
+                words = [rng.choice(WORDS) for _ in range(rng.randint(3, 7))]
+                fh.write(json.dumps({"text": " ".join(words), "label": labels[i % len(labels)]}))
+                fh.write("\n")
+    (folder / "labels.json").write_text(json.dumps(list(labels)))
+    return folder
+
+
+def write_recipe(folder: Path, text: str, name: str = "r.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+GOOD = """\
+# peftkit run r.yaml
+base: minilm
+adapter:
+  preset: lora
+  peft: {r: 4}
+data:
+  source: bbc-news
+  max_rows: 40
+training:
+  epochs: 1
+"""
+
+
+# --- schema -------------------------------------------------------------------------------------
+
+
+def test_good_recipe_is_typed_and_frozen(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, GOOD))
+    assert recipe.name == "r" and recipe.mode == "train"
+    assert recipe.base.source == "minilm" and recipe.adapter.preset == "lora"
+    assert recipe.adapter.overrides() == {"peft": {"r": 4}}
+    assert recipe.training.epochs == 1.0 and isinstance(recipe.training.epochs, float)
+    assert recipe.registry_name == "r"
+    with pytest.raises(AttributeError):
+        recipe.name = "x"  # type: ignore[misc]
+
+
+def test_unknown_key_names_file_line_path_and_closest(tmp_path):
+    path = write_recipe(tmp_path, GOOD.replace("epochs: 1", "epohcs: 1"))
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert str(path) in msg and "line 10" in msg
+    assert "training.epohcs" in msg and "did you mean 'epochs'" in msg
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("max_rows: 40", "max_rows: forty"), "data.max_rows: must be an integer"),
+        (("epochs: 1", "epochs: [1]"), "training.epochs: must be a number"),
+        (("  source: bbc-news\n", ""), "data.source: missing required key"),
+        (("base: minilm", "base: {source: minilm, quantization: 3bit}"), "not one of"),
+        (("training:", "registry: {tags: oops}\ntraining:"), "registry.tags: must be a list"),
+    ],
+)
+def test_wrong_type_or_missing_field(tmp_path, change, expected):
+    path = write_recipe(tmp_path, GOOD.replace(*change))
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_recipe(path)
+    assert str(path) in str(err.value)
+
+
+def test_malformed_yaml_gives_file_and_line(tmp_path):
+    path = write_recipe(tmp_path, GOOD.replace("  max_rows: 40", "  max_rows: [40"))
+    with pytest.raises(ConfigError, match=r"line \d+: invalid YAML") as err:
+        load_recipe(path)
+    assert str(path) in str(err.value)
+
+
+def test_adapter_or_prompt_exactly_one(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of 'adapter'"):
+        load_recipe(write_recipe(tmp_path, GOOD.replace("adapter:", "prompt: sentiment\nadapter:")))
+    with pytest.raises(ConfigError, match="exactly one of 'adapter'"):
+        parse_recipe({"base": "minilm", "data": "bbc-news"})
+
+
+def test_overrides_parse_yaml_scalars_and_shorthands(tmp_path):
+    path = write_recipe(tmp_path, GOOD)
+    recipe = load_recipe(
+        path,
+        [
+            "training.learning_rate=1e-3",
+            "training.max_steps=2",
+            "registry.tags=[a, b]",
+            "adapter.peft.r=16",
+            "base=/some/folder",
+            "data.labels=null",
+        ],
+    )
+    assert recipe.training.learning_rate == 1e-3 and recipe.training.max_steps == 2
+    assert recipe.registry.tags == ("a", "b")
+    assert recipe.adapter.peft == {"r": 16}
+    assert recipe.base.source == "/some/folder"
+    swapped = load_recipe(path, ["adapter=probe"])
+    assert swapped.adapter.preset == "probe" and swapped.adapter.peft == {}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("training.epoch=2", "training has no key 'epoch' (did you mean 'epochs'"),
+        ("trainig.epochs=2", "the recipe has no key 'trainig' (did you mean 'training'"),
+        ("training.epochs=fast", "(override 'training.epochs=fast'): training.epochs: must be"),
+        ("training.epochs", "write key.path=value"),
+        ("base.source.x=1", "single value"),
+    ],
+)
+def test_bad_overrides(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(write_recipe(tmp_path, GOOD), [override])
+    assert expected in str(err.value)
+
+
+def test_unknown_recipe_and_preset_list_the_available(tmp_path):
+    with pytest.raises(ConfigError, match="quickstart") as err:
+        load_recipe("quickstrat")
+    assert "did you mean 'quickstart'" in str(err.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+    recipe = load_recipe(write_recipe(tmp_path, GOOD), ["adapter=lorra"])
+    with pytest.raises(ConfigError, match="built-in presets: .*lora"):
+        run_recipe(recipe, run_dir=tmp_path / "run", registry=tmp_path / "reg")
+
+
+def test_override_does_not_touch_input():
+    raw = {"base": "minilm", "data": {"source": "x"}}
+    out = apply_overrides(raw, ["data.max_rows=3", "base.quantization=4bit"])
+    assert raw == {"base": "minilm", "data": {"source": "x"}}
+    assert out == {
+        "base": {"source": "minilm", "quantization": "4bit"},
+        "data": {"source": "x", "max_rows": 3},
+    }
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, GOOD), ["training.max_steps=3"])
+    again = parse_recipe(yaml.safe_load(yaml.safe_dump(recipe_to_dict(recipe))), source="x")
+    assert recipe_to_dict(again) == recipe_to_dict(recipe)
+
+
+# --- every built-in recipe ------------------------------------------------------------------------
+
+
+def test_builtin_recipes_are_listed():
+    names = available_recipes()
+    assert "quickstart" in names and len(names) == len(RECIPES) >= 10
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_builtin_recipe_validates_and_says_how_to_run_it(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# peftkit ") and path.stem in first, first
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    if "../shared/data" in path.read_text():
+        assert "data.source=" in path.read_text().split("\n\n")[0]
+
+
+def tiny_overrides(path: Path, tmp_path: Path, tiny_models) -> list[str]:
+    """Overrides that run ``path`` for 2 steps on a tiny model and tiny data."""
+    recipe = load_recipe(path)
+    out = [f"registry.path={tmp_path / 'registry'}"]
+    if recipe.prompt is not None:
+        from peftkit.prompts import load_prompt_set
+
+        labels = load_prompt_set(recipe.prompt.set).labels
+        data = write_data(tmp_path / "data", labels, n_train=8 * len(labels))
+        out += [f"base={tiny_models['llama']}", "evaluation.max_rows=4", "evaluation.batch_size=4"]
+        if recipe.prompt.demonstrations:
+            out.append("prompt.demonstrations=1")
+    else:
+        data = write_data(tmp_path / "data", ["negative", "positive"])
+        out += [f"base={tiny_models['bert']}", "training.max_steps=2", "training.batch_size=8"]
+        for i in range(len(recipe.then)):
+            other = write_data(tmp_path / f"data{i}", ["ham", "spam", "other"])
+            out += [f"then.{i}.data.source={other}", f"then.{i}.training.max_steps=2"]
+    out.append(f"data.source={data}")
+    return out
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_builtin_recipe_runs_two_steps_on_a_tiny_model(
+    path, tmp_path, tiny_models, reset_accelerate, capsys
+):
+    recipe = load_recipe(path, tiny_overrides(path, tmp_path, tiny_models))
+    outcome = run_recipe(recipe, run_dir=tmp_path / "run")
+    for name in (
+        "recipe.yaml",
+        "environment.json",
+        "metrics.json",
+        "report.txt",
+        "report.json",
+        "confusion.png",
+        "run.log",
+    ):
+        assert (outcome.run_dir / name).is_file(), name
+    metrics = json.loads((outcome.run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    out = capsys.readouterr().out
+    assert "precision" in out and "macro avg" in out
+    if recipe.adapter is not None:
+        assert metrics["steps"] == 2 and (outcome.run_dir / "curves.png").is_file()
+        reg = Registry(tmp_path / "registry")
+        assert reg.names() == sorted([recipe.registry_name, *(t.name for t in recipe.then)])
+    if recipe.hotswap is not None:
+        assert len(metrics["hotswap"]["batch"]) == len(recipe.hotswap.texts)
+        assert "use()" in out
+    if recipe.revisit:
+        assert set(metrics["revisit"][recipe.then[-1].name]) == {
+            recipe.registry_name,
+            *(t.name for t in recipe.then),
+        }
+
+
+# --- run folders ----------------------------------------------------------------------------------
+
+
+def _tiny(tmp_path: Path, tiny_models, extra=()) -> object:
+    data = write_data(tmp_path / "data", ["negative", "positive"])
+    text = GOOD.replace("base: minilm", f"base: {tiny_models['bert']}")
+    path = write_recipe(tmp_path, text)
+    return load_recipe(
+        path,
+        [
+            f"data.source={data}",
+            "training.max_steps=2",
+            "training.batch_size=8",
+            "training.checkpoint_every=1",
+            *extra,
+        ],
+    )
+
+
+def test_existing_run_folder_is_an_error_unless_overwrite(tmp_path, tiny_models, reset_accelerate):
+    recipe = _tiny(tmp_path, tiny_models)
+    first = run_recipe(recipe, run_dir=tmp_path / "run", registry=tmp_path / "reg")
+    assert first.entries == ["r@1"]
+    with pytest.raises(ConfigError, match="already exists and holds a finished run.*--overwrite"):
+        run_recipe(recipe, run_dir=tmp_path / "run", registry=tmp_path / "reg")
+    again = run_recipe(recipe, run_dir=tmp_path / "run", registry=tmp_path / "reg", overwrite=True)
+    assert again.entries == ["r@2"] and not again.resumed
+
+
+def test_unfinished_run_of_same_recipe_resumes(
+    tmp_path, tiny_models, reset_accelerate, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    recipe = _tiny(tmp_path, tiny_models)
+    first = run_recipe(recipe, registry="reg")  # default folder: runs/r-<timestamp>
+    assert first.run_dir.parent == Path("runs") and first.run_dir.name.startswith("r-")
+    (first.run_dir / "metrics.json").unlink()  # as if stopped before the end
+    again = run_recipe(recipe, registry="reg")
+    assert again.resumed and again.run_dir == first.run_dir
+    assert again.metrics["resumed_from"] == 2
+    # The adapter was registered before the stop: the resumed run does not add a version.
+    assert again.entries == first.entries == ["r@1"]
+    assert [e.ref for e in Registry("reg").list()] == ["r@1"]
+    other = _tiny(tmp_path, tiny_models, ["training.max_steps=3"])
+    with pytest.raises(ConfigError, match="not an unfinished run of this same recipe"):
+        (again.run_dir / "metrics.json").unlink()
+        run_recipe(other, run_dir=again.run_dir, registry="reg")
