@@ -1,0 +1,356 @@
+"""Training on MiniLM + SST-2 with every method under one budget, vs plain peft (issue 3).
+
+    .venv/bin/python bench/bench_train.py            # full run -> bench/results/bench_train.json
+    .venv/bin/python bench/bench_train.py --quick    # smoke run (few rows, few steps)
+    .venv/bin/python bench/bench_train.py --methods lora,full --rows 8000 --epochs 2
+
+Each method trains in its own subprocess (so peak RSS is its own) through
+``peftkit.train`` on the first ``--rows`` rows of /work/shared/data/sst2 train, batch 32,
+max_length 64, ``--epochs`` epochs, evaluating on validation every half epoch (best
+checkpoint kept), then on the test split (the official GLUE dev set, 872 rows).
+
+The anchor, in the same run: plain peft + a plain PyTorch loop (what a user writes without
+peftkit): ``AutoModelForSequenceClassification`` fine-tuned fully, and with a peft LoRA
+(r=8, alpha=16, query/value, classifier in ``modules_to_save``), AdamW at a constant
+learning rate, one epoch over the same rows, shuffled, padded per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import DATA, environment, mib, proc_status, run_worker, table, write_results  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+SST2 = DATA / "sst2"
+# method -> (preset, preset overrides, learning rate used; None = the preset's)
+METHODS: dict[str, tuple[str, dict, float | None]] = {
+    "lora": ("lora", {}, None),
+    "ia3": ("ia3", {}, None),
+    "prefix": ("prefix", {}, None),
+    "probe": ("probe", {}, None),
+    "full": ("full", {}, None),
+    "qlora-8bit": ("qlora", {"quantization": "8bit"}, None),
+    "qlora-4bit": ("qlora", {"quantization": "4bit"}, None),
+}
+ANCHORS = {"peft-loop-full": 5e-5, "peft-loop-lora": 1e-3}
+
+
+class PeakAnon:
+    """Samples RssAnon every 0.1 s in a thread: /proc only keeps the peak of VmRSS."""
+
+    def __init__(self) -> None:
+        self.peak = proc_status().get("rss_anon", 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, proc_status().get("rss_anon", 0))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, proc_status().get("rss_anon", 0))
+
+
+def worker_peftkit(args: dict) -> dict:
+    from peftkit.adapters import load_preset
+    from peftkit.base import load_base
+    from peftkit.data import load_data
+    from peftkit.train import TrainConfig, train
+
+    sampler = PeakAnon()
+    t_all = time.perf_counter()
+    preset, overrides, lr = METHODS[args["method"]]
+    if args.get("lr"):
+        lr = args["lr"]
+    spec = load_preset(preset, overrides)
+    base = load_base("minilm", quantization=spec.quantization)
+    data = load_data(SST2)
+    train_rows = data.split("train").subset(range(args["rows"]))
+    steps_per_epoch = args["rows"] // args["batch_size"]
+    cfg = TrainConfig(
+        epochs=args["epochs"],
+        max_steps=args.get("max_steps"),
+        batch_size=args["batch_size"],
+        max_length=args["max_length"],
+        learning_rate=lr,
+        eval_every=max(1, steps_per_epoch // 2),
+        patience=None,
+        checkpoint_every=10**9,
+        progress=False,
+        seed=0,
+    )
+    run_dir = Path(tempfile.mkdtemp(prefix=f"peftkit-bench-train-{args['method']}-"))
+    try:
+        res = train(base, spec, data, cfg, run_dir, train_split=train_rows)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    wall = time.perf_counter() - t_all
+    evals = [r for r in res.history if "eval_accuracy" in r]
+    return {
+        **args,
+        "learning_rate": lr or spec.learning_rate,
+        "scheduler": cfg.scheduler,
+        "warmup_ratio": cfg.warmup_ratio,
+        "test_accuracy": res.test_metrics.get("accuracy"),
+        "test_macro_f1": res.test_metrics.get("macro_f1"),
+        "best_validation": res.best,
+        "validation_curve": [(r["step"], round(r["eval_accuracy"], 4)) for r in evals],
+        "trainable": res.trainable,
+        "total_params": res.total,
+        "steps": res.steps,
+        "median_step_s": res.step_seconds,
+        "train_seconds": res.seconds,
+        "wall_seconds": wall,
+        "peak_rss": proc_status()["peak_rss"],
+        "peak_rss_anon": sampler.stop(),
+    }
+
+
+def worker_anchor(args: dict) -> dict:
+    """Plain transformers + peft + a plain PyTorch loop (constant LR, one pass)."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peftkit.assets import PACKAGED_MODELS, package_folder
+
+    sampler = PeakAnon()
+    t_all = time.perf_counter()
+    torch.manual_seed(0)
+    path = package_folder(PACKAGED_MODELS["minilm"])
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    if args["method"] == "peft-loop-lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                task_type=TaskType.SEQ_CLS,
+                r=8,
+                lora_alpha=16,
+                lora_dropout=0.1,
+                target_modules=["query", "value"],
+            ),
+        )
+    labels = json.loads((SST2 / "labels.json").read_text())
+
+    def rows(split: str, n: int | None = None) -> list[tuple[str, int]]:
+        out = []
+        with open(SST2 / f"{split}.jsonl") as fh:
+            for line in fh:
+                r = json.loads(line)
+                out.append((r["text"], labels.index(r["label"])))
+                if n and len(out) >= n:
+                    break
+        return out
+
+    train = rows("train", args["rows"])
+    random.Random(0).shuffle(train)
+    lr = args.get("lr") or ANCHORS[args["method"]]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    bs = args["batch_size"]
+    batches = [train[i : i + bs] for i in range(0, len(train) - bs + 1, bs)]
+    if args.get("max_steps"):
+        batches = batches[: args["max_steps"]]
+    model.train()
+    step_times = []
+    t_train = time.perf_counter()
+    for b in batches:
+        t0 = time.perf_counter()
+        enc = tok(
+            [t for t, _ in b],
+            padding=True,
+            truncation=True,
+            max_length=args["max_length"],
+            return_tensors="pt",
+        )
+        out = model(**enc, labels=torch.tensor([y for _, y in b]))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        step_times.append(time.perf_counter() - t0)
+    train_seconds = time.perf_counter() - t_train
+    model.eval()
+    test = rows("test")
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(test), 64):
+            chunk = test[i : i + 64]
+            enc = tok(
+                [t for t, _ in chunk],
+                padding=True,
+                truncation=True,
+                max_length=args["max_length"],
+                return_tensors="pt",
+            )
+            preds.extend(model(**enc).logits.argmax(-1).tolist())
+    acc = float(np.mean([p == y for p, (_, y) in zip(preds, test, strict=True)]))
+    return {
+        **args,
+        "learning_rate": lr,
+        "scheduler": "constant",
+        "epochs": 1,
+        "test_accuracy": acc,
+        "trainable": trainable,
+        "total_params": total,
+        "steps": len(batches),
+        "median_step_s": statistics.median(step_times),
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - t_all,
+        "peak_rss": proc_status()["peak_rss"],
+        "peak_rss_anon": sampler.stop(),
+    }
+
+
+def render(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append([r["method"], "ERROR", "", "", "", "", "", "", ""])
+            continue
+        out.append(
+            [
+                r["method"],
+                f"{100 * r['test_accuracy']:.1f}",
+                f"{r['trainable']:,}",
+                f"{r['median_step_s']:.3f}",
+                str(r["steps"]),
+                f"{r['train_seconds'] / 60:.1f}",
+                mib(r["peak_rss"]),
+                mib(r["peak_rss_anon"]),
+                f"{r['learning_rate']:g}",
+            ]
+        )
+    header = [
+        "method",
+        "test acc %",
+        "trainable",
+        "s/step",
+        "steps",
+        "train min",
+        "peak RSS MiB",
+        "peak anon MiB",
+        "lr",
+    ]
+    return table(out, header)
+
+
+def goals(rows: list[dict]) -> dict:
+    by = {r["method"]: r for r in rows if "error" not in r}
+    g: dict = {}
+    if "lora" in by:
+        lo = by["lora"]
+        g["lora_accuracy_ge_87"] = {
+            "value": lo["test_accuracy"],
+            "met": lo["test_accuracy"] >= 0.87,
+        }
+        g["lora_within_30_min"] = {
+            "train_minutes": lo["train_seconds"] / 60,
+            "met": lo["train_seconds"] <= 1800,
+        }
+        if "full" in by:
+            fu = by["full"]
+            gap = 100 * (fu["test_accuracy"] - lo["test_accuracy"])
+            g["lora_within_1pt_of_full"] = {"gap_points": gap, "met": gap <= 1.0}
+            ratio = lo["median_step_s"] / fu["median_step_s"]
+            g["lora_step_le_0.75x_full"] = {"ratio": ratio, "met": ratio <= 0.75}
+    for name in ("full", "lora"):
+        a = by.get(f"peft-loop-{name}")
+        if a and name in by:
+            g[f"{name}_vs_plain_peft_loop_points"] = 100 * (
+                by[name]["test_accuracy"] - a["test_accuracy"]
+            )
+            g[f"{name}_step_ratio_vs_plain_loop"] = by[name]["median_step_s"] / a["median_step_s"]
+    return g
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--methods", default=",".join([*METHODS, *ANCHORS]))
+    parser.add_argument("--rows", type=int, default=8000)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="METHOD=LR",
+        help="learning rate override, e.g. --lr lora=2e-3 (repeatable)",
+    )
+    parser.add_argument("--out", default="bench_train", help="results name")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    if ns.worker:
+        args = json.loads(ns.worker)
+        fn = worker_anchor if args["method"] in ANCHORS else worker_peftkit
+        print(json.dumps(fn(args)))
+        return
+
+    lrs = {k: float(v) for k, v in (s.split("=", 1) for s in ns.lr)}
+    budget = {
+        "rows": ns.rows,
+        "epochs": ns.epochs,
+        "batch_size": ns.batch_size,
+        "max_length": ns.max_length,
+    }
+    if ns.quick:
+        budget.update(rows=320, epochs=1.0, max_steps=4)
+    methods = ns.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS and m not in ANCHORS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {[*METHODS, *ANCHORS]}")
+    payload = {
+        "benchmark": "bench_train",
+        "issue": 3,
+        "budget": {
+            **budget,
+            "eval": "validation every half epoch, best kept; test = GLUE dev",
+            "anchor_budget": "1 epoch, constant LR, same rows, plain loop",
+        },
+        "memory_figures": {
+            "peak_rss": "VmHWM of the method's own process",
+            "peak_rss_anon": "max RssAnon sampled every 0.1 s in that process",
+        },
+        "environment": environment(),
+        "rows": [],
+    }
+    for m in methods:
+        t0 = time.perf_counter()
+        r = run_worker(SCRIPT, {"method": m, **budget, "lr": lrs.get(m)}, timeout=4 * 3600)
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {m}: {time.perf_counter() - t0:.0f} s "
+            f"acc={r.get('test_accuracy')} step={r.get('median_step_s')}",
+            flush=True,
+        )
+        if "error" in r:
+            print(r["stderr_tail"], file=sys.stderr)
+        payload["rows"].append(r)
+        payload["goals"] = goals(payload["rows"])
+        path = write_results(ns.out, payload, quick=ns.quick)  # partial results as we go
+    print(render(payload["rows"]))
+    print(json.dumps(payload["goals"], indent=1))
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
