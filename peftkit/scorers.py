@@ -222,17 +222,24 @@ def _shared_prefix_logprobs(
 
 
 def _continue(model, cache, cache_key, mask, tails, max_rows) -> torch.Tensor:
-    """log P(tokens 2.. of each tail | prefix, token 1), for every (prompt, tail) pair."""
+    """log P(tokens 2.. of each tail | prefix, token 1), for every (prompt, tail) pair.
+
+    Tails of one length go through together, so no continuation token is padding.
+    """
+    out = torch.zeros(mask.shape[0], len(tails), device=mask.device)
+    by_length: dict[int, list[int]] = {}
+    for j, tail in enumerate(tails):
+        by_length.setdefault(len(tail), []).append(j)
+    for cols in by_length.values():
+        same = torch.tensor([tails[j] for j in cols], device=mask.device)
+        out[:, cols] = _continue_same_length(model, cache, cache_key, mask, same, max_rows)
+    return out
+
+
+def _continue_same_length(model, cache, cache_key, mask, tails: torch.Tensor, max_rows: int):
+    """``tails`` is ``(n_tails, n)``: feed tokens 1..n-1 on the cached prompt, score 2..n."""
     device = mask.device
-    n_prompts, n_tails = mask.shape[0], len(tails)
-    width = max(map(len, tails)) - 1
-    inp = torch.zeros(n_tails, width, dtype=torch.long, device=device)
-    tgt = torch.zeros_like(inp)
-    keep = torch.zeros(n_tails, width, dtype=torch.bool, device=device)
-    for j, t in enumerate(tails):
-        inp[j, : len(t) - 1] = torch.tensor(t[:-1])
-        tgt[j, : len(t) - 1] = torch.tensor(t[1:])
-        keep[j, : len(t) - 1] = True
+    n_prompts, (n_tails, width) = mask.shape[0], (tails.shape[0], tails.shape[1] - 1)
     lengths = mask.sum(-1)
     row_p = torch.arange(n_prompts, device=device).repeat_interleave(n_tails)
     row_t = torch.arange(n_tails, device=device).repeat(n_prompts)
@@ -241,19 +248,15 @@ def _continue(model, cache, cache_key, mask, tails, max_rows) -> torch.Tensor:
     for s in range(0, len(row_p), max_rows):
         rp, rt = row_p[s : s + max_rows], row_t[s : s + max_rows]
         sub = type(cache)(ddp_cache_data=[(k[rp], v[rp]) for k, v in layers])
-        k = keep[rt]
         res = model(
-            input_ids=inp[rt],
-            attention_mask=torch.cat([mask[rp], k.long()], dim=-1),
+            input_ids=tails[rt, :-1],
+            attention_mask=torch.cat([mask[rp], mask.new_ones(len(rp), width)], dim=-1),
             position_ids=lengths[rp, None] + torch.arange(width, device=device),
             use_cache=True,
-            logits_to_keep=k,
             **{cache_key: sub},
         )
-        logits = res.logits if res.logits.dim() == 2 else res.logits[k]
-        logp = logits.float().log_softmax(-1).gather(-1, tgt[rt][k][:, None]).squeeze(-1)
-        owner = torch.arange(len(rp), device=device)[:, None].expand(-1, width)[k]
-        result[s : s + len(rp)] = torch.zeros(len(rp), device=device).index_add_(0, owner, logp)
+        logp = res.logits.float().log_softmax(-1).gather(-1, tails[rt, 1:, None]).squeeze(-1)
+        result[s : s + len(rp)] = logp.sum(-1)
     return result.view(n_prompts, n_tails)
 
 
