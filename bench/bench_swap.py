@@ -398,6 +398,7 @@ def bench_hotswap(folders: dict, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--repeats", type=int, default=30, help="mixed-batch and load repeats")
     ns = parser.parse_args()
     import torch
 
@@ -422,8 +423,8 @@ def main() -> None:
         "environment": environment(),
         "adapters": made,
         "switch": bench_switch(am, peft_model, names, 200 if q else 5000, 50 if q else 500),
-        "load": bench_load(am, peft_model, folders, names, 5 if q else 30, 1 if q else 3),
-        "mixed_batch": bench_mixed(am, peft_model, heads, tok, names, 3 if q else 30),
+        "load": bench_load(am, peft_model, folders, names, 5 if q else ns.repeats, 1 if q else 3),
+        "mixed_batch": bench_mixed(am, peft_model, heads, tok, names, 3 if q else ns.repeats),
         "hotswap_adapter": bench_hotswap(folders, work),
     }
     path = write_results("bench_swap", results, quick=q)
