@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from peftkit.adapters import body_of, pool
 from peftkit.calibration import domain_pmi
 from peftkit.demos import Demo, fit_prompts
 from peftkit.errors import ConfigError, DataError, ModelError
@@ -358,7 +359,7 @@ def embed_texts(
     model, tokenizer, texts: Sequence[str], *, batch_size: int = 32, max_length: int | None = None
 ) -> np.ndarray:
     """Mean-pooled, L2-normalized embeddings ``(n, hidden)`` from an encoder's last layer."""
-    body = getattr(model, "base_model", model)
+    body = body_of(model)
     limit = context_length(model, tokenizer, max_length)
     chunks = []
     with _eval_mode(model), torch.inference_mode():
@@ -372,8 +373,7 @@ def embed_texts(
             )
             enc = {k: v.to(_device(model)) for k, v in enc.items()}
             hidden = body(**enc).last_hidden_state.float()
-            m = enc["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+            pooled = pool(hidden, enc["attention_mask"], "mean")
             chunks.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, 0))
 

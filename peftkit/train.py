@@ -381,7 +381,8 @@ def train(
                     if acc.sync_gradients:
                         acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                     optimizer.step()
-                    scheduler.step() if acc.sync_gradients else None
+                    if acc.sync_gradients:
+                        scheduler.step()
                     optimizer.zero_grad()
                 running.append(loss.item())
                 if not acc.sync_gradients:
