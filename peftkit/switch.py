@@ -7,8 +7,9 @@
     model.predict_mixed(["a gripping film", "stocks fell"], adapters=["sst2", "agnews"])
 
 LoRA adapters (and head-only probes) share one peft model: switching only changes which
-adapter name the next forward passes (``adapter_names=``), so ``use()`` touches no module;
-a batch may mix adapters, and each row gets its own head, label set included. IA3, prefix
+adapter the next forward applies, so ``use()`` touches no module; a batch may mix
+adapters (rank-stacked, see ``peftkit.mixed``: about the cost of a single-adapter batch),
+and each row gets its own head, label set included. IA3, prefix
 and prompt-tuning adapters are served too, one adapter group per forward. Forwards run
 under a lock, so the object is safe to share between threads.
 """
@@ -29,6 +30,7 @@ from peftkit.adapters import Head, body_of, pool
 from peftkit.artifacts import TaskInfo, load_head, read_task
 from peftkit.batching import apply_template, collate, pad_id
 from peftkit.errors import ConfigError, RegistryError
+from peftkit.mixed import MixedLoRA
 from peftkit.registry import Entry, Registry
 
 LORA_FAMILY = ("lora", "qlora")
@@ -92,6 +94,7 @@ class AdaptedModel:
         # building new layers, which is most of a load's cost.
         self._free: dict[str, tuple] = {}
         self._shape: dict[str, tuple] = {}
+        self._mixed: MixedLoRA | None = None  # rebuilt lazily after adapters change
 
     # -- residency ------------------------------------------------------------------------
 
@@ -131,6 +134,7 @@ class AdaptedModel:
                 )
             head = load_head(entry.path, info, self._device)
             key = self._attach(entry, info)
+            self._invalidate()
             while len(self._resident) >= self.max_resident:
                 self._evict_lru()
             self._resident[ref] = _Resident(entry=entry, info=info, head=head, key=key)
@@ -189,6 +193,7 @@ class AdaptedModel:
             self._free.clear()
             self._shape.clear()
             self._current = None
+            self._invalidate()
             if self._peft is not None:
                 if self._family == "lora" or self._family == "ia3":
                     self._peft.unload()  # prompt learning injected nothing into the base
@@ -213,9 +218,15 @@ class AdaptedModel:
             return None
         return key
 
+    def _invalidate(self) -> None:
+        if self._mixed is not None:
+            self._mixed.close()
+            self._mixed = None
+
     def _detach(self, slot: _Resident) -> None:
         if slot.key == "__base__" or self._peft is None:
             return
+        self._invalidate()
         if slot.key in self._shape and len(self._free) < self.max_resident:
             self._free[slot.key] = self._shape[slot.key]  # keep the layers for reuse
             return
@@ -327,9 +338,16 @@ class AdaptedModel:
         names = [s.key for s in slots]
         poolings = {s.info.pooling for s in slots}
         if self._peft is None or self._family == "lora":
-            model = self._peft if self._peft is not None else self._body
-            kwargs = {"adapter_names": names} if self._peft is not None else {}
-            out = model(input_ids=ids, attention_mask=mask, **kwargs)
+            if self._peft is None:
+                out = self._body(input_ids=ids, attention_mask=mask)
+            else:
+                if self._mixed is None:
+                    self._mixed = MixedLoRA(self._peft)
+                if self._mixed.supported(names):
+                    with self._mixed.rows(names):
+                        out = self._peft(input_ids=ids, attention_mask=mask)
+                else:  # DoRA and the like: peft's own per-adapter slicing
+                    out = self._peft(input_ids=ids, attention_mask=mask, adapter_names=names)
             hidden = out.last_hidden_state
             if len(poolings) == 1:
                 return pool(hidden, mask, poolings.pop())
