@@ -7,3 +7,19 @@ mixed-adapter batches in a running program.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # the main entry points, imported on first use (torch and transformers load slowly)
+    lazy = {
+        "AdaptedModel": "peftkit.switch",
+        "Registry": "peftkit.registry",
+        "evaluate_prompts": "peftkit.prompt_eval",
+        "load_base": "peftkit.base",
+        "load_data": "peftkit.data",
+    }
+    if name in lazy:
+        import importlib
+
+        return getattr(importlib.import_module(lazy[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -356,145 +356,47 @@ def _hotswap(base, registry, refs: list[str], spec, say) -> dict[str, Any]:
 def _run_prompt(recipe: Recipe, path: Path, say) -> dict[str, Any]:
     """Score every template of the prompt (or the one named) on the evaluation split."""
     from peftkit.base import load_base
-    from peftkit.evaluation import classification_report, compute_metrics
-    from peftkit.prompts import load_prompt_set
-    from peftkit.runs import format_table
+    from peftkit.evaluation import classification_report
+    from peftkit.prompt_eval import evaluate_prompts
 
     ref = recipe.prompt
     assert ref is not None
-    prompt_set = load_prompt_set(ref.set)
-    prompts = [prompt_set.get(ref.template)] if ref.template else list(prompt_set)
     data, train_split = load_task_data(recipe.data)
-    split = data.split(recipe.evaluation.split)
-    if recipe.evaluation.max_rows:
-        split = split.subset(range(min(recipe.evaluation.max_rows, len(split))))
     say(f"loading base {recipe.base.source!r}")
     base = load_base(
         recipe.base.source, kind=recipe.base.kind, quantization=recipe.base.quantization
     )
-    demos = _demos(ref, base, data, train_split, split)
-    method = f"few-shot-{ref.demonstrations}" if ref.demonstrations else "zero-shot"
-    say(
-        f"\n== {recipe.name}: {method} on {data.name} {recipe.evaluation.split} ({len(split)} rows)"
+    run = evaluate_prompts(
+        base,
+        data,
+        ref.set,
+        templates=[ref.template] if ref.template else None,
+        split=recipe.evaluation.split,
+        scorer=ref.scorer,
+        normalize=ref.normalize,
+        calibration=ref.calibration,
+        demonstrations=ref.demonstrations,
+        demo_selection=ref.demo_selection,
+        max_rows=recipe.evaluation.max_rows,
+        demo_pool=train_split,
+        batch_size=recipe.evaluation.batch_size,
+        say=say,
     )
-    rows, reports = [], []
-    for prompt in prompts:
-        if (
-            ref.template is None
-            and _scorer(ref, base, prompt) != "masked-lm"
-            and (prompt.template.uses_mask)
-        ):
-            say(f"(skipping template {prompt.name!r}: its {{mask}} needs a masked LM)")
-            continue
-        t0 = time.perf_counter()
-        probs, scorer, cut = _prompt_probs(ref, base, prompt, split, data.labels, demos, recipe)
-        preds = probs.argmax(-1).tolist()
-        m = compute_metrics(list(split.labels), preds, data.labels)
-        rows.append(
-            {
-                "template": prompt.name,
-                "scorer": scorer,
-                **m,
-                "truncated": cut,
-                "seconds": round(time.perf_counter() - t0, 2),
-            }
-        )
-        reports.append(classification_report(list(split.labels), preds, data.labels))
-    columns = [
-        (k, k) for k in ("template", "scorer", "accuracy", "macro_f1", "truncated", "seconds")
-    ]
-    say(format_table(rows, columns))
-    head, report = rows[0], reports[0]  # the first template: not picked on the test split
-    write_report(path, report, title=f"{recipe.name} · {head['template']}")
-    say(f"\nreport ({head['template']}):\n{report.to_text()}")
+    say(f"\n== {recipe.name}\n{run.table()}")
+    run.save(path)
+    head = run.results[0]  # the first template: not picked on the test split
+    report = classification_report(list(run.gold), head.probs.argmax(1).tolist(), run.labels)
+    write_report(path, report, title=f"{recipe.name} · {head.template}")
+    say(f"\nreport ({head.template}):\n{report.to_text()}")
     return {
         "recipe": recipe.name,
-        "method": method,
+        "method": run.config["method"],
         "data": data.name,
-        **head,
+        **head.to_dict(),
         "calibration": ref.calibration,
-        "templates": rows,
+        "templates": [r.to_dict() for r in run.results],
+        "summary": run.summary(),
     }
-
-
-def _demos(ref, base, data, train_split, split):
-    from peftkit.demos import nearest_demos, sample_demos
-
-    if not ref.demonstrations:
-        return None
-    if ref.demo_selection == "random":
-        return sample_demos(
-            train_split.texts,
-            train_split.labels,
-            ref.demonstrations,
-            label_names=data.labels,
-            text_pairs=train_split.text_pairs,
-        )
-    if ref.calibration != "none":
-        raise ConfigError(
-            "prompt.calibration needs demonstrations shared by every query; "
-            "use prompt.demo_selection: random"
-        )
-    from peftkit.scorers import embed_texts
-
-    return nearest_demos(
-        split.texts,
-        train_split.texts,
-        train_split.labels,
-        ref.demonstrations,
-        lambda t: embed_texts(base.model, base.tokenizer, t),
-        label_names=data.labels,
-        text_pairs=train_split.text_pairs,
-        query_pairs=split.text_pairs,
-    )
-
-
-def _prompt_probs(ref, base, prompt, split, labels, demos, recipe):
-    """Label probabilities of every row (calibrated when asked), the scorer used, rows cut."""
-    from peftkit import scorers
-    from peftkit.calibration import content_free_probs, contextual_calibration
-
-    scorer = _scorer(ref, base, prompt)
-    batch = recipe.evaluation.batch_size
-
-    def score(texts, pairs):
-        if scorer == "embedding":
-            return scorers.score_embedding(
-                base.model,
-                base.tokenizer,
-                texts,
-                prompt.verbalizer,
-                labels=labels,
-                batch_size=batch,
-            )
-        fn = scorers.score_causal if scorer == "causal" else scorers.score_masked_lm
-        return fn(
-            base.model,
-            base.tokenizer,
-            prompt,
-            texts,
-            pairs,
-            labels=labels,
-            demos=demos,
-            normalize=ref.normalize,
-            batch_size=batch,
-        )
-
-    result = score(list(split.texts), split.text_pairs and list(split.text_pairs))
-    probs = result.probs
-    if ref.calibration == "content-free":
-        has_pairs = split.text_pairs is not None
-        p_cf = content_free_probs(lambda t: score(t, list(t) if has_pairs else None).probs)
-        probs = contextual_calibration(probs, p_cf)
-    return probs, scorer, result.truncated
-
-
-def _scorer(ref, base, prompt) -> str:
-    if ref.scorer != "auto":
-        return ref.scorer
-    if base.kind == "causal-lm":
-        return "causal"
-    return "masked-lm" if prompt.template.uses_mask else "embedding"
 
 
 class _Say:

@@ -1,0 +1,155 @@
+"""Evaluation runs (peftkit.prompt_eval): dataset × templates × scorer, one call."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import synthetic
+
+from peftkit.base import load_base
+from peftkit.calibration import content_free_probs, contextual_calibration
+from peftkit.errors import ConfigError
+from peftkit.evaluation import compute_metrics, expected_calibration_error
+from peftkit.prompt_eval import evaluate_prompts
+from peftkit.prompts import load_prompt_set
+from peftkit.scorers import score_causal
+
+PROMPTS = """\
+family: toy-sentiment
+labels: [negative, positive]
+verbalizer: {negative: " bad", positive: " good"}
+templates:
+  plain: "{text} it was"
+  question:
+    text: "{text} sentence question answer"
+    verbalizer: {negative: [" negative", " awful"], positive: [" positive", " great"]}
+  masked: {text: "{text} it was {mask}", verbalizer: {negative: "bad", positive: "good"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    return load_base(str(tiny_models["llama"]))
+
+
+@pytest.fixture()
+def prompt_file(tmp_path) -> Path:
+    path = tmp_path / "toy.yaml"
+    path.write_text(PROMPTS)
+    return path
+
+
+def test_every_template_row_matches_its_scorer_and_metrics(llama, prompt_file, tmp_path):
+    data = synthetic("sentiment", n=60)
+    said: list[str] = []
+    run = evaluate_prompts(
+        llama, data, prompt_file, calibration="content-free", batch_size=4, say=said.append
+    )
+    # the {mask} template cannot run on a causal LM: skipped, and said
+    assert [r.template for r in run.results] == ["plain", "question"]
+    assert any("masked" in s and "masked LM" in s for s in said)
+    test = data.split("test")
+    assert run.gold == test.labels and len(run.texts) == len(test)
+    prompts = load_prompt_set(prompt_file)
+    for r in run.results:
+        prompt = prompts.get(r.template)
+
+        def probs(texts, prompt=prompt):
+            return score_causal(llama.model, llama.tokenizer, prompt, texts, batch_size=4).probs
+
+        raw = probs(list(test.texts))
+        want = contextual_calibration(raw, content_free_probs(probs))
+        np.testing.assert_allclose(r.probs, want, atol=1e-5)
+        m = compute_metrics(list(test.labels), want.argmax(1).tolist(), data.labels)
+        assert r.accuracy == pytest.approx(m["accuracy"])
+        assert r.macro_f1 == pytest.approx(m["macro_f1"])
+        assert r.ece == pytest.approx(expected_calibration_error(want, list(test.labels)))
+        before = compute_metrics(list(test.labels), raw.argmax(1).tolist(), data.labels)
+        assert r.before is not None
+        assert r.before["accuracy"] == pytest.approx(before["accuracy"])
+        assert r.examples_per_s > 0 and r.truncated == 0
+    s = run.summary()
+    accs = [r.accuracy for r in run.results]
+    assert s["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert s["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
+    assert "before_ece" in s
+    table = run.table()
+    assert "mean ± std" in table and "plain" in table and "->" in table
+
+    folder = run.save(tmp_path / "out")
+    saved = json.loads((folder / "results.json").read_text())
+    assert [t["template"] for t in saved["templates"]] == ["plain", "question"]
+    assert saved["rows"] == len(test) and saved["config"]["calibration"] == "content-free"
+    preds = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 2 * len(test)
+    first = preds[0]
+    assert first["text"] == test.texts[0] and first["gold"] == data.labels[test.labels[0]]
+    assert first["pred"] == max(first["probs"], key=first["probs"].get)
+
+
+def test_templates_max_rows_and_demonstrations(llama, prompt_file):
+    data = synthetic("sentiment", n=60)
+    run = evaluate_prompts(
+        llama, data, prompt_file, templates=["question"], max_rows=7, demonstrations=1, seed=3
+    )
+    assert [r.template for r in run.results] == ["question"] and len(run.gold) == 7
+    assert run.config["method"] == "few-shot-1" and run.config["demo_selection"] == "random"
+    assert "mean ± std" not in run.table()  # one template: no spread to show
+
+
+def test_bad_arguments_are_named(llama, prompt_file):
+    data = synthetic("sentiment", n=30)
+    with pytest.raises(ConfigError, match="calibration must be one of"):
+        evaluate_prompts(llama, data, prompt_file, calibration="platt")
+    with pytest.raises(ConfigError, match="no template 'nope'"):
+        evaluate_prompts(llama, data, prompt_file, templates=["nope"])
+    with pytest.raises(ConfigError, match="only the masked-lm scorer"):
+        evaluate_prompts(llama, data, prompt_file, templates=["masked"])
+    with pytest.raises(ConfigError, match="shared by every query"):
+        evaluate_prompts(
+            llama, data, prompt_file, demonstrations=1, demo_selection="nearest",
+            calibration="content-free",
+        )  # fmt: skip
+
+
+WORKER = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from helpers import synthetic
+from peftkit.prompt_eval import evaluate_prompts
+run = evaluate_prompts({model!r}, synthetic("sentiment", n=60), {prompts!r}, batch_size=4)
+from accelerate import PartialState
+if PartialState().is_main_process:
+    json.dump({{"probs": [r.probs.tolist() for r in run.results],
+               "processes": run.processes}}, open({out!r}, "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_shard_and_gather_the_same_result(llama, tiny_models, prompt_file, tmp_path):
+    out = tmp_path / "out.json"
+    script = tmp_path / "worker.py"
+    tests = str(Path(__file__).resolve().parent)
+    model = str(tiny_models["llama"])
+    script.write_text(
+        WORKER.format(tests=tests, model=model, prompts=str(prompt_file), out=str(out))
+    )
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--multi_gpu", str(script),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["processes"] == 2
+    alone = evaluate_prompts(llama, synthetic("sentiment", n=60), prompt_file, batch_size=4)
+    for probs, r in zip(got["probs"], alone.results, strict=True):
+        np.testing.assert_allclose(np.array(probs), r.probs, atol=1e-5)
