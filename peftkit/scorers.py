@@ -42,6 +42,7 @@ __all__ = [
     "LabelScores",
     "context_length",
     "continuation_logprobs",
+    "domain_logprobs",
     "embed_texts",
     "naive_continuation_logprobs",
     "score_causal",
@@ -137,10 +138,32 @@ def score_causal(
     per_phrase = sums / np.array([len(c) for c in cont_ids]) if normalize == "mean" else sums
     scores = _aggregate(per_phrase, owner, len(verbalizer.labels), aggregate)
     if normalize == "pmi":
-        domain = encode([prompt.template.domain_prompt()])
-        base = _shared_prefix_logprobs(model, domain, cont_ids, 1, max_rows)
-        scores = domain_pmi(scores, _aggregate(base, owner, len(verbalizer.labels), aggregate))
+        domain = domain_logprobs(model, tokenizer, prompt, labels, aggregate=aggregate)
+        scores = domain_pmi(scores, domain)
     return LabelScores(verbalizer.labels, scores, fitted.truncated)
+
+
+def domain_logprobs(
+    model,
+    tokenizer,
+    prompt: Prompt,
+    labels: Sequence[str] | None = None,
+    *,
+    aggregate: str = "logsumexp",
+    max_rows: int = 256,
+) -> np.ndarray:
+    """log P(label words | the template's domain prompt), one value per label.
+
+    The domain prompt is the template up to the input's place with the input left out
+    (``Template.domain_prompt``); ``scores - domain_logprobs(...)`` is the domain-conditional
+    PMI that ``score_causal(..., normalize="pmi")`` returns.
+    """
+    _check_choice("aggregate", aggregate, AGGREGATIONS)
+    verbalizer = prompt.verbalizer.for_labels(labels, where=f"prompt {prompt.name!r}")
+    owner, cont_ids = _phrase_ids(tokenizer, verbalizer)
+    domain = _causal_encoder(tokenizer)([prompt.template.domain_prompt()])
+    sums = _shared_prefix_logprobs(model, domain, cont_ids, 1, max_rows)
+    return _aggregate(sums, owner, len(verbalizer.labels), aggregate)[0]
 
 
 def continuation_logprobs(
