@@ -227,15 +227,25 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
 
 
 class Head(nn.Module):
-    """Dropout + linear layer over a pooled vector."""
+    """Dropout + linear layer over a pooled vector.
 
-    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
+    ``normalize=True`` makes it a cosine head: the pooled vector is L2-normalized first, so
+    each logit is a (scaled) cosine to that label's weight row (few-shot prototypes).
+    """
+
+    def __init__(
+        self, hidden_size: int, num_labels: int, dropout: float = 0.1, normalize: bool = False
+    ):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(hidden_size, num_labels)
+        self.normalize = normalize
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout(pooled))
+        x = self.dropout(pooled)
+        if self.normalize:
+            x = nn.functional.normalize(x, dim=-1)
+        return self.linear(x)
 
 
 class TaskModel(nn.Module):

@@ -37,6 +37,7 @@ class TaskInfo:
     hidden_size: int
     template: str | None = None  # inputs are formatted with it when set
     verbalizer: dict[str, str] | None = None  # label words the head started from
+    head_normalize: bool = False  # a cosine head (see adapters.Head)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +48,7 @@ class TaskInfo:
             "hidden_size": self.hidden_size,
             "template": self.template,
             "verbalizer": self.verbalizer,
+            "head_normalize": self.head_normalize,
         }
 
 
@@ -86,6 +88,7 @@ def save_adapter(
         hidden_size=head.in_features,
         template=template,
         verbalizer=dict(verbalizer) if verbalizer else None,
+        head_normalize=bool(getattr(model.head, "normalize", False)),
     )
     atomic_write_text(tmp / TASK_FILE, json.dumps(info.to_dict(), indent=1))
     if folder.exists():
@@ -106,6 +109,7 @@ def read_task(folder: Path) -> TaskInfo:
             hidden_size=int(data["hidden_size"]),
             template=data.get("template"),
             verbalizer=data.get("verbalizer"),
+            head_normalize=bool(data.get("head_normalize", False)),
         )
     except (OSError, ValueError, KeyError) as exc:
         raise IntegrityError(
@@ -126,7 +130,7 @@ def load_head(folder: Path, info: TaskInfo, device: torch.device | str = "cpu") 
             f"{None if weight is None else tuple(weight.shape)} does not match "
             f"{len(info.labels)} labels x hidden {info.hidden_size}"
         )
-    head = Head(info.hidden_size, len(info.labels), dropout=0.0)
+    head = Head(info.hidden_size, len(info.labels), dropout=0.0, normalize=info.head_normalize)
     head.linear.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
     return head.to(device).eval()
 

@@ -13,6 +13,7 @@ every batch list; only the main process writes.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -237,6 +238,7 @@ def train(
     train_split: Split | None = None,
     template: str | None = None,
     verbalizer: dict[str, str] | None = None,
+    head_init: Any = None,
 ) -> TrainResult:
     """Train ``spec`` on ``data`` and return the best model, its history and test report.
 
@@ -246,6 +248,8 @@ def train(
     ``template`` (``"{text} Sentiment:"``) formats every input; ``verbalizer`` (label ->
     word) starts the head from a causal LM's own rows for the label words' first tokens,
     so training fine-tunes the LM's label-word scores (pattern-based fine-tuning).
+    ``head_init`` (an ``adapters.Head`` of the task's labels, e.g. ``fewshot.prototype_head``)
+    is the head training starts from instead of a fresh one; it is copied, not changed.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -287,6 +291,15 @@ def train(
     model = build_task_model(
         base.model, spec, len(data.labels), seed=config.seed, verbalizer=token_ids
     )
+    if head_init is not None:
+        if head_init.linear.out_features != len(data.labels):
+            raise ConfigError(
+                f"head_init has {head_init.linear.out_features} outputs but the data has "
+                f"{len(data.labels)} labels"
+            )
+        start = copy.deepcopy(head_init).train()
+        start.dropout = model.head.dropout
+        model.head = start.to(next(model.head.parameters()).device)
     trainable, total = trainable_parameters(model)
     lr = spec.learning_rate if config.learning_rate is None else config.learning_rate
     optimizer = _make_optimizer(model, lr, config.weight_decay)

@@ -1,0 +1,137 @@
+"""Few-shot classification on an encoder: label prototypes with a zero-shot prior.
+
+With k examples per class a freshly initialized head has little to go on; an encoder
+already places texts near descriptions of what they are about. The prototype head starts
+from both: each label's weight row is the normalized mean of its k example embeddings
+plus ``prior`` times the embedding of the label's description (its verbalizer words),
+and the head is a cosine head (``Head(normalize=True)``) with temperature ``temperature``::
+
+    from peftkit.data import few_shot
+    from peftkit.fewshot import prototype_head
+    from peftkit.prompts import load_prompt
+
+    support = few_shot(data.split("train"), k=8, seed=0, label_names=data.labels)
+    head = prototype_head(base, support, data.labels,
+                          load_prompt("sentiment", "it-was").verbalizer)
+
+``prior=0`` is a plain nearest-centroid classifier; with no examples (or a huge prior) it
+is the zero-shot embedding scorer. The head is a ``probe`` adapter as it stands (save it
+with ``artifacts.save_adapter``, register and serve it like any other), and a start for
+training: ``train(base, spec, data, config, run_dir, head_init=head)`` fine-tunes the
+body (LoRA, full, ...) from it, through the same few-shot sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftkit.adapters import Head, TaskModel, body_of
+from peftkit.data import Split
+from peftkit.errors import ConfigError, DataError
+from peftkit.prompts import Verbalizer
+
+__all__ = ["label_embeddings", "prototype_head", "prototype_probe"]
+
+
+def _descriptions(
+    descriptions: Verbalizer | Mapping[str, str | Sequence[str]] | None, labels: Sequence[str]
+) -> dict[str, list[str]]:
+    if descriptions is None:
+        return {lab: [lab] for lab in labels}
+    if isinstance(descriptions, Verbalizer):
+        verbalizer = descriptions.for_labels(labels, where="descriptions")
+        return {lab: [p.strip() for p in verbalizer.phrases(lab)] for lab in labels}
+    missing = [lab for lab in labels if lab not in descriptions]
+    if missing:
+        raise DataError(f"descriptions have no entry for label(s) {', '.join(map(repr, missing))}")
+    out = {}
+    for lab in labels:
+        value = descriptions[lab]
+        out[lab] = [value] if isinstance(value, str) else list(value)
+        if not out[lab] or not all(isinstance(v, str) and v.strip() for v in out[lab]):
+            raise DataError(f"descriptions of label {lab!r} must be non-empty strings")
+    return out
+
+
+def label_embeddings(
+    base: Any,
+    labels: Sequence[str],
+    descriptions: Verbalizer | Mapping[str, str | Sequence[str]] | None = None,
+) -> np.ndarray:
+    """``(n_labels, hidden)``: each label's descriptions embedded, averaged, normalized.
+
+    ``descriptions``: a verbalizer (its words), a mapping label -> text(s), or None (the
+    label names themselves).
+    """
+    from peftkit.scorers import embed_texts
+
+    texts = _descriptions(descriptions, labels)
+    rows = [embed_texts(base.model, base.tokenizer, texts[lab]).mean(0) for lab in labels]
+    out = np.stack(rows)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def prototype_head(
+    base: Any,
+    support: Split,
+    labels: Sequence[str],
+    descriptions: Verbalizer | Mapping[str, str | Sequence[str]] | None = None,
+    *,
+    prior: float = 1.0,
+    temperature: float = 0.05,
+    batch_size: int = 32,
+) -> Head:
+    """A cosine head whose rows are class prototypes of ``support`` (+ the label prior).
+
+    ``support`` labels are ids into ``labels``; every label needs at least one example
+    unless ``prior`` > 0 (then a label with none is its description alone).
+    """
+    from peftkit.scorers import embed_texts
+
+    if prior < 0:
+        raise ConfigError(f"prior must be >= 0; got {prior}")
+    if temperature <= 0:
+        raise ConfigError(f"temperature must be > 0; got {temperature}")
+    ys = np.asarray(support.labels)
+    if len(ys) and (ys.min() < 0 or ys.max() >= len(labels)):
+        raise DataError(f"support labels must be ids into the {len(labels)} labels")
+    texts = list(support.texts)
+    if support.text_pairs is not None:
+        texts = [f"{a} {b}" for a, b in zip(texts, support.text_pairs, strict=True)]
+    feats = embed_texts(base.model, base.tokenizer, texts, batch_size=batch_size)
+    hidden = _hidden(base)
+    protos = np.zeros((len(labels), hidden))
+    if prior > 0:
+        protos += prior * label_embeddings(base, labels, descriptions)
+    for c in range(len(labels)):
+        rows = feats[ys == c] if len(ys) else feats[:0]
+        if len(rows):
+            centroid = rows.mean(0)
+            protos[c] += centroid / np.linalg.norm(centroid)
+        elif prior == 0:
+            raise DataError(f"label {labels[c]!r} has no support example (and prior=0)")
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    head = Head(hidden, len(labels), dropout=0.0, normalize=True)
+    with torch.no_grad():
+        head.linear.weight.copy_(torch.as_tensor(protos / temperature, dtype=torch.float32))
+        head.linear.bias.zero_()
+    device = next(body_of(base.model).parameters()).device
+    return head.to(device).eval()
+
+
+def prototype_probe(base: Any, head: Head) -> TaskModel:
+    """The frozen base with ``head``: a ``probe`` TaskModel ready for ``save_adapter``."""
+    body = body_of(base.model)
+    for p in body.parameters():
+        p.requires_grad_(False)
+    return TaskModel(body, head, "mean")  # the pooling embed_texts built the prototypes with
+
+
+def _hidden(base: Any) -> int:
+    from peftkit.adapters import hidden_size
+
+    return hidden_size(body_of(base.model).config)
