@@ -129,6 +129,19 @@ def plain_peft(folders: dict[str, str]):
     return model, heads, AutoTokenizer.from_pretrained(path), path
 
 
+def peft_mixed_probs(model, heads, tok, texts: list[str], refs: list[str]) -> list[np.ndarray]:
+    """Plain peft's own mixed batch: one forward with ``adapter_names=``, then each row's
+    head (peft itself can only apply one shared head)."""
+    import torch
+
+    enc = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**enc, adapter_names=refs).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return [torch.softmax(heads[r](pooled[i]), -1).numpy() for i, r in enumerate(refs)]
+
+
 def peft_probs(model, heads, tok, texts: list[str], name: str) -> np.ndarray:
     """Naive plain-peft prediction for one adapter: set_adapter, forward, mean pool, head."""
     import torch
@@ -271,6 +284,7 @@ def bench_mixed(am, peft_model, heads, tok, names: list[str], repeats: int) -> d
         am.predict(texts, adapter=single_ref)
     mixed_t, single_t, naive_t, naive_kit_t = [], [], [], []
     mixed_c, single_c = [], []
+    peft_single_t, peft_mixed_t = [], []
     groups = {n: [t for t, r in zip(texts, refs, strict=True) if r == n] for n in names}
     for _ in range(repeats):  # interleaved, so load from other processes hits all alike
         t0, c0 = time.perf_counter(), time.process_time()
@@ -289,6 +303,12 @@ def bench_mixed(am, peft_model, heads, tok, names: list[str], repeats: int) -> d
         for n in names:
             am.predict(groups[n], adapter=n)
         naive_kit_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        peft_probs(peft_model, heads, tok, texts, single_ref)
+        peft_single_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        peft_mixed_probs(peft_model, heads, tok, texts, refs)
+        peft_mixed_t.append(time.perf_counter() - t0)
     # correctness: each mixed row vs the same adapter alone
     mixed = am.predict_mixed(texts, refs)
     diff_batch, diff_alone, diff_peft, label_mismatch = 0.0, 0.0, 0.0, 0
@@ -316,7 +336,12 @@ def bench_mixed(am, peft_model, heads, tok, names: list[str], repeats: int) -> d
         "peftkit_4_separate_predicts_ms_p50": nk,
         "peftkit_mixed_cpu_ms_p50": med(mixed_c),
         "peftkit_single_cpu_ms_p50": med(single_c),
+        "plain_peft_single_adapter_ms_p50": med(peft_single_t),
+        "plain_peft_adapter_names_mixed_ms_p50": med(peft_mixed_t),
         "throughput_ratio_mixed_vs_single": s / m,
+        "throughput_ratio_mixed_vs_plain_peft_single": med(peft_single_t) / m,
+        "throughput_ratio_plain_peft_mixed_vs_plain_peft_single": med(peft_single_t)
+        / med(peft_mixed_t),
         "throughput_ratio_mixed_vs_single_cpu_time": med(single_c) / med(mixed_c),
         "speedup_mixed_vs_peft_naive": nv / m,
         "goal_ratio": 0.95,
@@ -468,6 +493,24 @@ def main() -> None:
                     "",
                     f"{mx['throughput_ratio_mixed_vs_single']:.3f}x throughput",
                     f">=0.95x: {'met' if mx['goal_met'] else 'MISSED'}",
+                ],
+                [
+                    "mixed vs plain peft single-adapter 32",
+                    f"{mx['peftkit_mixed_ms_p50']:.1f} ms",
+                    "",
+                    f"{mx['plain_peft_single_adapter_ms_p50']:.1f} ms",
+                    "",
+                    f"{mx['throughput_ratio_mixed_vs_plain_peft_single']:.3f}x throughput",
+                    "",
+                ],
+                [
+                    "plain peft adapter_names mixed vs its single",
+                    f"{mx['plain_peft_adapter_names_mixed_ms_p50']:.1f} ms",
+                    "",
+                    f"{mx['plain_peft_single_adapter_ms_p50']:.1f} ms",
+                    "",
+                    f"{mx['throughput_ratio_plain_peft_mixed_vs_plain_peft_single']:.3f}x",
+                    "",
                 ],
                 [
                     "mixed vs naive peft (4 batches)",

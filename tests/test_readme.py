@@ -78,11 +78,15 @@ def test_every_readme_command_runs(tmp_path, tiny_models, monkeypatch, capsys, r
         ran += 1
     assert ran >= 15
     # the Python tour runs against the registry the commands above filled
+    sentiment = write_data(tmp_path / "data-sentiment", ["negative", "positive"])
     for block in blocks("python"):
         code = block.replace('"minilm"', repr(str(tiny_models["bert"])))
+        code = code.replace('"smollm2-135m"', repr(str(tiny_models["llama"])))
+        code = code.replace('"../shared/data/sst2"', repr(str(sentiment)))
         exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "quickstart-spam" in out
+    assert "mean ± std" in out and (tmp_path / "runs/sst2-zero-shot/predictions.jsonl").is_file()
 
 
 @pytest.mark.slow
