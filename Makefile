@@ -43,6 +43,7 @@ format: venv
 	$(VENV)/bin/ruff check --fix peftkit tests bench
 
 bench: venv
+	$(PY) -m pip install -q -e .[bench]
 	$(PY) bench/run_all.py
 
 clean:

@@ -17,7 +17,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_load", "bench_swap", "bench_train"]
+BENCHMARKS = [
+    "bench_load",
+    "bench_swap",
+    "bench_train",
+    "bench_zeroshot",
+    "bench_calibration",
+    "bench_fewshot",
+]
 
 
 def main() -> int:

@@ -143,7 +143,7 @@ class MixedLoRA:
         (``"__base__"``: none). One block per forward; not re-entrant."""
         names = tuple(dict.fromkeys(n for n in row_names if n != BASE))
         index = {n: j for j, n in enumerate(names)}
-        device = self._layers[0].lora_A[next(iter(self._layers[0].lora_A))].weight.device
+        device = next(self._model.parameters()).device
         row_idx = torch.tensor([index.get(n, -1) for n in row_names], device=device)
         previous = [m._disable_adapters for m in self._layers]
         for m in self._layers:
