@@ -41,6 +41,8 @@ METHODS: dict[str, tuple[str, dict, float | None]] = {
     "full": ("full", {}, None),
     "qlora-8bit": ("qlora", {"quantization": "8bit"}, None),
     "qlora-4bit": ("qlora", {"quantization": "4bit"}, None),
+    # the lora preset on every linear layer of the body (peft's "all-linear"), not q/v only
+    "lora-all-linear": ("lora", {"peft": {"target_modules": "all-linear"}}, None),
 }
 ANCHORS = {"peft-loop-full": 5e-5, "peft-loop-lora": 1e-3}
 

@@ -96,6 +96,36 @@ def length_batches(
     return batches
 
 
+def padding_batches(
+    lengths: Sequence[int], batch_size: int, *, max_padding: float = 0.2
+) -> list[list[int]]:
+    """Inference batches: rows sorted by length, cut at ``batch_size`` rows or where one
+    more row would make over ``max_padding`` of the batch's tokens padding. Rows of very
+    different lengths then never pad each other out.
+
+    >>> padding_batches([5, 60, 6, 58, 7], 4)
+    [[0, 2, 4], [3, 1]]
+    >>> padding_batches([5, 60, 6, 58, 7, 5, 6, 5], 8)
+    [[0, 5, 7, 2, 6, 4], [3, 1]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    tokens = 0
+    for i in order:
+        n = lengths[i]
+        if batch and (
+            len(batch) >= batch_size or 1 - (tokens + n) / ((len(batch) + 1) * n) > max_padding
+        ):
+            batches.append(batch)
+            batch, tokens = [], 0
+        batch.append(i)
+        tokens += n
+    if batch:
+        batches.append(batch)
+    return batches
+
+
 def collate(
     rows: Sequence[Sequence[int]], pad_id: int, *, left: bool = False
 ) -> dict[str, torch.Tensor]:

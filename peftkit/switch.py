@@ -28,7 +28,7 @@ import torch
 
 from peftkit.adapters import Head, body_of, pool
 from peftkit.artifacts import TaskInfo, load_head, read_task
-from peftkit.batching import apply_template, collate, pad_id
+from peftkit.batching import apply_template, collate, pad_id, padding_batches
 from peftkit.errors import ConfigError, RegistryError
 from peftkit.mixed import MixedLoRA
 from peftkit.registry import Entry, Registry
@@ -299,20 +299,19 @@ class AdaptedModel:
         enc = self._encode(texts, slots)
         refs = self._unique(adapters)
         rows = [[i for i, a in enumerate(adapters) if a == ref] for ref in refs]
-        results: list[list[np.ndarray]] = [[] for _ in refs]
-        batch = self.batch_size
-        for start in range(0, len(texts), batch):
-            idx = list(range(start, min(start + batch, len(texts))))
+        probs: list[np.ndarray] = [np.empty(0)] * len(texts)
+        # rows sorted by length and cut where padding would pile up (any adapter mix)
+        for idx in padding_batches([len(e) for e in enc], self.batch_size):
             tensors = collate([enc[i] for i in idx], self._pad)
             pooled = self._features(tensors, [slots[i] for i in idx])
-            for g, ref in enumerate(refs):
+            for ref in dict.fromkeys(adapters[i] for i in idx):
                 local = [j for j, i in enumerate(idx) if adapters[i] == ref]
-                if not local:
-                    continue
                 head = self._resident[ref].head
                 logits = head(pooled[local].to(head.linear.weight.dtype))
-                results[g].append(torch.softmax(logits.float(), -1).numpy())
-        return [np.concatenate(r) for r in results], rows
+                for j, p in zip(local, torch.softmax(logits.float(), -1).numpy(), strict=True):
+                    probs[idx[j]] = p
+        out = [np.stack([probs[i] for i in r]) for r in rows]
+        return out, rows
 
     def _encode(self, texts: list[str], slots: list[_Resident]) -> list[list[int]]:
         """Token ids per row: the row's adapter template applied, cut to its max length

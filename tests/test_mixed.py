@@ -83,3 +83,19 @@ def test_dora_and_unknown_adapters_are_not_claimed(tiny_models):
     assert mixed.supported(["a", "__base__"])
     assert not mixed.supported(["a", "d"])
     assert not mixed.supported(["nope"])
+
+
+def test_padding_batches_cover_every_row_once_and_bound_padding():
+    import random
+
+    from peftkit.batching import padding_batches
+
+    rng = random.Random(0)
+    lengths = [rng.choice([3, 4, 5, 40, 41, 60]) for _ in range(100)]
+    batches = padding_batches(lengths, 16, max_padding=0.2)
+    assert sorted(i for b in batches for i in b) == list(range(100))
+    for b in batches:
+        assert 1 <= len(b) <= 16
+        widest = max(lengths[i] for i in b)
+        assert 1 - sum(lengths[i] for i in b) / (len(b) * widest) <= 0.2
+    assert padding_batches([], 8) == []
