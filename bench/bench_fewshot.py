@@ -1,0 +1,215 @@
+"""Few-shot classification vs SetFit 1.2 on the same samples (issue 4).
+
+    .venv/bin/python bench/bench_fewshot.py          # -> bench/results/bench_fewshot.json
+    .venv/bin/python bench/bench_fewshot.py --quick  # 1 seed, k=8, 100 test rows
+
+Needs the bench extra (``pip install -e .[bench]``: setfit 1.2).
+
+SST-2 (test = GLUE dev, 872 rows) and AG News (first 1,000 test rows), k = 8 and 16 examples
+per class drawn by ``peftkit.data.few_shot`` from the train split with seeds 0-4; both
+sides get exactly those rows.
+
+- ``setfit``: ``SetFitModel.from_pretrained(<packaged MiniLM folder>)`` and ``Trainer`` with
+  default ``TrainingArguments`` (seed = the sample's seed): contrastive fine-tuning of the
+  body, then a logistic-regression head.
+- ``peftkit-prototypes``: ``fewshot.prototype_head`` on the packaged MiniLM: cosine head
+  whose rows are the class centroids plus the label-description prior (``prior=1.0``, words
+  of the shipped verbalizers: sentiment ``it-was``, news ``article-topic``); no gradient
+  steps. Its settings were chosen on the validation splits, not on these test rows.
+- ``peftkit-prototypes-lora``: the same head, then ``train(..., head_init=head)`` with the
+  ``lora`` preset for 10 epochs over the k·C rows (batch 16, lr 3e-3, max_length 64, no
+  early stopping: there is no validation set in a few-shot setting).
+
+Time per run is fitting plus predicting the test rows, in this process, one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import DATA, environment, table, write_results  # noqa: E402
+
+TASKS = {  # key -> (folder, test rows, prompt set, template whose words describe the labels)
+    "sst2": ("sst2", None, "sentiment", "it-was"),
+    "ag_news": ("ag_news", 1000, "news_ag", "article-topic"),
+}
+ANCHORS = {  # SetFit 1.2 + MiniLM, default settings, as measured once by the issue's author
+    ("sst2", 8): (64.7, 4.4),
+    ("sst2", 16): (70.4, 2.5),
+    ("ag_news", 8): (80.2, 1.3),
+}
+
+
+def run_setfit(model_dir: str, support, test, seed: int) -> tuple[np.ndarray, float, float]:
+    from datasets import Dataset
+    from setfit import SetFitModel, Trainer, TrainingArguments
+
+    t0 = time.perf_counter()
+    model = SetFitModel.from_pretrained(model_dir)
+    args = TrainingArguments(seed=seed, report_to="none", show_progress_bar=False)
+    train_ds = Dataset.from_dict({"text": list(support.texts), "label": list(support.labels)})
+    Trainer(model=model, args=args, train_dataset=train_ds).train()
+    fit = time.perf_counter() - t0
+    preds = np.asarray(model.predict(list(test.texts), show_progress_bar=False))
+    return preds, fit, time.perf_counter() - t0
+
+
+def run_prototypes(base, support, test, labels, verbalizer) -> tuple[np.ndarray, float, float]:
+    import torch
+
+    from peftkit.fewshot import prototype_head
+    from peftkit.scorers import embed_texts
+
+    t0 = time.perf_counter()
+    head = prototype_head(base, support, labels, verbalizer, prior=1.0)
+    fit = time.perf_counter() - t0
+    x = torch.as_tensor(embed_texts(base.model, base.tokenizer, list(test.texts), batch_size=64))
+    with torch.no_grad():
+        preds = head(x).argmax(-1).numpy()
+    return preds, fit, time.perf_counter() - t0
+
+
+def run_prototypes_lora(base, support, test, labels, verbalizer, seed: int):
+    import tempfile
+
+    from peftkit.adapters import load_preset
+    from peftkit.artifacts import release
+    from peftkit.data import TextDataset
+    from peftkit.fewshot import prototype_head
+    from peftkit.train import TrainConfig, train
+
+    t0 = time.perf_counter()
+    head = prototype_head(base, support, labels, verbalizer, prior=1.0)
+    data = TextDataset("few-shot", tuple(labels), {"train": support, "validation": support})
+    config = TrainConfig(
+        epochs=10, batch_size=16, learning_rate=3e-3, max_length=64, patience=None,
+        eval_every=10**6, seed=seed, progress=False, warmup_ratio=0.1,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as run_dir:
+        result = train(base, load_preset("lora"), data, config, run_dir, head_init=head)
+    fit = time.perf_counter() - t0
+    import torch
+
+    from peftkit.batching import collate, encode, pad_id
+
+    model = result.model.eval()
+    enc = encode(base.tokenizer, test.texts, test.labels, 64)
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(enc.ids), 64):
+            t = collate(enc.ids[i : i + 64], pad_id(base.tokenizer))
+            preds.append(model(t["input_ids"], t["attention_mask"]).argmax(-1).numpy())
+    release(result.model)
+    return np.concatenate(preds), fit, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--ks", default="8,16")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--methods", default="setfit,peftkit-prototypes,peftkit-prototypes-lora")
+    ns = parser.parse_args()
+
+    from peftkit.assets import resolve_packaged
+    from peftkit.base import load_base
+    from peftkit.data import few_shot, load_data
+    from peftkit.prompts import load_prompt
+
+    env = environment()
+    base = load_base("minilm")
+    model_dir = str(resolve_packaged("minilm"))
+    seeds = range(1 if ns.quick else ns.seeds)
+    ks = [8] if ns.quick else [int(k) for k in ns.ks.split(",")]
+    methods = ns.methods.split(",")
+    runs, summary = [], []
+    for key in ns.tasks.split(","):
+        folder, limit, family, template = TASKS[key]
+        data = load_data(DATA / folder)
+        test = data.split("test")
+        n = 100 if ns.quick else (len(test) if limit is None else limit)
+        test = test.subset(range(n))
+        gold = np.asarray(test.labels)
+        verbalizer = load_prompt(family, template).verbalizer
+        for k in ks:
+            accs: dict[str, list[float]] = {m: [] for m in methods}
+            secs: dict[str, list[float]] = {m: [] for m in methods}
+            for seed in seeds:
+                support = few_shot(data.split("train"), k, seed=seed, label_names=data.labels)
+                for m in methods:
+                    if m == "setfit":
+                        preds, fit, total = run_setfit(model_dir, support, test, seed)
+                    elif m == "peftkit-prototypes-lora":
+                        preds, fit, total = run_prototypes_lora(
+                            base, support, test, data.labels, verbalizer, seed
+                        )
+                    else:
+                        preds, fit, total = run_prototypes(
+                            base, support, test, data.labels, verbalizer
+                        )
+                    acc = float((preds == gold).mean())
+                    accs[m].append(acc)
+                    secs[m].append(total)
+                    runs.append(
+                        {"task": key, "k": k, "seed": seed, "method": m, "accuracy": acc,
+                         "fit_seconds": fit, "seconds": total}
+                    )  # fmt: skip
+                    print(f"[{key} k={k} seed={seed}] {m}: {100 * acc:.1f}% "
+                          f"({total:.1f} s)", flush=True)  # fmt: skip
+            for m in methods:
+                sd = statistics.stdev(accs[m]) if len(accs[m]) > 1 else 0.0
+                summary.append(
+                    {"task": key, "k": k, "method": m, "runs": len(accs[m]),
+                     "mean": statistics.fmean(accs[m]), "std": sd,
+                     "seconds_per_run": statistics.fmean(secs[m]),
+                     "anchor": ANCHORS.get((key, k)) if m == "setfit" else None}
+                )  # fmt: skip
+    goals = {}
+    for s in summary:
+        if s["method"] == "setfit":
+            continue
+        other = next(
+            (o for o in summary if o["method"] == "setfit" and (o["task"], o["k"]) == (s["task"], s["k"])),
+            None,
+        )  # fmt: skip
+        if other is not None:
+            goals[f"{s['method']} {s['task']} k={s['k']}"] = {
+                "beats_setfit_mean": s["mean"] > other["mean"],
+                "smaller_std": s["std"] < other["std"],
+                "mean_gap_points": 100 * (s["mean"] - other["mean"]),
+                "speedup_per_run": other["seconds_per_run"] / s["seconds_per_run"],
+            }
+    payload = {
+        "benchmark": "bench_fewshot",
+        "issue": 4,
+        "model": "MiniLM (packaged all-MiniLM-L6-v2)",
+        "environment": env,
+        "runs": runs,
+        "summary": summary,
+        "goals": goals,
+    }
+    out = write_results("bench_fewshot", payload, quick=ns.quick)
+    print(
+        table(
+            [
+                [s["task"], s["k"], s["method"],
+                 f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}", f"{s['seconds_per_run']:.1f}",
+                 "" if not s["anchor"] else f"{s['anchor'][0]} ± {s['anchor'][1]}"]
+                for s in summary
+            ],
+            ["task", "k/class", "method", "accuracy % (5 seeds)", "s/run", "issue's anchor"],
+        )
+    )  # fmt: skip
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""Zero-shot scoring vs lm-evaluation-harness, side by side in one process (issue 4).
+
+    .venv/bin/python bench/bench_zeroshot.py           # -> bench/results/bench_zeroshot.json
+    .venv/bin/python bench/bench_zeroshot.py --quick   # 40 rows, one batch size each
+
+Needs the bench extra (``pip install -e .[bench]``: lm_eval 0.4.13, setfit).
+
+For SST-2 (test = GLUE dev, 872 rows) and AG News (first 1,000 test rows) with the packaged
+SmolLM2-135M, the same template and label words on both sides (lm-eval's choices get its
+``target_delimiter`` " ", ours carry the space):
+
+- lm-eval: ``simple_evaluate`` on an ``HFLM`` wrapping the very model object we score with,
+  a task YAML over the same jsonl file (``output_type: multiple_choice``, metric ``acc`` =
+  sum of log-likelihoods); examples/s is rows over the time inside ``HFLM.loglikelihood``
+  (its scoring loop, no task building);
+- peftkit: ``evaluate_prompts(..., normalize="sum")`` (the shared-prefix scorer), examples/s
+  over its scoring time.
+
+Each side runs at its best batch size, picked by a sweep on the first ``--sweep-rows`` rows.
+FLOPs per example are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the first
+32 rows (what each implementation really executes, padding and full-vocabulary logits
+included); achieved GFLOP/s = FLOPs/example × examples/s, set against a plain fp32 matmul's
+GFLOP/s (2048², ``torch.mm``) measured in the same run: how close to this CPU's limit each
+scorer runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import DATA, environment, table, write_results  # noqa: E402
+
+TASKS = {
+    "sst2": {
+        "folder": "sst2",
+        "prompts": "sentiment",
+        "template": "lm-eval-sst2",
+        "rows": None,  # all 872
+    },
+    "ag_news": {
+        "folder": "ag_news",
+        "prompts": "news_ag",
+        "template": "topic-question",
+        "rows": 1000,
+    },
+}
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def task_yaml(name: str, path: Path, prompt, labels: tuple[str, ...]) -> str:
+    """An lm-eval task over ``path`` with our template; choices without their leading space."""
+    phrases = [prompt.verbalizer.phrases(lab) for lab in labels]
+    if any(len(p) != 1 or not p[0].startswith(" ") for p in phrases):
+        raise SystemExit(f"{prompt.name}: lm-eval needs one space-led phrase per label")
+    choices = [p[0][1:] for p in phrases]
+    text = prompt.template.text.replace("{text}", "{{text}}")
+    return (
+        f"task: {name}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(path))}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        f"doc_to_text: {json.dumps(text)}\n"
+        f"doc_to_choice: {json.dumps(choices)}\n"
+        f"doc_to_target: '{{{{ {json.dumps(list(labels))}.index(label) }}}}'\n"
+        "target_delimiter: ' '\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+
+
+class LmEval:
+    """lm-eval's HFLM over our model object; times its loglikelihood loop."""
+
+    def __init__(self, base, task_dir: Path):
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+
+        self.lm = HFLM(pretrained=base.model, tokenizer=base.tokenizer, batch_size=1)
+        self.tm = TaskManager(include_path=str(task_dir))
+        self.score_seconds = 0.0
+        inner = self.lm.loglikelihood
+
+        def timed(requests, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return inner(requests, *a, **k)
+            finally:
+                self.score_seconds += time.perf_counter() - t0
+
+        self.lm.loglikelihood = timed
+
+    def run(self, task: str, rows: int, batch: int) -> dict:
+        from lm_eval import simple_evaluate
+
+        self.lm.batch_size_per_gpu = batch
+        self.score_seconds = 0.0
+        out = simple_evaluate(
+            model=self.lm,
+            tasks=[task],
+            task_manager=self.tm,
+            limit=rows,
+            log_samples=True,
+            bootstrap_iters=0,
+            verbosity="ERROR",
+        )
+        samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+        preds = [max(range(len(s["resps"])), key=lambda i: s["resps"][i][0][0]) for s in samples]
+        return {
+            "accuracy": out["results"][task]["acc,none"],
+            "preds": preds,
+            "seconds": self.score_seconds,
+            "examples_per_s": len(samples) / self.score_seconds,
+        }
+
+
+def ours(base, data, prompts, template, rows: int, batch: int) -> dict:
+    from peftkit.prompt_eval import evaluate_prompts
+
+    run = evaluate_prompts(
+        base, data, prompts, templates=[template], max_rows=rows, batch_size=batch
+    )
+    r = run.results[0]
+    return {
+        "accuracy": r.accuracy,
+        "macro_f1": r.macro_f1,
+        "ece": r.ece,
+        "preds": r.probs.argmax(1).tolist(),
+        "seconds": r.seconds,
+        "examples_per_s": r.examples_per_s,
+        "truncated": r.truncated,
+    }
+
+
+def flops_per_example(fn, rows: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn(rows)
+    return counter.get_total_flops() / rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--sweep-rows", type=int, default=96)
+    parser.add_argument("--lm-eval-batches", default="8,16,32")
+    parser.add_argument("--peftkit-batches", default="8,16,32,64")
+    ns = parser.parse_args()
+    import torch
+
+    from peftkit.base import load_base
+    from peftkit.data import load_data
+    from peftkit.prompts import load_prompt_set
+
+    env = environment()
+    peak = matmul_gflops()
+    print(f"fp32 matmul 2048²: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
+    base = load_base("smollm2-135m")
+    tmp = Path(tempfile.mkdtemp(prefix="peftkit-lmeval-"))
+    lm_b = [int(b) for b in ns.lm_eval_batches.split(",")]
+    our_b = [int(b) for b in ns.peftkit_batches.split(",")]
+    if ns.quick:
+        lm_b, our_b = lm_b[1:2], our_b[1:2]
+    results = []
+    specs = {k: TASKS[k] for k in ns.tasks.split(",")}
+    for key, spec in specs.items():
+        data = load_data(DATA / spec["folder"])
+        prompts = load_prompt_set(spec["prompts"])
+        prompt = prompts.get(spec["template"])
+        (tmp / f"{key}.yaml").write_text(
+            task_yaml(f"peftkit_{key}", DATA / spec["folder"] / "test.jsonl", prompt, data.labels)
+        )
+    harness = LmEval(base, tmp)
+    for key, spec in specs.items():
+        data = load_data(DATA / spec["folder"])
+        n = len(data.split("test")) if spec["rows"] is None else spec["rows"]
+        if ns.quick:
+            n = 40
+        sweep_n = min(ns.sweep_rows, n)
+        task = f"peftkit_{key}"
+
+        def lm_run(rows, b, task=task):
+            return harness.run(task, rows, b)
+
+        def our_run(rows, b, data=data, spec=spec):
+            return ours(base, data, spec["prompts"], spec["template"], rows, b)
+
+        sweep = {"lm_eval": {}, "peftkit": {}}
+        for b in lm_b:
+            sweep["lm_eval"][b] = lm_run(sweep_n, b)["examples_per_s"]
+            print(f"[{key}] lm-eval batch {b}: {sweep['lm_eval'][b]:.2f} ex/s", flush=True)
+        for b in our_b:
+            sweep["peftkit"][b] = our_run(sweep_n, b)["examples_per_s"]
+            print(f"[{key}] peftkit batch {b}: {sweep['peftkit'][b]:.2f} ex/s", flush=True)
+        best_lm = max(sweep["lm_eval"], key=sweep["lm_eval"].get)
+        best_our = max(sweep["peftkit"], key=sweep["peftkit"].get)
+        lm = lm_run(n, best_lm)
+        print(f"[{key}] lm-eval b{best_lm}: acc {lm['accuracy']:.4f} "
+              f"{lm['examples_per_s']:.2f} ex/s", flush=True)  # fmt: skip
+        us = our_run(n, best_our)
+        print(f"[{key}] peftkit b{best_our}: acc {us['accuracy']:.4f} "
+              f"{us['examples_per_s']:.2f} ex/s", flush=True)  # fmt: skip
+        flop_rows = min(32, n)
+        lm_flops = flops_per_example(lambda r, b=best_lm: lm_run(r, b), flop_rows)
+        our_flops = flops_per_example(lambda r, b=best_our: our_run(r, b), flop_rows)
+        agree = sum(a == b for a, b in zip(lm["preds"], us["preds"], strict=True)) / n
+        row = {
+            "task": key,
+            "rows": n,
+            "template": spec["template"],
+            "lm_eval": {
+                "batch_size": best_lm,
+                "accuracy": lm["accuracy"],
+                "examples_per_s": lm["examples_per_s"],
+                "seconds": lm["seconds"],
+                "gflop_per_example": lm_flops / 1e9,
+                "gflop_per_s": lm_flops * lm["examples_per_s"] / 1e9,
+                "sweep_examples_per_s": sweep["lm_eval"],
+            },
+            "peftkit": {
+                "batch_size": best_our,
+                "accuracy": us["accuracy"],
+                "macro_f1": us["macro_f1"],
+                "ece": us["ece"],
+                "examples_per_s": us["examples_per_s"],
+                "seconds": us["seconds"],
+                "truncated": us["truncated"],
+                "gflop_per_example": our_flops / 1e9,
+                "gflop_per_s": our_flops * us["examples_per_s"] / 1e9,
+                "sweep_examples_per_s": sweep["peftkit"],
+            },
+            "prediction_agreement": agree,
+            "accuracy_gap_points": 100 * (us["accuracy"] - lm["accuracy"]),
+            "speedup": us["examples_per_s"] / lm["examples_per_s"],
+        }
+        for side in ("lm_eval", "peftkit"):
+            row[side]["fraction_of_matmul_peak"] = row[side]["gflop_per_s"] / peak
+        results.append(row)
+    goals = {
+        r["task"]: {
+            "speedup": r["speedup"],
+            "goal_speedup": 1.3 if r["task"] == "sst2" else 3.0,
+            "met_speedup": r["speedup"] >= (1.3 if r["task"] == "sst2" else 3.0),
+            "met_accuracy_within_0.5": abs(r["accuracy_gap_points"]) <= 0.5,
+        }
+        for r in results
+    }
+    payload = {
+        "benchmark": "bench_zeroshot",
+        "issue": 4,
+        "model": "smollm2-135m (packaged, fp32)",
+        "environment": env,
+        "matmul_fp32_gflop_per_s": peak,
+        "rows": results,
+        "goals": goals,
+    }
+    out = write_results("bench_zeroshot", payload, quick=ns.quick)
+    print(
+        table(
+            [
+                [
+                    r["task"], r["rows"],
+                    f"{100 * r['lm_eval']['accuracy']:.2f}", f"{100 * r['peftkit']['accuracy']:.2f}",
+                    f"{r['prediction_agreement']:.3f}",
+                    f"{r['lm_eval']['examples_per_s']:.2f} (b{r['lm_eval']['batch_size']})",
+                    f"{r['peftkit']['examples_per_s']:.2f} (b{r['peftkit']['batch_size']})",
+                    f"{r['speedup']:.2f}x",
+                    f"{r['lm_eval']['gflop_per_s']:.1f} / {r['peftkit']['gflop_per_s']:.1f}",
+                    f"{peak:.1f}",
+                ]
+                for r in results
+            ],
+            ["task", "rows", "lm-eval acc %", "peftkit acc %", "agree", "lm-eval ex/s",
+             "peftkit ex/s", "speedup", "GFLOP/s lm-eval / peftkit", "matmul GFLOP/s"],
+        )
+    )  # fmt: skip
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
