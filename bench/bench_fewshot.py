@@ -114,8 +114,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--ks", default="8,16")
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument(
+        "--settings",
+        default="ag_news:8,sst2:8,sst2:16,ag_news:16",
+        help="task:k pairs, in the order they run",
+    )
+    parser.add_argument("--out", default="bench_fewshot")
     parser.add_argument("--methods", default="setfit,peftkit-prototypes,peftkit-prototypes-lora")
     ns = parser.parse_args()
 
@@ -128,10 +132,12 @@ def main() -> None:
     base = load_base("minilm")
     model_dir = str(resolve_packaged("minilm"))
     seeds = range(1 if ns.quick else ns.seeds)
-    ks = [8] if ns.quick else [int(k) for k in ns.ks.split(",")]
     methods = ns.methods.split(",")
     runs, summary = [], []
-    for key in ns.tasks.split(","):
+    settings = [(t, int(k)) for t, k in (x.split(":") for x in ns.settings.split(","))]
+    if ns.quick:
+        settings = settings[:1]
+    for key, k in settings:
         folder, limit, family, template = TASKS[key]
         data = load_data(DATA / folder)
         test = data.split("test")
@@ -139,39 +145,42 @@ def main() -> None:
         test = test.subset(range(n))
         gold = np.asarray(test.labels)
         verbalizer = load_prompt(family, template).verbalizer
-        for k in ks:
-            accs: dict[str, list[float]] = {m: [] for m in methods}
-            secs: dict[str, list[float]] = {m: [] for m in methods}
-            for seed in seeds:
-                support = few_shot(data.split("train"), k, seed=seed, label_names=data.labels)
-                for m in methods:
-                    if m == "setfit":
-                        preds, fit, total = run_setfit(model_dir, support, test, seed)
-                    elif m == "peftkit-prototypes-lora":
-                        preds, fit, total = run_prototypes_lora(
-                            base, support, test, data.labels, verbalizer, seed
-                        )
-                    else:
-                        preds, fit, total = run_prototypes(
-                            base, support, test, data.labels, verbalizer
-                        )
-                    acc = float((preds == gold).mean())
-                    accs[m].append(acc)
-                    secs[m].append(total)
-                    runs.append(
-                        {"task": key, "k": k, "seed": seed, "method": m, "accuracy": acc,
-                         "fit_seconds": fit, "seconds": total}
-                    )  # fmt: skip
-                    print(f"[{key} k={k} seed={seed}] {m}: {100 * acc:.1f}% "
-                          f"({total:.1f} s)", flush=True)  # fmt: skip
+        accs: dict[str, list[float]] = {m: [] for m in methods}
+        secs: dict[str, list[float]] = {m: [] for m in methods}
+        for seed in seeds:
+            support = few_shot(data.split("train"), k, seed=seed, label_names=data.labels)
             for m in methods:
-                sd = statistics.stdev(accs[m]) if len(accs[m]) > 1 else 0.0
-                summary.append(
-                    {"task": key, "k": k, "method": m, "runs": len(accs[m]),
-                     "mean": statistics.fmean(accs[m]), "std": sd,
-                     "seconds_per_run": statistics.fmean(secs[m]),
-                     "anchor": ANCHORS.get((key, k)) if m == "setfit" else None}
+                if m == "setfit":
+                    preds, fit, total = run_setfit(model_dir, support, test, seed)
+                elif m == "peftkit-prototypes-lora":
+                    preds, fit, total = run_prototypes_lora(
+                        base, support, test, data.labels, verbalizer, seed
+                    )
+                else:
+                    preds, fit, total = run_prototypes(base, support, test, data.labels, verbalizer)
+                acc = float((preds == gold).mean())
+                accs[m].append(acc)
+                secs[m].append(total)
+                runs.append(
+                    {"task": key, "k": k, "seed": seed, "method": m, "accuracy": acc,
+                     "fit_seconds": fit, "seconds": total}
                 )  # fmt: skip
+                print(f"[{key} k={k} seed={seed}] {m}: {100 * acc:.1f}% "
+                      f"({total:.1f} s)", flush=True)  # fmt: skip
+        for m in methods:
+            sd = statistics.stdev(accs[m]) if len(accs[m]) > 1 else 0.0
+            summary.append(
+                {"task": key, "k": k, "method": m, "runs": len(accs[m]),
+                 "mean": statistics.fmean(accs[m]), "std": sd,
+                 "seconds_per_run": statistics.fmean(secs[m]),
+                 "anchor": ANCHORS.get((key, k)) if m == "setfit" else None}
+            )  # fmt: skip
+        # written after every setting, so a long run that is stopped keeps what it measured
+        write_results(
+            ns.out, {"benchmark": "bench_fewshot", "issue": 4, "environment": env,
+                     "settings_done": len(summary) // len(methods), "settings": settings,
+                     "runs": runs, "summary": summary}, quick=ns.quick,
+        )  # fmt: skip
     goals = {}
     for s in summary:
         if s["method"] == "setfit":
@@ -192,11 +201,12 @@ def main() -> None:
         "issue": 4,
         "model": "MiniLM (packaged all-MiniLM-L6-v2)",
         "environment": env,
+        "settings_done": len(settings),
         "runs": runs,
         "summary": summary,
         "goals": goals,
     }
-    out = write_results("bench_fewshot", payload, quick=ns.quick)
+    out = write_results(ns.out, payload, quick=ns.quick)
     print(
         table(
             [
