@@ -108,7 +108,7 @@ def prototype_head(
     if prior > 0:
         protos += prior * label_embeddings(base, labels, descriptions)
     for c in range(len(labels)):
-        rows = feats[ys == c] if len(ys) else feats[:0]
+        rows = feats[ys == c]
         if len(rows):
             centroid = rows.mean(0)
             protos[c] += centroid / np.linalg.norm(centroid)
