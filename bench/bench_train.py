@@ -3,6 +3,9 @@
     .venv/bin/python bench/bench_train.py            # full run -> bench/results/bench_train.json
     .venv/bin/python bench/bench_train.py --quick    # smoke run (few rows, few steps)
     .venv/bin/python bench/bench_train.py --methods lora,full --rows 8000 --epochs 2
+    .venv/bin/python bench/bench_train.py --methods qlora-8bit --rows 32000 --epochs 1 --append
+    .venv/bin/python bench/bench_train.py --methods lora,full --rows 66477 --epochs 4 \
+        --minutes 30 --out bench_train_30min      # the same 30-minute budget for each
 
 Each method trains in its own subprocess (so peak RSS is its own) through
 ``peftkit.train`` on the first ``--rows`` rows of /work/shared/data/sst2 train, batch 32,
@@ -28,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import DATA, environment, mib, proc_status, run_worker, table, write_results  # noqa: E402
+from _util import DATA, RESULTS, environment, mib, proc_status, run_worker, table, write_results  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 SST2 = DATA / "sst2"
@@ -85,6 +88,7 @@ def worker_peftkit(args: dict) -> dict:
     cfg = TrainConfig(
         epochs=args["epochs"],
         max_steps=args.get("max_steps"),
+        max_minutes=args.get("max_minutes"),
         batch_size=args["batch_size"],
         max_length=args["max_length"],
         learning_rate=lr,
@@ -299,6 +303,18 @@ def main() -> None:
         metavar="METHOD=LR",
         help="learning rate override, e.g. --lr lora=2e-3 (repeatable)",
     )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        help="wall-clock training budget per method (training.max_minutes); "
+        "--epochs is then the cap",
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add these methods' rows to the existing results file (same budget), "
+        "replacing rows of the same method",
+    )
     parser.add_argument("--out", default="bench_train", help="results name")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     ns = parser.parse_args()
@@ -315,6 +331,8 @@ def main() -> None:
         "batch_size": ns.batch_size,
         "max_length": ns.max_length,
     }
+    if ns.minutes:
+        budget["max_minutes"] = ns.minutes
     if ns.quick:
         budget.update(rows=320, epochs=1.0, max_steps=4)
     methods = ns.methods.split(",")
@@ -336,6 +354,14 @@ def main() -> None:
         "environment": environment(),
         "rows": [],
     }
+    if ns.append:
+        old = json.loads((RESULTS / f"{ns.out}.json").read_text())
+        old_budget = {k: v for k, v in old["budget"].items() if k in budget}
+        if old_budget != budget:
+            parser.error(f"--append: {ns.out}.json has budget {old_budget}, this run {budget}")
+        payload["rows"] = [r for r in old["rows"] if r["method"] not in methods]
+        payload["appended"] = {"methods": methods, "environment": payload["environment"]}
+        payload["environment"] = old["environment"]
     for m in methods:
         t0 = time.perf_counter()
         r = run_worker(SCRIPT, {"method": m, **budget, "lr": lrs.get(m)}, timeout=4 * 3600)

@@ -9,6 +9,11 @@ scheduler and RNG every ``checkpoint_every`` steps (written to a temporary folde
 renamed), from which a killed run resumes to the same steps; a NaN loss stops the run with
 the last good checkpoint intact. Under ``accelerate launch`` each process takes its share of
 every batch list; only the main process writes.
+
+``max_minutes`` gives the run a wall-clock budget (training steps, evaluations and
+checkpoints; carried over a resume): after the first steps and after every evaluation the
+loop re-estimates how many steps fit in what is left, and the learning-rate schedule decays
+to that horizon, so a budgeted run ends annealed rather than cut off mid-schedule.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class TrainConfig:
 
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs when set
+    max_minutes: float | None = None  # wall-clock budget; epochs/max_steps stay the cap
     batch_size: int = 16
     eval_batch_size: int = 64
     grad_accum: int = 1
@@ -91,6 +97,8 @@ class TrainConfig:
                 raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
         if self.epochs <= 0 and not self.max_steps:
             raise ConfigError("training.epochs must be > 0 (or set training.max_steps)")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"training.max_minutes must be > 0, got {self.max_minutes}")
 
 
 @dataclass
@@ -180,11 +188,49 @@ def _make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float):
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
-def _make_scheduler(optimizer, kind: str, total: int, warmup: int):
-    from transformers import get_scheduler
+class Schedule:
+    """Warmup, then linear / cosine decay to ``total`` (or constant): the factor
+    transformers' schedulers compute, with a horizon that a time budget can move. It is a
+    callable object, so ``LambdaLR.state_dict`` saves the horizon with the checkpoint."""
 
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[kind]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    def __init__(self, kind: str, total: int, warmup: int) -> None:
+        self.kind, self.total, self.warmup = kind, int(total), int(warmup)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        if self.kind == "constant":
+            return 1.0
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        if self.kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+        return max(0.0, 1.0 - progress)
+
+
+def _make_scheduler(optimizer, kind: str, total: int, warmup: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(kind, total, warmup))
+
+
+def _now() -> float:  # the training clock (tests replace it)
+    return time.perf_counter()
+
+
+def budget_horizon(
+    step: int,
+    cap: int,
+    left_s: float,
+    step_s: float,
+    eval_s: float,
+    eval_every: int,
+) -> int:
+    """The last step a run at ``step`` can reach with ``left_s`` seconds left, when a step
+    costs ``step_s`` and an evaluation (every ``eval_every`` steps) ``eval_s``; at most
+    ``cap``, at least ``step`` (nothing left: stop here)."""
+    per_step = step_s + eval_s / max(1, eval_every)
+    if per_step <= 0:
+        return cap
+    fit = int((left_s - eval_s) / per_step)  # keep room for the final evaluation
+    return max(step, min(cap, step + max(0, fit)))
 
 
 def predict_logits(
@@ -314,7 +360,8 @@ def train(
             f"{config.batch_size} per process on {acc.num_processes} processes"
         )
     steps_per_epoch = max(1, per_epoch_batches // config.grad_accum)
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    cap_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    total_steps = cap_steps
     scheduler = _make_scheduler(
         optimizer, config.scheduler, total_steps, int(config.warmup_ratio * total_steps)
     )
@@ -330,6 +377,7 @@ def train(
         "best_metric": None,
         "best_step": 0,
         "bad_evals": 0,
+        "elapsed_s": 0.0,  # wall-clock seconds spent in the loop, over every resume
     }
     found = find_checkpoint(ckpt_dir / "last")
     resumed_from = 0
@@ -342,6 +390,8 @@ def train(
         torch.set_rng_state(extra["torch_rng"])
         np.random.set_state(extra["numpy_rng"])
         resumed_from = state["step"]
+        total_steps = scheduler.lr_lambdas[0].total
+        state.setdefault("elapsed_s", 0.0)
         if main:
             print(f"peftkit: resuming {run_dir} from step {resumed_from}", file=sys.stderr)
     else:
@@ -362,6 +412,35 @@ def train(
     start = time.perf_counter()
     step_times: list[float] = []
     running: list[float] = []
+    budget_s = None if config.max_minutes is None else 60.0 * config.max_minutes
+    eval_s = 0.0  # the last evaluation's cost, for the budget
+    clock = [_now()]
+
+    def tick() -> None:  # charge the time since the last tick to the budget
+        now = _now()
+        state["elapsed_s"] += now - clock[0]
+        clock[0] = now
+
+    def replan(first: bool = False) -> None:
+        nonlocal total_steps
+        if budget_s is None or not step_times:
+            return
+        recent = step_times[-50:]
+        horizon = budget_horizon(
+            state["step"],
+            cap_steps,
+            budget_s - state["elapsed_s"],
+            float(np.median(recent)),
+            eval_s,
+            eval_every,
+        )
+        sched = scheduler.lr_lambdas[0]
+        if first and state["step"] < sched.warmup:
+            sched.warmup = min(sched.warmup, int(config.warmup_ratio * horizon))
+        sched.total = total_steps = horizon
+        bar.total = horizon
+        bar.refresh()
+
     model.train()
     stop = False
     try:
@@ -371,7 +450,7 @@ def train(
             )
             usable = per_epoch_batches * acc.num_processes
             mine = batches[:usable][acc.process_index :: acc.num_processes]
-            t0 = time.perf_counter()
+            t0 = _now()
             while state["batch"] < len(mine):
                 idx = mine[state["batch"]]
                 state["batch"] += 1
@@ -401,10 +480,15 @@ def train(
                 if not acc.sync_gradients:
                     continue
                 state["step"] += 1
-                step_times.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
+                step_times.append(_now() - t0)
+                t0 = _now()
+                tick()
                 bar.update(1)
                 step = state["step"]
+                if len(step_times) == 10:
+                    replan(first=True)
+                if budget_s is not None and state["elapsed_s"] >= budget_s:
+                    total_steps = step  # out of time: evaluate, checkpoint, stop
                 if step % config.log_every == 0 or step == total_steps:
                     row = {
                         "step": step,
@@ -415,12 +499,18 @@ def train(
                     state["history"].append(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
                     running = []
-                if step % eval_every == 0 or step == total_steps:
+                if step % eval_every == 0 or step >= total_steps:
+                    e0 = _now()
                     stop = _evaluate(
                         acc, model, enc_val, data.labels, pad, config, state, ckpt_dir, main
                     )
-                    t0 = time.perf_counter()
-                if step % config.checkpoint_every == 0 or stop or step == total_steps:
+                    eval_s = _now() - e0
+                    tick()
+                    if step < total_steps:
+                        replan()
+                    t0 = _now()
+                if step % config.checkpoint_every == 0 or stop or step >= total_steps:
+                    tick()
                     checkpoint()
                 if stop or step >= total_steps:
                     break

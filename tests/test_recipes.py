@@ -121,6 +121,7 @@ def test_overrides_parse_yaml_scalars_and_shorthands(tmp_path):
         [
             "training.learning_rate=1e-3",
             "training.max_steps=2",
+            "training.max_minutes=30",
             "registry.tags=[a, b]",
             "adapter.peft.r=16",
             "base=/some/folder",
@@ -128,6 +129,7 @@ def test_overrides_parse_yaml_scalars_and_shorthands(tmp_path):
         ],
     )
     assert recipe.training.learning_rate == 1e-3 and recipe.training.max_steps == 2
+    assert recipe.training.max_minutes == 30
     assert recipe.registry.tags == ("a", "b")
     assert recipe.adapter.peft == {"r": 16}
     assert recipe.base.source == "/some/folder"
@@ -142,6 +144,7 @@ def test_overrides_parse_yaml_scalars_and_shorthands(tmp_path):
         ("trainig.epochs=2", "the recipe has no key 'trainig' (did you mean 'training'"),
         ("training.epochs=fast", "(override 'training.epochs=fast'): training.epochs: must be"),
         ("training.epochs", "write key.path=value"),
+        ("training.max_minutes=-1", "training.max_minutes must be > 0"),
         ("base.source.x=1", "single value"),
     ],
 )

@@ -229,3 +229,64 @@ def test_verbalizer_words_must_differ(tiny_models):
         verbalizer_token_ids(base.tokenizer, {"a": " good", "b": " good film"})
     with pytest.raises(ConfigError, match="tokenizes to nothing"):
         verbalizer_token_ids(base.tokenizer, {"a": "", "b": " bad"})
+
+
+def _fake_clock(monkeypatch, stop_at: int | None = None):
+    """A training clock where each training step costs exactly 1 s and nothing else costs
+    time; optionally Ctrl-C at step ``stop_at``."""
+    import peftkit.train as train_mod
+
+    clock = {"t": 0.0, "steps": 0}
+    real = torch.nn.functional.cross_entropy
+
+    def step_loss(*args, **kwargs):
+        if torch.is_grad_enabled():
+            clock["t"] += 1.0
+            clock["steps"] += 1
+            if stop_at is not None and clock["steps"] == stop_at:
+                raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_now", lambda: clock["t"])
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", step_loss)
+    return clock
+
+
+def test_time_budget_ends_the_run_annealed(tiny_models, tmp_path, monkeypatch):
+    base, spec = _base(tiny_models, "bert")
+    _fake_clock(monkeypatch)
+    config = TrainConfig(max_steps=1000, max_minutes=0.5, log_every=1, **QUICK)
+    result = train(base, spec, synthetic("sentiment"), config, tmp_path / "run")
+    # 30 s at 1 s a step: the horizon set after 10 steps is 30, and the schedule decays to it.
+    assert result.steps == 30
+    lrs = [r["lr"] for r in result.history if "lr" in r]
+    assert lrs[-1] == 0.0 and max(lrs) > 0
+    state = json.loads((tmp_path / "run" / "checkpoints" / "last" / "state.json").read_text())
+    assert state["elapsed_s"] == pytest.approx(30.0)
+    assert [r["step"] for r in result.history if "eval_accuracy" in r] == [30]
+
+
+def test_time_budget_carries_over_a_resume(tiny_models, tmp_path, monkeypatch):
+    base, spec = _base(tiny_models, "bert")
+    config = TrainConfig(max_steps=1000, max_minutes=0.5, checkpoint_every=5, **QUICK)
+    _fake_clock(monkeypatch, stop_at=18)
+    with pytest.raises(KeyboardInterrupt):
+        train(base, spec, synthetic("sentiment"), config, tmp_path / "run")
+    state = json.loads((tmp_path / "run" / "checkpoints" / "last" / "state.json").read_text())
+    assert state["step"] == 15 and state["elapsed_s"] == pytest.approx(15.0)
+    base, spec = _base(tiny_models, "bert")  # a fresh process would load a fresh base
+    _fake_clock(monkeypatch)
+    result = train(base, spec, synthetic("sentiment"), config, tmp_path / "run")
+    assert result.resumed_from == 15
+    assert result.steps == 30  # the 15 s already spent count against the budget
+
+
+def test_budget_horizon_leaves_room_for_evaluations():
+    from peftkit.train import budget_horizon
+
+    # 100 s left, 1 s a step, a 10 s evaluation every 10 steps: 2 s a step, less the final one
+    assert budget_horizon(0, 10_000, 100.0, 1.0, 10.0, 10) == 45
+    assert budget_horizon(7, 20, 100.0, 1.0, 0.0, 10) == 20  # the cap wins
+    assert budget_horizon(7, 20, -5.0, 1.0, 0.0, 10) == 7  # nothing left: stop now
+    with pytest.raises(ConfigError, match="max_minutes must be > 0"):
+        TrainConfig(max_minutes=0)
