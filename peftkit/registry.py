@@ -27,7 +27,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -35,7 +34,6 @@ import shutil
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -49,17 +47,22 @@ from peftkit.errors import (
     RegistryError,
     did_you_mean,
 )
-
-try:
-    import fcntl
-except ImportError:  # Windows: staging folders are then cleaned by age only
-    fcntl = None  # type: ignore[assignment]
+from peftkit.filestore import (
+    compare_hashes,
+    copy_files,
+    fill_stage,
+    fsync_tree,
+    move_into_place,
+    new_dir,
+    new_stage,
+    remove_if_orphan_stage,
+    source_files,
+    walk,
+)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SCHEMA_VERSION = 1
 _BUSY_TIMEOUT_S = 30.0
-_STALE_STAGE_S = 3600.0  # a staging folder this old is dead even if its pid was reused
-_CHUNK = 1 << 20
 _META_FILE = "peftkit.json"  # the entry's metadata inside an exported folder
 _PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _SCHEMA = (
@@ -300,9 +303,9 @@ class Registry:
             )
         self._verify_entry(entry)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        stage = _new_dir(dest.parent, f".{dest.name}.export-")
+        stage = new_dir(dest.parent, f".{dest.name}.export-")
         try:
-            copied = _copy_files(((r, entry.path / r) for r in entry.files), stage)
+            copied = copy_files(((r, entry.path / r) for r in entry.files), stage)
             if copied != entry.files:  # changed since the check a moment ago
                 self._verify_entry(entry)
             meta = {"format": "peftkit-adapter/1", **entry.to_dict()}
@@ -311,7 +314,7 @@ class Registry:
                 json.dump(meta, fh, indent=2)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _fsync_tree(stage)
+            fsync_tree(stage)
             if dest.exists():
                 dest.rmdir()
             os.rename(stage, dest)
@@ -381,12 +384,12 @@ class Registry:
         exclude: Container[str] = (),
         expected: Mapping[str, str] | None = None,
     ) -> Entry:
-        sources = _source_files(folder, exclude)
-        stage, lock = _new_stage(self._tmp)
+        sources = source_files(folder, exclude)
+        stage, lock = new_stage(self._tmp)
         try:
-            files = _fill_stage(stage, sources)
+            files = fill_stage(stage, sources)
             if expected is not None:
-                problems = _compare(expected, files)
+                problems = compare_hashes(expected, files)
                 if problems:
                     raise IntegrityError(
                         f"cannot import {folder}: its files do not match its "
@@ -411,7 +414,7 @@ class Registry:
                     shutil.rmtree(final)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 moved = final
-                _move_into_place(stage, final)
+                move_into_place(stage, final)
                 row = {**meta, "name": name, "version": version, "files": files, "created": created}
                 conn.execute(
                     f"INSERT INTO entries ({', '.join(_COLUMNS)}) VALUES "
@@ -425,7 +428,9 @@ class Registry:
         return self._entry(_encode(row))
 
     def _verify_entry(self, entry: Entry) -> Entry:
-        problems = _compare(entry.files, dict(_walk(entry.path)) if entry.path.is_dir() else {})
+        problems = compare_hashes(
+            entry.files, dict(walk(entry.path)) if entry.path.is_dir() else {}
+        )
         if problems:
             raise IntegrityError(
                 f"adapter {entry.ref} at {entry.path} does not match the index: "
@@ -505,7 +510,7 @@ class Registry:
         folders without a row (checked again under the write lock, so a registration
         that is between its rename and its commit is waited for, not removed)."""
         for stage in self._tmp.glob("stage-*"):
-            _remove_if_orphan_stage(stage)
+            remove_if_orphan_stage(stage)
 
         def unindexed() -> set[Path]:
             indexed = {
@@ -659,165 +664,6 @@ def _peft_type(config_path: Path) -> str:
     if not isinstance(peft_type, str) or not peft_type:
         raise ConfigError(f"{config_path} has no peft_type; pass method= (e.g. method='lora')")
     return peft_type.lower()
-
-
-# -- files --------------------------------------------------------------------------------
-
-
-def _walk(folder: Path) -> Iterator[tuple[str, Path]]:
-    """(relative posix path, path) of every file under ``folder``, sorted."""
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-        for fname in sorted(filenames + links):  # linked folders: listed, not followed
-            path = Path(dirpath, fname)
-            yield path.relative_to(folder).as_posix(), path
-
-
-def _source_files(folder: Path, exclude: Container[str]) -> builtins.list[tuple[str, Path]]:
-    if not folder.is_dir():
-        raise ConfigError(f"adapter folder {folder} does not exist or is not a folder")
-    files = [(rel, p) for rel, p in _walk(folder) if rel not in exclude]
-    odd = [rel for rel, p in files if not p.is_file()]
-    if odd:
-        raise ConfigError(
-            f"adapter folder {folder} holds entries that are not regular files: {', '.join(odd)}"
-        )
-    if not files:
-        raise ConfigError(
-            f"adapter folder {folder} is empty; give the folder save_pretrained wrote"
-        )
-    return files
-
-
-def _new_stage(tmp: Path) -> tuple[Path, int | None]:
-    """A new staging folder under ``tmp`` and the fd of its lock (held while we live)."""
-    stage = _new_dir(tmp, f"stage-{os.getpid()}-")
-    if fcntl is None:
-        return stage, None
-    lock = os.open(stage, os.O_RDONLY)
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new folder: nobody else holds it
-    return stage, lock
-
-
-def _new_dir(parent: Path, prefix: str) -> Path:
-    """A new uniquely named folder (with the umask's mode, unlike tempfile.mkdtemp's 0700)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        path = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
-        with contextlib.suppress(FileExistsError):
-            path.mkdir()
-            return path
-
-
-def _fill_stage(stage: Path, sources: Iterable[tuple[str, Path]]) -> dict[str, str]:
-    """Copy ``sources`` into ``stage``, fsynced; returns {relpath: sha256}."""
-    files = _copy_files(sources, stage)
-    _fsync_tree(stage)
-    return files
-
-
-def _copy_files(sources: Iterable[tuple[str, Path]], dst: Path) -> dict[str, str]:
-    """Copy each (relpath, source) to ``dst / relpath``; returns {relpath: sha256}."""
-    hashes = {}
-    for rel, source in sources:
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        hashes[rel] = _copy_hashed(source, dst / rel)
-    return hashes
-
-
-def _copy_hashed(src: Path, dst: Path) -> str:
-    digest, buf = hashlib.sha256(), bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
-        while n := fin.readinto(buf):
-            digest.update(view[:n])
-            fout.write(view[:n])
-        fout.flush()
-        os.fsync(fout.fileno())
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        if hasattr(hashlib, "file_digest"):  # Python 3.11+
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-        digest = hashlib.sha256()
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-        return digest.hexdigest()
-
-
-def _compare(expected: Mapping[str, str], actual: Mapping[str, Any]) -> builtins.list[str]:
-    """Problems between recorded hashes and ``actual`` (relpath -> path, or -> sha256)."""
-    problems = []
-    for rel, want in expected.items():
-        if rel not in actual:
-            problems.append(f"file {rel!r} is missing (expected sha256 {want})")
-            continue
-        value = actual[rel]
-        try:
-            got = value if isinstance(value, str) else _sha256(value)
-        except OSError as exc:
-            problems.append(f"file {rel!r} cannot be read ({exc.strerror})")
-            continue
-        if got != want:
-            problems.append(f"file {rel!r} has sha256 {got}, expected {want}")
-    problems += [f"file {rel!r} is not in the index" for rel in actual if rel not in expected]
-    return problems
-
-
-def _move_into_place(stage: Path, final: Path) -> None:
-    os.rename(stage, final)
-    _fsync_dir(final.parent)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, _ in os.walk(root):
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_if_orphan_stage(stage: Path) -> None:
-    """Remove a staging folder whose registration died: its lock is free and its process
-    is gone, or it is older than an hour (the only test where flock is missing)."""
-    match = re.match(r"stage-(\d+)-", stage.name)
-    try:
-        age = time.time() - stage.stat().st_mtime
-        fd = os.open(stage, os.O_RDONLY) if fcntl is not None else None
-    except OSError:
-        return
-    try:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return  # a live registration holds it
-        dead = fd is not None and match is not None and not _pid_alive(int(match.group(1)))
-        if dead or age > _STALE_STAGE_S:
-            shutil.rmtree(stage, ignore_errors=True)
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _connect(index: Path) -> sqlite3.Connection:

@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
         versions = [reg.register(name, src, **meta).version for _ in range(count)]
         print(" ".join(map(str, versions)), flush=True)
         return
-    _hang_after({"hang-after-stage": "_fill_stage", "hang-after-rename": "_move_into_place"}[mode])
+    _hang_after({"hang-after-stage": "fill_stage", "hang-after-rename": "move_into_place"}[mode])
     reg.register(name, src, **meta)
 
 

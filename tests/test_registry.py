@@ -276,7 +276,7 @@ def test_load_path_with_hash_check_time_for_1mb_adapter(reg, tmp_path):
 # -- interrupted registrations --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["_fill_stage", "_move_into_place"])
+@pytest.mark.parametrize("where", ["fill_stage", "move_into_place"])
 def test_registration_failing_half_way_leaves_nothing(reg, src, monkeypatch, where):
     original = getattr(registry_mod, where)
 
