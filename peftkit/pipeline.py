@@ -55,6 +55,7 @@ class _Task:
     spec: Any
     config: Any
     folder: Path
+    head_init: Any = None  # recipes.HeadInitSpec
 
 
 def run_recipe(
@@ -171,7 +172,9 @@ def _main_task(recipe: Recipe, path: Path) -> _Task:
 
     assert recipe.adapter is not None
     spec = load_preset(recipe.adapter.preset, recipe.adapter.overrides())
-    return _Task(recipe.registry_name, recipe.data, spec, recipe.training, path)
+    return _Task(
+        recipe.registry_name, recipe.data, spec, recipe.training, path, recipe.adapter.head_init
+    )
 
 
 def _then_task(recipe: Recipe, task: TaskSpec, path: Path) -> _Task:
@@ -181,7 +184,34 @@ def _then_task(recipe: Recipe, task: TaskSpec, path: Path) -> _Task:
     assert ref is not None
     spec = load_preset(ref.preset, ref.overrides())
     folder = path / "tasks" / task.name
-    return _Task(task.name, task.data, spec, task_training(recipe, task), folder)
+    config = task_training(recipe, task)
+    return _Task(task.name, task.data, spec, config, folder, ref.head_init)
+
+
+def prototype_start(base, init, spec, data, train_split):
+    """The head a recipe's ``adapter.head_init: prototypes`` starts training from."""
+    from peftkit.adapters import body_of, default_pooling
+    from peftkit.errors import ConfigError
+    from peftkit.fewshot import prototype_head
+    from peftkit.prompts import load_prompt
+
+    pooling = (
+        spec.pooling if spec.pooling != "auto" else default_pooling(body_of(base.model).config)
+    )
+    if pooling != "mean":
+        raise ConfigError(
+            f"adapter.head_init: prototypes are mean-pooled embeddings, but this model pools "
+            f"{pooling!r}; use an encoder base or set adapter.pooling=mean"
+        )
+    if init.prompt and init.descriptions:
+        raise ConfigError("adapter.head_init: give prompt or descriptions, not both")
+    descriptions: Any = init.descriptions or None
+    if init.prompt:  # "SET/TEMPLATE", "SET", or a prompt file's path (+ "/TEMPLATE")
+        family, template = init.prompt, None
+        if "/" in family and not family.endswith((".yaml", ".yml")):
+            family, _, template = family.rpartition("/")
+        descriptions = load_prompt(family, template).verbalizer
+    return prototype_head(base, train_split, data.labels, descriptions, prior=init.prior)
 
 
 def load_task_data(spec) -> tuple[Any, Any]:
@@ -214,7 +244,13 @@ def _train_one(recipe, base, task: _Task, path: Path, registry, say, state, firs
         f"({len(train_split)} training rows, {len(data.labels)} labels)"
     )
     folder = task.folder
-    result = train(base, task.spec, data, task.config, folder, train_split=train_split)
+    head = None
+    if task.head_init is not None:
+        head = prototype_start(base, task.head_init, task.spec, data, train_split)
+        say(f"head starts from the prototypes of {len(train_split)} rows")
+    result = train(
+        base, task.spec, data, task.config, folder, train_split=train_split, head_init=head
+    )
     prefix = "" if first else f"{task.name}-"
     metrics: dict[str, Any] = {
         "recipe": recipe.name,

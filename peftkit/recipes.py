@@ -37,6 +37,7 @@ __all__ = [
     "EvaluationSpec",
     "HotswapSpec",
     "PromptRef",
+    "HeadInitSpec",
     "Recipe",
     "RegistrySpec",
     "TaskSpec",
@@ -60,6 +61,19 @@ class BaseSpec:
 
 
 @dataclass(frozen=True)
+class HeadInitSpec:
+    """Start the head from class prototypes of the training rows (few-shot; see
+    ``peftkit.fewshot.prototype_head``) instead of a random one. The labels are described by
+    a prompt's verbalizer words (``prompt: SET/TEMPLATE``), by ``descriptions`` (label ->
+    words), or else by their names."""
+
+    method: str = field(default="prototypes", metadata={"choices": ("prototypes",)})
+    prompt: str | None = None
+    descriptions: dict[str, Any] = field(default_factory=dict)
+    prior: float = 1.0
+
+
+@dataclass(frozen=True)
 class AdapterRef:
     """An adapter preset from ``adapters/`` (name or path) and overrides of its fields."""
 
@@ -71,6 +85,7 @@ class AdapterRef:
     pooling: str | None = field(
         default=None, metadata={"choices": (None, "auto", "mean", "last", "cls")}
     )
+    head_init: HeadInitSpec | None = None  # `head_init: prototypes`
 
     def overrides(self) -> dict[str, Any]:
         """The fields given, in the form ``load_preset(..., overrides=)`` takes."""
@@ -173,7 +188,13 @@ class Recipe:
         return self.registry.name or self.name
 
 
-SHORTHAND = {BaseSpec: "source", AdapterRef: "preset", PromptRef: "set", DataSpec: "source"}
+SHORTHAND = {
+    BaseSpec: "source",
+    AdapterRef: "preset",
+    PromptRef: "set",
+    DataSpec: "source",
+    HeadInitSpec: "method",
+}
 
 
 # --- finding and loading --------------------------------------------------------------------

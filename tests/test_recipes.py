@@ -302,3 +302,47 @@ def test_unfinished_run_of_same_recipe_resumes(
     with pytest.raises(ConfigError, match="not an unfinished run of this same recipe"):
         (again.run_dir / "metrics.json").unlink()
         run_recipe(other, run_dir=again.run_dir, registry="reg")
+
+
+# --- few-shot head start ---------------------------------------------------------------------
+
+
+def test_head_init_shorthand_and_bad_values(tmp_path):
+    path = write_recipe(tmp_path, GOOD)
+    recipe = load_recipe(path, ["adapter.head_init=prototypes"])
+    assert recipe.adapter.head_init.method == "prototypes"
+    assert recipe.adapter.head_init.prior == 1.0
+    with pytest.raises(ConfigError, match="head_init.method"):
+        load_recipe(path, ["adapter.head_init=centroids"])
+    with pytest.raises(ConfigError, match="did you mean 'prior'"):
+        load_recipe(path, ["adapter.head_init.priors=2"])
+
+
+def test_head_init_prototypes_trains_and_registers_a_cosine_head(
+    tmp_path, tiny_models, reset_accelerate
+):
+    recipe = _tiny(
+        tmp_path,
+        tiny_models,
+        ["adapter.head_init.method=prototypes", "adapter.head_init.prompt=sentiment/it-was"],
+    )
+    outcome = run_recipe(recipe, run_dir=tmp_path / "run", registry=tmp_path / "reg")
+    entry = Registry(tmp_path / "reg").get(outcome.entries[0])
+    task = json.loads((entry.path / "task.json").read_text())
+    assert task["head_normalize"] is True
+
+
+def test_head_init_needs_mean_pooling_and_one_description_source(
+    tmp_path, tiny_models, reset_accelerate
+):
+    base = f"base={tiny_models['llama']}"
+    recipe = _tiny(tmp_path, tiny_models, [base, "adapter.head_init=prototypes"])
+    with pytest.raises(ConfigError, match="pools 'last'.*adapter.pooling=mean"):
+        run_recipe(recipe, run_dir=tmp_path / "run", registry=tmp_path / "reg")
+    both = [
+        "adapter.head_init.prompt=sentiment",
+        "adapter.head_init.descriptions={negative: bad, positive: good}",
+    ]
+    recipe = _tiny(tmp_path, tiny_models, both)
+    with pytest.raises(ConfigError, match="prompt or descriptions, not both"):
+        run_recipe(recipe, run_dir=tmp_path / "run2", registry=tmp_path / "reg")
