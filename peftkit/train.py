@@ -425,12 +425,13 @@ def train(
         nonlocal total_steps
         if budget_s is None or not step_times:
             return
-        recent = step_times[-50:]
+        # the mean, not the median: length-bucketed steps vary, and the budget is a sum
+        recent = step_times[-500:]
         horizon = budget_horizon(
             state["step"],
             cap_steps,
             budget_s - state["elapsed_s"],
-            float(np.median(recent)),
+            float(np.mean(recent)),
             eval_s,
             eval_every,
         )
@@ -487,8 +488,8 @@ def train(
                 step = state["step"]
                 if len(step_times) == 10:
                     replan(first=True)
-                if budget_s is not None and state["elapsed_s"] >= budget_s:
-                    total_steps = step  # out of time: evaluate, checkpoint, stop
+                if budget_s is not None and state["elapsed_s"] + eval_s >= budget_s:
+                    total_steps = step  # no time for more: evaluate, checkpoint, stop
                 if step % config.log_every == 0 or step == total_steps:
                     row = {
                         "step": step,
