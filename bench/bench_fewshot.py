@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/bench_fewshot.py          # -> bench/results/bench_fewshot.json
     .venv/bin/python bench/bench_fewshot.py --quick  # 1 seed, k=8, 100 test rows
+    .venv/bin/python bench/bench_fewshot.py --settings ag_news:16 --ft-epochs 40 \
+        --out bench_fewshot_agnews16
 
 Needs the bench extra (``pip install -e .[bench]``: setfit 1.2).
 
@@ -17,8 +19,13 @@ sides get exactly those rows.
   of the shipped verbalizers: sentiment ``it-was``, news ``article-topic``); no gradient
   steps. Its settings were chosen on the validation splits, not on these test rows.
 - ``peftkit-prototypes-lora``: the same head, then ``train(..., head_init=head)`` with the
-  ``lora`` preset for 10 epochs over the k·C rows (batch 16, lr 3e-3, max_length 64, no
-  early stopping: there is no validation set in a few-shot setting).
+  ``lora`` preset for ``--ft-epochs`` epochs (default 10) over the k·C rows (batch 16, lr
+  3e-3, max_length 64, no early stopping: there is no validation set in a few-shot setting).
+  On AG News k=8 validation (``--split validation``: first 1,000 rows, seeds 0-4) 10
+  epochs gave 80.8 ± 1.9, 40 epochs 81.9 ± 2.3, and the ``full`` preset for 20 epochs
+  (lr 3e-5) 81.5 ± 1.7.
+- ``peftkit-prototypes-full``: the same with the ``full`` preset (lr 3e-5); not run by
+  default.
 
 Time per run is fitting plus predicting the test rows, in this process, one after another.
 """
@@ -76,7 +83,14 @@ def run_prototypes(base, support, test, labels, verbalizer) -> tuple[np.ndarray,
     return preds, fit, time.perf_counter() - t0
 
 
-def run_prototypes_lora(base, support, test, labels, verbalizer, seed: int):
+FINETUNE = {  # method -> (preset, learning rate)
+    "peftkit-prototypes-lora": ("lora", 3e-3),
+    "peftkit-prototypes-full": ("full", 3e-5),
+}
+
+
+def run_prototypes_ft(base, support, test, labels, verbalizer, seed: int, method: str, epochs):
+    """The prototype head, then ``train(..., head_init=head)`` on the k·C rows."""
     import tempfile
 
     from peftkit.adapters import load_preset
@@ -85,15 +99,16 @@ def run_prototypes_lora(base, support, test, labels, verbalizer, seed: int):
     from peftkit.fewshot import prototype_head
     from peftkit.train import TrainConfig, train
 
+    preset, lr = FINETUNE[method]
     t0 = time.perf_counter()
     head = prototype_head(base, support, labels, verbalizer, prior=1.0)
     data = TextDataset("few-shot", tuple(labels), {"train": support, "validation": support})
     config = TrainConfig(
-        epochs=10, batch_size=16, learning_rate=3e-3, max_length=64, patience=None,
+        epochs=epochs, batch_size=16, learning_rate=lr, max_length=64, patience=None,
         eval_every=10**6, seed=seed, progress=False, warmup_ratio=0.1,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as run_dir:
-        result = train(base, load_preset("lora"), data, config, run_dir, head_init=head)
+        result = train(base, load_preset(preset), data, config, run_dir, head_init=head)
     fit = time.perf_counter() - t0
     import torch
 
@@ -120,6 +135,15 @@ def main() -> None:
         help="task:k pairs, in the order they run",
     )
     parser.add_argument("--out", default="bench_fewshot")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "validation"),
+        help="where to score (validation: for choosing settings, same row limits)",
+    )
+    parser.add_argument(
+        "--ft-epochs", type=float, default=10, help="epochs of the prototype fine-tuning methods"
+    )
     parser.add_argument("--methods", default="setfit,peftkit-prototypes,peftkit-prototypes-lora")
     ns = parser.parse_args()
 
@@ -140,8 +164,8 @@ def main() -> None:
     for key, k in settings:
         folder, limit, family, template = TASKS[key]
         data = load_data(DATA / folder)
-        test = data.split("test")
-        n = 100 if ns.quick else (len(test) if limit is None else limit)
+        test = data.split(ns.split)
+        n = 100 if ns.quick else min(len(test), len(test) if limit is None else limit)
         test = test.subset(range(n))
         gold = np.asarray(test.labels)
         verbalizer = load_prompt(family, template).verbalizer
@@ -152,9 +176,9 @@ def main() -> None:
             for m in methods:
                 if m == "setfit":
                     preds, fit, total = run_setfit(model_dir, support, test, seed)
-                elif m == "peftkit-prototypes-lora":
-                    preds, fit, total = run_prototypes_lora(
-                        base, support, test, data.labels, verbalizer, seed
+                elif m in FINETUNE:
+                    preds, fit, total = run_prototypes_ft(
+                        base, support, test, data.labels, verbalizer, seed, m, ns.ft_epochs
                     )
                 else:
                     preds, fit, total = run_prototypes(base, support, test, data.labels, verbalizer)
@@ -179,7 +203,7 @@ def main() -> None:
         write_results(
             ns.out, {"benchmark": "bench_fewshot", "issue": 4, "environment": env,
                      "settings_done": len(summary) // len(methods), "settings": settings,
-                     "runs": runs, "summary": summary}, quick=ns.quick,
+                     "ft_epochs": ns.ft_epochs, "split": ns.split, "runs": runs, "summary": summary}, quick=ns.quick,
         )  # fmt: skip
     goals = {}
     for s in summary:
@@ -202,6 +226,8 @@ def main() -> None:
         "model": "MiniLM (packaged all-MiniLM-L6-v2)",
         "environment": env,
         "settings_done": len(settings),
+        "ft_epochs": ns.ft_epochs,
+        "split": ns.split,
         "runs": runs,
         "summary": summary,
         "goals": goals,
