@@ -390,7 +390,9 @@ def train(
         torch.set_rng_state(extra["torch_rng"])
         np.random.set_state(extra["numpy_rng"])
         resumed_from = state["step"]
-        total_steps = scheduler.lr_lambdas[0].total
+        sched = scheduler.lr_lambdas[0]  # its horizon came back with the checkpoint
+        sched.total = cap_steps if config.max_minutes is None else min(sched.total, cap_steps)
+        total_steps = sched.total
         state.setdefault("elapsed_s", 0.0)
         if main:
             print(f"peftkit: resuming {run_dir} from step {resumed_from}", file=sys.stderr)
