@@ -290,3 +290,22 @@ def test_budget_horizon_leaves_room_for_evaluations():
     assert budget_horizon(7, 20, -5.0, 1.0, 0.0, 10) == 7  # nothing left: stop now
     with pytest.raises(ConfigError, match="max_minutes must be > 0"):
         TrainConfig(max_minutes=0)
+
+
+def test_resume_without_budget_takes_the_configured_length(tiny_models, tmp_path, monkeypatch):
+    base, spec = _base(tiny_models, "bert")
+    _fake_clock(monkeypatch, stop_at=8)
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            base,
+            spec,
+            synthetic("sentiment"),
+            TrainConfig(max_steps=10, checkpoint_every=5, **QUICK),
+            tmp_path / "run",
+        )
+    base, spec = _base(tiny_models, "bert")
+    _fake_clock(monkeypatch)
+    longer = TrainConfig(max_steps=12, checkpoint_every=5, log_every=1, **QUICK)
+    result = train(base, spec, synthetic("sentiment"), longer, tmp_path / "run")
+    assert result.resumed_from == 5 and result.steps == 12
+    assert [r["lr"] for r in result.history if "lr" in r][-1] == 0.0  # decayed to the new end
