@@ -46,7 +46,11 @@ METHODS: dict[str, tuple[str, dict, float | None]] = {
     "qlora-4bit": ("qlora", {"quantization": "4bit"}, None),
     # the lora preset on every linear layer of the body (peft's "all-linear"), not q/v only
     "lora-all-linear": ("lora", {"peft": {"target_modules": "all-linear"}}, None),
+    # the lora preset trained with LoRA+ (lora_B at 16x the learning rate of lora_A)
+    "lora-plus": ("lora", {}, 1e-3),
 }
+# method -> TrainConfig fields beyond the shared budget
+TRAINING: dict[str, dict] = {"lora-plus": {"loraplus_lr_ratio": 16.0}}
 ANCHORS = {"peft-loop-full": 5e-5, "peft-loop-lora": 1e-3}
 
 
@@ -97,6 +101,7 @@ def worker_peftkit(args: dict) -> dict:
         checkpoint_every=10**9,
         progress=False,
         seed=0,
+        **TRAINING.get(args["method"], {}),
     )
     run_dir = Path(tempfile.mkdtemp(prefix=f"peftkit-bench-train-{args['method']}-"))
     try:
@@ -110,6 +115,7 @@ def worker_peftkit(args: dict) -> dict:
         "learning_rate": lr or spec.learning_rate,
         "scheduler": cfg.scheduler,
         "warmup_ratio": cfg.warmup_ratio,
+        **TRAINING.get(args["method"], {}),
         "test_accuracy": res.test_metrics.get("accuracy"),
         "test_macro_f1": res.test_metrics.get("macro_f1"),
         "best_validation": res.best,

@@ -41,6 +41,7 @@ from peftkit.adapters import (
     trainable_parameters,
     verbalizer_token_ids,
 )
+from peftkit.artifacts import release
 from peftkit.batching import (
     Encoded,
     apply_template,
@@ -70,6 +71,7 @@ class TrainConfig:
     grad_accum: int = 1
     learning_rate: float | None = None  # None: the preset's learning rate
     weight_decay: float = 0.01
+    loraplus_lr_ratio: float | None = None  # LoRA+: lora_B learns this many times faster
     warmup_ratio: float = 0.06
     scheduler: str = "linear"
     max_length: int = 128
@@ -99,6 +101,10 @@ class TrainConfig:
             raise ConfigError("training.epochs must be > 0 (or set training.max_steps)")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"training.max_minutes must be > 0, got {self.max_minutes}")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio >= 1:
+            raise ConfigError(
+                f"training.loraplus_lr_ratio must be >= 1, got {self.loraplus_lr_ratio}"
+            )
 
 
 @dataclass
@@ -175,7 +181,26 @@ def find_checkpoint(folder: Path) -> Path | None:
 # -- the loop -----------------------------------------------------------------------------
 
 
-def _make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float):
+def _make_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, loraplus_lr_ratio: float | None = None
+):
+    if loraplus_lr_ratio is not None:
+        # LoRA+ (Hayou et al. 2024): peft's own parameter grouping; lora_B (and 1-d
+        # parameters) at lr * ratio, lora_A and the head's weight at lr
+        if not any("lora_B" in name for name, _ in model.named_parameters()):
+            raise ConfigError(
+                "training.loraplus_lr_ratio needs a LoRA adapter (lora or qlora); "
+                "this model has no lora_B weights"
+            )
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(
+            model,
+            torch.optim.AdamW,
+            lr=lr,
+            loraplus_lr_ratio=loraplus_lr_ratio,
+            loraplus_weight_decay=weight_decay,
+        )
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
@@ -325,6 +350,10 @@ def train(
             len(enc_train),
             config.max_length,
         )
+    if config.loraplus_lr_ratio is not None and spec.method not in ("lora", "qlora"):
+        raise ConfigError(
+            f"training.loraplus_lr_ratio needs a LoRA adapter (lora or qlora), not {spec.method}"
+        )
     token_ids = None
     if verbalizer is not None:
         missing = [lab for lab in data.labels if lab not in verbalizer]
@@ -337,228 +366,236 @@ def train(
     model = build_task_model(
         base.model, spec, len(data.labels), seed=config.seed, verbalizer=token_ids
     )
-    if head_init is not None:
-        if head_init.linear.out_features != len(data.labels):
-            raise ConfigError(
-                f"head_init has {head_init.linear.out_features} outputs but the data has "
-                f"{len(data.labels)} labels"
-            )
-        start = copy.deepcopy(head_init).train()
-        start.dropout = model.head.dropout
-        model.head = start.to(next(model.head.parameters()).device)
-    trainable, total = trainable_parameters(model)
-    lr = spec.learning_rate if config.learning_rate is None else config.learning_rate
-    optimizer = _make_optimizer(model, lr, config.weight_decay)
-    lengths = [len(r) for r in enc_train.ids]
-    per_epoch_batches = (
-        len(length_batches(lengths, config.batch_size, seed=config.seed, epoch=0))
-        // acc.num_processes
-    )
-    if per_epoch_batches == 0:
-        raise ConfigError(
-            f"{len(enc_train)} training rows make no batch of "
-            f"{config.batch_size} per process on {acc.num_processes} processes"
-        )
-    steps_per_epoch = max(1, per_epoch_batches // config.grad_accum)
-    cap_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    total_steps = cap_steps
-    scheduler = _make_scheduler(
-        optimizer, config.scheduler, total_steps, int(config.warmup_ratio * total_steps)
-    )
-    model, optimizer = acc.prepare(model, optimizer)
-    eval_every = config.eval_every or steps_per_epoch
-
-    ckpt_dir = run_dir / "checkpoints"
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "batch": 0,
-        "history": [],
-        "best_metric": None,
-        "best_step": 0,
-        "bad_evals": 0,
-        "elapsed_s": 0.0,  # wall-clock seconds spent in the loop, over every resume
-    }
-    found = find_checkpoint(ckpt_dir / "last")
-    resumed_from = 0
-    if found is not None:
-        state = json.loads((found / "state.json").read_text())
-        load_trainable(acc.unwrap_model(model), load_file(str(found / "trainable.safetensors")))
-        extra = torch.load(found / "optim.pt", weights_only=False)
-        optimizer.load_state_dict(extra["optimizer"])
-        scheduler.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["torch_rng"])
-        np.random.set_state(extra["numpy_rng"])
-        resumed_from = state["step"]
-        sched = scheduler.lr_lambdas[0]  # its horizon came back with the checkpoint
-        sched.total = cap_steps if config.max_minutes is None else min(sched.total, cap_steps)
-        total_steps = sched.total
-        state.setdefault("elapsed_s", 0.0)
-        if main:
-            print(f"peftkit: resuming {run_dir} from step {resumed_from}", file=sys.stderr)
-    else:
-        torch.manual_seed(config.seed)
-
-    def checkpoint() -> None:
-        if main:
-            save_checkpoint(ckpt_dir / "last", acc.unwrap_model(model), optimizer, scheduler, state)
-        acc.wait_for_everyone()
-
-    show = config.progress if config.progress is not None else None
-    bar = tqdm(
-        total=total_steps,
-        initial=state["step"],
-        desc=f"train {spec.method}",
-        disable=(not main) or (show is False) or (show is None and not sys.stderr.isatty()),
-    )
-    start = time.perf_counter()
-    step_times: list[float] = []
-    running: list[float] = []
-    budget_s = None if config.max_minutes is None else 60.0 * config.max_minutes
-    eval_s = 0.0  # the last evaluation's cost, for the budget
-    clock = [_now()]
-
-    def tick() -> None:  # charge the time since the last tick to the budget
-        now = _now()
-        state["elapsed_s"] += now - clock[0]
-        clock[0] = now
-
-    def replan(first: bool = False) -> None:
-        nonlocal total_steps
-        if budget_s is None or not step_times:
-            return
-        # the mean, not the median: length-bucketed steps vary, and the budget is a sum
-        recent = step_times[-500:]
-        horizon = budget_horizon(
-            state["step"],
-            cap_steps,
-            budget_s - state["elapsed_s"],
-            float(np.mean(recent)),
-            eval_s,
-            eval_every,
-        )
-        sched = scheduler.lr_lambdas[0]
-        if first and state["step"] < sched.warmup:
-            sched.warmup = min(sched.warmup, int(config.warmup_ratio * horizon))
-        sched.total = total_steps = horizon
-        bar.total = horizon
-        bar.refresh()
-
-    model.train()
-    stop = False
+    built = model
     try:
-        while state["step"] < total_steps and not stop:
-            batches = length_batches(
-                lengths, config.batch_size, seed=config.seed, epoch=state["epoch"]
+        if head_init is not None:
+            if head_init.linear.out_features != len(data.labels):
+                raise ConfigError(
+                    f"head_init has {head_init.linear.out_features} outputs but the data has "
+                    f"{len(data.labels)} labels"
+                )
+            start = copy.deepcopy(head_init).train()
+            start.dropout = model.head.dropout
+            model.head = start.to(next(model.head.parameters()).device)
+        trainable, total = trainable_parameters(model)
+        lr = spec.learning_rate if config.learning_rate is None else config.learning_rate
+        optimizer = _make_optimizer(model, lr, config.weight_decay, config.loraplus_lr_ratio)
+        lengths = [len(r) for r in enc_train.ids]
+        per_epoch_batches = (
+            len(length_batches(lengths, config.batch_size, seed=config.seed, epoch=0))
+            // acc.num_processes
+        )
+        if per_epoch_batches == 0:
+            raise ConfigError(
+                f"{len(enc_train)} training rows make no batch of "
+                f"{config.batch_size} per process on {acc.num_processes} processes"
             )
-            usable = per_epoch_batches * acc.num_processes
-            mine = batches[:usable][acc.process_index :: acc.num_processes]
-            t0 = _now()
-            while state["batch"] < len(mine):
-                idx = mine[state["batch"]]
-                state["batch"] += 1
-                tensors = collate([enc_train.ids[i] for i in idx], pad)
-                labels = torch.tensor([enc_train.labels[i] for i in idx], device=acc.device)
-                with acc.accumulate(model):
-                    logits = model(
-                        tensors["input_ids"].to(acc.device),
-                        tensors["attention_mask"].to(acc.device),
-                    )
-                    loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-                    if not torch.isfinite(loss):
-                        raise TrainingError(
-                            f"loss became {loss.item()} at step {state['step'] + 1} "
-                            f"(learning rate {scheduler.get_last_lr()[0]:.2g}); stopped. The last "
-                            f"good checkpoint is kept in {ckpt_dir / 'last'} — lower "
-                            "training.learning_rate and run again to resume from it"
-                        )
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    if acc.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad()
-                running.append(loss.item())
-                if not acc.sync_gradients:
-                    continue
-                state["step"] += 1
-                step_times.append(_now() - t0)
+        steps_per_epoch = max(1, per_epoch_batches // config.grad_accum)
+        cap_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+        total_steps = cap_steps
+        scheduler = _make_scheduler(
+            optimizer, config.scheduler, total_steps, int(config.warmup_ratio * total_steps)
+        )
+        model, optimizer = acc.prepare(model, optimizer)
+        eval_every = config.eval_every or steps_per_epoch
+
+        ckpt_dir = run_dir / "checkpoints"
+        state: dict[str, Any] = {
+            "step": 0,
+            "epoch": 0,
+            "batch": 0,
+            "history": [],
+            "best_metric": None,
+            "best_step": 0,
+            "bad_evals": 0,
+            "elapsed_s": 0.0,  # wall-clock seconds spent in the loop, over every resume
+        }
+        found = find_checkpoint(ckpt_dir / "last")
+        resumed_from = 0
+        if found is not None:
+            state = json.loads((found / "state.json").read_text())
+            load_trainable(acc.unwrap_model(model), load_file(str(found / "trainable.safetensors")))
+            extra = torch.load(found / "optim.pt", weights_only=False)
+            optimizer.load_state_dict(extra["optimizer"])
+            scheduler.load_state_dict(extra["scheduler"])
+            torch.set_rng_state(extra["torch_rng"])
+            np.random.set_state(extra["numpy_rng"])
+            resumed_from = state["step"]
+            sched = scheduler.lr_lambdas[0]  # its horizon came back with the checkpoint
+            sched.total = cap_steps if config.max_minutes is None else min(sched.total, cap_steps)
+            total_steps = sched.total
+            state.setdefault("elapsed_s", 0.0)
+            if main:
+                print(f"peftkit: resuming {run_dir} from step {resumed_from}", file=sys.stderr)
+        else:
+            torch.manual_seed(config.seed)
+
+        def checkpoint() -> None:
+            if main:
+                save_checkpoint(
+                    ckpt_dir / "last", acc.unwrap_model(model), optimizer, scheduler, state
+                )
+            acc.wait_for_everyone()
+
+        show = config.progress if config.progress is not None else None
+        bar = tqdm(
+            total=total_steps,
+            initial=state["step"],
+            desc=f"train {spec.method}",
+            disable=(not main) or (show is False) or (show is None and not sys.stderr.isatty()),
+        )
+        start = time.perf_counter()
+        step_times: list[float] = []
+        running: list[float] = []
+        budget_s = None if config.max_minutes is None else 60.0 * config.max_minutes
+        eval_s = 0.0  # the last evaluation's cost, for the budget
+        clock = [_now()]
+
+        def tick() -> None:  # charge the time since the last tick to the budget
+            now = _now()
+            state["elapsed_s"] += now - clock[0]
+            clock[0] = now
+
+        def replan(first: bool = False) -> None:
+            nonlocal total_steps
+            if budget_s is None or not step_times:
+                return
+            # the mean, not the median: length-bucketed steps vary, and the budget is a sum
+            recent = step_times[-500:]
+            horizon = budget_horizon(
+                state["step"],
+                cap_steps,
+                budget_s - state["elapsed_s"],
+                float(np.mean(recent)),
+                eval_s,
+                eval_every,
+            )
+            sched = scheduler.lr_lambdas[0]
+            if first and state["step"] < sched.warmup:
+                sched.warmup = min(sched.warmup, int(config.warmup_ratio * horizon))
+            sched.total = total_steps = horizon
+            bar.total = horizon
+            bar.refresh()
+
+        model.train()
+        stop = False
+        try:
+            while state["step"] < total_steps and not stop:
+                batches = length_batches(
+                    lengths, config.batch_size, seed=config.seed, epoch=state["epoch"]
+                )
+                usable = per_epoch_batches * acc.num_processes
+                mine = batches[:usable][acc.process_index :: acc.num_processes]
                 t0 = _now()
-                tick()
-                bar.update(1)
-                step = state["step"]
-                if len(step_times) == 10:
-                    replan(first=True)
-                if budget_s is not None and state["elapsed_s"] + eval_s >= budget_s:
-                    total_steps = step  # no time for more: evaluate, checkpoint, stop
-                if step % config.log_every == 0 or step == total_steps:
-                    row = {
-                        "step": step,
-                        "epoch": round(step / steps_per_epoch, 4),
-                        "loss": float(np.mean(running)),
-                        "lr": scheduler.get_last_lr()[0],
-                    }
-                    state["history"].append(row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
-                    running = []
-                if step % eval_every == 0 or step >= total_steps:
-                    e0 = _now()
-                    stop = _evaluate(
-                        acc, model, enc_val, data.labels, pad, config, state, ckpt_dir, main
-                    )
-                    eval_s = _now() - e0
-                    tick()
-                    if step < total_steps:
-                        replan()
+                while state["batch"] < len(mine):
+                    idx = mine[state["batch"]]
+                    state["batch"] += 1
+                    tensors = collate([enc_train.ids[i] for i in idx], pad)
+                    labels = torch.tensor([enc_train.labels[i] for i in idx], device=acc.device)
+                    with acc.accumulate(model):
+                        logits = model(
+                            tensors["input_ids"].to(acc.device),
+                            tensors["attention_mask"].to(acc.device),
+                        )
+                        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+                        if not torch.isfinite(loss):
+                            raise TrainingError(
+                                f"loss became {loss.item()} at step {state['step'] + 1} "
+                                f"(learning rate {scheduler.get_last_lr()[0]:.2g}); stopped. The last "
+                                f"good checkpoint is kept in {ckpt_dir / 'last'} — lower "
+                                "training.learning_rate and run again to resume from it"
+                            )
+                        acc.backward(loss)
+                        if acc.sync_gradients:
+                            acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                        optimizer.step()
+                        if acc.sync_gradients:
+                            scheduler.step()
+                        optimizer.zero_grad()
+                    running.append(loss.item())
+                    if not acc.sync_gradients:
+                        continue
+                    state["step"] += 1
+                    step_times.append(_now() - t0)
                     t0 = _now()
-                if step % config.checkpoint_every == 0 or stop or step >= total_steps:
                     tick()
-                    checkpoint()
-                if stop or step >= total_steps:
-                    break
-            else:
-                state["epoch"] += 1
-                state["batch"] = 0
-    except KeyboardInterrupt:
-        if main:
-            print(
-                f"\npeftkit: interrupted at step {state['step']}; the last checkpoint is in "
-                f"{ckpt_dir / 'last'}. Run the same command again to resume.",
-                file=sys.stderr,
+                    bar.update(1)
+                    step = state["step"]
+                    if len(step_times) == 10:
+                        replan(first=True)
+                    if budget_s is not None and state["elapsed_s"] + eval_s >= budget_s:
+                        total_steps = step  # no time for more: evaluate, checkpoint, stop
+                    if step % config.log_every == 0 or step == total_steps:
+                        row = {
+                            "step": step,
+                            "epoch": round(step / steps_per_epoch, 4),
+                            "loss": float(np.mean(running)),
+                            "lr": scheduler.get_last_lr()[0],
+                        }
+                        state["history"].append(row)
+                        bar.set_postfix(loss=f"{row['loss']:.4f}")
+                        running = []
+                    if step % eval_every == 0 or step >= total_steps:
+                        e0 = _now()
+                        stop = _evaluate(
+                            acc, model, enc_val, data.labels, pad, config, state, ckpt_dir, main
+                        )
+                        eval_s = _now() - e0
+                        tick()
+                        if step < total_steps:
+                            replan()
+                        t0 = _now()
+                    if step % config.checkpoint_every == 0 or stop or step >= total_steps:
+                        tick()
+                        checkpoint()
+                    if stop or step >= total_steps:
+                        break
+                else:
+                    state["epoch"] += 1
+                    state["batch"] = 0
+        except KeyboardInterrupt:
+            if main:
+                print(
+                    f"\npeftkit: interrupted at step {state['step']}; the last checkpoint is in "
+                    f"{ckpt_dir / 'last'}. Run the same command again to resume.",
+                    file=sys.stderr,
+                )
+            raise
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        unwrapped = acc.unwrap_model(model)
+        best = ckpt_dir / "best" / "trainable.safetensors"
+        if best.is_file():
+            load_trainable(unwrapped, load_file(str(best)))
+        result = TrainResult(
+            model=unwrapped,
+            steps=state["step"],
+            history=state["history"],
+            best={"step": state["best_step"], config.metric: state["best_metric"]},
+            trainable=trainable,
+            total=total,
+            seconds=seconds,
+            step_seconds=float(np.median(step_times)) if step_times else 0.0,
+            resumed_from=resumed_from,
+        )
+        if "test" in data.splits:
+            test = data.split("test")
+            enc_test = enc(test)
+            metrics, logits = evaluate_split(
+                unwrapped, enc_test, data.labels, pad, config.eval_batch_size, acc
             )
+            result.test_metrics = metrics
+            result.report = classification_report(
+                list(enc_test.labels), logits.argmax(-1).tolist(), data.labels
+            )
+        if main:
+            atomic_write_text(run_dir / "history.json", json.dumps(state["history"], indent=1))
+        return result
+    except BaseException:
+        # leave the shared base as it was: take this run's adapter back out of it
+        release(built)
         raise
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    unwrapped = acc.unwrap_model(model)
-    best = ckpt_dir / "best" / "trainable.safetensors"
-    if best.is_file():
-        load_trainable(unwrapped, load_file(str(best)))
-    result = TrainResult(
-        model=unwrapped,
-        steps=state["step"],
-        history=state["history"],
-        best={"step": state["best_step"], config.metric: state["best_metric"]},
-        trainable=trainable,
-        total=total,
-        seconds=seconds,
-        step_seconds=float(np.median(step_times)) if step_times else 0.0,
-        resumed_from=resumed_from,
-    )
-    if "test" in data.splits:
-        test = data.split("test")
-        enc_test = enc(test)
-        metrics, logits = evaluate_split(
-            unwrapped, enc_test, data.labels, pad, config.eval_batch_size, acc
-        )
-        result.test_metrics = metrics
-        result.report = classification_report(
-            list(enc_test.labels), logits.argmax(-1).tolist(), data.labels
-        )
-    if main:
-        atomic_write_text(run_dir / "history.json", json.dumps(state["history"], indent=1))
-    return result
 
 
 def _evaluate(acc, model, enc_val, labels, pad, config, state, ckpt_dir, main) -> bool:

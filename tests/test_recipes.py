@@ -122,6 +122,7 @@ def test_overrides_parse_yaml_scalars_and_shorthands(tmp_path):
             "training.learning_rate=1e-3",
             "training.max_steps=2",
             "training.max_minutes=30",
+            "training.loraplus_lr_ratio=16",
             "registry.tags=[a, b]",
             "adapter.peft.r=16",
             "base=/some/folder",
@@ -130,6 +131,7 @@ def test_overrides_parse_yaml_scalars_and_shorthands(tmp_path):
     )
     assert recipe.training.learning_rate == 1e-3 and recipe.training.max_steps == 2
     assert recipe.training.max_minutes == 30
+    assert recipe.training.loraplus_lr_ratio == 16
     assert recipe.registry.tags == ("a", "b")
     assert recipe.adapter.peft == {"r": 16}
     assert recipe.base.source == "/some/folder"

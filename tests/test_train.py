@@ -156,6 +156,58 @@ def test_bad_training_settings_are_named():
         TrainConfig(batch_size=0)
 
 
+def test_loraplus_gives_lora_b_a_larger_learning_rate(tiny_models, tmp_path):
+    from peftkit.train import _make_optimizer
+
+    base, spec = _base(tiny_models, "bert")
+    model = build_task_model(base.model, spec, num_labels=2)
+    opt = _make_optimizer(model, 1e-3, 0.01, loraplus_lr_ratio=16)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    b = [n for n, p in names.items() if "lora_B" in n]
+    a = [n for n, p in names.items() if "lora_A" in n]
+    assert b and a
+    assert {lr_of[id(names[n])] for n in b} == {16e-3}
+    assert {lr_of[id(names[n])] for n in a} == {1e-3}
+    # every trainable weight is optimized, none twice
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(map(id, trainable)) == sorted(lr_of)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(trainable)
+    release(model)
+    # and it trains end to end, the schedule scaling every group
+    config = TrainConfig(max_steps=3, loraplus_lr_ratio=16, learning_rate=1e-3, **QUICK)
+    result = train(base, spec, synthetic("sentiment", n=32), config, tmp_path / "run")
+    assert result.steps == 3
+    release(result.model)
+
+
+def test_loraplus_without_lora_is_refused(tiny_models, tmp_path):
+    base, spec = _base(tiny_models, "bert", "ia3")
+    config = TrainConfig(max_steps=1, loraplus_lr_ratio=16, **QUICK)
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio needs a LoRA adapter"):
+        train(base, spec, synthetic("sentiment", n=32), config, tmp_path / "run")
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio must be >= 1"):
+        TrainConfig(loraplus_lr_ratio=0.5)
+
+
+def test_a_failed_run_leaves_the_shared_base_clean(tiny_models, tmp_path):
+    from peftkit.adapters import Head
+
+    base, spec = _base(tiny_models, "bert")
+    before = sorted(n for n, _ in base.model.named_parameters())
+    wrong = Head(32, 5)  # the data has 2 labels
+    config = TrainConfig(max_steps=1, **QUICK)
+    data = synthetic("sentiment", n=32)
+    with pytest.raises(ConfigError, match="head_init has 5 outputs"):
+        train(base, spec, data, config, tmp_path / "a", head_init=wrong)
+    assert sorted(n for n, _ in base.model.named_parameters()) == before
+    # the same base trains the next adapter as if nothing happened
+    result = train(base, spec, data, config, tmp_path / "b")
+    assert result.steps == 1
+    release(result.model)
+    assert sorted(n for n, _ in base.model.named_parameters()) == before
+
+
 def test_bad_presets_are_named(tmp_path, tiny_models):
     with pytest.raises(ConfigError, match="did you mean 'lora'"):
         load_preset("lorra")
