@@ -99,11 +99,14 @@ def run_worker(
 
 def write_results(name: str, payload: dict[str, Any], quick: bool = False) -> Path:
     """Full runs go to bench/results/; ``--quick`` smoke runs to a temp folder (they are
-    not results and must not overwrite them)."""
+    not results and must not overwrite them). ``name`` may be given as a path
+    (``bench/results/x.json``): only its stem counts."""
     folder = Path(tempfile.gettempdir()) / "peftkit-bench" if quick else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    path = folder / f"{Path(name).name.removesuffix('.json')}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -365,7 +365,12 @@ def main() -> None:
         old_budget = {k: v for k, v in old["budget"].items() if k in budget}
         if old_budget != budget:
             parser.error(f"--append: {ns.out}.json has budget {old_budget}, this run {budget}")
-        payload["rows"] = [r for r in old["rows"] if r["method"] not in methods]
+        # a method's row is replaced by a run at the same learning rate, kept beside others
+        payload["rows"] = [
+            r
+            for r in old["rows"]
+            if r["method"] not in methods or (r.get("lr") or None) != lrs.get(r["method"])
+        ]
         payload["appended"] = {"methods": methods, "environment": payload["environment"]}
         payload["environment"] = old["environment"]
     for m in methods:

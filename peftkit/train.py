@@ -22,8 +22,6 @@ import copy
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from peftkit.adapters import (
     AdapterSpec,
@@ -50,10 +48,12 @@ from peftkit.batching import (
     length_batches,
     pad_id,
 )
+from peftkit.checkpoints import find_checkpoint, load_trainable, save_best, save_checkpoint
 from peftkit.data import Split, TextDataset
 from peftkit.errors import ConfigError, TrainingError
 from peftkit.evaluation import classification_report, compute_metrics
 from peftkit.paths import atomic_write_text
+from peftkit.schedule import budget_horizon, make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -122,140 +122,11 @@ class TrainResult:
     resumed_from: int = 0
 
 
-# -- checkpoints --------------------------------------------------------------------------
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        n: p.detach().to("cpu").contiguous().clone()
-        for n, p in model.named_parameters()
-        if p.requires_grad
-    }
-
-
-def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n in state if n not in params]
-    if missing:
-        raise TrainingError(f"checkpoint does not fit this model; unknown weights: {missing[:3]}")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict[str, Any]) -> None:
-    """Write a resumable checkpoint atomically (temp folder, then rename)."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
-        },
-        tmp / "optim.pt",
-    )
-    atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
-    _swap_in(tmp, folder)
-
-
-def find_checkpoint(folder: Path) -> Path | None:
-    for candidate in (folder, folder.with_name(folder.name + ".old")):
-        if (candidate / "state.json").is_file() and (candidate / "optim.pt").is_file():
-            return candidate
-    return None
-
-
 # -- the loop -----------------------------------------------------------------------------
-
-
-def _make_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, loraplus_lr_ratio: float | None = None
-):
-    if loraplus_lr_ratio is not None:
-        # LoRA+ (Hayou et al. 2024): peft's own parameter grouping; lora_B (and 1-d
-        # parameters) at lr * ratio, lora_A and the head's weight at lr
-        if not any("lora_B" in name for name, _ in model.named_parameters()):
-            raise ConfigError(
-                "training.loraplus_lr_ratio needs a LoRA adapter (lora or qlora); "
-                "this model has no lora_B weights"
-            )
-        from peft.optimizers import create_loraplus_optimizer
-
-        return create_loraplus_optimizer(
-            model,
-            torch.optim.AdamW,
-            lr=lr,
-            loraplus_lr_ratio=loraplus_lr_ratio,
-            loraplus_weight_decay=weight_decay,
-        )
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
-
-
-class Schedule:
-    """Warmup, then linear / cosine decay to ``total`` (or constant): the factor
-    transformers' schedulers compute, with a horizon that a time budget can move. It is a
-    callable object, so ``LambdaLR.state_dict`` saves the horizon with the checkpoint."""
-
-    def __init__(self, kind: str, total: int, warmup: int) -> None:
-        self.kind, self.total, self.warmup = kind, int(total), int(warmup)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return step / max(1, self.warmup)
-        if self.kind == "constant":
-            return 1.0
-        progress = (step - self.warmup) / max(1, self.total - self.warmup)
-        if self.kind == "cosine":
-            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-        return max(0.0, 1.0 - progress)
-
-
-def _make_scheduler(optimizer, kind: str, total: int, warmup: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(kind, total, warmup))
 
 
 def _now() -> float:  # the training clock (tests replace it)
     return time.perf_counter()
-
-
-def budget_horizon(
-    step: int,
-    cap: int,
-    left_s: float,
-    step_s: float,
-    eval_s: float,
-    eval_every: int,
-) -> int:
-    """The last step a run at ``step`` can reach with ``left_s`` seconds left, when a step
-    costs ``step_s`` and an evaluation (every ``eval_every`` steps) ``eval_s``; at most
-    ``cap``, at least ``step`` (nothing left: stop here)."""
-    per_step = step_s + eval_s / max(1, eval_every)
-    if per_step <= 0:
-        return cap
-    fit = int((left_s - eval_s) / per_step)  # keep room for the final evaluation
-    return max(step, min(cap, step + max(0, fit)))
 
 
 def predict_logits(
@@ -379,7 +250,7 @@ def train(
             model.head = start.to(next(model.head.parameters()).device)
         trainable, total = trainable_parameters(model)
         lr = spec.learning_rate if config.learning_rate is None else config.learning_rate
-        optimizer = _make_optimizer(model, lr, config.weight_decay, config.loraplus_lr_ratio)
+        optimizer = make_optimizer(model, lr, config.weight_decay, config.loraplus_lr_ratio)
         lengths = [len(r) for r in enc_train.ids]
         per_epoch_batches = (
             len(length_batches(lengths, config.batch_size, seed=config.seed, epoch=0))
@@ -393,7 +264,7 @@ def train(
         steps_per_epoch = max(1, per_epoch_batches // config.grad_accum)
         cap_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
         total_steps = cap_steps
-        scheduler = _make_scheduler(
+        scheduler = make_scheduler(
             optimizer, config.scheduler, total_steps, int(config.warmup_ratio * total_steps)
         )
         model, optimizer = acc.prepare(model, optimizer)
@@ -610,11 +481,7 @@ def _evaluate(acc, model, enc_val, labels, pad, config, state, ckpt_dir, main) -
     if state["best_metric"] is None or value > state["best_metric"]:
         state["best_metric"], state["best_step"], state["bad_evals"] = value, state["step"], 0
         if main:
-            tmp = ckpt_dir / "best.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(trainable_state(acc.unwrap_model(model)), str(tmp / "trainable.safetensors"))
-            _swap_in(tmp, ckpt_dir / "best")
+            save_best(ckpt_dir / "best", acc.unwrap_model(model))
         return False
     state["bad_evals"] += 1
     return config.patience is not None and state["bad_evals"] >= config.patience

@@ -157,11 +157,11 @@ def test_bad_training_settings_are_named():
 
 
 def test_loraplus_gives_lora_b_a_larger_learning_rate(tiny_models, tmp_path):
-    from peftkit.train import _make_optimizer
+    from peftkit.schedule import make_optimizer
 
     base, spec = _base(tiny_models, "bert")
     model = build_task_model(base.model, spec, num_labels=2)
-    opt = _make_optimizer(model, 1e-3, 0.01, loraplus_lr_ratio=16)
+    opt = make_optimizer(model, 1e-3, 0.01, loraplus_lr_ratio=16)
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     names = dict(model.named_parameters())
     b = [n for n, p in names.items() if "lora_B" in n]
@@ -334,7 +334,7 @@ def test_time_budget_carries_over_a_resume(tiny_models, tmp_path, monkeypatch):
 
 
 def test_budget_horizon_leaves_room_for_evaluations():
-    from peftkit.train import budget_horizon
+    from peftkit.schedule import budget_horizon
 
     # 100 s left, 1 s a step, a 10 s evaluation every 10 steps: 2 s a step, less the final one
     assert budget_horizon(0, 10_000, 100.0, 1.0, 10.0, 10) == 45
