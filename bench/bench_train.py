@@ -371,7 +371,12 @@ def main() -> None:
             for r in old["rows"]
             if r["method"] not in methods or (r.get("lr") or None) != lrs.get(r["method"])
         ]
-        payload["appended"] = {"methods": methods, "environment": payload["environment"]}
+        for key, value in old.items():  # earlier_runs, notes: kept
+            payload.setdefault(key, value)
+        before = old.get("appended") or []
+        payload["appended"] = [*(before if isinstance(before, list) else [before])] + [
+            {"methods": methods, "environment": payload["environment"]}
+        ]
         payload["environment"] = old["environment"]
     for m in methods:
         t0 = time.perf_counter()
