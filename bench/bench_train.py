@@ -100,7 +100,7 @@ def worker_peftkit(args: dict) -> dict:
         patience=None,
         checkpoint_every=10**9,
         progress=False,
-        seed=0,
+        seed=args.get("seed", 0),
         **TRAINING.get(args["method"], {}),
     )
     run_dir = Path(tempfile.mkdtemp(prefix=f"peftkit-bench-train-{args['method']}-"))
@@ -143,7 +143,7 @@ def worker_anchor(args: dict) -> dict:
 
     sampler = PeakAnon()
     t_all = time.perf_counter()
-    torch.manual_seed(0)
+    torch.manual_seed(args.get("seed", 0))
     path = package_folder(PACKAGED_MODELS["minilm"])
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
@@ -173,7 +173,7 @@ def worker_anchor(args: dict) -> dict:
         return out
 
     train = rows("train", args["rows"])
-    random.Random(0).shuffle(train)
+    random.Random(args.get("seed", 0)).shuffle(train)
     lr = args.get("lr") or ANCHORS[args["method"]]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -310,6 +310,9 @@ def main() -> None:
         help="learning rate override, e.g. --lr lora=2e-3 (repeatable)",
     )
     parser.add_argument(
+        "--seed", type=int, default=0, help="training seed of the peftkit methods (order, init)"
+    )
+    parser.add_argument(
         "--minutes",
         type=float,
         help="wall-clock training budget per method (training.max_minutes); "
@@ -369,7 +372,9 @@ def main() -> None:
         payload["rows"] = [
             r
             for r in old["rows"]
-            if r["method"] not in methods or (r.get("lr") or None) != lrs.get(r["method"])
+            if r["method"] not in methods
+            or (r.get("lr") or None) != lrs.get(r["method"])
+            or r.get("seed", 0) != ns.seed
         ]
         for key, value in old.items():  # earlier_runs, notes: kept
             payload.setdefault(key, value)
@@ -380,7 +385,9 @@ def main() -> None:
         payload["environment"] = old["environment"]
     for m in methods:
         t0 = time.perf_counter()
-        r = run_worker(SCRIPT, {"method": m, **budget, "lr": lrs.get(m)}, timeout=4 * 3600)
+        r = run_worker(
+            SCRIPT, {"method": m, **budget, "lr": lrs.get(m), "seed": ns.seed}, timeout=4 * 3600
+        )
         print(
             f"[{time.strftime('%H:%M:%S')}] {m}: {time.perf_counter() - t0:.0f} s "
             f"acc={r.get('test_accuracy')} step={r.get('median_step_s')}",

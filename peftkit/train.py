@@ -471,9 +471,10 @@ def train(
 
 def _evaluate(acc, model, enc_val, labels, pad, config, state, ckpt_dir, main) -> bool:
     """Evaluate on validation, keep the best weights; True when early stopping says stop."""
-    metrics, _ = evaluate_split(
+    metrics, logits = evaluate_split(
         acc.unwrap_model(model), enc_val, labels, pad, config.eval_batch_size, acc
     )
+    _warn_if_collapsed(logits.argmax(-1), labels, state["step"], main)
     if config.metric not in metrics:
         raise ConfigError(f"training.metric={config.metric!r}; choose one of {sorted(metrics)}")
     value = metrics[config.metric]
@@ -485,6 +486,19 @@ def _evaluate(acc, model, enc_val, labels, pad, config, state, ckpt_dir, main) -
         return False
     state["bad_evals"] += 1
     return config.patience is not None and state["bad_evals"] >= config.patience
+
+
+def _warn_if_collapsed(preds: np.ndarray, labels: tuple[str, ...], step: int, main: bool) -> None:
+    """A run whose every validation row gets one label has collapsed (no NaN to catch it):
+    say so while it can still be stopped, instead of letting it end at the majority rate."""
+    if main and len(preds) >= 2 * len(labels) and bool((preds == preds[0]).all()):
+        log.warning(
+            "step %d: all %d validation rows are predicted %r; the model has collapsed to one "
+            "label. Lower training.learning_rate (or check the training labels)",
+            step,
+            len(preds),
+            labels[int(preds[0])],
+        )
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:

@@ -208,6 +208,41 @@ def test_a_failed_run_leaves_the_shared_base_clean(tiny_models, tmp_path):
     assert sorted(n for n, _ in base.model.named_parameters()) == before
 
 
+def test_a_run_collapsed_to_one_label_is_reported(tiny_models, tmp_path, caplog):
+    from peftkit.adapters import Head
+
+    base, spec = _base(tiny_models, "bert")
+    stuck = Head(32, 2)
+    with torch.no_grad():
+        stuck.linear.weight.zero_()
+        stuck.linear.bias.copy_(torch.tensor([0.0, 50.0]))  # always the second label
+    config = TrainConfig(max_steps=2, learning_rate=0.0, **{**QUICK, "eval_every": 1})
+    data = synthetic("sentiment", n=32)
+    with caplog.at_level("WARNING", logger="peftkit.train"):
+        result = train(base, spec, data, config, tmp_path / "run", head_init=stuck)
+    release(result.model)
+    collapsed = [
+        r.getMessage() for r in caplog.records if "collapsed to one label" in r.getMessage()
+    ]
+    assert len(collapsed) == 2  # at each evaluation
+    assert f"predicted {data.labels[1]!r}" in collapsed[0]
+
+
+def test_mixed_predictions_are_not_a_collapse(caplog):
+    import numpy as np
+
+    from peftkit.train import _warn_if_collapsed
+
+    with caplog.at_level("WARNING", logger="peftkit.train"):
+        _warn_if_collapsed(np.array([0, 0, 0, 1]), ("a", "b"), 5, True)
+        _warn_if_collapsed(np.array([1, 1, 1]), ("a", "b"), 5, True)  # too few rows to tell
+        _warn_if_collapsed(np.array([1, 1, 1, 1]), ("a", "b"), 5, False)  # not the main process
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="peftkit.train"):
+        _warn_if_collapsed(np.array([1, 1, 1, 1]), ("a", "b"), 5, True)
+    assert "step 5: all 4 validation rows are predicted 'b'" in caplog.records[0].getMessage()
+
+
 def test_bad_presets_are_named(tmp_path, tiny_models):
     with pytest.raises(ConfigError, match="did you mean 'lora'"):
         load_preset("lorra")
