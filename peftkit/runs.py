@@ -175,19 +175,31 @@ def peak_rss_mb() -> float:
 
 @contextmanager
 def run_log(run_dir: Path) -> Iterator[logging.Handler]:
-    """Send peftkit's log records to ``run_dir/run.log`` for the duration."""
+    """Send peftkit's log records to ``run_dir/run.log`` for the duration.
+
+    Warnings still reach the terminal: with no logging configured, Python prints them only
+    while no handler exists at all, so a stderr handler for warnings comes with the file.
+    """
     handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     logger = logging.getLogger("peftkit")
     old = logger.level
-    logger.addHandler(handler)
+    added: list[logging.Handler] = [handler]
+    if not logging.getLogger().handlers:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("peftkit: %(levelname)s: %(message)s"))
+        console.setLevel(logging.WARNING)
+        added.append(console)
+    for h in added:
+        logger.addHandler(h)
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)
     try:
         yield handler
     finally:
-        logger.removeHandler(handler)
+        for h in added:
+            logger.removeHandler(h)
         logger.setLevel(old)
         handler.close()
 

@@ -166,3 +166,22 @@ def test_console_script_exit_codes():
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
     usage = subprocess.run([*cmd, "frobnicate"], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2
+
+
+def test_run_log_keeps_warnings_on_the_terminal(tmp_path, capsys, monkeypatch):
+    import logging
+
+    from peftkit.runs import run_log
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # logging not configured
+    with run_log(tmp_path):
+        logging.getLogger("peftkit.train").warning("the model has collapsed to one label")
+        logging.getLogger("peftkit.train").info("evaluated")
+    logging.getLogger("peftkit.train").warning("after the run")
+    err = capsys.readouterr().err
+    assert "peftkit: WARNING: the model has collapsed to one label" in err
+    assert "evaluated" not in err
+    log = (tmp_path / "run.log").read_text()
+    assert "collapsed to one label" in log and "evaluated" in log
+    assert "after the run" not in log
+    assert not logging.getLogger("peftkit").handlers  # both handlers removed
