@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,32 +47,36 @@ def _swap_in(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict[str, Any]) -> None:
-    """Write a resumable checkpoint atomically (temp folder, then rename)."""
+@contextmanager
+def _replacing(folder: Path) -> Iterator[Path]:
+    """A fresh temporary folder to fill; on success it takes ``folder``'s place."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
-        },
-        tmp / "optim.pt",
-    )
-    atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
+    yield tmp
     _swap_in(tmp, folder)
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict[str, Any]) -> None:
+    """Write a resumable checkpoint atomically (temp folder, then rename)."""
+    with _replacing(folder) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "numpy_rng": np.random.get_state(),
+            },
+            tmp / "optim.pt",
+        )
+        atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
 
 
 def save_best(folder: Path, model) -> None:
     """Keep the trainable weights of the best evaluation so far (temp folder, then rename)."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    _swap_in(tmp, folder)
+    with _replacing(folder) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
 
 
 def find_checkpoint(folder: Path) -> Path | None:

@@ -8,20 +8,14 @@ import math
 
 import torch
 
-from peftkit.errors import ConfigError
-
 
 def make_optimizer(
     model: torch.nn.Module, lr: float, weight_decay: float, loraplus_lr_ratio: float | None = None
 ):
     if loraplus_lr_ratio is not None:
         # LoRA+ (Hayou et al. 2024): peft's own parameter grouping; lora_B (and 1-d
-        # parameters) at lr * ratio, lora_A and the head's weight at lr
-        if not any("lora_B" in name for name, _ in model.named_parameters()):
-            raise ConfigError(
-                "training.loraplus_lr_ratio needs a LoRA adapter (lora or qlora); "
-                "this model has no lora_B weights"
-            )
+        # parameters) at lr * ratio, lora_A and the head's weight at lr. train() refuses
+        # the ratio for non-LoRA methods before it builds the model.
         from peft.optimizers import create_loraplus_optimizer
 
         return create_loraplus_optimizer(
