@@ -48,6 +48,14 @@ METHODS: dict[str, tuple[str, dict, float | None]] = {
     "lora-all-linear": ("lora", {"peft": {"target_modules": "all-linear"}}, None),
     # the lora preset trained with LoRA+ (lora_B at 16x the learning rate of lora_A)
     "lora-plus": ("lora", {}, 1e-3),
+    # the lora preset without dropout on the LoRA input (peft then skips that op)
+    "lora-nodrop": ("lora", {"peft": {"lora_dropout": 0.0}}, None),
+    # rank 16 on q/v (alpha 32: the same scale alpha/r as the preset), no dropout
+    "lora-r16-nodrop": ("lora", {"peft": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}}, None),
+    # every linear layer, no dropout, a lower peak rate (3e-3 collapsed over 30 minutes)
+    "lora-all-linear-nodrop": (
+        "lora", {"peft": {"target_modules": "all-linear", "lora_dropout": 0.0}}, 1.5e-3
+    ),
 }
 # method -> TrainConfig fields beyond the shared budget
 TRAINING: dict[str, dict] = {"lora-plus": {"loraplus_lr_ratio": 16.0}}
