@@ -58,6 +58,26 @@ def test_trainable_parameter_counts_are_ordered(tiny_models):
     assert counts["probe"] == 32 * 3 + 3  # hidden 32 x 3 labels + bias
 
 
+@pytest.mark.parametrize(
+    "family,ffn", [("bert", "intermediate.dense"), ("llama", "mlp.up_proj"), ("gpt2", "mlp.c_fc")]
+)
+def test_all_linear_preset_adapts_the_feed_forward_layers(tiny_models, tmp_path, family, ffn):
+    base, spec = _base(tiny_models, family, "lora-all-linear")
+    qv = build_task_model(base.model, load_preset("lora"), num_labels=2)
+    qv_count = trainable_parameters(qv)[0]
+    release(qv)
+    model = build_task_model(base.model, spec, num_labels=2)
+    adapted = [n for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
+    assert any(ffn in n for n in adapted), adapted
+    assert trainable_parameters(model)[0] > qv_count
+    release(model)
+    result = train(
+        base, spec, synthetic("topic", n=32), TrainConfig(max_steps=2, **QUICK), tmp_path
+    )
+    assert result.steps == 2
+    release(result.model)
+
+
 def test_lora_learns_the_synthetic_task(tiny_models, tmp_path):
     base, spec = _base(tiny_models, "bert")
     config = TrainConfig(epochs=12, batch_size=8, learning_rate=5e-2, progress=False, patience=None)
