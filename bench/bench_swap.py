@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/bench_swap.py            # full run -> bench/results/bench_swap.json
     .venv/bin/python bench/bench_swap.py --quick    # smoke run (few steps, few repeats)
+    .venv/bin/python bench/bench_swap.py --preset lora-all-linear --out bench_swap_all_linear
 
-Four rank-8 LoRA adapters, each with its own head and label set (SST-2: 2 labels, AG News:
+Four rank-8 LoRA adapters (``--preset``: ``lora``, q/v; ``lora-all-linear``, every linear
+layer), each with its own head and label set (SST-2: 2 labels, AG News:
 4, TREC: 6, Banking77: 77), are trained for a few steps with ``peftkit.train`` on the first
 rows of each corpus in /work/shared/data and registered in a temporary registry. Then:
 
@@ -53,14 +55,14 @@ def timings(values_s: list[float]) -> dict:
 # -- setup --------------------------------------------------------------------------------
 
 
-def make_adapters(base, registry, work: Path, steps: int) -> dict:
+def make_adapters(base, registry, work: Path, steps: int, preset: str = "lora") -> dict:
     """Train a few LoRA steps per task with peftkit.train; register each adapter."""
     from peftkit.adapters import load_preset
     from peftkit.artifacts import release, save_adapter
     from peftkit.data import load_data
     from peftkit.train import TrainConfig, train
 
-    spec = load_preset("lora")
+    spec = load_preset(preset)
     cfg = TrainConfig(
         max_steps=steps,
         batch_size=16,
@@ -78,7 +80,7 @@ def make_adapters(base, registry, work: Path, steps: int) -> dict:
         adapter = save_adapter(
             res.model,
             work / "runs" / name / "adapter",
-            method="lora",
+            method=spec.method,
             labels=data.labels,
             max_length=cfg.max_length,
         )
@@ -86,7 +88,7 @@ def make_adapters(base, registry, work: Path, steps: int) -> dict:
         entry = registry.register(
             name,
             adapter,
-            method="lora",
+            method=spec.method,
             labels=data.labels,
             base_fingerprint=base.fingerprint.id,
             base=base.fingerprint.to_dict(),
@@ -424,6 +426,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run")
     parser.add_argument("--repeats", type=int, default=30, help="mixed-batch and load repeats")
+    parser.add_argument(
+        "--preset",
+        default="lora",
+        help="LoRA preset of the four adapters (lora-all-linear: all layers)",
+    )
+    parser.add_argument("--out", default="bench_swap", help="results name")
     ns = parser.parse_args()
     import torch
 
@@ -436,7 +444,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="peftkit-bench-swap-"))
     base = load_base("minilm")
     registry = Registry(work / "registry")
-    made = make_adapters(base, registry, work, steps=3 if q else 12)
+    made = make_adapters(base, registry, work, steps=3 if q else 12, preset=ns.preset)
     names = list(made)
     folders = {n: made[n]["folder"] for n in names}
     am = AdaptedModel(base, registry, max_resident=8)
@@ -446,13 +454,14 @@ def main() -> None:
         "benchmark": "bench_swap",
         "issue": 3,
         "environment": environment(),
+        "preset": ns.preset,
         "adapters": made,
         "switch": bench_switch(am, peft_model, names, 200 if q else 5000, 50 if q else 500),
         "load": bench_load(am, peft_model, folders, names, 5 if q else ns.repeats, 1 if q else 3),
         "mixed_batch": bench_mixed(am, peft_model, heads, tok, names, 3 if q else ns.repeats),
         "hotswap_adapter": bench_hotswap(folders, work),
     }
-    path = write_results("bench_swap", results, quick=q)
+    path = write_results(ns.out, results, quick=q)
 
     sw, ld, mx = results["switch"], results["load"], results["mixed_batch"]
     print(

@@ -52,10 +52,9 @@ METHODS: dict[str, tuple[str, dict, float | None]] = {
     "lora-nodrop": ("lora", {"peft": {"lora_dropout": 0.0}}, None),
     # rank 16 on q/v (alpha 32: the same scale alpha/r as the preset), no dropout
     "lora-r16-nodrop": ("lora", {"peft": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}}, None),
-    # every linear layer, no dropout, a lower peak rate (3e-3 collapsed over 30 minutes)
-    "lora-all-linear-nodrop": (
-        "lora", {"peft": {"target_modules": "all-linear", "lora_dropout": 0.0}}, 1.5e-3
-    ),
+    # the lora-all-linear preset: every linear layer, no dropout, 1.5e-3 (3e-3 collapsed
+    # over 30 minutes); measured first as the lora preset with those three overrides
+    "lora-all-linear-nodrop": ("lora-all-linear", {}, None),
 }
 # method -> TrainConfig fields beyond the shared budget
 TRAINING: dict[str, dict] = {"lora-plus": {"loraplus_lr_ratio": 16.0}}
@@ -274,31 +273,48 @@ def render(rows: list[dict]) -> str:
 
 
 def goals(rows: list[dict]) -> dict:
-    by = {r["method"]: r for r in rows if "error" not in r}
+    """The issue's goals for every LoRA method that has rows at its preset rate, per seed
+    against ``full`` with the same seed, and over the seeds."""
+    ok = [r for r in rows if "error" not in r and not r.get("lr")]
+
+    def by_seed(method: str) -> dict[int, dict]:
+        return {r.get("seed", 0): r for r in ok if r["method"] == method}
+
+    full = by_seed("full")
     g: dict = {}
-    if "lora" in by:
-        lo = by["lora"]
-        g["lora_accuracy_ge_87"] = {
-            "value": lo["test_accuracy"],
-            "met": lo["test_accuracy"] >= 0.87,
-        }
-        g["lora_within_30_min"] = {
-            "train_minutes": lo["train_seconds"] / 60,
-            "met": lo["train_seconds"] <= 1800,
-        }
-        if "full" in by:
-            fu = by["full"]
-            gap = 100 * (fu["test_accuracy"] - lo["test_accuracy"])
-            g["lora_within_1pt_of_full"] = {"gap_points": gap, "met": gap <= 1.0}
-            ratio = lo["median_step_s"] / fu["median_step_s"]
-            g["lora_step_le_0.75x_full"] = {"ratio": ratio, "met": ratio <= 0.75}
+    for method in [m for m in METHODS if METHODS[m][0] in ("lora", "lora-all-linear")]:
+        runs = by_seed(method)
+        if not runs:
+            continue
+        acc = {s: r["test_accuracy"] for s, r in runs.items()}
+        mean = sum(acc.values()) / len(acc)
+        entry: dict = {
+            "seeds": sorted(runs),
+            "test_accuracy": acc,
+            "accuracy_ge_87": {"mean": mean, "met_by_mean": mean >= 0.87,
+                               "met_by_every_seed": min(acc.values()) >= 0.87},
+            "within_30_min": {"train_minutes": {s: r["train_seconds"] / 60 for s, r in runs.items()},
+                              "met": all(r["train_seconds"] <= 1800 for r in runs.values())},
+        }  # fmt: skip
+        paired = sorted(set(runs) & set(full))
+        if paired:
+            gaps = {s: 100 * (full[s]["test_accuracy"] - acc[s]) for s in paired}
+            mean_gap = sum(gaps.values()) / len(gaps)
+            ratios = [runs[s]["median_step_s"] / full[s]["median_step_s"] for s in paired]
+            entry["within_1pt_of_full"] = {
+                "gap_points": gaps, "mean_gap_points": mean_gap,
+                "met_by_mean": mean_gap <= 1.0, "met_by_every_seed": max(gaps.values()) <= 1.0,
+            }  # fmt: skip
+            entry["step_le_0.75x_full"] = {"ratio": max(ratios), "met": max(ratios) <= 0.75}
+        g[method] = entry
     for name in ("full", "lora"):
-        a = by.get(f"peft-loop-{name}")
-        if a and name in by:
+        a = next((r for r in ok if r["method"] == f"peft-loop-{name}"), None)
+        mine = next((r for r in ok if r["method"] == name), None)
+        if a and mine:
             g[f"{name}_vs_plain_peft_loop_points"] = 100 * (
-                by[name]["test_accuracy"] - a["test_accuracy"]
+                mine["test_accuracy"] - a["test_accuracy"]
             )
-            g[f"{name}_step_ratio_vs_plain_loop"] = by[name]["median_step_s"] / a["median_step_s"]
+            g[f"{name}_step_ratio_vs_plain_loop"] = mine["median_step_s"] / a["median_step_s"]
     return g
 
 
@@ -333,8 +349,19 @@ def main() -> None:
         "replacing rows of the same method",
     )
     parser.add_argument("--out", default="bench_train", help="results name")
+    parser.add_argument(
+        "--recompute-goals",
+        action="store_true",
+        help="only recompute the goals of the existing results file --out",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     ns = parser.parse_args()
+    if ns.recompute_goals:
+        payload = json.loads((RESULTS / f"{ns.out}.json").read_text())
+        payload["goals"] = goals(payload["rows"])
+        print(json.dumps(payload["goals"], indent=1))
+        print(f"results: {write_results(ns.out, payload)}")
+        return
     if ns.worker:
         args = json.loads(ns.worker)
         fn = worker_anchor if args["method"] in ANCHORS else worker_peftkit

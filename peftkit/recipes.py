@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import yaml
 
 from peftkit.errors import ConfigError, did_you_mean
 from peftkit.paths import library_dir
+from peftkit.schema import Ctx, hints, parse, read_yaml, unwrap
 from peftkit.train import TrainConfig
 
 __all__ = [
@@ -226,7 +226,11 @@ def load_recipe(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) 
     """Read, override and validate a recipe (built-in name or path)."""
     path = find_recipe(name_or_path)
     text = path.read_text(encoding="utf-8")
-    raw, lines = _read_yaml(text, str(path))
+    raw, lines = read_yaml(text, str(path))
+    if raw is None:
+        raise ConfigError(f"{path}: the recipe is empty; it needs at least 'base' and 'data'")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides, source=str(path))
     raw.setdefault("name", path.stem)
     return parse_recipe(raw, source=str(path), lines=lines, overridden=_override_keys(overrides))
@@ -239,18 +243,18 @@ def parse_recipe(
     overridden: dict[tuple[str, ...], str] | None = None,
 ) -> Recipe:
     """Validate a recipe mapping; errors name ``source`` (and the line when known)."""
-    ctx = _Ctx(source, lines or {}, overridden or {})
+    ctx = Ctx(source, lines or {}, overridden or {}, SHORTHAND)
     if not isinstance(raw, dict):
         raise ctx.error((), "a recipe must be a mapping with at least 'base' and 'data'")
     raw = dict(raw)
-    recipe = typing.cast(Recipe, _parse(Recipe, raw, (), ctx))
+    recipe = typing.cast(Recipe, parse(Recipe, raw, (), ctx))
     if (recipe.adapter is None) == (recipe.prompt is None):
         raise ctx.error((), "give exactly one of 'adapter' (train) or 'prompt' (zero/few-shot)")
     if recipe.prompt is not None and recipe.then:
         raise ctx.error(("then",), "'then' (more tasks) needs an 'adapter' recipe")
     for i, task in enumerate(recipe.then):
         merged = {**dataclasses.asdict(recipe.training), **task.training}
-        _parse(TrainConfig, merged, ("then", str(i), "training"), ctx)
+        parse(TrainConfig, merged, ("then", str(i), "training"), ctx)
     if not recipe.name:
         recipe = dataclasses.replace(recipe, name=Path(source).stem)
     return dataclasses.replace(recipe, source=source)
@@ -349,7 +353,7 @@ def _type_at(keys: tuple[str, ...]) -> Any:
     """The schema type at ``keys`` (``dict`` for open mappings); raises for unknown keys."""
     tp: Any = Recipe
     for depth, key in enumerate(keys):
-        tp = _unwrap(tp)
+        tp = unwrap(tp)
         if tp is dict or typing.get_origin(tp) is dict:
             return dict
         if typing.get_origin(tp) is tuple and key.isdigit():
@@ -357,11 +361,11 @@ def _type_at(keys: tuple[str, ...]) -> Any:
             continue
         if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
             raise KeyError((depth, []))
-        hints = _hints(tp)
-        if key not in hints:
-            raise KeyError((depth, list(hints)))
-        tp = hints[key]
-    return _unwrap(tp)
+        keys_here = hints(tp)
+        if key not in keys_here:
+            raise KeyError((depth, list(keys_here)))
+        tp = keys_here[key]
+    return unwrap(tp)
 
 
 def _check_override_path(keys: tuple[str, ...], item: str) -> None:
@@ -379,174 +383,3 @@ def _check_override_path(keys: tuple[str, ...], item: str) -> None:
             + did_you_mean(keys[depth], valid)
             + f"; valid keys: {', '.join(valid)}"
         ) from None
-
-
-# --- validation --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Ctx:
-    source: str
-    lines: dict[tuple[str, ...], int]
-    overridden: dict[tuple[str, ...], str]
-
-    def error(self, path: tuple[str, ...], message: str) -> ConfigError:
-        where = self.source
-        for n in range(len(path), -1, -1):
-            if path[:n] in self.overridden:
-                where += f" (override {self.overridden[path[:n]]!r})"
-                break
-            if path[:n] in self.lines:
-                where += f", line {self.lines[path[:n]]}"
-                break
-        key = f" {'.'.join(path)}:" if path else ""
-        return ConfigError(f"{where}:{key} {message}")
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {
-        f.name: hints[f.name] for f in dataclasses.fields(cls) if not f.metadata.get("internal")
-    }
-
-
-def _unwrap(tp: Any) -> Any:
-    """``X | None`` -> ``X``."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else tp
-    return tp
-
-
-def _type_name(tp: Any) -> str:
-    tp = _unwrap(tp)
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    if typing.get_origin(tp) is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if typing.get_origin(tp) is dict or tp is dict:
-        return "a mapping"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
-        tp, str(tp)
-    )
-
-
-def _parse(tp: Any, value: Any, path: tuple[str, ...], ctx: _Ctx) -> Any:
-    optional = _unwrap(tp) is not tp or tp is type(None)
-    if value is None:
-        if optional or tp is Any:
-            return None
-        raise ctx.error(path, f"must be {_type_name(tp)}, not null")
-    tp = _unwrap(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        assert isinstance(tp, type)
-        return _parse_dataclass(tp, value, path, ctx)
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ctx.error(path, f"must be {_type_name(tp)}, got {value!r}")
-        item = typing.get_args(tp)[0]
-        return tuple(_parse(item, v, (*path, str(i)), ctx) for i, v in enumerate(value))
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ctx.error(path, f"must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ctx.error(path, f"must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ctx.error(path, f"must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:  # YAML reads 1e-3 (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ctx.error(path, f"must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ctx.error(path, f"must be a string, got {value!r}")
-        return value
-    raise ctx.error(path, f"unsupported schema type {tp}")  # pragma: no cover
-
-
-def _parse_dataclass(cls: type, value: Any, path: tuple[str, ...], ctx: _Ctx) -> Any:
-    if isinstance(value, str) and cls in SHORTHAND:
-        value = {SHORTHAND[cls]: value}
-    if not isinstance(value, dict):
-        raise ctx.error(path, f"must be a mapping, got {value!r}")
-    hints = _hints(cls)
-    for key in value:
-        if key not in hints:
-            raise ctx.error(
-                (*path, str(key)),
-                f"unknown key{did_you_mean(str(key), hints)}; valid keys here: {', '.join(hints)}",
-            )
-    kwargs: dict[str, Any] = {}
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name, tp in hints.items():
-        f = fields[name]
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if name not in value:
-            if required:
-                raise ctx.error((*path, name), f"missing required key ({_type_name(tp)})")
-            continue
-        parsed = _parse(tp, value[name], (*path, name), ctx)
-        choices = f.metadata.get("choices")
-        if choices is not None and parsed not in choices:
-            shown = ", ".join("null" if c is None else str(c) for c in choices)
-            raise ctx.error(
-                (*path, name),
-                f"{parsed!r} is not one of {shown}"
-                + did_you_mean(str(parsed), [c for c in choices if c]),
-            )
-        kwargs[name] = parsed
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise ctx.error(path, str(exc)) from None
-    except (TypeError, ValueError) as exc:
-        raise ctx.error(path, str(exc)) from None
-
-
-# --- YAML with line numbers ------------------------------------------------------------------
-
-
-def _read_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f"{source}, line {mark.line + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    if data is None:
-        raise ConfigError(f"{source}: the recipe is empty; it needs at least 'base' and 'data'")
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{source}: a recipe must be a mapping of keys, got {type(data).__name__}"
-        )
-    lines: dict[tuple[str, ...], int] = {}
-    _walk_lines(node, (), lines)
-    return data, lines
-
-
-def _walk_lines(node: Any, path: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            sub = (*path, str(key.value))
-            out[sub] = key.start_mark.line + 1
-            _walk_lines(value, sub, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, value in enumerate(node.value):
-            sub = (*path, str(i))
-            out[sub] = value.start_mark.line + 1
-            _walk_lines(value, sub, out)

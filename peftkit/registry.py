@@ -29,17 +29,28 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import shutil
 import sqlite3
 import threading
 import time
 from collections.abc import Container, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from peftkit.entries import (
+    COLUMNS,
+    JSON_COLUMNS,
+    META_FIELDS,
+    Entry,
+    check_json_mapping,
+    check_metadata,
+    check_name,
+    describe_base,
+    encode_row,
+    parse_ref,
+    ref_str,
+)
 from peftkit.errors import (
     ConfigError,
     FingerprintMismatch,
@@ -60,7 +71,8 @@ from peftkit.filestore import (
     walk,
 )
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+__all__ = ["Entry", "Registry"]
+
 _SCHEMA_VERSION = 1
 _BUSY_TIMEOUT_S = 30.0
 _META_FILE = "peftkit.json"  # the entry's metadata inside an exported folder
@@ -76,45 +88,6 @@ _SCHEMA = (
     " verbalizer TEXT, metrics TEXT NOT NULL, files TEXT NOT NULL, tags TEXT NOT NULL,"
     " created TEXT NOT NULL, PRIMARY KEY (name, version))",
 )
-_COLUMNS = tuple(
-    "name version method task labels base_fingerprint base quantization template verbalizer"  # noqa: SIM905
-    " metrics files tags created".split()
-)
-_META_FIELDS = _COLUMNS[2:11] + ("tags",)  # what a caller gives besides name and files
-_JSON_COLUMNS = frozenset({"labels", "base", "verbalizer", "metrics", "files", "tags"})
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One registered adapter version; ``path`` is its folder inside the registry."""
-
-    name: str
-    version: int
-    method: str
-    task: str
-    labels: tuple[str, ...]
-    base_fingerprint: str
-    base: dict[str, Any]
-    quantization: str | None
-    template: str | None
-    verbalizer: dict[str, Any] | None
-    metrics: dict[str, Any]
-    files: dict[str, str]  # relative path -> sha256
-    tags: tuple[str, ...]
-    created: str  # ISO 8601, UTC
-    path: Path
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: tuples as lists, ``path`` as a string, plus ``ref``."""
-        out = {c: getattr(self, c) for c in _COLUMNS}
-        out.update(
-            ref=self.ref, labels=list(self.labels), tags=list(self.tags), path=str(self.path)
-        )
-        return out
 
 
 class Registry:
@@ -180,14 +153,14 @@ class Registry:
         >>> reg.register("sst2", "runs/sst2/adapter", method="lora", labels=["neg", "pos"],
         ...              base_fingerprint=fp.id, metrics={"accuracy": 0.91})  # doctest: +SKIP
         """
-        meta = _metadata(locals())  # picks the metadata arguments out of locals()
-        return self._register(_check_name(name), Path(folder).expanduser(), meta)
+        meta = check_metadata(locals())  # picks the metadata arguments out of locals()
+        return self._register(check_name(name), Path(folder).expanduser(), meta)
 
     def set_metrics(
         self, ref: str | Entry, metrics: Mapping[str, Any], *, replace: bool = False
     ) -> Entry:
         """Merge ``metrics`` into the entry's metrics (or replace them all)."""
-        checked = _metadata_dict("metrics", metrics)
+        checked = check_json_mapping("metrics", metrics)
         with self._write() as conn:
             entry = self.get(ref)
             new = checked if replace else {**entry.metrics, **checked}
@@ -200,10 +173,10 @@ class Registry:
     def remove(self, ref: str | Entry, *, all_versions: bool = False) -> builtins.list[Entry]:
         """Remove ``name@N``, or ``name``'s latest version, or every version of ``name``
         with ``all_versions=True``. Returns what was removed."""
-        name, version = _parse_ref(_ref_str(ref))
+        name, version = parse_ref(ref_str(ref))
         if all_versions and version is not None:
             raise ConfigError(
-                f"remove({_ref_str(ref)!r}, all_versions=True): give the bare name "
+                f"remove({ref_str(ref)!r}, all_versions=True): give the bare name "
                 f"{name!r} to remove every version, or drop all_versions"
             )
         with self._write() as conn:
@@ -223,8 +196,8 @@ class Registry:
 
     def get(self, ref: str | Entry) -> Entry:
         """The entry for ``"name"`` (latest version), ``"name@3"`` or ``"name@latest"``."""
-        name, version = _parse_ref(_ref_str(ref))
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM entries WHERE name = ?"
+        name, version = parse_ref(ref_str(ref))
+        sql = f"SELECT {', '.join(COLUMNS)} FROM entries WHERE name = ?"
         if version is None:
             row = self._conn().execute(sql + " ORDER BY version DESC LIMIT 1", (name,)).fetchone()
         else:
@@ -236,9 +209,9 @@ class Registry:
     def list(self, name: str | None = None, *, tag: str | None = None) -> builtins.list[Entry]:
         """Every version, sorted by name then version; filtered by ``name`` and/or ``tag``
         (a filter that matches nothing gives ``[]``; use :meth:`get` for a checked lookup)."""
-        sql, args = f"SELECT {', '.join(_COLUMNS)} FROM entries", []
+        sql, args = f"SELECT {', '.join(COLUMNS)} FROM entries", []
         if name is not None:
-            sql, args = sql + " WHERE name = ?", [_check_name(name)]
+            sql, args = sql + " WHERE name = ?", [check_name(name)]
         rows = self._conn().execute(sql + " ORDER BY name, version", args).fetchall()
         entries = [self._entry(r) for r in rows]
         return entries if tag is None else [e for e in entries if tag in e.tags]
@@ -271,8 +244,8 @@ class Registry:
         if expected_fingerprint is not None and entry.base_fingerprint != expected_fingerprint:
             raise FingerprintMismatch(
                 f"adapter {entry.ref} was trained on base "
-                f"{_describe_base(entry.base_fingerprint, entry.base)}, but the loaded base is "
-                f"{_describe_base(expected_fingerprint, expected_base or {})}; load the base it "
+                f"{describe_base(entry.base_fingerprint, entry.base)}, but the loaded base is "
+                f"{describe_base(expected_fingerprint, expected_base or {})}; load the base it "
                 f"was trained on, or use an adapter trained on this base"
             )
         return self._verify_entry(entry) if verify else entry
@@ -353,7 +326,7 @@ class Registry:
                 f" (save it with save_pretrained(..., safe_serialization=True))"
             )
         saved = _read_json(folder / _META_FILE) if (folder / _META_FILE).is_file() else {}
-        given = {k: v for k, v in locals().items() if k in _META_FIELDS or k == "name"}
+        given = {k: v for k, v in locals().items() if k in META_FIELDS or k == "name"}
         args = {k: saved.get(k) if v is None else v for k, v in given.items()}
         if args["method"] is None:
             args["method"] = _peft_type(folder / "adapter_config.json")
@@ -364,13 +337,13 @@ class Registry:
                 f"{', '.join(lacking)}; pass them, e.g. import_folder(folder, "
                 f"'sst2', labels=['neg', 'pos'], base_fingerprint=fp.id)"
             )
-        new_name = _check_name(args.pop("name"))
+        new_name = check_name(args.pop("name"))
         args["task"], args["tags"] = args["task"] or "", args["tags"] or ()
         recorded = saved.get("files")
         expected = None
         if isinstance(recorded, dict):  # an export: check it arrived intact
             expected = {k: v for k, v in recorded.items() if k != _META_FILE}
-        meta = _metadata(args)
+        meta = check_metadata(args)
         return self._register(new_name, folder, meta, exclude={_META_FILE}, expected=expected)
 
     # -- internals -----------------------------------------------------------------------
@@ -417,15 +390,15 @@ class Registry:
                 move_into_place(stage, final)
                 row = {**meta, "name": name, "version": version, "files": files, "created": created}
                 conn.execute(
-                    f"INSERT INTO entries ({', '.join(_COLUMNS)}) VALUES "
-                    f"({', '.join('?' * len(_COLUMNS))})",
-                    _encode(row),
+                    f"INSERT INTO entries ({', '.join(COLUMNS)}) VALUES "
+                    f"({', '.join('?' * len(COLUMNS))})",
+                    encode_row(row),
                 )
         except BaseException:
             if moved is not None:
                 shutil.rmtree(moved, ignore_errors=True)
             raise
-        return self._entry(_encode(row))
+        return self._entry(encode_row(row))
 
     def _verify_entry(self, entry: Entry) -> Entry:
         problems = compare_hashes(
@@ -460,8 +433,8 @@ class Registry:
         )
 
     def _entry(self, row: Iterable[Any]) -> Entry:
-        values = dict(zip(_COLUMNS, row, strict=True))
-        for c in _JSON_COLUMNS:
+        values = dict(zip(COLUMNS, row, strict=True))
+        for c in JSON_COLUMNS:
             if values[c] is not None:
                 values[c] = json.loads(values[c])
         values["labels"], values["tags"] = tuple(values["labels"]), tuple(values["tags"])
@@ -536,92 +509,6 @@ class Registry:
                     shutil.rmtree(path, ignore_errors=True)
 
 
-# -- metadata -----------------------------------------------------------------------------
-
-
-def _check_name(name: object) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ConfigError(
-            f"invalid adapter name {name!r}: use letters, digits, '.', '_' and "
-            f"'-', starting with a letter or digit, at most 128 characters "
-            f"(e.g. 'sst2-lora'); a version is written 'name@3' only in references"
-        )
-    return name
-
-
-def _ref_str(ref: object) -> str:
-    return ref.ref if isinstance(ref, Entry) else ref  # type: ignore[return-value]
-
-
-def _parse_ref(ref: str) -> tuple[str, int | None]:
-    """``"name"`` / ``"name@latest"`` -> (name, None); ``"name@3"`` -> (name, 3)."""
-    if not isinstance(ref, str):
-        raise ConfigError(f"an adapter reference is a string like 'sst2' or 'sst2@3', got {ref!r}")
-    name, at, version = ref.partition("@")
-    _check_name(name)
-    if not at or version == "latest":
-        return name, None
-    if not re.fullmatch(r"[0-9]+", version) or int(version) < 1:
-        raise ConfigError(
-            f"bad adapter reference {ref!r}: after '@' comes a version number "
-            f"from 1 or 'latest', e.g. '{name}@1'"
-        )
-    return name, int(version)
-
-
-def _metadata(given: Mapping[str, Any]) -> dict[str, Any]:
-    """The entry's metadata from ``given`` (other keys ignored), checked: ConfigError
-    names the field and the valid form."""
-    meta = {k: given[k] for k in _META_FIELDS}
-    for field in ("method", "base_fingerprint", "task", "quantization", "template"):
-        value = meta[field]
-        if field in ("quantization", "template") and value is None:
-            continue
-        if not isinstance(value, str) or (not value and field != "task"):
-            kind = "a string" if field == "task" else "a non-empty string"
-            raise ConfigError(f"{field} must be {kind}, got {value!r}")
-    meta["labels"] = _strings("labels", meta["labels"])
-    meta["tags"] = _strings("tags", meta["tags"])
-    dupes = sorted({x for x in meta["labels"] if meta["labels"].count(x) > 1})
-    if dupes:
-        raise ConfigError(f"labels must be distinct; repeated: {', '.join(map(repr, dupes))}")
-    for field in ("base", "metrics", "verbalizer"):
-        if meta[field] is not None or field != "verbalizer":
-            meta[field] = _metadata_dict(field, meta[field] or {})
-    return meta
-
-
-def _strings(field: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise ConfigError(f"{field} must be a list of strings, e.g. ['neg', 'pos'], got {value!r}")
-    items = tuple(value)
-    bad = [x for x in items if not isinstance(x, str) or not x]
-    if bad:
-        raise ConfigError(f"{field} must hold non-empty strings; bad items: {bad!r}")
-    return items
-
-
-def _metadata_dict(field: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{field} must be a mapping (dict), got {type(value).__name__}")
-    try:
-        return json.loads(json.dumps(dict(value)))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"{field} must hold JSON values (str, number, bool, None, lists, "
-            f"dicts with string keys): {exc}"
-        ) from None
-
-
-def _encode(row: Mapping[str, Any]) -> tuple[Any, ...]:
-    return tuple(
-        json.dumps(list(row[c]) if isinstance(row[c], tuple) else row[c])
-        if c in _JSON_COLUMNS and row[c] is not None
-        else row[c]
-        for c in _COLUMNS
-    )
-
-
 def _allocate_version(conn: sqlite3.Connection, name: str) -> int:
     """The next version of ``name``; call inside the write transaction."""
     row = conn.execute("SELECT name, last_version FROM names WHERE name = ?", (name,)).fetchone()
@@ -641,12 +528,6 @@ def _allocate_version(conn: sqlite3.Connection, name: str) -> int:
         "UPDATE names SET name = ?, last_version = ? WHERE name = ?", (name, row[1] + 1, row[0])
     )
     return row[1] + 1
-
-
-def _describe_base(fingerprint: str, base: Mapping[str, Any]) -> str:
-    keys = [k for k in ("architecture", "source", "quantization") if base.get(k) is not None]
-    details = ", ".join(f"{k}={base[k]!r}" for k in keys)
-    return f"{fingerprint!r}" + (f" ({details})" if details else "")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -41,6 +41,10 @@ def test_wheel_ships_libraries_and_metrics(wheel):
         on_disk = {p.name for p in (ROOT / kind).glob("*.yaml")}
         assert on_disk, kind
         assert {Path(n).name for n in shipped} == on_disk, kind
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "peftkit").rglob("*.py")}
+    assert "peftkit/scorers/causal.py" in sources
+    missing = sources - names  # a subpackage left out of [tool.setuptools] packages
+    assert not missing, sorted(missing)
     for metric in ("accuracy", "f1", "precision", "recall"):
         assert f"peftkit/metrics/{metric}/{metric}.py" in names
     assert any(n.endswith("entry_points.txt") for n in names)

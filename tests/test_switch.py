@@ -28,8 +28,9 @@ PROBE_TEXTS = [
 ]
 
 
-def _train_into(base, registry, name, task, method, root: Path):
+def _train_into(base, registry, name, task, preset, root: Path):
     data = synthetic(task)
+    spec = load_preset(preset)
     config = TrainConfig(
         max_steps=24,
         batch_size=8,
@@ -38,7 +39,7 @@ def _train_into(base, registry, name, task, method, root: Path):
         patience=None,
         eval_every=1000,
     )
-    result = train(base, load_preset(method), data, config, root / f"run-{name}")
+    result = train(base, spec, data, config, root / f"run-{name}")
     result.model.eval()
     tensors = base.tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -46,7 +47,7 @@ def _train_into(base, registry, name, task, method, root: Path):
     folder = save_adapter(
         result.model,
         root / f"run-{name}" / "adapter",
-        method=method,
+        method=spec.method,
         labels=data.labels,
         max_length=config.max_length,
     )
@@ -54,7 +55,7 @@ def _train_into(base, registry, name, task, method, root: Path):
     registry.register(
         name,
         folder,
-        method=method,
+        method=spec.method,
         labels=data.labels,
         base_fingerprint=base.fingerprint.id,
         base=base.fingerprint.to_dict(),
@@ -214,6 +215,30 @@ def test_other_peft_methods_serve_and_mix(tiny_models, tmp_path, method):
         np.testing.assert_allclose(list(mixed[1].probs.values()), expected["b"][1], atol=1e-5)
         with pytest.raises(ConfigError, match="serves .* adapters"):
             am.use("lora-one")
+    finally:
+        am.close()
+
+
+def test_all_linear_and_qv_lora_adapters_serve_and_mix(tiny_models, tmp_path):
+    base = load_base(tiny_models["bert"])
+    registry = Registry(tmp_path / "registry")
+    expected = {
+        "wide": _train_into(base, registry, "wide", "sentiment", "lora-all-linear", tmp_path),
+        "qv": _train_into(base, registry, "qv", "topic", "lora", tmp_path),
+    }
+    am = AdaptedModel(base, registry, max_resident=1)
+    try:  # one resident: every switch evicts the other shape of adapter
+        for name in ("wide", "qv", "wide"):
+            np.testing.assert_allclose(
+                am.predict_proba(PROBE_TEXTS, adapter=name), expected[name], atol=1e-5
+            )
+    finally:
+        am.close()
+    am = AdaptedModel(base, registry)
+    try:
+        names = ["wide", "qv"] * 3
+        for i, row in enumerate(am.predict_mixed(PROBE_TEXTS, names)):
+            np.testing.assert_allclose(list(row.probs.values()), expected[names[i]][i], atol=1e-5)
     finally:
         am.close()
 

@@ -58,6 +58,26 @@ def test_trainable_parameter_counts_are_ordered(tiny_models):
     assert counts["probe"] == 32 * 3 + 3  # hidden 32 x 3 labels + bias
 
 
+@pytest.mark.parametrize(
+    "family,ffn", [("bert", "intermediate.dense"), ("llama", "mlp.up_proj"), ("gpt2", "mlp.c_fc")]
+)
+def test_all_linear_preset_adapts_the_feed_forward_layers(tiny_models, tmp_path, family, ffn):
+    base, spec = _base(tiny_models, family, "lora-all-linear")
+    qv = build_task_model(base.model, load_preset("lora"), num_labels=2)
+    qv_count = trainable_parameters(qv)[0]
+    release(qv)
+    model = build_task_model(base.model, spec, num_labels=2)
+    adapted = [n for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
+    assert any(ffn in n for n in adapted), adapted
+    assert trainable_parameters(model)[0] > qv_count
+    release(model)
+    result = train(
+        base, spec, synthetic("topic", n=32), TrainConfig(max_steps=2, **QUICK), tmp_path
+    )
+    assert result.steps == 2
+    release(result.model)
+
+
 def test_lora_learns_the_synthetic_task(tiny_models, tmp_path):
     base, spec = _base(tiny_models, "bert")
     config = TrainConfig(epochs=12, batch_size=8, learning_rate=5e-2, progress=False, patience=None)
@@ -218,7 +238,7 @@ def test_a_run_collapsed_to_one_label_is_reported(tiny_models, tmp_path, caplog)
         stuck.linear.bias.copy_(torch.tensor([0.0, 50.0]))  # always the second label
     config = TrainConfig(max_steps=2, learning_rate=0.0, **{**QUICK, "eval_every": 1})
     data = synthetic("sentiment", n=32)
-    with caplog.at_level("WARNING", logger="peftkit.train"):
+    with caplog.at_level("WARNING", logger="peftkit.loop"):
         result = train(base, spec, data, config, tmp_path / "run", head_init=stuck)
     release(result.model)
     collapsed = [
@@ -231,14 +251,14 @@ def test_a_run_collapsed_to_one_label_is_reported(tiny_models, tmp_path, caplog)
 def test_mixed_predictions_are_not_a_collapse(caplog):
     import numpy as np
 
-    from peftkit.train import _warn_if_collapsed
+    from peftkit.loop import _warn_if_collapsed
 
-    with caplog.at_level("WARNING", logger="peftkit.train"):
+    with caplog.at_level("WARNING", logger="peftkit.loop"):
         _warn_if_collapsed(np.array([0, 0, 0, 1]), ("a", "b"), 5, True)
         _warn_if_collapsed(np.array([1, 1, 1]), ("a", "b"), 5, True)  # too few rows to tell
         _warn_if_collapsed(np.array([1, 1, 1, 1]), ("a", "b"), 5, False)  # not the main process
     assert not caplog.records
-    with caplog.at_level("WARNING", logger="peftkit.train"):
+    with caplog.at_level("WARNING", logger="peftkit.loop"):
         _warn_if_collapsed(np.array([1, 1, 1, 1]), ("a", "b"), 5, True)
     assert "step 5: all 4 validation rows are predicted 'b'" in caplog.records[0].getMessage()
 
@@ -321,7 +341,7 @@ def test_verbalizer_words_must_differ(tiny_models):
 def _fake_clock(monkeypatch, stop_at: int | None = None):
     """A training clock where each training step costs exactly 1 s and nothing else costs
     time; optionally Ctrl-C at step ``stop_at``."""
-    import peftkit.train as train_mod
+    import peftkit.loop as loop_mod
 
     clock = {"t": 0.0, "steps": 0}
     real = torch.nn.functional.cross_entropy
@@ -334,7 +354,7 @@ def _fake_clock(monkeypatch, stop_at: int | None = None):
                 raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "_now", lambda: clock["t"])
+    monkeypatch.setattr(loop_mod, "_now", lambda: clock["t"])
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", step_loss)
     return clock
 

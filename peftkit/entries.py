@@ -1,0 +1,147 @@
+"""What a registry entry holds, and the checks on names, references and metadata.
+
+An :class:`Entry` is one adapter version as the index records it; ``check_metadata``
+validates what a caller registers (each bad field named with its valid form) and
+``parse_ref`` reads ``"name"``, ``"name@latest"`` and ``"name@3"``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftkit.errors import ConfigError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+COLUMNS = tuple(
+    "name version method task labels base_fingerprint base quantization template verbalizer"  # noqa: SIM905
+    " metrics files tags created".split()
+)
+META_FIELDS = COLUMNS[2:11] + ("tags",)  # what a caller gives besides name and files
+JSON_COLUMNS = frozenset({"labels", "base", "verbalizer", "metrics", "files", "tags"})
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered adapter version; ``path`` is its folder inside the registry."""
+
+    name: str
+    version: int
+    method: str
+    task: str
+    labels: tuple[str, ...]
+    base_fingerprint: str
+    base: dict[str, Any]
+    quantization: str | None
+    template: str | None
+    verbalizer: dict[str, Any] | None
+    metrics: dict[str, Any]
+    files: dict[str, str]  # relative path -> sha256
+    tags: tuple[str, ...]
+    created: str  # ISO 8601, UTC
+    path: Path
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: tuples as lists, ``path`` as a string, plus ``ref``."""
+        out = {c: getattr(self, c) for c in COLUMNS}
+        out.update(
+            ref=self.ref, labels=list(self.labels), tags=list(self.tags), path=str(self.path)
+        )
+        return out
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ConfigError(
+            f"invalid adapter name {name!r}: use letters, digits, '.', '_' and "
+            f"'-', starting with a letter or digit, at most 128 characters "
+            f"(e.g. 'sst2-lora'); a version is written 'name@3' only in references"
+        )
+    return name
+
+
+def ref_str(ref: object) -> str:
+    return ref.ref if isinstance(ref, Entry) else ref  # type: ignore[return-value]
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """``"name"`` / ``"name@latest"`` -> (name, None); ``"name@3"`` -> (name, 3)."""
+    if not isinstance(ref, str):
+        raise ConfigError(f"an adapter reference is a string like 'sst2' or 'sst2@3', got {ref!r}")
+    name, at, version = ref.partition("@")
+    check_name(name)
+    if not at or version == "latest":
+        return name, None
+    if not re.fullmatch(r"[0-9]+", version) or int(version) < 1:
+        raise ConfigError(
+            f"bad adapter reference {ref!r}: after '@' comes a version number "
+            f"from 1 or 'latest', e.g. '{name}@1'"
+        )
+    return name, int(version)
+
+
+def check_metadata(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The entry's metadata from ``given`` (other keys ignored), checked: ConfigError
+    names the field and the valid form."""
+    meta = {k: given[k] for k in META_FIELDS}
+    for field in ("method", "base_fingerprint", "task", "quantization", "template"):
+        value = meta[field]
+        if field in ("quantization", "template") and value is None:
+            continue
+        if not isinstance(value, str) or (not value and field != "task"):
+            kind = "a string" if field == "task" else "a non-empty string"
+            raise ConfigError(f"{field} must be {kind}, got {value!r}")
+    meta["labels"] = _strings("labels", meta["labels"])
+    meta["tags"] = _strings("tags", meta["tags"])
+    dupes = sorted({x for x in meta["labels"] if meta["labels"].count(x) > 1})
+    if dupes:
+        raise ConfigError(f"labels must be distinct; repeated: {', '.join(map(repr, dupes))}")
+    for field in ("base", "metrics", "verbalizer"):
+        if meta[field] is not None or field != "verbalizer":
+            meta[field] = check_json_mapping(field, meta[field] or {})
+    return meta
+
+
+def _strings(field: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigError(f"{field} must be a list of strings, e.g. ['neg', 'pos'], got {value!r}")
+    items = tuple(value)
+    bad = [x for x in items if not isinstance(x, str) or not x]
+    if bad:
+        raise ConfigError(f"{field} must hold non-empty strings; bad items: {bad!r}")
+    return items
+
+
+def check_json_mapping(field: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{field} must be a mapping (dict), got {type(value).__name__}")
+    try:
+        return json.loads(json.dumps(dict(value)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{field} must hold JSON values (str, number, bool, None, lists, "
+            f"dicts with string keys): {exc}"
+        ) from None
+
+
+def encode_row(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(
+        json.dumps(list(row[c]) if isinstance(row[c], tuple) else row[c])
+        if c in JSON_COLUMNS and row[c] is not None
+        else row[c]
+        for c in COLUMNS
+    )
+
+
+def describe_base(fingerprint: str, base: Mapping[str, Any]) -> str:
+    keys = [k for k in ("architecture", "source", "quantization") if base.get(k) is not None]
+    details = ", ".join(f"{k}={base[k]!r}" for k in keys)
+    return f"{fingerprint!r}" + (f" ({details})" if details else "")

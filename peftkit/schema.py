@@ -1,0 +1,186 @@
+"""Typed YAML: a mapping checked against frozen dataclasses, with errors that say where.
+
+``parse(Recipe, data, (), ctx)`` builds the dataclass, checking every key and type on the
+way; a wrong one is a :class:`ConfigError` naming the file, the line (``read_yaml`` keeps
+the line of every key path) or the command-line override, the key path and the closest
+valid key. Field metadata: ``choices`` (allowed values), ``internal`` (not a YAML key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from peftkit.errors import ConfigError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """Where a value came from, for errors: the file, the line of every key path, the
+    overrides given on the command line, and the classes a plain string may stand for
+    (``{cls: field}``: ``base: minilm`` is ``base: {source: minilm}``)."""
+
+    source: str
+    lines: dict[tuple[str, ...], int]
+    overridden: dict[tuple[str, ...], str]
+    shorthand: Mapping[type, str] = field(default_factory=dict)
+
+    def error(self, path: tuple[str, ...], message: str) -> ConfigError:
+        where = self.source
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.overridden:
+                where += f" (override {self.overridden[path[:n]]!r})"
+                break
+            if path[:n] in self.lines:
+                where += f", line {self.lines[path[:n]]}"
+                break
+        key = f" {'.'.join(path)}:" if path else ""
+        return ConfigError(f"{where}:{key} {message}")
+
+
+def hints(cls: type) -> dict[str, Any]:
+    """The YAML keys of a dataclass and their types (``internal`` fields left out)."""
+    resolved = typing.get_type_hints(cls)
+    return {
+        f.name: resolved[f.name] for f in dataclasses.fields(cls) if not f.metadata.get("internal")
+    }
+
+
+def unwrap(tp: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def type_name(tp: Any) -> str:
+    tp = unwrap(tp)
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict or tp is dict:
+        return "a mapping"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        tp, str(tp)
+    )
+
+
+def parse(tp: Any, value: Any, path: tuple[str, ...], ctx: Ctx) -> Any:
+    optional = unwrap(tp) is not tp or tp is type(None)
+    if value is None:
+        if optional or tp is Any:
+            return None
+        raise ctx.error(path, f"must be {type_name(tp)}, not null")
+    tp = unwrap(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        assert isinstance(tp, type)
+        return parse_dataclass(tp, value, path, ctx)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ctx.error(path, f"must be {type_name(tp)}, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(parse(item, v, (*path, str(i)), ctx) for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ctx.error(path, f"must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ctx.error(path, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ctx.error(path, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML reads 1e-3 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ctx.error(path, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ctx.error(path, f"must be a string, got {value!r}")
+        return value
+    raise ctx.error(path, f"unsupported schema type {tp}")  # pragma: no cover
+
+
+def parse_dataclass(cls: type, value: Any, path: tuple[str, ...], ctx: Ctx) -> Any:
+    if isinstance(value, str) and cls in ctx.shorthand:
+        value = {ctx.shorthand[cls]: value}
+    if not isinstance(value, dict):
+        raise ctx.error(path, f"must be a mapping, got {value!r}")
+    keys = hints(cls)
+    for key in value:
+        if key not in keys:
+            raise ctx.error(
+                (*path, str(key)),
+                f"unknown key{did_you_mean(str(key), keys)}; valid keys here: {', '.join(keys)}",
+            )
+    kwargs: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, tp in keys.items():
+        f = fields[name]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in value:
+            if required:
+                raise ctx.error((*path, name), f"missing required key ({type_name(tp)})")
+            continue
+        parsed = parse(tp, value[name], (*path, name), ctx)
+        choices = f.metadata.get("choices")
+        if choices is not None and parsed not in choices:
+            shown = ", ".join("null" if c is None else str(c) for c in choices)
+            raise ctx.error(
+                (*path, name),
+                f"{parsed!r} is not one of {shown}"
+                + did_you_mean(str(parsed), [c for c in choices if c]),
+            )
+        kwargs[name] = parsed
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ctx.error(path, str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise ctx.error(path, str(exc)) from None
+
+
+def read_yaml(text: str, source: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+    """The YAML document and the line of every key path in it (``("training", "epochs")``)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{source}, line {mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    lines: dict[tuple[str, ...], int] = {}
+    walk_lines(node, (), lines)
+    return data, lines
+
+
+def walk_lines(node: Any, path: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            sub = (*path, str(key.value))
+            out[sub] = key.start_mark.line + 1
+            walk_lines(value, sub, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            sub = (*path, str(i))
+            out[sub] = value.start_mark.line + 1
+            walk_lines(value, sub, out)

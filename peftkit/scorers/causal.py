@@ -1,0 +1,259 @@
+"""Causal LM label likelihood: each prompt runs once, every label continues its cache."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from peftkit.calibration import domain_pmi
+from peftkit.demos import Demo, fit_prompts
+from peftkit.errors import ConfigError, DataError
+from peftkit.prompts import Prompt
+from peftkit.scorers._base import (
+    AGGREGATIONS,
+    NORMALIZATIONS,
+    LabelScores,
+    aggregate_phrases,
+    check_choice,
+    context_length,
+    continuation_ids,
+    device_of,
+    eval_mode,
+    pad_rows,
+    phrase_ids,
+    warn_cut,
+)
+
+
+def score_causal(
+    model,
+    tokenizer,
+    prompt: Prompt,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    demos: Sequence[Demo] | Sequence[Sequence[Demo]] | None = None,
+    normalize: str = "sum",
+    aggregate: str = "logsumexp",
+    batch_size: int = 16,
+    max_length: int | None = None,
+    max_rows: int = 256,
+) -> LabelScores:
+    """Classify ``texts`` by the log-likelihood of each label's words after the prompt.
+
+    ``normalize``: ``"sum"`` (log P of the words), ``"mean"`` (per token) or ``"pmi"``
+    (log P(words | prompt) - log P(words | template.domain_prompt())). A label with several
+    phrases combines them by ``aggregate`` (``logsumexp`` = P of any of them). ``labels``
+    (the dataset's label names) fixes the columns; the verbalizer must cover them.
+    Prompts longer than the context lose input text (counted in ``truncated``).
+    """
+    check_choice("normalize", normalize, NORMALIZATIONS)
+    check_choice("aggregate", aggregate, AGGREGATIONS)
+    if prompt.template.uses_mask:
+        raise ConfigError(f"template {prompt.name!r} has a {{mask}} field: use score_masked_lm")
+    verbalizer = prompt.verbalizer.for_labels(labels, where=f"prompt {prompt.name!r}")
+    owner, cont_ids = phrase_ids(tokenizer, verbalizer)
+    encode = _causal_encoder(tokenizer)
+    budget = context_length(model, tokenizer, max_length) - max(map(len, cont_ids))
+    fitted = fit_prompts(
+        tokenizer, prompt, texts, text_pairs, budget=budget, demos=demos, encode=encode
+    )
+    warn_cut(fitted.truncated, len(texts), budget)
+    sums = _shared_prefix_logprobs(model, list(fitted.ids), cont_ids, batch_size, max_rows)
+    per_phrase = sums / np.array([len(c) for c in cont_ids]) if normalize == "mean" else sums
+    scores = aggregate_phrases(per_phrase, owner, len(verbalizer.labels), aggregate)
+    if normalize == "pmi":
+        domain = domain_logprobs(model, tokenizer, prompt, labels, aggregate=aggregate)
+        scores = domain_pmi(scores, domain)
+    return LabelScores(verbalizer.labels, scores, fitted.truncated)
+
+
+def domain_logprobs(
+    model,
+    tokenizer,
+    prompt: Prompt,
+    labels: Sequence[str] | None = None,
+    *,
+    aggregate: str = "logsumexp",
+    max_rows: int = 256,
+) -> np.ndarray:
+    """log P(label words | the template's domain prompt), one value per label.
+
+    The domain prompt is the template up to the input's place with the input left out
+    (``Template.domain_prompt``); ``scores - domain_logprobs(...)`` is the domain-conditional
+    PMI that ``score_causal(..., normalize="pmi")`` returns.
+    """
+    check_choice("aggregate", aggregate, AGGREGATIONS)
+    verbalizer = prompt.verbalizer.for_labels(labels, where=f"prompt {prompt.name!r}")
+    owner, cont_ids = phrase_ids(tokenizer, verbalizer)
+    domain = _causal_encoder(tokenizer)([prompt.template.domain_prompt()])
+    sums = _shared_prefix_logprobs(model, domain, cont_ids, 1, max_rows)
+    return aggregate_phrases(sums, owner, len(verbalizer.labels), aggregate)[0]
+
+
+def continuation_logprobs(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_rows: int = 256,
+) -> np.ndarray:
+    """``(len(prompts), len(continuations))`` array of log P(continuation | prompt).
+
+    One forward pass per prompt (batched, left-padded), then one batched pass over all
+    multi-token continuations on the cached prefix; logits only where they are needed.
+    """
+    cont_ids = continuation_ids(tokenizer, continuations)
+    ids = _causal_encoder(tokenizer)(list(prompts))
+    _check_fits(model, tokenizer, ids, cont_ids)
+    return _shared_prefix_logprobs(model, ids, cont_ids, batch_size, max_rows)
+
+
+def naive_continuation_logprobs(
+    model, tokenizer, prompts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 1
+) -> np.ndarray:
+    """The reference: one forward pass per (prompt, continuation), full logits.
+
+    This is what an lm-eval-style loop computes; :func:`continuation_logprobs` must match it.
+    """
+    cont_ids = continuation_ids(tokenizer, continuations)
+    ids = _causal_encoder(tokenizer)(list(prompts))
+    _check_fits(model, tokenizer, ids, cont_ids)
+    pairs = [(i, j) for i in range(len(ids)) for j in range(len(cont_ids))]
+    pairs.sort(key=lambda p: -len(ids[p[0]]) - len(cont_ids[p[1]]))  # less padding
+    out = np.zeros((len(ids), len(cont_ids)))
+    device = device_of(model)
+    with eval_mode(model), torch.inference_mode():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            x, mask = pad_rows([ids[i] + cont_ids[j] for i, j in chunk], device, left=False)
+            pos = torch.arange(x.shape[1], device=device).expand(len(chunk), -1)
+            logits = model(input_ids=x, attention_mask=mask, position_ids=pos).logits
+            logp = logits.float().log_softmax(-1)
+            for r, (i, j) in enumerate(chunk):
+                n, c = len(ids[i]), cont_ids[j]
+                steps = torch.arange(n - 1, n - 1 + len(c), device=device)
+                out[i, j] = logp[r, steps, torch.tensor(c, device=device)].sum().item()
+    return out
+
+
+def _shared_prefix_logprobs(
+    model, prompt_ids: list[list[int]], cont_ids: list[list[int]], batch_size: int, max_rows: int
+) -> np.ndarray:
+    """Summed log-probs ``(n_prompts, n_continuations)``; see :func:`continuation_logprobs`."""
+    device = device_of(model)
+    first = torch.tensor([c[0] for c in cont_ids], device=device)
+    multi = [j for j, c in enumerate(cont_ids) if len(c) > 1]
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # less padding
+    out = np.zeros((len(prompt_ids), len(cont_ids)))
+    cache_key = _cache_kwarg(model)
+    with eval_mode(model), torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            ids, mask = pad_rows([prompt_ids[i] for i in rows], device, left=True)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            res = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=bool(multi),
+                logits_to_keep=1,
+            )
+            scores = res.logits[:, -1].float().log_softmax(-1)[:, first]
+            if multi:
+                cache = getattr(res, "cache", None) or res.past_key_values
+                tails = [cont_ids[j] for j in multi]
+                scores[:, multi] += _continue(model, cache, cache_key, mask, tails, max_rows)
+            out[rows] = scores.cpu().numpy()
+    return out
+
+
+def _continue(model, cache, cache_key, mask, tails, max_rows) -> torch.Tensor:
+    """log P(tokens 2.. of each tail | prefix, token 1), for every (prompt, tail) pair.
+
+    Tails of one length go through together, so no continuation token is padding.
+    """
+    out = torch.zeros(mask.shape[0], len(tails), device=mask.device)
+    by_length: dict[int, list[int]] = {}
+    for j, tail in enumerate(tails):
+        by_length.setdefault(len(tail), []).append(j)
+    for cols in by_length.values():
+        same = torch.tensor([tails[j] for j in cols], device=mask.device)
+        out[:, cols] = _continue_same_length(model, cache, cache_key, mask, same, max_rows)
+    return out
+
+
+def _continue_same_length(model, cache, cache_key, mask, tails: torch.Tensor, max_rows: int):
+    """``tails`` is ``(n_tails, n)``: feed tokens 1..n-1 on the cached prompt, score 2..n."""
+    device = mask.device
+    n_prompts, (n_tails, width) = mask.shape[0], (tails.shape[0], tails.shape[1] - 1)
+    lengths = mask.sum(-1)
+    row_p = torch.arange(n_prompts, device=device).repeat_interleave(n_tails)
+    row_t = torch.arange(n_tails, device=device).repeat(n_prompts)
+    result = torch.zeros(len(row_p), device=device)
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    for s in range(0, len(row_p), max_rows):
+        rp, rt = row_p[s : s + max_rows], row_t[s : s + max_rows]
+        sub = type(cache)(ddp_cache_data=[(k[rp], v[rp]) for k, v in layers])
+        res = model(
+            input_ids=tails[rt, :-1],
+            attention_mask=torch.cat([mask[rp], mask.new_ones(len(rp), width)], dim=-1),
+            position_ids=lengths[rp, None] + torch.arange(width, device=device),
+            use_cache=True,
+            **{cache_key: sub},
+        )
+        logp = res.logits.float().log_softmax(-1).gather(-1, tails[rt, 1:, None]).squeeze(-1)
+        result[s : s + len(rp)] = logp.sum(-1)
+    return result.view(n_prompts, n_tails)
+
+
+def _causal_encoder(tokenizer):
+    """Prompt -> ids: the tokenizer's leading special tokens (e.g. BOS), then the text.
+
+    An empty prompt with no leading special token gets BOS (or EOS) as its context.
+    """
+    probe = "hello"
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    starts = [s for s in range(len(full) - len(plain) + 1) if full[s : s + len(plain)] == plain]
+    prefix = full[: starts[0]] if starts else []
+    start_id = (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    )
+
+    def encode(batch: list[str]) -> list[list[int]]:
+        out = []
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            ids = prefix + ids
+            if not ids:
+                if start_id is None:
+                    raise DataError(
+                        "an empty prompt needs a BOS or EOS token; the tokenizer has none"
+                    )
+                ids = [start_id]
+            out.append(ids)
+        return out
+
+    return encode
+
+
+def _check_fits(model, tokenizer, ids, cont_ids) -> None:
+    limit = context_length(model, tokenizer)
+    longest = max(map(len, ids)) + max(map(len, cont_ids))
+    if longest > limit:
+        raise DataError(
+            f"a prompt plus continuation takes {longest} tokens, over the context of {limit}; "
+            "score_causal cuts input text to fit"
+        )
+
+
+def _cache_kwarg(model) -> str:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(type(inner).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
