@@ -68,14 +68,16 @@ def run_setfit(model_dir: str, support, test, seed: int) -> tuple[np.ndarray, fl
     return preds, fit, time.perf_counter() - t0
 
 
-def run_prototypes(base, support, test, labels, verbalizer) -> tuple[np.ndarray, float, float]:
+def run_prototypes(
+    base, support, test, labels, verbalizer, prior: float = 1.0
+) -> tuple[np.ndarray, float, float]:
     import torch
 
     from peftkit.fewshot import prototype_head
     from peftkit.scorers import embed_texts
 
     t0 = time.perf_counter()
-    head = prototype_head(base, support, labels, verbalizer, prior=1.0)
+    head = prototype_head(base, support, labels, verbalizer, prior=prior)
     fit = time.perf_counter() - t0
     x = torch.as_tensor(embed_texts(base.model, base.tokenizer, list(test.texts), batch_size=64))
     with torch.no_grad():
@@ -89,7 +91,9 @@ FINETUNE = {  # method -> (preset, learning rate)
 }
 
 
-def run_prototypes_ft(base, support, test, labels, verbalizer, seed: int, method: str, epochs):
+def run_prototypes_ft(
+    base, support, test, labels, verbalizer, seed: int, method: str, epochs, prior: float = 1.0
+):
     """The prototype head, then ``train(..., head_init=head)`` on the k·C rows."""
     import tempfile
 
@@ -101,7 +105,7 @@ def run_prototypes_ft(base, support, test, labels, verbalizer, seed: int, method
 
     preset, lr = FINETUNE[method]
     t0 = time.perf_counter()
-    head = prototype_head(base, support, labels, verbalizer, prior=1.0)
+    head = prototype_head(base, support, labels, verbalizer, prior=prior)
     data = TextDataset("few-shot", tuple(labels), {"train": support, "validation": support})
     config = TrainConfig(
         epochs=epochs, batch_size=16, learning_rate=lr, max_length=64, patience=None,
@@ -145,6 +149,9 @@ def main() -> None:
         "--ft-epochs", type=float, default=10, help="epochs of the prototype fine-tuning methods"
     )
     parser.add_argument("--methods", default="setfit,peftkit-prototypes,peftkit-prototypes-lora")
+    parser.add_argument(
+        "--prior", type=float, default=1.0, help="weight of the label-description prior"
+    )
     ns = parser.parse_args()
 
     from peftkit.assets import resolve_packaged
@@ -178,10 +185,13 @@ def main() -> None:
                     preds, fit, total = run_setfit(model_dir, support, test, seed)
                 elif m in FINETUNE:
                     preds, fit, total = run_prototypes_ft(
-                        base, support, test, data.labels, verbalizer, seed, m, ns.ft_epochs
-                    )
+                        base, support, test, data.labels, verbalizer, seed, m, ns.ft_epochs,
+                        ns.prior,
+                    )  # fmt: skip
                 else:
-                    preds, fit, total = run_prototypes(base, support, test, data.labels, verbalizer)
+                    preds, fit, total = run_prototypes(
+                        base, support, test, data.labels, verbalizer, ns.prior
+                    )
                 acc = float((preds == gold).mean())
                 accs[m].append(acc)
                 secs[m].append(total)
@@ -203,7 +213,7 @@ def main() -> None:
         write_results(
             ns.out, {"benchmark": "bench_fewshot", "issue": 4, "environment": env,
                      "settings_done": len(summary) // len(methods), "settings": settings,
-                     "ft_epochs": ns.ft_epochs, "split": ns.split, "runs": runs, "summary": summary}, quick=ns.quick,
+                     "ft_epochs": ns.ft_epochs, "prior": ns.prior, "split": ns.split, "runs": runs, "summary": summary}, quick=ns.quick,
         )  # fmt: skip
     goals = {}
     for s in summary:
@@ -227,6 +237,7 @@ def main() -> None:
         "environment": env,
         "settings_done": len(settings),
         "ft_epochs": ns.ft_epochs,
+        "prior": ns.prior,
         "split": ns.split,
         "runs": runs,
         "summary": summary,

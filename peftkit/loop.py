@@ -357,7 +357,8 @@ def _warn_if_collapsed(preds: np.ndarray, labels: tuple[str, ...], step: int, ma
     if main and len(preds) >= 2 * len(labels) and bool((preds == preds[0]).all()):
         log.warning(
             "step %d: all %d validation rows are predicted %r; the model has collapsed to one "
-            "label. Lower training.learning_rate (or check the training labels)",
+            "label (or has not learned anything yet). If this persists, lower "
+            "training.learning_rate (or check the training labels)",
             step,
             len(preds),
             labels[int(preds[0])],
