@@ -15,7 +15,10 @@ share one base, and an export loads in plain peft with ``AutoModel`` + ``PeftMod
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,6 +279,18 @@ def hidden_size(config: Any) -> int:
     raise ConfigError(f"cannot tell the hidden size of {type(config).__name__}")
 
 
+@contextlib.contextmanager
+def peft_quiet() -> Iterator[None]:
+    """Silence the FutureWarning that peft 0.21 triggers each time it wraps a model: it
+    reads transformers 5's deprecated ``is_gradient_checkpointing``, which a user cannot act
+    on. Other warnings pass; use it only where peft builds a ``PeftModel``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning
+        )
+        yield
+
+
 def build_task_model(
     base_model: nn.Module,
     spec: AdapterSpec,
@@ -313,10 +328,12 @@ def build_task_model(
             or getattr(body, "is_loaded_in_8bit", False)
         ):
             # casts norms to fp32 and enables input grads; no gradient checkpointing on CPU
-            body = peft.prepare_model_for_kbit_training(
-                body, use_gradient_checkpointing=torch.cuda.is_available()
-            )
-        body = peft.get_peft_model(body, peft_config(spec, body), adapter_name=adapter_name)
+            with peft_quiet():
+                body = peft.prepare_model_for_kbit_training(
+                    body, use_gradient_checkpointing=torch.cuda.is_available()
+                )
+        with peft_quiet():
+            body = peft.get_peft_model(body, peft_config(spec, body), adapter_name=adapter_name)
     head = Head(hidden_size(body_of(base_model).config), num_labels, spec.head_dropout)
     if verbalizer is not None:
         _init_from_lm_head(head, base_model, list(verbalizer.values()))

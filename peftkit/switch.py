@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from peftkit.adapters import Head, body_of, pool
+from peftkit.adapters import Head, body_of, peft_quiet, pool
 from peftkit.artifacts import TaskInfo, load_head, read_task
 from peftkit.batching import apply_template, collate, pad_id, padding_batches
 from peftkit.errors import ConfigError, RegistryError
@@ -177,9 +177,10 @@ class AdaptedModel:
         if self._peft is None:
             # low_cpu_mem_usage: create the adapter weights empty and load them in place
             # (no random init that the checkpoint overwrites anyway).
-            self._peft = peft.PeftModel.from_pretrained(
-                self._body, str(entry.path), adapter_name=key, is_trainable=False
-            )
+            with peft_quiet():
+                self._peft = peft.PeftModel.from_pretrained(
+                    self._body, str(entry.path), adapter_name=key, is_trainable=False
+                )
             self._family = family
         else:
             self._peft.load_adapter(str(entry.path), adapter_name=key, is_trainable=False)

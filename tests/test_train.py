@@ -78,6 +78,14 @@ def test_all_linear_preset_adapts_the_feed_forward_layers(tiny_models, tmp_path,
     release(result.model)
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_wrapping_the_base_adds_no_peft_deprecation_noise(tiny_models, recwarn, method):
+    # peft reads transformers' deprecated is_gradient_checkpointing on every wrap
+    base, spec = _base(tiny_models, "bert", method)
+    release(build_task_model(base.model, spec, num_labels=2))
+    assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
+
+
 def test_lora_learns_the_synthetic_task(tiny_models, tmp_path):
     base, spec = _base(tiny_models, "bert")
     config = TrainConfig(epochs=12, batch_size=8, learning_rate=5e-2, progress=False, patience=None)
