@@ -29,6 +29,7 @@ from torch import nn
 
 from peftkit.errors import ConfigError, did_you_mean
 from peftkit.paths import library_dir
+from peftkit.schema import yaml_error
 
 METHODS = ("lora", "qlora", "prefix", "prompt-tuning", "ia3", "full", "probe")
 PEFT_METHODS = ("lora", "qlora", "prefix", "prompt-tuning", "ia3")
@@ -73,9 +74,7 @@ def load_preset(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {exc}") from exc
+        raise yaml_error(exc, str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: an adapter preset must be a mapping with a 'method' key")
     return spec_from_dict(_merge(data, overrides or {}), source=str(path))

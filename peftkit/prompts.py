@@ -37,6 +37,7 @@ import yaml
 
 from peftkit.errors import ConfigError, DataError, did_you_mean
 from peftkit.paths import library_dir
+from peftkit.schema import yaml_error
 
 __all__ = [
     "DATA_FIELDS",
@@ -332,10 +333,7 @@ def parse_prompt_set(text: str, source: str = "<string>") -> PromptSet:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f"{source}, line {mark.line + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+        raise yaml_error(exc, source) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a prompt file must be a mapping with keys {_FILE_KEYS}")
     _check_keys(data, _FILE_KEYS, source)

@@ -158,16 +158,21 @@ def parse_dataclass(cls: type, value: Any, path: tuple[str, ...], ctx: Ctx) -> A
         raise ctx.error(path, str(exc)) from None
 
 
+def yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
+    """``<source>, line N: invalid YAML: <problem>``: one form for every YAML file read."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{source}, line {mark.line + 1}" if mark is not None else source
+    problem = getattr(exc, "problem", None) or str(exc)
+    return ConfigError(f"{where}: invalid YAML: {problem}")
+
+
 def read_yaml(text: str, source: str) -> tuple[Any, dict[tuple[str, ...], int]]:
     """The YAML document and the line of every key path in it (``("training", "epochs")``)."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f"{source}, line {mark.line + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+        raise yaml_error(exc, source) from None
     lines: dict[tuple[str, ...], int] = {}
     walk_lines(node, (), lines)
     return data, lines

@@ -143,7 +143,7 @@ def test_load_errors_name_file_template_and_key(tmp_path, edit, pattern):
 def test_yaml_syntax_error_gives_file_and_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text(GOOD.replace("  a: ", "  a: [\n"))
-    with pytest.raises(ConfigError, match=r"broken.yaml, line \d+: YAML syntax error"):
+    with pytest.raises(ConfigError, match=r"broken.yaml, line \d+: invalid YAML"):
         load_prompt_set(path)
 
 

@@ -285,7 +285,7 @@ def test_bad_presets_are_named(tmp_path, tiny_models):
 
         peft_config(spec, load_base(tiny_models["bert"]).model)
     bad.write_text("method: lora\n  peft: [\n")
-    with pytest.raises(ConfigError, match=r"mine.yaml:\d+: invalid YAML"):
+    with pytest.raises(ConfigError, match=r"mine.yaml, line \d+: invalid YAML"):
         load_preset(bad)
 
 
