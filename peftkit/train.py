@@ -167,12 +167,17 @@ def train(
             )
         token_ids = verbalizer_token_ids(tokenizer, {lab: verbalizer[lab] for lab in data.labels})
 
+    if head_init is not None and head_init.linear.out_features != len(data.labels):
+        raise ConfigError(
+            f"head_init has {head_init.linear.out_features} outputs but the data has "
+            f"{len(data.labels)} labels"
+        )
     model = build_task_model(
         base.model, spec, len(data.labels), seed=config.seed, verbalizer=token_ids
     )
     try:
         if head_init is not None:
-            _start_head(model, head_init, len(data.labels))
+            _start_head(model, head_init)
         pad = pad_id(tokenizer)
         loop = TrainLoop(acc, model, spec, config, enc_train, enc_val, data.labels, pad, run_dir)
         loop.run()
@@ -206,13 +211,8 @@ def train(
         raise
 
 
-def _start_head(model: TaskModel, head_init: Any, n_labels: int) -> None:
+def _start_head(model: TaskModel, head_init: Any) -> None:
     """Train from a copy of ``head_init`` (keeping the preset's head dropout)."""
-    if head_init.linear.out_features != n_labels:
-        raise ConfigError(
-            f"head_init has {head_init.linear.out_features} outputs but the data has "
-            f"{n_labels} labels"
-        )
     start = copy.deepcopy(head_init).train()
     start.dropout = model.head.dropout
     model.head = start.to(next(model.head.parameters()).device)
