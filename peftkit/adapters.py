@@ -170,6 +170,10 @@ def peft_config(spec: AdapterSpec, body: nn.Module) -> Any:
 
     opts = dict(spec.peft)
     task = peft.TaskType.FEATURE_EXTRACTION
+    if spec.method in ("lora", "qlora", "ia3") and _has_conv1d(body):
+        # GPT-2's layers are transformers' Conv1D (weights stored transposed); peft needs
+        # fan_in_fan_out=True for them and, left False, warns and sets it on every build
+        opts.setdefault("fan_in_fan_out", True)
     try:
         if spec.method in ("lora", "qlora"):
             if opts.get("target_modules", "auto") == "auto":
@@ -189,6 +193,12 @@ def peft_config(spec: AdapterSpec, body: nn.Module) -> Any:
     except TypeError as exc:
         raise ConfigError(f"{spec.source}: bad peft option for {spec.method}: {exc}") from exc
     raise ConfigError(f"method {spec.method!r} has no peft config")
+
+
+def _has_conv1d(body: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) for m in body.modules())
 
 
 # -- the task model -----------------------------------------------------------------------

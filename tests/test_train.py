@@ -48,6 +48,23 @@ def test_every_method_trains_on_every_family(tiny_models, tmp_path, family, meth
             assert torch.equal(param, frozen[name]), f"{method} changed base weight {name}"
 
 
+@pytest.mark.parametrize("method", ["lora", "lora-all-linear", "ia3"])
+def test_gpt2_conv1d_layers_are_adapted_without_peft_warnings(tiny_models, method, recwarn):
+    """GPT-2's Conv1D layers need fan_in_fan_out=True; peft warned on every build without it."""
+    base, spec = _base(tiny_models, "gpt2", method)
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.no_grad():
+        before = base.model(input_ids=ids).last_hidden_state
+    model = build_task_model(base.model, spec, num_labels=2)
+    fan = [str(w.message) for w in recwarn.list if "fan_in_fan_out" in str(w.message)]
+    assert not fan, fan
+    assert model.body.peft_config["default"].fan_in_fan_out is True
+    with torch.no_grad():  # an untrained adapter is the identity: the layers read the right axes
+        after = model.body(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(after, before)
+    release(model)
+
+
 def test_trainable_parameter_counts_are_ordered(tiny_models):
     counts = {}
     for method in ("probe", "ia3", "lora", "full"):
