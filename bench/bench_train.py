@@ -64,6 +64,8 @@ METHODS: dict[str, tuple[str, dict, float | None]] = {
     ),
     # the lora-all-linear preset at 2e-3 (its validation was still climbing at 30 minutes)
     "lora-all-linear-2e3": ("lora-all-linear", {}, 2e-3),
+    # the lora-all-linear preset at rank 16 (alpha 32: the same scale alpha/r)
+    "lora-all-linear-r16": ("lora-all-linear", {"peft": {"r": 16, "lora_alpha": 32}}, None),
 }
 # method -> TrainConfig fields beyond the shared budget
 TRAINING: dict[str, dict] = {"lora-plus": {"loraplus_lr_ratio": 16.0}}
