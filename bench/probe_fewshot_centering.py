@@ -21,18 +21,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import DATA, RESULTS  # noqa: E402
+from bench_fewshot import TASKS  # noqa: E402
 
 from peftkit.base import load_base
 from peftkit.data import few_shot, load_data
-from peftkit.fewshot import prototype_head
+from peftkit.fewshot import label_embeddings, prototype_head
 from peftkit.prompts import load_prompt
 from peftkit.scorers import embed_texts
 
 base = load_base("minilm")
-TASKS = {
-    "sst2": ("sst2", None, "sentiment", "it-was"),
-    "ag_news": ("ag_news", 1000, "news_ag", "article-topic"),
-}
 out = {}
 for key in ("sst2", "ag_news"):
     folder, limit, family, template = TASKS[key]
@@ -42,6 +39,7 @@ for key in ("sst2", "ag_news"):
     val = val.subset(range(n))
     gold = np.asarray(val.labels)
     verb = load_prompt(family, template).verbalizer
+    le = label_embeddings(base, data.labels, verb)  # the label prior, the same for every seed
     xv = torch.as_tensor(embed_texts(base.model, base.tokenizer, list(val.texts), batch_size=64))
     train = data.split("train")
     rng = np.random.default_rng(1234)
@@ -65,9 +63,6 @@ for key in ("sst2", "ag_news"):
             res["transductive"].append(((lv - lv.mean(0)).argmax(1) == gold).mean())
             # leave-one-out on the support set: each row scored by a head built without it
             ys = np.asarray(sup.labels)
-            from peftkit.fewshot import label_embeddings
-
-            le = label_embeddings(base, data.labels, verb)
             fs = embed_texts(base.model, base.tokenizer, list(sup.texts))
             ls = []
             for i in range(len(ys)):

@@ -331,17 +331,16 @@ def build_task_model(
     else:
         import peft
 
-        if (
-            spec.method == "qlora"
-            or getattr(body, "is_loaded_in_4bit", False)
-            or getattr(body, "is_loaded_in_8bit", False)
-        ):
-            # casts norms to fp32 and enables input grads; no gradient checkpointing on CPU
-            with peft_quiet():
+        with peft_quiet():
+            if (
+                spec.method == "qlora"
+                or getattr(body, "is_loaded_in_4bit", False)
+                or getattr(body, "is_loaded_in_8bit", False)
+            ):
+                # casts norms to fp32 and enables input grads; no gradient checkpointing on CPU
                 body = peft.prepare_model_for_kbit_training(
                     body, use_gradient_checkpointing=torch.cuda.is_available()
                 )
-        with peft_quiet():
             body = peft.get_peft_model(body, peft_config(spec, body), adapter_name=adapter_name)
     head = Head(hidden_size(body_of(base_model).config), num_labels, spec.head_dropout)
     if verbalizer is not None:
