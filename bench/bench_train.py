@@ -66,6 +66,12 @@ METHODS: dict[str, tuple[str, dict, float | None]] = {
     "lora-all-linear-2e3": ("lora-all-linear", {}, 2e-3),
     # the lora-all-linear preset at rank 16 (alpha 32: the same scale alpha/r)
     "lora-all-linear-r16": ("lora-all-linear", {"peft": {"r": 16, "lora_alpha": 32}}, None),
+    # the lora-all-linear preset as DoRA (peft's use_dora: a learned magnitude per output
+    # column on top of the low-rank direction update)
+    "lora-all-linear-dora": ("lora-all-linear", {"peft": {"use_dora": True}}, None),
+    # the lora-all-linear preset with PiSSA's start (peft's init_lora_weights="pissa": A and
+    # B hold each weight's top r singular directions, the base keeps the residual)
+    "lora-all-linear-pissa": ("lora-all-linear", {"peft": {"init_lora_weights": "pissa"}}, None),
 }
 # method -> TrainConfig fields beyond the shared budget
 TRAINING: dict[str, dict] = {"lora-plus": {"loraplus_lr_ratio": 16.0}}
