@@ -300,6 +300,17 @@ def peft_quiet() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Dropout off while scoring; the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def build_task_model(
     base_model: nn.Module,
     spec: AdapterSpec,

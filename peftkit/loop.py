@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from peftkit.adapters import AdapterSpec, TaskModel, trainable_parameters
+from peftkit.adapters import AdapterSpec, TaskModel, eval_mode, trainable_parameters
 from peftkit.batching import Encoded, collate, length_batches
 from peftkit.checkpoints import find_checkpoint, load_trainable, save_best, save_checkpoint
 from peftkit.errors import ConfigError, TrainingError
@@ -38,15 +38,15 @@ def _now() -> float:  # the training clock (tests replace it)
 def predict_logits(
     model: TaskModel, enc: Encoded, pad: int, batch_size: int, accelerator: Any = None
 ) -> np.ndarray:
-    """Logits for every row of ``enc`` in order; sharded over processes when distributed."""
-    model.eval()
+    """Logits for every row of ``enc`` in order; sharded over processes when distributed.
+    Dropout is off while scoring; the model comes back in the mode it came in."""
     batches = length_batches([len(r) for r in enc.ids], batch_size, seed=0, epoch=0, shuffle=False)
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     device = next(model.parameters()).device
     mine = batches[rank::world]
     out_idx, out_logits = [], []
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for batch in mine:
             tensors = collate([enc.ids[i] for i in batch], pad)
             logits = model(tensors["input_ids"].to(device), tensors["attention_mask"].to(device))
@@ -63,7 +63,6 @@ def predict_logits(
         logits = torch.cat([p[1] for p in parts])
     result = torch.zeros(len(enc), n_labels)
     result[idx] = logits
-    model.train()
     return result.numpy()
 
 
@@ -343,12 +342,13 @@ class TrainLoop:
         return config.patience is not None and state["bad_evals"] >= config.patience
 
     def load_best(self) -> TaskModel:
-        """The trained model, with its best weights when there was an evaluation."""
+        """The trained model, with its best weights when there was an evaluation, in eval mode
+        (dropout off: ready to predict; the shared base it wraps is left as it was loaded)."""
         unwrapped = self.acc.unwrap_model(self.model)
         best = self.ckpt_dir / "best" / "trainable.safetensors"
         if best.is_file():
             load_trainable(unwrapped, load_file(str(best)))
-        return unwrapped
+        return unwrapped.eval()
 
 
 def _warn_if_collapsed(preds: np.ndarray, labels: tuple[str, ...], step: int, main: bool) -> None:

@@ -13,6 +13,7 @@ import torch
 from helpers import synthetic
 from safetensors.torch import load_file
 
+import peftkit.loop as loop_module
 from peftkit.adapters import METHODS, build_task_model, load_preset, trainable_parameters
 from peftkit.artifacts import release
 from peftkit.base import load_base
@@ -112,6 +113,31 @@ def test_lora_learns_the_synthetic_task(tiny_models, tmp_path):
     evals = [r for r in history if "eval_accuracy" in r]
     assert len(evals) == 12  # once per epoch
     assert result.best["step"] in [r["step"] for r in evals]
+
+
+def test_a_trained_model_comes_back_ready_to_predict(tiny_models, tmp_path, monkeypatch):
+    """train() returns its model with dropout off (two calls agree) and leaves the shared base
+    in the mode it was loaded in; scoring during training puts the model back in train mode."""
+    base, spec = _base(tiny_models, "bert")  # LoRA dropout 0.1 and head dropout 0.1
+    data = synthetic("topic", n=32)
+    seen = []
+    original = loop_module.predict_logits
+
+    def spy(model, *args, **kwargs):
+        out = original(model, *args, **kwargs)
+        seen.append(model.training)
+        return out
+
+    monkeypatch.setattr(loop_module, "predict_logits", spy)
+    config = TrainConfig(max_steps=4, batch_size=8, progress=False, eval_every=2)
+    result = train(base, spec, data, config, tmp_path / "run")
+    assert seen[:2] == [True, True]  # the two evaluations during training
+    assert not [n for n, m in result.model.named_modules() if m.training]
+    ids, mask = torch.tensor([[5, 9, 2, 7, 3, 8]]), torch.ones(1, 6, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(ids, mask), result.model(ids, mask))
+    release(result.model)
+    assert not [n for n, m in base.model.named_modules() if m.training]
 
 
 def test_early_stopping_keeps_the_best(tiny_models, tmp_path):

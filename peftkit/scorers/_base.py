@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,17 +83,6 @@ def check_choice(what: str, value: str, valid: Sequence[str]) -> None:
 
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def eval_mode(model) -> Iterator[None]:
-    """Dropout off while scoring; the model's mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def continuation_ids(tokenizer, phrases: Sequence[str], owners: Sequence[str] | None = None):

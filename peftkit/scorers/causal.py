@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from peftkit.adapters import eval_mode
 from peftkit.calibration import domain_pmi
 from peftkit.demos import Demo, fit_prompts
 from peftkit.errors import ConfigError, DataError
@@ -21,7 +22,6 @@ from peftkit.scorers._base import (
     context_length,
     continuation_ids,
     device_of,
-    eval_mode,
     pad_rows,
     phrase_ids,
     warn_cut,

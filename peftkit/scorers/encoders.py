@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from peftkit.adapters import body_of, pool
+from peftkit.adapters import body_of, eval_mode, pool
 from peftkit.demos import Demo, fit_prompts
 from peftkit.errors import ConfigError, DataError, ModelError
 from peftkit.prompts import Prompt, Template, Verbalizer
@@ -19,7 +19,6 @@ from peftkit.scorers._base import (
     context_length,
     count_long,
     device_of,
-    eval_mode,
     label_phrases,
     log_softmax,
     pad_rows,
