@@ -118,7 +118,8 @@ def train(
     verbalizer: dict[str, str] | None = None,
     head_init: Any = None,
 ) -> TrainResult:
-    """Train ``spec`` on ``data`` and return the best model, its history and test report.
+    """Train ``spec`` on ``data`` and return the best model (in eval mode, wrapping the
+    shared base until ``artifacts.release``), its history and test report.
 
     ``run_dir`` holds ``checkpoints/`` (resumable state, best weights) and ``history.json``.
     Starting again on the same ``run_dir`` resumes from the last checkpoint.
