@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peftkit.adapters import Head, TaskModel
-from peftkit.errors import IntegrityError
+from peftkit.errors import ConfigError, IntegrityError
 from peftkit.paths import atomic_write_text
 
 TASK_FILE = "task.json"
@@ -63,6 +63,7 @@ def save_adapter(
     verbalizer: dict[str, str] | None = None,
 ) -> Path:
     """Write ``model``'s adapter, head and task description to ``folder`` (replaced whole)."""
+    _refuse_base_rewriting_init(model.body)
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -95,6 +96,20 @@ def save_adapter(
         shutil.rmtree(folder)
     tmp.rename(folder)
     return folder
+
+
+def _refuse_base_rewriting_init(body: Any) -> None:
+    """PiSSA / OLoRA / CorDA starts rewrite the base weights they adapt (the base keeps a
+    residual), so their adapter is only right on that rewritten base: saved as it is, it
+    would load onto the shared, unchanged base and predict wrongly."""
+    for name, config in (getattr(body, "peft_config", None) or {}).items():
+        init = getattr(config, "init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
+            raise ConfigError(
+                f"adapter {name!r}: init_lora_weights={init!r} rewrites the base model's weights "
+                "during training, so the adapter is not valid on the shared base and peftkit "
+                "does not save or register it; use the default LoRA start"
+            )
 
 
 def read_task(folder: Path) -> TaskInfo:
