@@ -100,16 +100,17 @@ def main() -> None:
             with torch.no_grad():
                 p_proto = torch.softmax(head(xv), -1).numpy()
             members, deltas, heads = [], [], []
+            ds = TextDataset("few-shot", tuple(data.labels), {"train": sup, "validation": sup})
             for j in range(MEMBERS):
-                head_j = prototype_head(base, sup, data.labels, verb, prior=1.0)
-                ds = TextDataset("few-shot", tuple(data.labels), {"train": sup, "validation": sup})
                 config = TrainConfig(
                     epochs=ns.ft_epochs, batch_size=16, learning_rate=lr, max_length=64,
                     patience=None, eval_every=10**6, seed=seed + 1000 * j, progress=False,
                     warmup_ratio=0.1,
                 )  # fmt: skip
                 with tempfile.TemporaryDirectory() as run_dir:
-                    result = train(base, load_preset(preset), ds, config, run_dir, head_init=head_j)
+                    result = train(
+                        base, load_preset(preset), ds, config, run_dir, head_init=head
+                    )  # copied by train()
                 members.append(probs_of(result.model.eval(), base.tokenizer, list(val.texts)))
                 deltas.append(lora_deltas(result.model.body))
                 heads.append(copy.deepcopy(result.model.head))
