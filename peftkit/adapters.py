@@ -27,6 +27,7 @@ import torch
 import yaml
 from torch import nn
 
+from peftkit import residual
 from peftkit.errors import ConfigError, did_you_mean
 from peftkit.paths import library_dir
 from peftkit.schema import yaml_error
@@ -105,6 +106,8 @@ def spec_from_dict(data: dict[str, Any], source: str = "<dict>") -> AdapterSpec:
         quant = quant or "4bit"
     if quant not in (None, "4bit", "8bit"):
         raise ConfigError(f"{source}: quantization={quant!r}; use '4bit' or '8bit'")
+    if method in ("lora", "qlora"):
+        residual.check_init(peft_opts, quantized=quant is not None, where=source)
     pooling = data.get("pooling", "auto")
     if pooling not in ("auto", "mean", "last", "cls"):
         raise ConfigError(f"{source}: pooling={pooling!r}; use auto, mean, last or cls")
@@ -268,6 +271,8 @@ class TaskModel(nn.Module):
         self.body = body
         self.head = head
         self.pooling = pooling
+        # set when a PiSSA / OLoRA start rewrote the shared base (see peftkit.residual)
+        self.base_rewrite: residual.BaseRewrite | None = None
 
     def features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
@@ -331,6 +336,7 @@ def build_task_model(
         raise ConfigError(f"a classifier needs at least 2 labels, got {num_labels}")
     torch.manual_seed(seed)
     body = body_of(base_model)
+    rewrite: residual.BaseRewrite | None = None
     pooling = default_pooling(body.config) if spec.pooling == "auto" else spec.pooling
     if spec.method == "full":
         body = copy.deepcopy(body)
@@ -342,22 +348,30 @@ def build_task_model(
     else:
         import peft
 
+        quantized = spec.method == "qlora" or bool(
+            getattr(body, "is_loaded_in_4bit", False) or getattr(body, "is_loaded_in_8bit", False)
+        )
+        init = residual.init_of(spec.peft) if spec.method in ("lora", "qlora") else None
+        residual.check_init(spec.peft, quantized=quantized, where=spec.source)
         with peft_quiet():
-            if (
-                spec.method == "qlora"
-                or getattr(body, "is_loaded_in_4bit", False)
-                or getattr(body, "is_loaded_in_8bit", False)
-            ):
+            if quantized:
                 # casts norms to fp32 and enables input grads; no gradient checkpointing on CPU
                 body = peft.prepare_model_for_kbit_training(
                     body, use_gradient_checkpointing=torch.cuda.is_available()
                 )
-            body = peft.get_peft_model(body, peft_config(spec, body), adapter_name=adapter_name)
+            config = peft_config(spec, body)
+            if residual.rewrites_base(init):
+                body, rewrite = residual.build(body, config, adapter_name)
+            else:
+                body = peft.get_peft_model(body, config, adapter_name=adapter_name)
     head = Head(hidden_size(body_of(base_model).config), num_labels, spec.head_dropout)
     if verbalizer is not None:
         _init_from_lm_head(head, base_model, list(verbalizer.values()))
     device = next(body_of(base_model).parameters()).device
-    return TaskModel(body, head.to(device), pooling)
+    model = TaskModel(body, head.to(device), pooling)
+    if rewrite is not None:
+        model.base_rewrite = rewrite
+    return model
 
 
 def verbalizer_token_ids(tokenizer: Any, words: dict[str, str]) -> dict[str, int]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from peftkit import residual
 from peftkit.adapters import Head, TaskModel
 from peftkit.errors import ConfigError, IntegrityError
 from peftkit.paths import atomic_write_text
@@ -63,7 +64,6 @@ def save_adapter(
     verbalizer: dict[str, str] | None = None,
 ) -> Path:
     """Write ``model``'s adapter, head and task description to ``folder`` (replaced whole)."""
-    _refuse_base_rewriting_init(model.body)
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -71,7 +71,11 @@ def save_adapter(
     body: Any = model.body
     if method == "full":
         body.save_pretrained(tmp, safe_serialization=True)
+    elif model.base_rewrite is not None:
+        # a PiSSA / OLoRA start: saved as plain LoRA of rank 2r on the original weights
+        residual.save_as_lora(body, tmp, model.base_rewrite)
     elif method != "probe":
+        _refuse_base_rewriting_init(body)
         body.save_pretrained(tmp)  # peft: adapter_config.json + adapter_model.safetensors
     head = model.head.linear
     save_file(
@@ -99,16 +103,16 @@ def save_adapter(
 
 
 def _refuse_base_rewriting_init(body: Any) -> None:
-    """PiSSA / OLoRA / CorDA starts rewrite the base weights they adapt (the base keeps a
-    residual), so their adapter is only right on that rewritten base: saved as it is, it
-    would load onto the shared, unchanged base and predict wrongly."""
+    """A peft model built outside ``build_task_model`` with a PiSSA / OLoRA / CorDA start:
+    its base holds a residual, so its adapter is only right on that rewritten base and,
+    saved as it is, would load onto the unchanged base and predict wrongly."""
     for name, config in (getattr(body, "peft_config", None) or {}).items():
         init = getattr(config, "init_lora_weights", True)
         if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
             raise ConfigError(
-                f"adapter {name!r}: init_lora_weights={init!r} rewrites the base model's weights "
-                "during training, so the adapter is not valid on the shared base and peftkit "
-                "does not save or register it; use the default LoRA start"
+                f"adapter {name!r}: init_lora_weights={init!r} rewrote the base model's weights "
+                "and peftkit has no record of the originals to convert it back (build it with "
+                "peftkit.adapters.build_task_model), so it is not saved"
             )
 
 
@@ -156,7 +160,11 @@ def release(model: TaskModel) -> Any:
     body: Any = model.body
     if hasattr(body, "peft_config") and hasattr(body, "unload"):
         try:
-            return body.unload()
+            clean = body.unload()
         except (AttributeError, ValueError):  # prompt learning injects nothing
-            return body.get_base_model()
+            clean = body.get_base_model()
+        if model.base_rewrite is not None:
+            residual.restore(clean, model.base_rewrite)
+            model.base_rewrite = None
+        return clean
     return body

@@ -122,6 +122,11 @@ def _train_all(recipe, path: Path, reg_root: Path, resumed: bool, say, state) ->
             f"quantization {sorted(quant | {recipe.base.quantization} - {None})}"
         )
     quantization = recipe.base.quantization or (quant.pop() if quant else None)
+    if quantization:  # before loading anything: a PiSSA start cannot run on it
+        from peftkit.residual import check_init
+
+        for t in tasks:
+            check_init(t.spec.peft, quantized=True, where=f"{recipe.source}: task {t.name!r}")
     say(f"loading base {recipe.base.source!r} (quantization: {quantization or 'none'})")
     base = load_base(
         recipe.base.source,
@@ -251,65 +256,68 @@ def _train_one(recipe, base, task: _Task, path: Path, registry, say, state, firs
     result = train(
         base, task.spec, data, task.config, folder, train_split=train_split, head_init=head
     )
-    prefix = "" if first else f"{task.name}-"
-    metrics: dict[str, Any] = {
-        "recipe": recipe.name,
-        "task": task.name,
-        "method": task.spec.method,
-        "data": data.name,
-        **result.test_metrics,
-        "trainable": result.trainable,
-        "total": result.total,
-        "trainable_share": round(result.trainable / max(result.total, 1), 6),
-        "steps": result.steps,
-        "train_seconds": round(result.seconds, 2),
-        "step_seconds": round(result.step_seconds, 4),
-        "best": result.best,
-        "resumed_from": result.resumed_from,
-        "processes": state.num_processes,
-    }
-    ref = None
-    if state.is_main_process:
-        adapter = save_adapter(
-            result.model,
-            folder / "adapter",
-            method=task.spec.method,
-            labels=data.labels,
-            max_length=task.config.max_length,
-        )
-        if result.report is not None:
-            write_report(
-                path, result.report, title=f"{task.name} · {task.spec.method}", prefix=prefix
-            )
-            say(f"\ntest report ({task.name}):\n{result.report.to_text()}")
-        if result.history:
-            from peftkit.plots import plot_history
-
-            plot_history(result.history, path / f"{prefix}curves.png")
-        done = folder / "registered.json"
-        previous = _previous_registration(done, registry)
-        if previous is not None:
-            ref = previous
-            metrics["registered"] = ref
-            say(f"already registered as {ref} (resumed run); not registering again")
-        elif registry is not None:
-            entry = registry.register(
-                task.name,
-                adapter,
+    try:
+        prefix = "" if first else f"{task.name}-"
+        metrics: dict[str, Any] = {
+            "recipe": recipe.name,
+            "task": task.name,
+            "method": task.spec.method,
+            "data": data.name,
+            **result.test_metrics,
+            "trainable": result.trainable,
+            "total": result.total,
+            "trainable_share": round(result.trainable / max(result.total, 1), 6),
+            "steps": result.steps,
+            "train_seconds": round(result.seconds, 2),
+            "step_seconds": round(result.step_seconds, 4),
+            "best": result.best,
+            "resumed_from": result.resumed_from,
+            "processes": state.num_processes,
+        }
+        ref = None
+        if state.is_main_process:
+            adapter = save_adapter(
+                result.model,
+                folder / "adapter",
                 method=task.spec.method,
                 labels=data.labels,
-                base_fingerprint=base.fingerprint.id,
-                base=base.fingerprint.to_dict(),
-                quantization=base.quantization,
-                task=recipe.registry.task or data.name,
-                metrics=result.test_metrics,
-                tags=recipe.registry.tags,
+                max_length=task.config.max_length,
             )
-            ref = entry.ref
-            metrics["registered"] = ref
-            write_json(done, {"ref": ref})
-            say(f"registered {ref}")
-    release(result.model)
+            if result.report is not None:
+                write_report(
+                    path, result.report, title=f"{task.name} · {task.spec.method}", prefix=prefix
+                )
+                say(f"\ntest report ({task.name}):\n{result.report.to_text()}")
+            if result.history:
+                from peftkit.plots import plot_history
+
+                plot_history(result.history, path / f"{prefix}curves.png")
+            done = folder / "registered.json"
+            previous = _previous_registration(done, registry)
+            if previous is not None:
+                ref = previous
+                metrics["registered"] = ref
+                say(f"already registered as {ref} (resumed run); not registering again")
+            elif registry is not None:
+                entry = registry.register(
+                    task.name,
+                    adapter,
+                    method=task.spec.method,
+                    labels=data.labels,
+                    base_fingerprint=base.fingerprint.id,
+                    base=base.fingerprint.to_dict(),
+                    quantization=base.quantization,
+                    task=recipe.registry.task or data.name,
+                    metrics=result.test_metrics,
+                    tags=recipe.registry.tags,
+                )
+                ref = entry.ref
+                metrics["registered"] = ref
+                write_json(done, {"ref": ref})
+                say(f"registered {ref}")
+    finally:
+        # the shared base goes back as it was, whatever happened above
+        release(result.model)
     return metrics, ref
 
 

@@ -3,6 +3,7 @@ steps on a tiny model (base, data and registry overridden into tmp_path)."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
@@ -165,6 +166,15 @@ def test_unknown_recipe_and_preset_list_the_available(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, GOOD), ["adapter=lorra"])
     with pytest.raises(ConfigError, match="built-in presets: .*lora"):
         run_recipe(recipe, run_dir=tmp_path / "run", registry=tmp_path / "reg")
+
+
+def test_a_pissa_start_on_a_quantized_base_is_refused_before_loading(tmp_path):
+    overrides = ["base.quantization=4bit", "adapter.peft.init_lora_weights=pissa"]
+    recipe = load_recipe(write_recipe(tmp_path, GOOD), overrides)
+    out = io.StringIO()
+    with pytest.raises(ConfigError, match="r.yaml: task 'r'.*shared quantized base"):
+        run_recipe(recipe, run_dir=tmp_path / "run", registry=tmp_path / "reg", out=out)
+    assert "loading base" not in out.getvalue()
 
 
 def test_override_does_not_touch_input():
