@@ -72,6 +72,8 @@ METHODS: dict[str, tuple[str, dict, float | None]] = {
     # the lora-all-linear preset with PiSSA's start (peft's init_lora_weights="pissa": A and
     # B hold each weight's top r singular directions, the base keeps the residual)
     "lora-all-linear-pissa": ("lora-all-linear", {"peft": {"init_lora_weights": "pissa"}}, None),
+    # the lora-pissa preset: that start at 3e-4 (lora-all-linear-pissa with --lr 3e-4)
+    "lora-pissa": ("lora-pissa", {}, None),
 }
 # method -> TrainConfig fields beyond the shared budget
 TRAINING: dict[str, dict] = {"lora-plus": {"loraplus_lr_ratio": 16.0}}
@@ -290,16 +292,21 @@ def render(rows: list[dict]) -> str:
 
 
 def goals(rows: list[dict]) -> dict:
-    """The issue's goals for every LoRA method that has rows at its preset rate, per seed
-    against ``full`` with the same seed, and over the seeds."""
-    ok = [r for r in rows if "error" not in r and not r.get("lr")]
+    """The issue's goals for every LoRA method, per seed against ``full`` with the same seed,
+    and over the seeds. Rows run with ``--lr`` are grouped apart, as ``METHOD@lr=LR``."""
+    ok = [r for r in rows if "error" not in r]
 
-    def by_seed(method: str) -> dict[int, dict]:
-        return {r.get("seed", 0): r for r in ok if r["method"] == method}
+    def key(r: dict) -> str:
+        return f"{r['method']}@lr={r['lr']:g}" if r.get("lr") else r["method"]
 
+    def by_seed(k: str) -> dict[int, dict]:
+        return {r.get("seed", 0): r for r in ok if key(r) == k}
+
+    lora = [m for m in METHODS if METHODS[m][0].startswith("lora")]
+    keys = list(dict.fromkeys(key(r) for r in ok if r["method"] in lora))
     full = by_seed("full")
     g: dict = {}
-    for method in [m for m in METHODS if METHODS[m][0] in ("lora", "lora-all-linear")]:
+    for method in keys:
         runs = by_seed(method)
         if not runs:
             continue
