@@ -75,6 +75,8 @@ METHODS: dict[str, tuple[str, dict, float | None]] = {
     # the lora-pissa preset: that start at 3e-4 (lora-all-linear-pissa with --lr 3e-4)
     "lora-pissa": ("lora-pissa", {}, None),
 }
+# runs of one configuration under two names, judged together in the goals
+SAME_AS = {"lora-all-linear-pissa@lr=0.0003": "lora-pissa"}
 # method -> TrainConfig fields beyond the shared budget
 TRAINING: dict[str, dict] = {"lora-plus": {"loraplus_lr_ratio": 16.0}}
 ANCHORS = {"peft-loop-full": 5e-5, "peft-loop-lora": 1e-3}
@@ -297,7 +299,8 @@ def goals(rows: list[dict]) -> dict:
     ok = [r for r in rows if "error" not in r]
 
     def key(r: dict) -> str:
-        return f"{r['method']}@lr={r['lr']:g}" if r.get("lr") else r["method"]
+        k = f"{r['method']}@lr={r['lr']:g}" if r.get("lr") else r["method"]
+        return SAME_AS.get(k, k)
 
     def by_seed(k: str) -> dict[int, dict]:
         return {r.get("seed", 0): r for r in ok if key(r) == k}
