@@ -172,22 +172,29 @@ def _train_all(recipe, path: Path, reg_root: Path, resumed: bool, say, state) ->
     return RunOutcome(path, metrics, entries, resumed)
 
 
-def _main_task(recipe: Recipe, path: Path) -> _Task:
+def _preset(recipe: Recipe, ref, where: str):
+    """The adapter preset a recipe names, with its overrides; an error names the recipe too
+    (the preset file alone does not say where an override came from)."""
     from peftkit.adapters import load_preset
 
+    try:
+        return load_preset(ref.preset, ref.overrides())
+    except ConfigError as exc:
+        raise ConfigError(f"{recipe.source}, {where}: {exc}") from None
+
+
+def _main_task(recipe: Recipe, path: Path) -> _Task:
     assert recipe.adapter is not None
-    spec = load_preset(recipe.adapter.preset, recipe.adapter.overrides())
+    spec = _preset(recipe, recipe.adapter, "adapter")
     return _Task(
         recipe.registry_name, recipe.data, spec, recipe.training, path, recipe.adapter.head_init
     )
 
 
 def _then_task(recipe: Recipe, task: TaskSpec, path: Path) -> _Task:
-    from peftkit.adapters import load_preset
-
     ref = task.adapter or recipe.adapter
     assert ref is not None
-    spec = load_preset(ref.preset, ref.overrides())
+    spec = _preset(recipe, ref, f"then: {task.name}: adapter")
     folder = path / "tasks" / task.name
     config = task_training(recipe, task)
     return _Task(task.name, task.data, spec, config, folder, ref.head_init)

@@ -164,8 +164,13 @@ def test_unknown_recipe_and_preset_list_the_available(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
     recipe = load_recipe(write_recipe(tmp_path, GOOD), ["adapter=lorra"])
-    with pytest.raises(ConfigError, match="built-in presets: .*lora"):
+    with pytest.raises(ConfigError, match="r.yaml, adapter: unknown adapter preset 'lorra'; built"):
         run_recipe(recipe, run_dir=tmp_path / "run", registry=tmp_path / "reg")
+    recipe = load_recipe(write_recipe(tmp_path, GOOD), ["adapter.peft.init_lora_weights=corda"])
+    with pytest.raises(
+        ConfigError, match=r"r.yaml, adapter: .*lora.yaml: init_lora_weights='corda'"
+    ):
+        run_recipe(recipe, run_dir=tmp_path / "run2", registry=tmp_path / "reg")
 
 
 def test_a_pissa_start_on_a_quantized_base_is_refused_before_loading(tmp_path):
