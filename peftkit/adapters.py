@@ -351,7 +351,6 @@ def build_task_model(
         quantized = spec.method == "qlora" or bool(
             getattr(body, "is_loaded_in_4bit", False) or getattr(body, "is_loaded_in_8bit", False)
         )
-        init = residual.init_of(spec.peft) if spec.method in ("lora", "qlora") else None
         residual.check_init(spec.peft, quantized=quantized, where=spec.source)
         with peft_quiet():
             if quantized:
@@ -360,7 +359,7 @@ def build_task_model(
                     body, use_gradient_checkpointing=torch.cuda.is_available()
                 )
             config = peft_config(spec, body)
-            if residual.rewrites_base(init):
+            if residual.rewrites_base(residual.init_of(spec.peft)):
                 body, rewrite = residual.build(body, config, adapter_name)
             else:
                 body = peft.get_peft_model(body, config, adapter_name=adapter_name)
@@ -369,8 +368,7 @@ def build_task_model(
         _init_from_lm_head(head, base_model, list(verbalizer.values()))
     device = next(body_of(base_model).parameters()).device
     model = TaskModel(body, head.to(device), pooling)
-    if rewrite is not None:
-        model.base_rewrite = rewrite
+    model.base_rewrite = rewrite
     return model
 
 

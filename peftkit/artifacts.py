@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from peftkit import residual
 from peftkit.adapters import Head, TaskModel
-from peftkit.errors import ConfigError, IntegrityError
+from peftkit.errors import IntegrityError
 from peftkit.paths import atomic_write_text
 
 TASK_FILE = "task.json"
@@ -75,7 +75,7 @@ def save_adapter(
         # a PiSSA / OLoRA start: saved as plain LoRA of rank 2r on the original weights
         residual.save_as_lora(body, tmp, model.base_rewrite)
     elif method != "probe":
-        _refuse_base_rewriting_init(body)
+        residual.refuse_unrecorded(body)
         body.save_pretrained(tmp)  # peft: adapter_config.json + adapter_model.safetensors
     head = model.head.linear
     save_file(
@@ -100,20 +100,6 @@ def save_adapter(
         shutil.rmtree(folder)
     tmp.rename(folder)
     return folder
-
-
-def _refuse_base_rewriting_init(body: Any) -> None:
-    """A peft model built outside ``build_task_model`` with a PiSSA / OLoRA / CorDA start:
-    its base holds a residual, so its adapter is only right on that rewritten base and,
-    saved as it is, would load onto the unchanged base and predict wrongly."""
-    for name, config in (getattr(body, "peft_config", None) or {}).items():
-        init = getattr(config, "init_lora_weights", True)
-        if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
-            raise ConfigError(
-                f"adapter {name!r}: init_lora_weights={init!r} rewrote the base model's weights "
-                "and peftkit has no record of the originals to convert it back (build it with "
-                "peftkit.adapters.build_task_model), so it is not saved"
-            )
 
 
 def read_task(folder: Path) -> TaskInfo:

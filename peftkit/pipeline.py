@@ -247,7 +247,7 @@ def load_task_data(spec) -> tuple[Any, Any]:
 
 
 def _train_one(recipe, base, task: _Task, path: Path, registry, say, state, first: bool):
-    from peftkit.artifacts import release, save_adapter
+    from peftkit.artifacts import release
     from peftkit.train import train
 
     data, train_split = load_task_data(task.data)
@@ -263,69 +263,77 @@ def _train_one(recipe, base, task: _Task, path: Path, registry, say, state, firs
     result = train(
         base, task.spec, data, task.config, folder, train_split=train_split, head_init=head
     )
+    prefix = "" if first else f"{task.name}-"
+    metrics: dict[str, Any] = {
+        "recipe": recipe.name,
+        "task": task.name,
+        "method": task.spec.method,
+        "data": data.name,
+        **result.test_metrics,
+        "trainable": result.trainable,
+        "total": result.total,
+        "trainable_share": round(result.trainable / max(result.total, 1), 6),
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 2),
+        "step_seconds": round(result.step_seconds, 4),
+        "best": result.best,
+        "resumed_from": result.resumed_from,
+        "processes": state.num_processes,
+    }
+    ref = None
     try:
-        prefix = "" if first else f"{task.name}-"
-        metrics: dict[str, Any] = {
-            "recipe": recipe.name,
-            "task": task.name,
-            "method": task.spec.method,
-            "data": data.name,
-            **result.test_metrics,
-            "trainable": result.trainable,
-            "total": result.total,
-            "trainable_share": round(result.trainable / max(result.total, 1), 6),
-            "steps": result.steps,
-            "train_seconds": round(result.seconds, 2),
-            "step_seconds": round(result.step_seconds, 4),
-            "best": result.best,
-            "resumed_from": result.resumed_from,
-            "processes": state.num_processes,
-        }
-        ref = None
         if state.is_main_process:
-            adapter = save_adapter(
-                result.model,
-                folder / "adapter",
-                method=task.spec.method,
-                labels=data.labels,
-                max_length=task.config.max_length,
-            )
-            if result.report is not None:
-                write_report(
-                    path, result.report, title=f"{task.name} · {task.spec.method}", prefix=prefix
-                )
-                say(f"\ntest report ({task.name}):\n{result.report.to_text()}")
-            if result.history:
-                from peftkit.plots import plot_history
-
-                plot_history(result.history, path / f"{prefix}curves.png")
-            done = folder / "registered.json"
-            previous = _previous_registration(done, registry)
-            if previous is not None:
-                ref = previous
+            ref = _publish(recipe, base, task, data, result, path, registry, say, prefix)
+            if ref is not None:
                 metrics["registered"] = ref
-                say(f"already registered as {ref} (resumed run); not registering again")
-            elif registry is not None:
-                entry = registry.register(
-                    task.name,
-                    adapter,
-                    method=task.spec.method,
-                    labels=data.labels,
-                    base_fingerprint=base.fingerprint.id,
-                    base=base.fingerprint.to_dict(),
-                    quantization=base.quantization,
-                    task=recipe.registry.task or data.name,
-                    metrics=result.test_metrics,
-                    tags=recipe.registry.tags,
-                )
-                ref = entry.ref
-                metrics["registered"] = ref
-                write_json(done, {"ref": ref})
-                say(f"registered {ref}")
     finally:
         # the shared base goes back as it was, whatever happened above
         release(result.model)
     return metrics, ref
+
+
+def _publish(recipe, base, task: _Task, data, result, path: Path, registry, say, prefix: str):
+    """Save the trained adapter, write its report and curves, and register it (once: a
+    resumed run finds its earlier registration). Returns the registry ref, if any."""
+    from peftkit.artifacts import save_adapter
+
+    folder = task.folder
+    adapter = save_adapter(
+        result.model,
+        folder / "adapter",
+        method=task.spec.method,
+        labels=data.labels,
+        max_length=task.config.max_length,
+    )
+    if result.report is not None:
+        write_report(path, result.report, title=f"{task.name} · {task.spec.method}", prefix=prefix)
+        say(f"\ntest report ({task.name}):\n{result.report.to_text()}")
+    if result.history:
+        from peftkit.plots import plot_history
+
+        plot_history(result.history, path / f"{prefix}curves.png")
+    done = folder / "registered.json"
+    previous = _previous_registration(done, registry)
+    if previous is not None:
+        say(f"already registered as {previous} (resumed run); not registering again")
+        return previous
+    if registry is None:
+        return None
+    entry = registry.register(
+        task.name,
+        adapter,
+        method=task.spec.method,
+        labels=data.labels,
+        base_fingerprint=base.fingerprint.id,
+        base=base.fingerprint.to_dict(),
+        quantization=base.quantization,
+        task=recipe.registry.task or data.name,
+        metrics=result.test_metrics,
+        tags=recipe.registry.tags,
+    )
+    write_json(done, {"ref": entry.ref})
+    say(f"registered {entry.ref}")
+    return entry.ref
 
 
 def _previous_registration(done: Path, registry) -> str | None:

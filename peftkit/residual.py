@@ -67,6 +67,20 @@ def check_init(opts: dict[str, Any], *, quantized: bool, where: str) -> None:
         )
 
 
+def refuse_unrecorded(body: Any) -> None:
+    """A peft model built outside ``build_task_model`` with a PiSSA / OLoRA / CorDA start:
+    its base holds a residual, so its adapter is only right on that rewritten base and,
+    saved as it is, would load onto the unchanged base and predict wrongly."""
+    for name, config in (getattr(body, "peft_config", None) or {}).items():
+        init = init_of(vars(config))
+        if init is not None and init.startswith((*REWRITING, "corda")):
+            raise ConfigError(
+                f"adapter {name!r}: init_lora_weights={init!r} rewrote the base model's weights "
+                "and peftkit has no record of the originals to convert it back (build it with "
+                "peftkit.adapters.build_task_model), so it is not saved"
+            )
+
+
 @dataclass
 class BaseRewrite:
     """What it takes to undo a rewriting start: the original weights, by module name in
