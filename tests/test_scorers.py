@@ -206,6 +206,54 @@ def test_naive_batched_with_padding_matches_unbatched(causal):
     np.testing.assert_allclose(one, many, atol=1e-4, rtol=0)
 
 
+def _peft_config(method: str):
+    import peft
+
+    if method == "lora":
+        return peft.LoraConfig(r=2, task_type="CAUSAL_LM", init_lora_weights=False)
+    cls = peft.PrefixTuningConfig if method == "prefix" else peft.PromptTuningConfig
+    return cls(num_virtual_tokens=3, task_type="CAUSAL_LM")
+
+
+def _by_hand(model, tok, prompts, conts) -> np.ndarray:
+    """log P(cont | prompt): one unpadded forward of each pair, the last positions read."""
+    from peftkit.scorers._base import continuation_ids
+    from peftkit.scorers.causal import _causal_encoder
+
+    ids, cont_ids = _causal_encoder(tok)(list(prompts)), continuation_ids(tok, conts)
+    out = np.zeros((len(ids), len(cont_ids)))
+    with torch.no_grad():
+        for i, p in enumerate(ids):
+            for j, c in enumerate(cont_ids):
+                logp = model(input_ids=torch.tensor([p + c])).logits[0].log_softmax(-1)
+                at = logp.shape[0] - len(c) - 1  # virtual tokens, if any, come first
+                out[i, j] = sum(logp[at + t, tok_id].item() for t, tok_id in enumerate(c))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_scores_of_a_peft_wrapped_causal_lm(kind, method):
+    """LoRA, prefix and prompt tuning: batched, padded scores equal one pair at a time.
+
+    Prompt tuning puts virtual tokens before the input and peft drops position ids for it,
+    so the scorer takes the one-forward-per-pair way there; the others share the prefix.
+    """
+    import peft
+
+    model, tok = make_causal(kind)
+    conts = CONTINUATIONS["mixed"]
+    plain = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=2)
+    wrapped = peft.get_peft_model(model, _peft_config(method)).eval()
+    if method == "prompt":
+        with torch.no_grad():  # peft's random init is tiny; make the prompt matter
+            wrapped.prompt_encoder.default.embedding.weight.normal_(0, 1.0)
+    fast = continuation_logprobs(wrapped, tok, PROMPTS, conts, batch_size=2, max_rows=3)
+    np.testing.assert_allclose(fast, _by_hand(wrapped, tok, PROMPTS, conts), atol=1e-4, rtol=0)
+    assert np.abs(fast - plain).max() > 1e-2  # the adapter changes the scores
+
+
 def test_bos_is_part_of_the_prompt():
     model, tok = make_causal("llama")
     with_bos = continuation_logprobs(model, tok, ["the movie"], [" good"])
