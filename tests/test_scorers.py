@@ -178,6 +178,7 @@ CONTINUATIONS = {
     "single": [" good", " bad", " great"],
     "multi": [" very good", " not good at all", " really bad"],
     "mixed": [" good", " not very good", " bad", " yes it was"],
+    "one-multi": [" good", " bad", " not very good"],  # scored in the prompt's own forward
 }
 
 

@@ -167,38 +167,54 @@ def _shared_prefix_logprobs(
     device = device_of(model)
     first = torch.tensor([c[0] for c in cont_ids], device=device)
     multi = [j for j, c in enumerate(cont_ids) if len(c) > 1]
+    # The longest multi-token label rides along: its words but the last are appended to every
+    # prompt (the prompt's own positions cannot see them), so its tail is scored by the same
+    # forward. The other multi-token labels continue the cache, cut back to the prompt.
+    inline = max(multi, key=lambda j: len(cont_ids[j]), default=None)
+    extra = [] if inline is None else cont_ids[inline][:-1]
+    rest = [j for j in multi if j != inline]
+    # Positions kept as indices, not ``logits_to_keep=1``: a slice leaves the hidden states
+    # non-contiguous, and PyTorch's matmul then runs the vocabulary projection as a bmm over
+    # a per-row copy of the weight (3.4x slower on CPU); an index gathers a copy.
+    keep = torch.arange(-len(extra) - 1, 0, device=device)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # less padding
     out = np.zeros((len(prompt_ids), len(cont_ids)))
     cache_key = _cache_kwarg(model)
-    # The last position as an index, not ``logits_to_keep=1``: a slice leaves the hidden
-    # states non-contiguous, and PyTorch's matmul then runs the vocabulary projection as a
-    # bmm over a per-row copy of the weight (3.4x slower on CPU); an index gathers a copy.
-    last = torch.tensor([-1], device=device)
     with eval_mode(model), torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            ids, mask = pad_rows([prompt_ids[i] for i in rows], device, left=True)
+            ids, mask = pad_rows([prompt_ids[i] + extra for i in rows], device, left=True)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             res = model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=pos,
-                use_cache=bool(multi),
-                logits_to_keep=last,
+                use_cache=bool(rest),
+                logits_to_keep=keep,
             )
-            scores = res.logits[:, -1].float().log_softmax(-1)[:, first]
-            if multi:
+            logp = res.logits[:, -len(keep) :].float().log_softmax(-1)
+            scores = logp[:, 0, first]
+            if inline is not None:
+                words = torch.tensor(cont_ids[inline][1:], device=device)
+                scores[:, inline] += (
+                    logp[:, 1:].gather(-1, words.expand(len(rows), -1)[..., None]).sum((1, 2))
+                )
+            if rest:
                 cache = getattr(res, "cache", None) or res.past_key_values
-                tails = [cont_ids[j] for j in multi]
-                scores[:, multi] += _continue(model, cache, cache_key, mask, tails, max_rows)
+                prompt_mask = mask[:, : mask.shape[1] - len(extra)]
+                tails = [cont_ids[j] for j in rest]
+                scores[:, rest] += _continue(
+                    model, cache, cache_key, prompt_mask, tails, max_rows, len(extra)
+                )
             out[rows] = scores.cpu().numpy()
     return out
 
 
-def _continue(model, cache, cache_key, mask, tails, max_rows) -> torch.Tensor:
+def _continue(model, cache, cache_key, mask, tails, max_rows, drop: int = 0) -> torch.Tensor:
     """log P(tokens 2.. of each tail | prefix, token 1), for every (prompt, tail) pair.
 
-    Tails of one length go through together, so no continuation token is padding.
+    Tails of one length go through together, so no continuation token is padding. The
+    cache's last ``drop`` positions (tokens appended after the prompts) are left out.
     """
     out = torch.zeros(mask.shape[0], len(tails), device=mask.device)
     by_length: dict[int, list[int]] = {}
@@ -206,11 +222,13 @@ def _continue(model, cache, cache_key, mask, tails, max_rows) -> torch.Tensor:
         by_length.setdefault(len(tail), []).append(j)
     for cols in by_length.values():
         same = torch.tensor([tails[j] for j in cols], device=mask.device)
-        out[:, cols] = _continue_same_length(model, cache, cache_key, mask, same, max_rows)
+        out[:, cols] = _continue_same_length(model, cache, cache_key, mask, same, max_rows, drop)
     return out
 
 
-def _continue_same_length(model, cache, cache_key, mask, tails: torch.Tensor, max_rows: int):
+def _continue_same_length(
+    model, cache, cache_key, mask, tails: torch.Tensor, max_rows: int, drop: int
+):
     """``tails`` is ``(n_tails, n)``: feed tokens 1..n-1 on the cached prompt, score 2..n."""
     device = mask.device
     n_prompts, (n_tails, width) = mask.shape[0], (tails.shape[0], tails.shape[1] - 1)
@@ -218,7 +236,8 @@ def _continue_same_length(model, cache, cache_key, mask, tails: torch.Tensor, ma
     row_p = torch.arange(n_prompts, device=device).repeat_interleave(n_tails)
     row_t = torch.arange(n_tails, device=device).repeat(n_prompts)
     result = torch.zeros(len(row_p), device=device)
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    end = cache.layers[0].keys.shape[-2] - drop
+    layers = [(layer.keys[..., :end, :], layer.values[..., :end, :]) for layer in cache.layers]
     for s in range(0, len(row_p), max_rows):
         rp, rt = row_p[s : s + max_rows], row_t[s : s + max_rows]
         sub = type(cache)(ddp_cache_data=[(k[rp], v[rp]) for k, v in layers])
