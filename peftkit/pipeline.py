@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from peftkit.errors import ConfigError
 from peftkit.recipes import Recipe, TaskSpec, recipe_to_dict, task_training
 from peftkit.runs import (
+    ENVIRONMENT_FILE,
     METRICS_FILE,
     default_run_dir,
     environment,
@@ -90,7 +91,7 @@ def run_recipe(
         path, resumed = prepare_run_dir(run_dir, resolved, overwrite=overwrite)
         if resumed:
             print(f"peftkit: resuming the unfinished run in {path}", file=sys.stderr)
-        write_json(path / "environment.json", environment(state.num_processes))
+        write_json(path / ENVIRONMENT_FILE, environment(state.num_processes))
     path = Path(_broadcast(state, str(path) if path else None))
     say = _Say(out if main else None)
     reg_root = Path(registry or recipe.registry.path)

@@ -50,6 +50,8 @@ __all__ = [
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
+ENVIRONMENT_FILE = "environment.json"
+LOG_FILE = "run.log"
 COMPARE_COLUMNS = (
     ("run", "run"),
     ("recipe", "recipe"),
@@ -101,8 +103,9 @@ def prepare_run_dir(
     """Create the run folder (or reuse an interrupted run of the same recipe).
 
     Returns ``(path, resuming)``. An existing folder is an error unless ``overwrite`` (it is
-    emptied) or it holds an unfinished run of this very recipe (training resumes from its
-    last checkpoint).
+    emptied), it holds an unfinished run of this very recipe (training resumes from its
+    last checkpoint), or it holds no result at all (empty, or only the recipe, environment
+    and log of a run that failed before training: reused, the log appended to).
     """
     path = Path(path)
     resuming = False
@@ -111,6 +114,8 @@ def prepare_run_dir(
             shutil.rmtree(path)
         elif _is_interrupted(path, resolved):
             resuming = True
+        elif not _holds_results(path):
+            pass  # empty, or a run that failed before any result: its log is appended to
         else:
             why = (
                 "holds a finished run"
@@ -124,6 +129,11 @@ def prepare_run_dir(
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path / RECIPE_FILE, yaml.safe_dump(resolved, sort_keys=False))
     return path, resuming
+
+
+def _holds_results(path: Path) -> bool:
+    """Anything in the folder besides what every run writes before its first result."""
+    return any(p.name not in (RECIPE_FILE, ENVIRONMENT_FILE, LOG_FILE) for p in path.iterdir())
 
 
 def environment(num_processes: int = 1) -> dict[str, Any]:
@@ -180,7 +190,7 @@ def run_log(run_dir: Path) -> Iterator[logging.Handler]:
     Warnings still reach the terminal: with no logging configured, Python prints them only
     while no handler exists at all, so a stderr handler for warnings comes with the file.
     """
-    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    handler = logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     logger = logging.getLogger("peftkit")
@@ -197,6 +207,12 @@ def run_log(run_dir: Path) -> Iterator[logging.Handler]:
         logger.setLevel(logging.INFO)
     try:
         yield handler
+    except BaseException as exc:
+        # into the file only: the terminal gets the error from whoever catches it
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        msg = f"the run {what}: {type(exc).__name__}: {exc}"
+        handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, msg, (), None))
+        raise
     finally:
         for h in added:
             logger.removeHandler(h)

@@ -301,6 +301,26 @@ def test_existing_run_folder_is_an_error_unless_overwrite(tmp_path, tiny_models,
     assert again.entries == ["r@2"] and not again.resumed
 
 
+def test_run_folder_without_results_is_reused(tmp_path, tiny_models, reset_accelerate):
+    """An empty folder, or one a run left when it failed before training, takes a new run."""
+    (tmp_path / "empty").mkdir()
+    recipe = _tiny(tmp_path, tiny_models)
+    assert run_recipe(recipe, run_dir=tmp_path / "empty", registry=tmp_path / "reg").entries
+    bad = _tiny(tmp_path, tiny_models, ["adapter=lora-typo"])
+    with pytest.raises(ConfigError, match="lora-typo"):
+        run_recipe(bad, run_dir=tmp_path / "run", registry=tmp_path / "reg")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "environment.json", "recipe.yaml", "run.log"
+    ]  # fmt: skip
+    other = _tiny(tmp_path, tiny_models, ["training.max_steps=1"])
+    done = run_recipe(other, run_dir=tmp_path / "run", registry=tmp_path / "reg")
+    assert done.entries == ["r@2"] and not done.resumed
+    assert "lora-typo" in (tmp_path / "run" / "run.log").read_text()  # the failure's log kept
+    assert (
+        yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["training"]["max_steps"] == 1
+    )
+
+
 def test_unfinished_run_of_same_recipe_resumes(
     tmp_path, tiny_models, reset_accelerate, monkeypatch
 ):
