@@ -39,6 +39,7 @@ class TaskInfo:
     template: str | None = None  # inputs are formatted with it when set
     verbalizer: dict[str, str] | None = None  # label words the head started from
     head_normalize: bool = False  # a cosine head (see adapters.Head)
+    start: str | None = None  # a rewriting start trained from ("pissa"), saved as rank-2r LoRA
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +51,7 @@ class TaskInfo:
             "template": self.template,
             "verbalizer": self.verbalizer,
             "head_normalize": self.head_normalize,
+            "start": self.start,
         }
 
 
@@ -94,6 +96,7 @@ def save_adapter(
         template=template,
         verbalizer=dict(verbalizer) if verbalizer else None,
         head_normalize=bool(getattr(model.head, "normalize", False)),
+        start=None if model.base_rewrite is None else model.base_rewrite.start,
     )
     atomic_write_text(tmp / TASK_FILE, json.dumps(info.to_dict(), indent=1))
     if folder.exists():
@@ -115,6 +118,7 @@ def read_task(folder: Path) -> TaskInfo:
             template=data.get("template"),
             verbalizer=data.get("verbalizer"),
             head_normalize=bool(data.get("head_normalize", False)),
+            start=data.get("start"),
         )
     except (OSError, ValueError, KeyError) as exc:
         raise IntegrityError(

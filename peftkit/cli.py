@@ -188,8 +188,12 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_show(args: argparse.Namespace) -> int:
+    from peftkit.artifacts import read_task
+
     entry = _registry(args).get(args.ref)
-    print(json.dumps(entry.to_dict(), indent=2, default=str))
+    # with how its files are read: pooling, max length, head, a rewriting start it came from
+    shown = {**entry.to_dict(), "adapter": read_task(entry.path).to_dict()}
+    print(json.dumps(shown, indent=2, default=str))
     return 0
 
 

@@ -89,6 +89,7 @@ class BaseRewrite:
     adapter_name: str
     originals: dict[str, torch.Tensor]
     initial: dict[str, torch.Tensor]
+    start: str  # the init_lora_weights value, e.g. "pissa"
 
 
 def build(body: nn.Module, config: Any, adapter_name: str) -> tuple[Any, BaseRewrite]:
@@ -115,7 +116,8 @@ def build(body: nn.Module, config: Any, adapter_name: str) -> tuple[Any, BaseRew
         k: v.detach().clone()
         for k, v in get_peft_model_state_dict(wrapped, adapter_name=adapter_name).items()
     }
-    return wrapped, BaseRewrite(adapter_name, originals, initial)
+    start = str(config.init_lora_weights)
+    return wrapped, BaseRewrite(adapter_name, originals, initial, start)
 
 
 def restore(body: nn.Module, rewrite: BaseRewrite) -> None:

@@ -57,6 +57,7 @@ def test_run_then_adapters_predict_compare(trained, capsys, monkeypatch, reset_a
     shown = json.loads(out)
     assert shown["name"] == "r" and shown["labels"] == ["negative", "positive"]
     assert Path(shown["base"]["source"]).is_dir()  # the tiny model folder predict loads
+    assert shown["adapter"]["pooling"] and shown["adapter"]["start"] is None  # plain LoRA
 
     code, out, _ = run_cli(["predict", "--adapter", "r", *reg, "good movie", "bad film"], capsys)
     rows = [json.loads(line) for line in out.splitlines()]

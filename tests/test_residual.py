@@ -47,6 +47,8 @@ def _logits(model, base):
 def test_a_rewriting_start_is_saved_as_plain_lora_and_the_base_restored(
     tiny_models, tmp_path, family, init
 ):
+    from peftkit.artifacts import read_task
+
     base = load_base(tiny_models[family], kind="encoder")
     frozen = _frozen(base)
     data = synthetic("sentiment")
@@ -69,6 +71,7 @@ def test_a_rewriting_start_is_saved_as_plain_lora_and_the_base_restored(
         assert torch.equal(param, frozen[name]), f"{name} not restored"
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["init_lora_weights"] is True
+    assert read_task(folder).start == init  # what it was trained from stays on record
 
     # served from the registry on the untouched base, as any LoRA adapter
     registry = Registry(tmp_path / "reg")
