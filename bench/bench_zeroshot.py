@@ -16,12 +16,16 @@ SmolLM2-135M, the same template and label words on both sides (lm-eval's choices
 - peftkit: ``evaluate_prompts(..., normalize="sum")`` (the shared-prefix scorer), examples/s
   over its scoring time.
 
-Each side runs at its best batch size, picked by a sweep on the first ``--sweep-rows`` rows.
+Each side runs at its best batch size, picked by a sweep on the first ``--sweep-rows`` rows,
+then ``--rounds`` timed runs over all rows in alternating order (lm-eval first in odd
+rounds, peftkit first in even ones), so drift in the machine's speed weighs on both; the
+speedup is total rows over total time, per side, and each round's is kept too.
 FLOPs per example are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the first
 32 rows (what each implementation really executes, padding and full-vocabulary logits
-included); achieved GFLOP/s = FLOPs/example × examples/s, set against a plain fp32 matmul's
-GFLOP/s (2048², ``torch.mm``) measured in the same run: how close to this CPU's limit each
-scorer runs.
+included), scaled by the mean prompt length of all rows over that of those 32; achieved
+GFLOP/s = FLOPs/example × examples/s, set against a plain fp32 matmul's GFLOP/s (2048²,
+``torch.mm``; the median of one measurement at the start and one after every round): how
+close to this CPU's limit each scorer runs.
 """
 
 from __future__ import annotations
@@ -150,6 +154,13 @@ def ours(base, data, prompts, template, rows: int, batch: int) -> dict:
     }
 
 
+def prompt_text(spec: dict) -> str:
+    """The template's own words (the prompt with an empty input)."""
+    from peftkit.prompts import load_prompt_set
+
+    return load_prompt_set(spec["prompts"]).get(spec["template"]).template.render({"text": ""})
+
+
 def flops_per_example(fn, rows: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -166,6 +177,7 @@ def main() -> None:
     parser.add_argument("--sweep-rows", type=int, default=96)
     parser.add_argument("--lm-eval-batches", default="8,16,32")
     parser.add_argument("--peftkit-batches", default="8,16,32,64")
+    parser.add_argument("--rounds", type=int, default=2, help="timed runs of each side")
     ns = parser.parse_args()
     import torch
 
@@ -174,8 +186,9 @@ def main() -> None:
     from peftkit.prompts import load_prompt_set
 
     env = environment()
-    peak = matmul_gflops()
-    print(f"fp32 matmul 2048²: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
+    peaks = [matmul_gflops()]  # again after every round; the median is reported
+    print(f"fp32 matmul 2048²: {peaks[0]:.1f} GFLOP/s ({torch.get_num_threads()} threads)",
+          flush=True)  # fmt: skip
     base = load_base("smollm2-135m")
     tmp = Path(tempfile.mkdtemp(prefix="peftkit-lmeval-"))
     lm_b = [int(b) for b in ns.lm_eval_batches.split(",")]
@@ -215,15 +228,31 @@ def main() -> None:
             print(f"[{key}] peftkit batch {b}: {sweep['peftkit'][b]:.2f} ex/s", flush=True)
         best_lm = max(sweep["lm_eval"], key=sweep["lm_eval"].get)
         best_our = max(sweep["peftkit"], key=sweep["peftkit"].get)
-        lm = lm_run(n, best_lm)
-        print(f"[{key}] lm-eval b{best_lm}: acc {lm['accuracy']:.4f} "
-              f"{lm['examples_per_s']:.2f} ex/s", flush=True)  # fmt: skip
-        us = our_run(n, best_our)
-        print(f"[{key}] peftkit b{best_our}: acc {us['accuracy']:.4f} "
-              f"{us['examples_per_s']:.2f} ex/s", flush=True)  # fmt: skip
+        # rounds in alternating order (A B, B A, ...): a machine that speeds up or slows
+        # down during the run weighs on both sides alike
+        timed: dict[str, list[dict]] = {"lm_eval": [], "peftkit": []}
+        for r in range(ns.rounds):
+            sides = [("lm_eval", best_lm), ("peftkit", best_our)]
+            for side, b in sides if r % 2 == 0 else sides[::-1]:
+                res = lm_run(n, b) if side == "lm_eval" else our_run(n, b)
+                timed[side].append(res)
+                print(f"[{key}] round {r + 1} {side} b{b}: acc {res['accuracy']:.4f} "
+                      f"{res['examples_per_s']:.2f} ex/s", flush=True)  # fmt: skip
+            peaks.append(matmul_gflops())
+        lm, us = (dict(timed[s][0]) for s in ("lm_eval", "peftkit"))
+        for side, res in (("lm_eval", lm), ("peftkit", us)):
+            res["seconds"] = sum(t["seconds"] for t in timed[side])
+            res["examples_per_s"] = n * len(timed[side]) / res["seconds"]
+            res["round_examples_per_s"] = [t["examples_per_s"] for t in timed[side]]
         flop_rows = min(32, n)
-        lm_flops = flops_per_example(lambda r, b=best_lm: lm_run(r, b), flop_rows)
-        our_flops = flops_per_example(lambda r, b=best_our: our_run(r, b), flop_rows)
+        # FLOPs grow with prompt length: the first rows' count is scaled to the mean length
+        lengths = [len(base.tokenizer(t)["input_ids"]) for t in data.split("test").texts[:n]]
+        extra = len(base.tokenizer(prompt_text(spec))["input_ids"])
+        scale = (statistics.fmean(lengths) + extra) / (
+            statistics.fmean(lengths[:flop_rows]) + extra
+        )
+        lm_flops = scale * flops_per_example(lambda r, b=best_lm: lm_run(r, b), flop_rows)
+        our_flops = scale * flops_per_example(lambda r, b=best_our: our_run(r, b), flop_rows)
         agree = sum(a == b for a, b in zip(lm["preds"], us["preds"], strict=True)) / n
         row = {
             "task": key,
@@ -233,6 +262,7 @@ def main() -> None:
                 "batch_size": best_lm,
                 "accuracy": lm["accuracy"],
                 "examples_per_s": lm["examples_per_s"],
+                "round_examples_per_s": lm["round_examples_per_s"],
                 "seconds": lm["seconds"],
                 "gflop_per_example": lm_flops / 1e9,
                 "gflop_per_s": lm_flops * lm["examples_per_s"] / 1e9,
@@ -244,6 +274,7 @@ def main() -> None:
                 "macro_f1": us["macro_f1"],
                 "ece": us["ece"],
                 "examples_per_s": us["examples_per_s"],
+                "round_examples_per_s": us["round_examples_per_s"],
                 "seconds": us["seconds"],
                 "truncated": us["truncated"],
                 "gflop_per_example": our_flops / 1e9,
@@ -253,10 +284,17 @@ def main() -> None:
             "prediction_agreement": agree,
             "accuracy_gap_points": 100 * (us["accuracy"] - lm["accuracy"]),
             "speedup": us["examples_per_s"] / lm["examples_per_s"],
+            "round_speedups": [
+                a / b
+                for a, b in zip(us["round_examples_per_s"], lm["round_examples_per_s"], strict=True)
+            ],
+            "flop_token_scale": scale,
         }
+        results.append(row)
+    peak = statistics.median(peaks)
+    for row in results:
         for side in ("lm_eval", "peftkit"):
             row[side]["fraction_of_matmul_peak"] = row[side]["gflop_per_s"] / peak
-        results.append(row)
     goals = {
         r["task"]: {
             "speedup": r["speedup"],
@@ -272,6 +310,8 @@ def main() -> None:
         "model": "smollm2-135m (packaged, fp32)",
         "environment": env,
         "matmul_fp32_gflop_per_s": peak,
+        "matmul_fp32_gflop_per_s_each": peaks,
+        "rounds": ns.rounds,
         "rows": results,
         "goals": goals,
     }

@@ -107,8 +107,9 @@ def continuation_logprobs(
 ) -> np.ndarray:
     """``(len(prompts), len(continuations))`` array of log P(continuation | prompt).
 
-    One forward pass per prompt (batched, left-padded), then one batched pass over all
-    multi-token continuations on the cached prefix; logits only where they are needed.
+    One forward pass per prompt (batched, left-padded) that also carries the longest
+    multi-token continuation's words, then one batched pass over the other multi-token
+    continuations on the cached prompt; logits only where they are needed.
     """
     cont_ids = continuation_ids(tokenizer, continuations)
     ids = _causal_encoder(tokenizer)(list(prompts))
