@@ -17,14 +17,15 @@ SmolLM2-135M, the same template and label words on both sides (lm-eval's choices
   over its scoring time.
 
 Each side runs at its best batch size, picked by a sweep on the first ``--sweep-rows`` rows,
-then ``--rounds`` timed runs over all rows in alternating order (lm-eval first in odd
-rounds, peftkit first in even ones), so drift in the machine's speed weighs on both; the
-speedup is total rows over total time, per side, and each round's is kept too.
+then the timed rows in ``--chunks`` (8) consecutive chunks, the two sides taking turns on
+each (lm-eval first on even chunks, peftkit first on odd ones): drift in this shared
+machine's speed, which moved whole runs by 10-20% against each other, weighs on both sides
+alike. The speedup is total rows over total time per side; each chunk's is kept too.
 FLOPs per example are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the first
 32 rows (what each implementation really executes, padding and full-vocabulary logits
 included), scaled by the mean prompt length of all rows over that of those 32; achieved
 GFLOP/s = FLOPs/example × examples/s, set against a plain fp32 matmul's GFLOP/s (2048²,
-``torch.mm``; the median of one measurement at the start and one after every round): how
+``torch.mm``; the median of one measurement at the start and one after each task): how
 close to this CPU's limit each scorer runs.
 """
 
@@ -37,6 +38,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import DATA, environment, table, write_results  # noqa: E402
@@ -144,6 +147,8 @@ def ours(base, data, prompts, template, rows: int, batch: int) -> dict:
     )
     r = run.results[0]
     return {
+        "probs": r.probs,
+        "gold": list(data.split("test").labels[:rows]),
         "accuracy": r.accuracy,
         "macro_f1": r.macro_f1,
         "ece": r.ece,
@@ -152,6 +157,27 @@ def ours(base, data, prompts, template, rows: int, batch: int) -> dict:
         "examples_per_s": r.examples_per_s,
         "truncated": r.truncated,
     }
+
+
+def n_rows(spec: dict, data, quick: bool) -> int:
+    """How many test rows a task times."""
+    if quick:
+        return 40
+    return len(data.split("test")) if spec["rows"] is None else spec["rows"]
+
+
+def chunks(n: int, k: int) -> list[tuple[int, int]]:
+    """``k`` consecutive (start, end) ranges covering ``range(n)``, sizes within one."""
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def metrics(probs, gold, labels) -> dict:
+    """Accuracy, macro-F1 and ECE over the whole timed set (chunks put back together)."""
+    from peftkit.evaluation import compute_metrics, expected_calibration_error
+
+    m = compute_metrics(gold, probs.argmax(1), labels)
+    return {"macro_f1": m["macro_f1"], "ece": expected_calibration_error(probs, gold)}
 
 
 def prompt_text(spec: dict) -> str:
@@ -177,16 +203,16 @@ def main() -> None:
     parser.add_argument("--sweep-rows", type=int, default=96)
     parser.add_argument("--lm-eval-batches", default="8,16,32")
     parser.add_argument("--peftkit-batches", default="8,16,32,64")
-    parser.add_argument("--rounds", type=int, default=2, help="timed runs of each side")
+    parser.add_argument("--chunks", type=int, default=8, help="timed row chunks, sides alternating")
     ns = parser.parse_args()
     import torch
 
     from peftkit.base import load_base
-    from peftkit.data import load_data
+    from peftkit.data import TextDataset, load_data
     from peftkit.prompts import load_prompt_set
 
     env = environment()
-    peaks = [matmul_gflops()]  # again after every round; the median is reported
+    peaks = [matmul_gflops()]  # again after each task's timed rows; the median is reported
     print(f"fp32 matmul 2048²: {peaks[0]:.1f} GFLOP/s ({torch.get_num_threads()} threads)",
           flush=True)  # fmt: skip
     base = load_base("smollm2-135m")
@@ -201,15 +227,19 @@ def main() -> None:
         data = load_data(DATA / spec["folder"])
         prompts = load_prompt_set(spec["prompts"])
         prompt = prompts.get(spec["template"])
-        (tmp / f"{key}.yaml").write_text(
-            task_yaml(f"peftkit_{key}", DATA / spec["folder"] / "test.jsonl", prompt, data.labels)
-        )
+        source = DATA / spec["folder"] / "test.jsonl"
+        (tmp / f"{key}.yaml").write_text(task_yaml(f"peftkit_{key}", source, prompt, data.labels))
+        lines = source.read_text().splitlines()
+        for c, (a, b) in enumerate(chunks(n_rows(spec, data, ns.quick), ns.chunks)):
+            part = tmp / f"{key}-{c}.jsonl"  # chunk c of the timed rows, for lm-eval
+            part.write_text("\n".join(lines[a:b]) + "\n")
+            (tmp / f"{key}-{c}.yaml").write_text(
+                task_yaml(f"peftkit_{key}_{c}", part, prompt, data.labels)
+            )
     harness = LmEval(base, tmp)
     for key, spec in specs.items():
         data = load_data(DATA / spec["folder"])
-        n = len(data.split("test")) if spec["rows"] is None else spec["rows"]
-        if ns.quick:
-            n = 40
+        n = n_rows(spec, data, ns.quick)
         sweep_n = min(ns.sweep_rows, n)
         task = f"peftkit_{key}"
 
@@ -228,22 +258,39 @@ def main() -> None:
             print(f"[{key}] peftkit batch {b}: {sweep['peftkit'][b]:.2f} ex/s", flush=True)
         best_lm = max(sweep["lm_eval"], key=sweep["lm_eval"].get)
         best_our = max(sweep["peftkit"], key=sweep["peftkit"].get)
-        # rounds in alternating order (A B, B A, ...): a machine that speeds up or slows
-        # down during the run weighs on both sides alike
+        # the timed rows in chunks, the two sides taking turns (A B, B A, ...): a machine
+        # that speeds up or slows down during the run weighs on both sides alike
+        test = data.split("test")
         timed: dict[str, list[dict]] = {"lm_eval": [], "peftkit": []}
-        for r in range(ns.rounds):
+        for c, (a, b) in enumerate(chunks(n, ns.chunks)):
+            part = TextDataset(data.name, data.labels, {"test": test.subset(range(a, b))})
             sides = [("lm_eval", best_lm), ("peftkit", best_our)]
-            for side, b in sides if r % 2 == 0 else sides[::-1]:
-                res = lm_run(n, b) if side == "lm_eval" else our_run(n, b)
+            for side, bs in sides if c % 2 == 0 else sides[::-1]:
+                if side == "lm_eval":
+                    res = harness.run(f"{task}_{c}", b - a, bs)
+                else:
+                    res = ours(base, part, spec["prompts"], spec["template"], b - a, bs)
                 timed[side].append(res)
-                print(f"[{key}] round {r + 1} {side} b{b}: acc {res['accuracy']:.4f} "
-                      f"{res['examples_per_s']:.2f} ex/s", flush=True)  # fmt: skip
-            peaks.append(matmul_gflops())
-        lm, us = (dict(timed[s][0]) for s in ("lm_eval", "peftkit"))
+            ratio = timed["peftkit"][-1]["examples_per_s"] / timed["lm_eval"][-1]["examples_per_s"]
+            print(f"[{key}] chunk {c + 1}/{ns.chunks} rows {a}-{b}: speedup {ratio:.2f}x",
+                  flush=True)  # fmt: skip
+        peaks.append(matmul_gflops())
+        lm, us = ({} for _ in range(2))
         for side, res in (("lm_eval", lm), ("peftkit", us)):
-            res["seconds"] = sum(t["seconds"] for t in timed[side])
-            res["examples_per_s"] = n * len(timed[side]) / res["seconds"]
-            res["round_examples_per_s"] = [t["examples_per_s"] for t in timed[side]]
+            parts = timed[side]
+            res["seconds"] = sum(t["seconds"] for t in parts)
+            res["examples_per_s"] = n / res["seconds"]
+            res["chunk_examples_per_s"] = [t["examples_per_s"] for t in parts]
+            res["preds"] = [p for t in parts for p in t["preds"]]
+            gold = [y for t in parts for y in t["gold"]] if side == "peftkit" else None
+            res["accuracy"] = sum(t["accuracy"] * len(t["preds"]) for t in parts) / n
+            if gold is not None:
+                probs = np.concatenate([t["probs"] for t in parts])
+                res.update(metrics(probs, gold, data.labels))
+                res["truncated"] = sum(t["truncated"] for t in parts)
+        print(f"[{key}] lm-eval b{best_lm}: acc {lm['accuracy']:.4f} {lm['examples_per_s']:.2f} "
+              f"ex/s; peftkit b{best_our}: acc {us['accuracy']:.4f} "
+              f"{us['examples_per_s']:.2f} ex/s", flush=True)  # fmt: skip
         flop_rows = min(32, n)
         # FLOPs grow with prompt length: the first rows' count is scaled to the mean length
         lengths = [len(base.tokenizer(t)["input_ids"]) for t in data.split("test").texts[:n]]
@@ -262,7 +309,7 @@ def main() -> None:
                 "batch_size": best_lm,
                 "accuracy": lm["accuracy"],
                 "examples_per_s": lm["examples_per_s"],
-                "round_examples_per_s": lm["round_examples_per_s"],
+                "chunk_examples_per_s": lm["chunk_examples_per_s"],
                 "seconds": lm["seconds"],
                 "gflop_per_example": lm_flops / 1e9,
                 "gflop_per_s": lm_flops * lm["examples_per_s"] / 1e9,
@@ -274,7 +321,7 @@ def main() -> None:
                 "macro_f1": us["macro_f1"],
                 "ece": us["ece"],
                 "examples_per_s": us["examples_per_s"],
-                "round_examples_per_s": us["round_examples_per_s"],
+                "chunk_examples_per_s": us["chunk_examples_per_s"],
                 "seconds": us["seconds"],
                 "truncated": us["truncated"],
                 "gflop_per_example": our_flops / 1e9,
@@ -284,9 +331,9 @@ def main() -> None:
             "prediction_agreement": agree,
             "accuracy_gap_points": 100 * (us["accuracy"] - lm["accuracy"]),
             "speedup": us["examples_per_s"] / lm["examples_per_s"],
-            "round_speedups": [
+            "chunk_speedups": [
                 a / b
-                for a, b in zip(us["round_examples_per_s"], lm["round_examples_per_s"], strict=True)
+                for a, b in zip(us["chunk_examples_per_s"], lm["chunk_examples_per_s"], strict=True)
             ],
             "flop_token_scale": scale,
         }
@@ -311,7 +358,7 @@ def main() -> None:
         "environment": env,
         "matmul_fp32_gflop_per_s": peak,
         "matmul_fp32_gflop_per_s_each": peaks,
-        "rounds": ns.rounds,
+        "chunks": ns.chunks,
         "rows": results,
         "goals": goals,
     }
