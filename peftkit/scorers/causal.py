@@ -51,6 +51,8 @@ def score_causal(
     phrases combines them by ``aggregate`` (``logsumexp`` = P of any of them). ``labels``
     (the dataset's label names) fixes the columns; the verbalizer must cover them.
     Prompts longer than the context lose input text (counted in ``truncated``).
+    ``model`` may be a peft model: LoRA-style adapters and prefix tuning share the prompt's
+    forward like the plain model; prompt tuning is scored one forward per (prompt, label).
     """
     check_choice("normalize", normalize, NORMALIZATIONS)
     check_choice("aggregate", aggregate, AGGREGATIONS)
