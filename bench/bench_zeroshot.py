@@ -172,14 +172,6 @@ def chunks(n: int, k: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
-def metrics(probs, gold, labels) -> dict:
-    """Accuracy, macro-F1 and ECE over the whole timed set (chunks put back together)."""
-    from peftkit.evaluation import compute_metrics, expected_calibration_error
-
-    m = compute_metrics(gold, probs.argmax(1), labels)
-    return {"macro_f1": m["macro_f1"], "ece": expected_calibration_error(probs, gold)}
-
-
 def prompt_text(spec: dict) -> str:
     """The template's own words (the prompt with an empty input)."""
     from peftkit.prompts import load_prompt_set
@@ -209,6 +201,7 @@ def main() -> None:
 
     from peftkit.base import load_base
     from peftkit.data import TextDataset, load_data
+    from peftkit.evaluation import probability_metrics
     from peftkit.prompts import load_prompt_set
 
     env = environment()
@@ -286,7 +279,8 @@ def main() -> None:
             res["accuracy"] = sum(t["accuracy"] * len(t["preds"]) for t in parts) / n
             if gold is not None:
                 probs = np.concatenate([t["probs"] for t in parts])
-                res.update(metrics(probs, gold, data.labels))
+                scores = probability_metrics(gold, probs, data.labels)
+                res.update(macro_f1=scores["macro_f1"], ece=scores["ece"])
                 res["truncated"] = sum(t["truncated"] for t in parts)
         print(f"[{key}] lm-eval b{best_lm}: acc {lm['accuracy']:.4f} {lm['examples_per_s']:.2f} "
               f"ex/s; peftkit b{best_our}: acc {us['accuracy']:.4f} "

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from peftkit.errors import DataError
-from peftkit.evaluation import compute_metrics, expected_calibration_error
+from peftkit.evaluation import probability_metrics
 
 __all__ = [
     "CONTENT_FREE",
@@ -93,16 +93,10 @@ def calibration_report(
 
     ``before``/``after`` are ``(n, n_labels)`` probabilities; ``y_true`` are label ids.
     """
-    report = {}
-    for name, probs in (("before", before), ("after", after)):
-        p = _as_probs(probs, name)
-        metrics = compute_metrics(y_true, p.argmax(axis=1), labels)
-        report[name] = {
-            "accuracy": metrics["accuracy"],
-            "macro_f1": metrics["macro_f1"],
-            "ece": expected_calibration_error(p, y_true, n_bins=n_bins),
-        }
-    return report
+    return {
+        name: probability_metrics(y_true, _as_probs(probs, name), labels, n_bins=n_bins)
+        for name, probs in (("before", before), ("after", after))
+    }
 
 
 def _as_probs(probs: np.ndarray, what: str) -> np.ndarray:

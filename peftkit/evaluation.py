@@ -308,6 +308,18 @@ def classification_report(
 # --- calibration -----------------------------------------------------------------------
 
 
+def probability_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    labels: Sequence[str],
+    n_bins: int = 15,
+) -> dict[str, float]:
+    """Accuracy, macro-F1 (of the argmax) and expected calibration error of ``probs``."""
+    m = compute_metrics(y_true, np.asarray(probs).argmax(axis=1), labels)
+    ece = expected_calibration_error(probs, y_true, n_bins=n_bins)
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": ece}
+
+
 def expected_calibration_error(
     probs: np.ndarray, y_true: Sequence[int] | np.ndarray, n_bins: int = 15
 ) -> float:

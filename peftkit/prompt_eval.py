@@ -300,7 +300,7 @@ def _evaluate_one(
     batch_size, state,
 ) -> TemplateResult:  # fmt: skip
     from peftkit.calibration import content_free_probs, contextual_calibration
-    from peftkit.evaluation import compute_metrics, expected_calibration_error
+    from peftkit.evaluation import probability_metrics
 
     def score(texts: list[str], pairs: list[str] | None):
         return _score(base, prompt, scorer, texts, pairs, labels, demos, normalize, batch_size)
@@ -320,12 +320,7 @@ def _evaluate_one(
         probs = contextual_calibration(probs, p_cf)
 
     def metrics(p: np.ndarray) -> dict[str, float]:
-        m = compute_metrics(list(rows.labels), p.argmax(axis=1).tolist(), labels)
-        return {
-            "accuracy": m["accuracy"],
-            "macro_f1": m["macro_f1"],
-            "ece": expected_calibration_error(p, list(rows.labels)),
-        }
+        return probability_metrics(list(rows.labels), p, labels)
 
     final = metrics(probs)
     return TemplateResult(

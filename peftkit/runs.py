@@ -114,9 +114,7 @@ def prepare_run_dir(
             shutil.rmtree(path)
         elif _is_interrupted(path, resolved):
             resuming = True
-        elif not _holds_results(path):
-            pass  # empty, or a run that failed before any result: its log is appended to
-        else:
+        elif _holds_results(path):  # else: empty, or a run that failed before any result
             why = (
                 "holds a finished run"
                 if (path / METRICS_FILE).is_file()

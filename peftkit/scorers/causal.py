@@ -176,6 +176,7 @@ def _shared_prefix_logprobs(
     inline = max(multi, key=lambda j: len(cont_ids[j]), default=None)
     extra = [] if inline is None else cont_ids[inline][:-1]
     rest = [j for j in multi if j != inline]
+    words = torch.tensor([] if inline is None else cont_ids[inline][1:], device=device).long()
     # Positions kept as indices, not ``logits_to_keep=1``: a slice leaves the hidden states
     # non-contiguous, and PyTorch's matmul then runs the vocabulary projection as a bmm over
     # a per-row copy of the weight (3.4x slower on CPU); an index gathers a copy.
@@ -198,7 +199,6 @@ def _shared_prefix_logprobs(
             logp = res.logits[:, -len(keep) :].float().log_softmax(-1)
             scores = logp[:, 0, first]
             if inline is not None:
-                words = torch.tensor(cont_ids[inline][1:], device=device)
                 scores[:, inline] += (
                     logp[:, 1:].gather(-1, words.expand(len(rows), -1)[..., None]).sum((1, 2))
                 )
@@ -220,30 +220,33 @@ def _continue(model, cache, cache_key, mask, tails, max_rows, drop: int = 0) -> 
     cache's last ``drop`` positions (tokens appended after the prompts) are left out.
     """
     out = torch.zeros(mask.shape[0], len(tails), device=mask.device)
+    end = cache.layers[0].keys.shape[-2] - drop
+    layers = [(layer.keys[..., :end, :], layer.values[..., :end, :]) for layer in cache.layers]
     by_length: dict[int, list[int]] = {}
     for j, tail in enumerate(tails):
         by_length.setdefault(len(tail), []).append(j)
     for cols in by_length.values():
         same = torch.tensor([tails[j] for j in cols], device=mask.device)
-        out[:, cols] = _continue_same_length(model, cache, cache_key, mask, same, max_rows, drop)
+        out[:, cols] = _continue_same_length(
+            model, type(cache), layers, cache_key, mask, same, max_rows
+        )
     return out
 
 
 def _continue_same_length(
-    model, cache, cache_key, mask, tails: torch.Tensor, max_rows: int, drop: int
+    model, cache_type, layers, cache_key, mask, tails: torch.Tensor, max_rows: int
 ):
-    """``tails`` is ``(n_tails, n)``: feed tokens 1..n-1 on the cached prompt, score 2..n."""
+    """``tails`` is ``(n_tails, n)``: feed tokens 1..n-1 on the cached prompt (``layers``:
+    its keys and values per layer), score 2..n."""
     device = mask.device
     n_prompts, (n_tails, width) = mask.shape[0], (tails.shape[0], tails.shape[1] - 1)
     lengths = mask.sum(-1)
     row_p = torch.arange(n_prompts, device=device).repeat_interleave(n_tails)
     row_t = torch.arange(n_tails, device=device).repeat(n_prompts)
     result = torch.zeros(len(row_p), device=device)
-    end = cache.layers[0].keys.shape[-2] - drop
-    layers = [(layer.keys[..., :end, :], layer.values[..., :end, :]) for layer in cache.layers]
     for s in range(0, len(row_p), max_rows):
         rp, rt = row_p[s : s + max_rows], row_t[s : s + max_rows]
-        sub = type(cache)(ddp_cache_data=[(k[rp], v[rp]) for k, v in layers])
+        sub = cache_type(ddp_cache_data=[(k[rp], v[rp]) for k, v in layers])
         res = model(
             input_ids=tails[rt, :-1],
             attention_mask=torch.cat([mask[rp], mask.new_ones(len(rp), width)], dim=-1),
