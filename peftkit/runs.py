@@ -208,7 +208,7 @@ def run_log(run_dir: Path) -> Iterator[logging.Handler]:
     except BaseException as exc:
         # into the file only: the terminal gets the error from whoever catches it
         what = "was interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        msg = f"the run {what}: {type(exc).__name__}: {exc}"
+        msg = f"the run {what}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
         handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, msg, (), None))
         raise
     finally:
