@@ -15,9 +15,11 @@ sides get exactly those rows.
   default ``TrainingArguments`` (seed = the sample's seed): contrastive fine-tuning of the
   body, then a logistic-regression head.
 - ``peftkit-prototypes``: ``fewshot.prototype_head`` on the packaged MiniLM: cosine head
-  whose rows are the class centroids plus the label-description prior (``prior=1.0``, words
-  of the shipped verbalizers: sentiment ``it-was``, news ``article-topic``); no gradient
-  steps. Its settings were chosen on the validation splits, not on these test rows.
+  whose rows are the class centroids plus the label-description prior (``--prior``; the
+  labels described by the prompt sets' ``descriptions``, or with ``--describe words`` by
+  the words of the templates sentiment ``it-was`` / news ``article-topic``, as in the runs
+  before 2026-11-29); no gradient steps. Its settings were chosen on the validation
+  splits, not on these test rows.
 - ``peftkit-prototypes-lora``: the same head, then ``train(..., head_init=head)`` with the
   ``lora`` preset for ``--ft-epochs`` epochs (default 10) over the k·C rows (batch 16, lr
   3e-3, max_length 64, no early stopping: there is no validation set in a few-shot setting).
@@ -69,7 +71,7 @@ def run_setfit(model_dir: str, support, test, seed: int) -> tuple[np.ndarray, fl
 
 
 def run_prototypes(
-    base, support, test, labels, verbalizer, prior: float = 1.0
+    base, support, test, labels, describe, prior: float = 1.0
 ) -> tuple[np.ndarray, float, float]:
     import torch
 
@@ -77,7 +79,7 @@ def run_prototypes(
     from peftkit.scorers import embed_texts
 
     t0 = time.perf_counter()
-    head = prototype_head(base, support, labels, verbalizer, prior=prior)
+    head = prototype_head(base, support, labels, describe, prior=prior)
     fit = time.perf_counter() - t0
     x = torch.as_tensor(embed_texts(base.model, base.tokenizer, list(test.texts), batch_size=64))
     with torch.no_grad():
@@ -92,7 +94,7 @@ FINETUNE = {  # method -> (preset, learning rate)
 
 
 def run_prototypes_ft(
-    base, support, test, labels, verbalizer, seed: int, method: str, epochs, prior: float = 1.0
+    base, support, test, labels, describe, seed: int, method: str, epochs, prior: float = 1.0
 ):
     """The prototype head, then ``train(..., head_init=head)`` on the k·C rows."""
     import tempfile
@@ -105,7 +107,7 @@ def run_prototypes_ft(
 
     preset, lr = FINETUNE[method]
     t0 = time.perf_counter()
-    head = prototype_head(base, support, labels, verbalizer, prior=prior)
+    head = prototype_head(base, support, labels, describe, prior=prior)
     data = TextDataset("few-shot", tuple(labels), {"train": support, "validation": support})
     config = TrainConfig(
         epochs=epochs, batch_size=16, learning_rate=lr, max_length=64, patience=None,
@@ -152,12 +154,19 @@ def main() -> None:
     parser.add_argument(
         "--prior", type=float, default=1.0, help="weight of the label-description prior"
     )
+    parser.add_argument(
+        "--describe",
+        default="descriptions",
+        choices=("descriptions", "words"),
+        help="what describes the labels for the prior: the prompt set's descriptions, or "
+        "one template's verbalizer words (the runs before 2026-11-29)",
+    )
     ns = parser.parse_args()
 
     from peftkit.assets import resolve_packaged
     from peftkit.base import load_base
     from peftkit.data import few_shot, load_data
-    from peftkit.prompts import load_prompt
+    from peftkit.prompts import load_prompt, load_prompt_set
 
     env = environment()
     base = load_base("minilm")
@@ -175,7 +184,11 @@ def main() -> None:
         n = 100 if ns.quick else min(len(test), len(test) if limit is None else limit)
         test = test.subset(range(n))
         gold = np.asarray(test.labels)
-        verbalizer = load_prompt(family, template).verbalizer
+        describe = (
+            load_prompt_set(family)
+            if ns.describe == "descriptions"
+            else load_prompt(family, template).verbalizer
+        )
         accs: dict[str, list[float]] = {m: [] for m in methods}
         secs: dict[str, list[float]] = {m: [] for m in methods}
         for seed in seeds:
@@ -185,12 +198,12 @@ def main() -> None:
                     preds, fit, total = run_setfit(model_dir, support, test, seed)
                 elif m in FINETUNE:
                     preds, fit, total = run_prototypes_ft(
-                        base, support, test, data.labels, verbalizer, seed, m, ns.ft_epochs,
+                        base, support, test, data.labels, describe, seed, m, ns.ft_epochs,
                         ns.prior,
                     )  # fmt: skip
                 else:
                     preds, fit, total = run_prototypes(
-                        base, support, test, data.labels, verbalizer, ns.prior
+                        base, support, test, data.labels, describe, ns.prior
                     )
                 acc = float((preds == gold).mean())
                 accs[m].append(acc)
@@ -213,7 +226,7 @@ def main() -> None:
         write_results(
             ns.out, {"benchmark": "bench_fewshot", "issue": 4, "environment": env,
                      "settings_done": len(summary) // len(methods), "settings": settings,
-                     "ft_epochs": ns.ft_epochs, "prior": ns.prior, "split": ns.split, "runs": runs, "summary": summary}, quick=ns.quick,
+                     "ft_epochs": ns.ft_epochs, "prior": ns.prior, "describe": ns.describe, "split": ns.split, "runs": runs, "summary": summary}, quick=ns.quick,
         )  # fmt: skip
     goals = {}
     for s in summary:
@@ -238,6 +251,7 @@ def main() -> None:
         "settings_done": len(settings),
         "ft_epochs": ns.ft_epochs,
         "prior": ns.prior,
+        "describe": ns.describe,
         "split": ns.split,
         "runs": runs,
         "summary": summary,

@@ -206,7 +206,7 @@ def prototype_start(base, init, spec, data, train_split):
     from peftkit.adapters import body_of, default_pooling
     from peftkit.errors import ConfigError
     from peftkit.fewshot import prototype_head
-    from peftkit.prompts import load_prompt
+    from peftkit.prompts import load_prompt_set
 
     pooling = (
         spec.pooling if spec.pooling != "auto" else default_pooling(body_of(base.model).config)
@@ -223,7 +223,8 @@ def prototype_start(base, init, spec, data, train_split):
         family, template = init.prompt, None
         if "/" in family and not family.endswith((".yaml", ".yml")):
             family, _, template = family.rpartition("/")
-        descriptions = load_prompt(family, template).verbalizer
+        prompts = load_prompt_set(family)
+        descriptions = prompts.get(template).verbalizer if template else prompts.describe()
     return prototype_head(base, train_split, data.labels, descriptions, prior=init.prior)
 
 

@@ -178,15 +178,16 @@ class PromptEvaluation:
         return folder
 
 
-def pick_scorer(scorer: str, base_kind: str, uses_mask: bool) -> str:
-    """The scorer ``"auto"`` means for a base of ``base_kind`` and a template."""
+def pick_scorer(scorer: str, base_kind: str, uses_mask: bool, masked_lm: bool = True) -> str:
+    """The scorer ``"auto"`` means for a base of ``base_kind`` and a template
+    (``masked_lm``: whether an encoder base has a masked-LM head to fill a ``{mask}``)."""
     if scorer not in SCORERS:
         raise ConfigError(f"scorer must be one of {', '.join(SCORERS)}; got {scorer!r}")
     if scorer != "auto":
         return scorer
     if base_kind == "causal-lm":
         return "causal"
-    return "masked-lm" if uses_mask else "embedding"
+    return "masked-lm" if uses_mask and masked_lm else "embedding"
 
 
 def evaluate_prompts(
@@ -218,10 +219,14 @@ def evaluate_prompts(
     query) or ``"nearest"`` (per query, by the base's embeddings), drawn from ``demo_pool``
     (a ``Split``; default the train split). ``max_rows``: the first
     N rows of the split. Templates with a ``{mask}`` are skipped (and said) unless the
-    scorer is a masked LM.
+    scorer is a masked LM. The embedding scorer over a whole set that has ``descriptions``
+    also scores those (a first row named ``descriptions``; pick it alone with
+    ``templates=["descriptions"]``).
     """
     from peftkit.base import Base, load_base
     from peftkit.data import TextDataset, load_data
+    from peftkit.prompts import PromptSet, load_prompt_set
+    from peftkit.scorers.encoders import has_lm_head
 
     if calibration not in CALIBRATIONS:
         raise ConfigError(
@@ -241,7 +246,16 @@ def evaluate_prompts(
         base = load_base(base)
     if not isinstance(data, TextDataset):
         data = load_data(data)
+    if isinstance(prompts, (str, Path)):
+        prompts = load_prompt_set(prompts)
     chosen = _prompts(prompts, templates)
+    if (
+        isinstance(prompts, PromptSet)
+        and prompts.descriptions is not None
+        and not templates
+        and pick_scorer(scorer, base.kind, False) == "embedding"
+    ):  # a sentence encoder compares texts with the set's label descriptions too
+        chosen.insert(0, prompts.descriptions_prompt())
     rows = data.split(split)
     if max_rows is not None:
         rows = rows.subset(range(min(max_rows, len(rows))))
@@ -250,12 +264,20 @@ def evaluate_prompts(
     shard = rows.subset(mine)
     demos = _demos(base, data, demo_pool, shard, demonstrations, demo_selection, seed)
     method = f"few-shot-{demonstrations}" if demonstrations else "zero-shot"
+    masked_lm = has_lm_head(base.model) and base.kind != "causal-lm"
+    if scorer == "masked-lm" and not masked_lm:
+        raise ConfigError(
+            f"the masked-lm scorer needs a base with a masked-LM head; {base.source!r} is "
+            f"loaded as a {base.kind} ({type(base.model).__name__}): use scorer='embedding'"
+        )
     results = []
     for prompt in chosen:
-        used = pick_scorer(scorer, base.kind, prompt.template.uses_mask)
+        used = pick_scorer(scorer, base.kind, prompt.template.uses_mask, masked_lm)
         if prompt.template.uses_mask and used != "masked-lm":
+            headless = base.kind != "causal-lm" and not masked_lm
+            why = "a masked-LM head, which this base has not" if headless else "a masked LM"
             if skip_mask_templates and len(chosen) > 1:
-                say(f"(skipping template {prompt.name!r}: its {{mask}} needs a masked LM)")
+                say(f"(skipping template {prompt.name!r}: its {{mask}} needs {why})")
                 continue
             raise ConfigError(
                 f"template {prompt.name!r} has a {{mask}} field, which only the masked-lm "

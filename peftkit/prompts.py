@@ -20,9 +20,17 @@ File schema (every key is checked; unknown keys are errors)::
     labels: [negative, positive]        # required: the label names, in order
     verbalizer: {negative: " bad", positive: [" good", " great"]}  # default for templates
     domain: "Answer:"                   # optional default domain prompt (for PMI scoring)
+    descriptions: {negative: "It was bad.", positive: "It was good."}  # optional, see below
     templates:                          # required: name -> text, or name -> mapping
       short: "{text} It was"
       long: {text: "...", verbalizer: {...}, domain: "...", description: "..."}
+
+``descriptions`` (label -> sentence(s)) describe the labels to an embedding model: the
+embedding scorer and the few-shot prototype prior compare a text's embedding with theirs.
+A sentence encoder matches a text to a sentence better than to a bare label word (MiniLM,
+zero-shot on validation splits: sentiment 67.5% with " negative"/" positive", 73.6% with
+"It was terrible."/"It was great."; spam 49% -> 77%); without them, the words of the
+first template's verbalizer serve. :meth:`PromptSet.describe` gives whichever applies.
 """
 
 from __future__ import annotations
@@ -53,7 +61,16 @@ __all__ = [
 
 DATA_FIELDS = ("text", "text_pair")  # fields a row of data can fill
 MASK_FIELD = "mask"  # filled with the tokenizer's mask token by the masked-LM scorer
-_FILE_KEYS = ("family", "description", "labels", "verbalizer", "domain", "templates")
+_FILE_KEYS = (
+    "family",
+    "description",
+    "labels",
+    "verbalizer",
+    "domain",
+    "descriptions",
+    "templates",
+)
+DESCRIPTIONS = "descriptions"  # the name of the prompt that holds a set's descriptions
 _TEMPLATE_KEYS = ("text", "verbalizer", "domain", "description")
 
 
@@ -281,18 +298,35 @@ class PromptSet:
     prompts: tuple[Prompt, ...]
     description: str = ""
     source: str = ""
+    descriptions: Verbalizer | None = None  # label -> sentences, for embedding models
 
     def names(self) -> list[str]:
         return [p.name for p in self.prompts]
 
     def get(self, name: str) -> Prompt:
+        """The template ``name``; ``"descriptions"`` is the set's descriptions (if it has
+        them and no template of that name) as a ``{text}`` prompt for the embedding scorer."""
         for prompt in self.prompts:
             if prompt.name == name:
                 return prompt
+        if name == DESCRIPTIONS and self.descriptions is not None:
+            return self.descriptions_prompt()
+        names = self.names() + ([DESCRIPTIONS] if self.descriptions is not None else [])
         raise ConfigError(
             f"{self.source or self.family}: no template {name!r}; templates: "
-            f"{', '.join(self.names())}" + did_you_mean(name, self.names())
+            f"{', '.join(names)}" + did_you_mean(name, names)
         )
+
+    def describe(self) -> Verbalizer:
+        """What describes each label to an embedding model: the file's ``descriptions``,
+        else the first template's verbalizer words."""
+        return self.descriptions if self.descriptions is not None else self.prompts[0].verbalizer
+
+    def descriptions_prompt(self) -> Prompt:
+        """The descriptions as a prompt named ``"descriptions"`` (template ``{text}``)."""
+        if self.descriptions is None:
+            raise ConfigError(f"{self.source or self.family}: has no 'descriptions'")
+        return Prompt(Template("{text}", DESCRIPTIONS), self.descriptions, self.family)
 
     def __iter__(self) -> Iterator[Prompt]:
         return iter(self.prompts)
@@ -370,12 +404,19 @@ def parse_prompt_set(text: str, source: str = "<string>") -> PromptSet:
         except ConfigError as exc:
             raise ConfigError(f"{source}: key 'text' of {exc}") from None
         prompts.append(Prompt(template, verbalizer, str(data["family"])))
+    descriptions = None
+    if data.get("descriptions") is not None:
+        where = f"{source}: key 'descriptions'"
+        descriptions = Verbalizer.from_dict(data["descriptions"], where=where)
+        _check_cover(descriptions, labels, where)
+        descriptions = descriptions.for_labels(labels)
     return PromptSet(
         family=str(data["family"]),
         labels=labels,
         prompts=tuple(prompts),
         description=str(data.get("description", "")),
         source=source,
+        descriptions=descriptions,
     )
 
 

@@ -64,13 +64,14 @@ class BaseSpec:
 class HeadInitSpec:
     """Start the head from class prototypes of the training rows (few-shot; see
     ``peftkit.fewshot.prototype_head``) instead of a random one. The labels are described by
-    a prompt's verbalizer words (``prompt: SET/TEMPLATE``), by ``descriptions`` (label ->
-    words), or else by their names."""
+    a prompt set (``prompt: SET``: its ``descriptions``, else its first template's words;
+    ``prompt: SET/TEMPLATE``: that template's words), by ``descriptions`` (label ->
+    sentences), or else by their names."""
 
     method: str = field(default="prototypes", metadata={"choices": ("prototypes",)})
     prompt: str | None = None
     descriptions: dict[str, Any] = field(default_factory=dict)
-    prior: float = 1.0
+    prior: float = 2.0  # weight of the descriptions' embedding (fewshot.prototype_head)
 
 
 @dataclass(frozen=True)

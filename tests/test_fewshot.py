@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from peftkit.base import load_base
 from peftkit.data import few_shot
 from peftkit.errors import ConfigError, DataError
 from peftkit.fewshot import label_embeddings, prototype_head, prototype_probe
-from peftkit.prompts import Verbalizer
+from peftkit.prompts import Verbalizer, parse_prompt_set
 from peftkit.registry import Registry
 from peftkit.scorers import embed_texts
 from peftkit.switch import AdaptedModel
@@ -71,6 +73,17 @@ def test_verbalizer_descriptions_and_bad_input(bert):
         bert, data.labels, {"negative": "bad", "positive": ["good", "fun"]}
     )
     np.testing.assert_allclose(from_verbalizer, from_mapping, atol=1e-6)
+    # a prompt set describes its labels by its descriptions, else by its first template
+    described = parse_prompt_set(
+        "family: f\nlabels: [negative, positive]\nverbalizer: {negative: ' no', positive: ' yes'}"
+        "\ndescriptions: {negative: bad, positive: [good, fun]}\ntemplates: {t: '{text}'}"
+    )
+    np.testing.assert_allclose(
+        label_embeddings(bert, data.labels, described), from_mapping, atol=1e-6
+    )
+    words = label_embeddings(bert, data.labels, {"negative": "no", "positive": "yes"})
+    undescribed = replace(described, descriptions=None)
+    np.testing.assert_allclose(label_embeddings(bert, data.labels, undescribed), words, atol=1e-6)
     with pytest.raises(DataError, match="no entry for label.*'positive'"):
         label_embeddings(bert, data.labels, {"negative": "bad"})
     with pytest.raises(ConfigError, match="prior must be >= 0"):
@@ -119,3 +132,27 @@ def test_training_starts_from_the_given_head(bert, tmp_path):
     )
     with pytest.raises(ConfigError, match="head_init has 4 outputs but the data has 2 labels"):
         train(bert, load_preset("lora"), data, config, tmp_path / "run2", head_init=wrong)
+
+
+def test_a_recipes_prompt_set_describes_the_labels_by_its_descriptions(bert):
+    from peftkit.adapters import load_preset
+    from peftkit.pipeline import prototype_start
+    from peftkit.prompts import load_prompt, load_prompt_set
+    from peftkit.recipes import HeadInitSpec
+
+    data = synthetic("sentiment", n=20)
+    support = few_shot(data.split("train"), 2, label_names=data.labels)
+    spec = load_preset("lora")
+
+    def rows(head):
+        return head.linear.weight.detach().numpy()
+
+    start = prototype_start(bert, HeadInitSpec(prompt="sentiment"), spec, data, support)
+    want = prototype_head(bert, support, data.labels, load_prompt_set("sentiment"), prior=2.0)
+    np.testing.assert_allclose(rows(start), rows(want), atol=1e-6)
+    words = load_prompt("sentiment", "it-was").verbalizer
+    start = prototype_start(bert, HeadInitSpec(prompt="sentiment/it-was"), spec, data, support)
+    np.testing.assert_allclose(
+        rows(start), rows(prototype_head(bert, support, data.labels, words)), atol=1e-6
+    )
+    assert not np.allclose(rows(start), rows(want), atol=1e-3)

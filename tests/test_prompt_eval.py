@@ -14,11 +14,11 @@ from helpers import synthetic
 
 from peftkit.base import load_base
 from peftkit.calibration import content_free_probs, contextual_calibration
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, ModelError
 from peftkit.evaluation import compute_metrics, expected_calibration_error
 from peftkit.prompt_eval import evaluate_prompts
 from peftkit.prompts import load_prompt_set
-from peftkit.scorers import score_causal
+from peftkit.scorers import score_causal, score_embedding, score_masked_lm
 
 PROMPTS = """\
 family: toy-sentiment
@@ -91,6 +91,36 @@ def test_every_template_row_matches_its_scorer_and_metrics(llama, prompt_file, t
     first = preds[0]
     assert first["text"] == test.texts[0] and first["gold"] == data.labels[test.labels[0]]
     assert first["pred"] == max(first["probs"], key=first["probs"].get)
+
+
+def test_an_embedding_run_scores_the_sets_descriptions_first(llama, tiny_models, tmp_path):
+    path = tmp_path / "described.yaml"
+    described = 'descriptions: {negative: "It was bad.", positive: "It was good."}\ntemplates:'
+    path.write_text(PROMPTS.replace("templates:", described))
+    data = synthetic("sentiment", n=40)
+    bert = load_base(str(tiny_models["bert"]))
+    said: list[str] = []
+    run = evaluate_prompts(bert, data, path, batch_size=8, say=said.append)  # auto: embedding
+    assert [r.template for r in run.results] == ["descriptions", "plain", "question"]
+    # a head-less encoder cannot fill a {mask}: that template is skipped, and said why
+    assert said == ["(skipping template 'masked': its {mask} needs a masked-LM head, which "
+                    "this base has not)"]  # fmt: skip
+    with pytest.raises(ConfigError, match="masked-lm scorer needs a base with a masked-LM head"):
+        evaluate_prompts(bert, data, path, scorer="masked-lm")
+    with pytest.raises(ModelError, match="needs a model with a masked-LM head.*BertModel"):
+        score_masked_lm(bert.model, bert.tokenizer, load_prompt_set(path).get("masked"), ["a b"])
+    prompts = load_prompt_set(path)
+    texts = list(data.split("test").texts)
+    for r in run.results:
+        verbalizer = prompts.get(r.template).verbalizer
+        want = score_embedding(bert.model, bert.tokenizer, texts, verbalizer, labels=data.labels)
+        np.testing.assert_allclose(r.probs, want.probs, atol=1e-5)
+    assert not np.allclose(run.results[0].probs, run.results[1].probs)
+    only = evaluate_prompts(bert, data, path, templates=["descriptions"], max_rows=5)
+    assert [r.template for r in only.results] == ["descriptions"]
+    # a causal LM scores templates; the descriptions are not one
+    causal = evaluate_prompts(llama, data, path, max_rows=4)
+    assert [r.template for r in causal.results] == ["plain", "question"]
 
 
 def test_templates_max_rows_and_demonstrations(llama, prompt_file):

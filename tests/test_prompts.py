@@ -109,9 +109,48 @@ def test_a_users_file_works_the_same_way(tmp_path):
         prompts.get("c")
 
 
+def test_descriptions_describe_the_labels_for_embedding_models(tmp_path):
+    path = tmp_path / "mine.yaml"
+    plain = load_prompt_set(_write(path, GOOD))
+    assert plain.descriptions is None
+    assert plain.describe() == plain.get("a").verbalizer  # the first template's words serve
+    with pytest.raises(ConfigError, match="no template 'descriptions'; templates: a, b$"):
+        plain.get("descriptions")
+    text = GOOD.replace(
+        "templates:", 'descriptions: {pos: "It was good.", neg: [A, B]}\ntemplates:'
+    )
+    prompts = load_prompt_set(_write(path, text))
+    assert prompts.describe().words == (("neg", ("A", "B")), ("pos", ("It was good.",)))
+    assert prompts.names() == ["a", "b"]  # not a template of its own: causal runs skip it
+    described = prompts.get("descriptions")
+    assert (described.name, described.template.text) == ("descriptions", "{text}")
+    assert described.verbalizer is prompts.descriptions
+    with pytest.raises(ConfigError, match="templates: a, b, descriptions"):
+        prompts.get("c")
+    # the shipped sentiment set describes its labels with sentences
+    assert load_prompt_set("sentiment").describe().phrases("positive")[0].endswith(".")
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 @pytest.mark.parametrize(
     "edit, pattern",
     [
+        (
+            ("templates:", "descriptions: {neg: bad, pox: good}\ntemplates:"),
+            r"mine.yaml: key 'descriptions': label 'pox' is not one of the file's labels",
+        ),
+        (
+            ("templates:", "descriptions: {neg: bad}\ntemplates:"),
+            r"mine.yaml: key 'descriptions': no words for label\(s\) 'pos'",
+        ),
+        (
+            ("templates:", "descriptions: [bad, good]\ntemplates:"),
+            r"mine.yaml: key 'descriptions': must be a non-empty mapping",
+        ),
         (
             ("verbalizer:", "verbaliser:"),
             r"mine.yaml: unknown key 'verbaliser' \(did you mean 'verbalizer'\?\)",

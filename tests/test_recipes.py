@@ -348,7 +348,7 @@ def test_head_init_shorthand_and_bad_values(tmp_path):
     path = write_recipe(tmp_path, GOOD)
     recipe = load_recipe(path, ["adapter.head_init=prototypes"])
     assert recipe.adapter.head_init.method == "prototypes"
-    assert recipe.adapter.head_init.prior == 1.0
+    assert recipe.adapter.head_init.prior == 2.0
     with pytest.raises(ConfigError, match="head_init.method"):
         load_recipe(path, ["adapter.head_init=centroids"])
     with pytest.raises(ConfigError, match="did you mean 'prior'"):

@@ -152,6 +152,11 @@ def score_masked_lm(
     log-prob; ``normalize="mean"`` divides by n).
     """
     check_choice("normalize", normalize, ("sum", "mean"))
+    if not has_lm_head(model):
+        raise ModelError(
+            f"score_masked_lm needs a model with a masked-LM head (AutoModelForMaskedLM); "
+            f"this {type(model).__name__} has none (a head-less encoder: use score_embedding)"
+        )
     mask_token = getattr(tokenizer, "mask_token", None)
     if not mask_token:
         raise ModelError("score_masked_lm needs a tokenizer with a mask token; this one has none")
@@ -193,6 +198,12 @@ def score_masked_lm(
         aggregate_phrases(per_phrase, owner, len(verbalizer.labels), aggregate),
         cut,
     )
+
+
+def has_lm_head(model) -> bool:
+    """Whether ``model`` maps hidden states to the vocabulary (a masked or causal LM)."""
+    get = getattr(model, "get_output_embeddings", None)
+    return callable(get) and get() is not None
 
 
 def _mask_logprobs(model, tokenizer, ids, targets: torch.Tensor, batch_size: int) -> np.ndarray:
