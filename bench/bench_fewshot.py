@@ -28,6 +28,10 @@ sides get exactly those rows.
   (lr 3e-5) 81.5 ± 1.7.
 - ``peftkit-prototypes-full``: the same with the ``full`` preset (lr 3e-5); not run by
   default.
+- ``...-lora+protos`` (``...-full+protos``): the same fine-tuning, predicting with the mean
+  of its probabilities and the prototype head's (a training-free member that keeps the
+  label descriptions' prior); timed as the fine-tuning plus the head's pass over the test
+  rows. Chosen on validation (``probe_fewshot_ft.py``).
 
 Time per run is fitting plus predicting the test rows, in this process, one after another.
 """
@@ -96,18 +100,33 @@ FINETUNE = {  # method -> (preset, learning rate)
 def run_prototypes_ft(
     base, support, test, labels, describe, seed: int, method: str, epochs, prior: float = 1.0
 ):
-    """The prototype head, then ``train(..., head_init=head)`` on the k·C rows."""
+    """The prototype head, then ``train(..., head_init=head)`` on the k·C rows.
+
+    Returns the fine-tuned model's predictions, fit and total seconds, and the same for
+    the ensemble ``+protos``: the mean of its probabilities and the prototype head's (as
+    ``peftkit-prototypes`` scores them, before training), which costs one more pass of the
+    base over the test rows.
+    """
     import tempfile
+
+    import torch
 
     from peftkit.adapters import load_preset
     from peftkit.artifacts import release
+    from peftkit.batching import collate, encode, pad_id
     from peftkit.data import TextDataset
     from peftkit.fewshot import prototype_head
+    from peftkit.scorers import embed_texts
     from peftkit.train import TrainConfig, train
 
     preset, lr = FINETUNE[method]
     t0 = time.perf_counter()
     head = prototype_head(base, support, labels, describe, prior=prior)
+    t1 = time.perf_counter()
+    x = torch.as_tensor(embed_texts(base.model, base.tokenizer, list(test.texts), batch_size=64))
+    with torch.no_grad():
+        p_protos = torch.softmax(head(x), -1).numpy()
+    protos_seconds = time.perf_counter() - t1
     data = TextDataset("few-shot", tuple(labels), {"train": support, "validation": support})
     config = TrainConfig(
         epochs=epochs, batch_size=16, learning_rate=lr, max_length=64, patience=None,
@@ -115,20 +134,21 @@ def run_prototypes_ft(
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as run_dir:
         result = train(base, load_preset(preset), data, config, run_dir, head_init=head)
-    fit = time.perf_counter() - t0
-    import torch
-
-    from peftkit.batching import collate, encode, pad_id
-
+    fit = time.perf_counter() - t0 - protos_seconds
     model = result.model.eval()
     enc = encode(base.tokenizer, test.texts, test.labels, 64)
-    preds = []
+    probs = []
     with torch.no_grad():
         for i in range(0, len(enc.ids), 64):
             t = collate(enc.ids[i : i + 64], pad_id(base.tokenizer))
-            preds.append(model(t["input_ids"], t["attention_mask"]).argmax(-1).numpy())
+            probs.append(torch.softmax(model(t["input_ids"], t["attention_mask"]), -1).numpy())
     release(result.model)
-    return np.concatenate(preds), fit, time.perf_counter() - t0
+    p = np.concatenate(probs)
+    total = time.perf_counter() - t0
+    return (
+        (p.argmax(1), fit, total - protos_seconds),
+        ((p + p_protos).argmax(1), fit + protos_seconds, total),
+    )
 
 
 def main() -> None:
@@ -150,9 +170,12 @@ def main() -> None:
     parser.add_argument(
         "--ft-epochs", type=float, default=10, help="epochs of the prototype fine-tuning methods"
     )
-    parser.add_argument("--methods", default="setfit,peftkit-prototypes,peftkit-prototypes-lora")
     parser.add_argument(
-        "--prior", type=float, default=1.0, help="weight of the label-description prior"
+        "--methods",
+        default="setfit,peftkit-prototypes,peftkit-prototypes-lora,peftkit-prototypes-lora+protos",
+    )
+    parser.add_argument(
+        "--prior", type=float, default=2.0, help="weight of the label-description prior"
     )
     parser.add_argument(
         "--describe",
@@ -191,16 +214,20 @@ def main() -> None:
         )
         accs: dict[str, list[float]] = {m: [] for m in methods}
         secs: dict[str, list[float]] = {m: [] for m in methods}
+        tuned: dict = {}  # (seed, method) -> one fine-tuning's (alone, +protos) results
         for seed in seeds:
             support = few_shot(data.split("train"), k, seed=seed, label_names=data.labels)
             for m in methods:
                 if m == "setfit":
                     preds, fit, total = run_setfit(model_dir, support, test, seed)
-                elif m in FINETUNE:
-                    preds, fit, total = run_prototypes_ft(
-                        base, support, test, data.labels, describe, seed, m, ns.ft_epochs,
-                        ns.prior,
-                    )  # fmt: skip
+                elif m in FINETUNE or m.removesuffix("+protos") in FINETUNE:
+                    key_ = m.removesuffix("+protos")
+                    if (seed, key_) not in tuned:
+                        tuned[seed, key_] = run_prototypes_ft(
+                            base, support, test, data.labels, describe, seed, key_,
+                            ns.ft_epochs, ns.prior,
+                        )  # fmt: skip
+                    preds, fit, total = tuned[seed, key_][m.endswith("+protos")]
                 else:
                     preds, fit, total = run_prototypes(
                         base, support, test, data.labels, describe, ns.prior
