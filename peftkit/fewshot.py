@@ -15,8 +15,9 @@ plus ``prior`` times the embedding of the label's description (a prompt set's
     head = prototype_head(base, support, data.labels, load_prompt_set("sentiment"))
 
 The default ``prior=2`` was chosen on the SST-2 and AG News validation splits with the
-shipped descriptions (k = 8 and 16, seeds 0-4; mean accuracy over the four: 77.5% at 2,
-76.9% at 1). ``prior=0`` is a plain nearest-centroid classifier; with no examples (or a huge prior) it
+shipped descriptions (k = 8 and 16, seeds 0-4; mean accuracy over the four settings:
+77.5% at 2, 76.9% at 1; ``bench/bench_fewshot.py --split validation --prior P``).
+``prior=0`` is a plain nearest-centroid classifier; with no examples (or a huge prior) it
 is the zero-shot embedding scorer. The head is a ``probe`` adapter as it stands (save it
 with ``artifacts.save_adapter``, register and serve it like any other), and a start for
 training: ``train(base, spec, data, config, run_dir, head_init=head)`` fine-tunes the
