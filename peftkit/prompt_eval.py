@@ -226,7 +226,7 @@ def evaluate_prompts(
     from peftkit.base import Base, load_base
     from peftkit.data import TextDataset, load_data
     from peftkit.prompts import PromptSet, load_prompt_set
-    from peftkit.scorers.encoders import has_lm_head
+    from peftkit.scorers._base import has_lm_head
 
     if calibration not in CALIBRATIONS:
         raise ConfigError(
@@ -265,10 +265,16 @@ def evaluate_prompts(
     demos = _demos(base, data, demo_pool, shard, demonstrations, demo_selection, seed)
     method = f"few-shot-{demonstrations}" if demonstrations else "zero-shot"
     masked_lm = has_lm_head(base.model) and base.kind != "causal-lm"
+    article = "an" if base.kind[0] in "aeiou" else "a"
+    loaded = f"{base.source!r} is loaded as {article} {base.kind} ({type(base.model).__name__})"
     if scorer == "masked-lm" and not masked_lm:
         raise ConfigError(
-            f"the masked-lm scorer needs a base with a masked-LM head; {base.source!r} is "
-            f"loaded as a {base.kind} ({type(base.model).__name__}): use scorer='embedding'"
+            f"the masked-lm scorer needs a base with a masked-LM head; {loaded}: use scorer "
+            "'embedding' (or 'auto')"
+        )
+    if scorer == "causal" and base.kind != "causal-lm":
+        raise ConfigError(
+            f"the causal scorer needs a causal LM; {loaded}: use scorer 'embedding' (or 'auto')"
         )
     results = []
     for prompt in chosen:

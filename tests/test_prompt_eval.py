@@ -107,6 +107,10 @@ def test_an_embedding_run_scores_the_sets_descriptions_first(llama, tiny_models,
                     "this base has not)"]  # fmt: skip
     with pytest.raises(ConfigError, match="masked-lm scorer needs a base with a masked-LM head"):
         evaluate_prompts(bert, data, path, scorer="masked-lm")
+    with pytest.raises(ConfigError, match="causal scorer needs a causal LM.*an encoder"):
+        evaluate_prompts(bert, data, path, scorer="causal")
+    with pytest.raises(ModelError, match="score_causal needs a causal LM.*BertModel"):
+        score_causal(bert.model, bert.tokenizer, load_prompt_set(path).get("plain"), ["a b"])
     with pytest.raises(ModelError, match="needs a model with a masked-LM head.*BertModel"):
         score_masked_lm(bert.model, bert.tokenizer, load_prompt_set(path).get("masked"), ["a b"])
     prompts = load_prompt_set(path)

@@ -81,6 +81,12 @@ def check_choice(what: str, value: str, valid: Sequence[str]) -> None:
         raise ConfigError(f"{what} must be one of {', '.join(valid)}; got {value!r}")
 
 
+def has_lm_head(model) -> bool:
+    """Whether ``model`` maps hidden states to the vocabulary (a masked or causal LM)."""
+    get = getattr(model, "get_output_embeddings", None)
+    return callable(get) and get() is not None
+
+
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
 

@@ -12,7 +12,7 @@ from peft import PeftType
 from peftkit.adapters import eval_mode
 from peftkit.calibration import domain_pmi
 from peftkit.demos import Demo, fit_prompts
-from peftkit.errors import ConfigError, DataError
+from peftkit.errors import ConfigError, DataError, ModelError
 from peftkit.prompts import Prompt
 from peftkit.scorers._base import (
     AGGREGATIONS,
@@ -23,6 +23,7 @@ from peftkit.scorers._base import (
     context_length,
     continuation_ids,
     device_of,
+    has_lm_head,
     pad_rows,
     phrase_ids,
     warn_cut,
@@ -56,6 +57,11 @@ def score_causal(
     """
     check_choice("normalize", normalize, NORMALIZATIONS)
     check_choice("aggregate", aggregate, AGGREGATIONS)
+    if not has_lm_head(model):
+        raise ModelError(
+            f"score_causal needs a causal LM (AutoModelForCausalLM); this "
+            f"{type(model).__name__} has no LM head (an encoder: use score_embedding)"
+        )
     if prompt.template.uses_mask:
         raise ConfigError(f"template {prompt.name!r} has a {{mask}} field: use score_masked_lm")
     verbalizer = prompt.verbalizer.for_labels(labels, where=f"prompt {prompt.name!r}")

@@ -19,6 +19,7 @@ from peftkit.scorers._base import (
     context_length,
     count_long,
     device_of,
+    has_lm_head,
     label_phrases,
     log_softmax,
     pad_rows,
@@ -198,12 +199,6 @@ def score_masked_lm(
         aggregate_phrases(per_phrase, owner, len(verbalizer.labels), aggregate),
         cut,
     )
-
-
-def has_lm_head(model) -> bool:
-    """Whether ``model`` maps hidden states to the vocabulary (a masked or causal LM)."""
-    get = getattr(model, "get_output_embeddings", None)
-    return callable(get) and get() is not None
 
 
 def _mask_logprobs(model, tokenizer, ids, targets: torch.Tensor, batch_size: int) -> np.ndarray:
