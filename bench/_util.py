@@ -72,10 +72,27 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
+        **_cpu(),
         "load_average_at_start": [round(x, 2) for x in load],
         "niceness": os.nice(0),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def _cpu() -> dict[str, Any]:
+    """The CPU's model name and the vector / matrix extensions its kernels may use."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), ""
+    )
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in flags]}
 
 
 def run_worker(
