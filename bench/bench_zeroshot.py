@@ -193,8 +193,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--sweep-rows", type=int, default=96)
-    parser.add_argument("--lm-eval-batches", default="8,16,32")
-    parser.add_argument("--peftkit-batches", default="8,16,32,64")
+    parser.add_argument("--lm-eval-batches", default="4,8,16,32")
+    parser.add_argument("--peftkit-batches", default="4,8,16,32,64")
     parser.add_argument("--chunks", type=int, default=8, help="timed row chunks, sides alternating")
     ns = parser.parse_args()
     import torch
