@@ -250,7 +250,7 @@ def load_task_data(spec) -> tuple[Any, Any]:
 
 def _train_one(recipe, base, task: _Task, path: Path, registry, say, state, first: bool):
     from peftkit.artifacts import release
-    from peftkit.train import train
+    from peftkit.train import train, untrained
 
     data, train_split = load_task_data(task.data)
     say(
@@ -258,13 +258,24 @@ def _train_one(recipe, base, task: _Task, path: Path, registry, say, state, firs
         f"({len(train_split)} training rows, {len(data.labels)} labels)"
     )
     folder = task.folder
+    as_is = task.config.max_steps == 0  # no training: register the start head as it stands
+    if as_is and (task.head_init is None or task.spec.method != "probe"):
+        raise ConfigError(
+            "training.max_steps: 0 registers the prototype head untrained; it needs "
+            f"adapter.preset: probe and adapter.head_init: prototypes (this task: "
+            f"{task.spec.method}, head_init {'set' if task.head_init else 'unset'})"
+        )
     head = None
     if task.head_init is not None:
         head = prototype_start(base, task.head_init, task.spec, data, train_split)
         say(f"head starts from the prototypes of {len(train_split)} rows")
-    result = train(
-        base, task.spec, data, task.config, folder, train_split=train_split, head_init=head
-    )
+    if as_is:
+        say("training.max_steps: 0 - the prototype head is the classifier, untrained")
+        result = untrained(base, data, head, task.config)
+    else:
+        result = train(
+            base, task.spec, data, task.config, folder, train_split=train_split, head_init=head
+        )
     prefix = "" if first else f"{task.name}-"
     metrics: dict[str, Any] = {
         "recipe": recipe.name,

@@ -47,7 +47,7 @@ class TrainConfig:
     """Training settings; every method uses the same ones."""
 
     epochs: float = 3.0
-    max_steps: int | None = None  # overrides epochs when set
+    max_steps: int | None = None  # overrides epochs when set; 0: no training (see untrained)
     max_minutes: float | None = None  # wall-clock budget; epochs/max_steps stay the cap
     batch_size: int = 16
     eval_batch_size: int = 64
@@ -80,6 +80,8 @@ class TrainConfig:
         ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ConfigError(f"training.max_steps must be >= 0, got {self.max_steps}")
         if self.epochs <= 0 and not self.max_steps:
             raise ConfigError("training.epochs must be > 0 (or set training.max_steps)")
         if self.max_minutes is not None and not self.max_minutes > 0:
@@ -132,6 +134,11 @@ def train(
     """
     from accelerate import Accelerator
 
+    if config.max_steps == 0:
+        raise ConfigError(
+            "training.max_steps=0 trains nothing: use train.untrained(base, data, head, config) "
+            "to evaluate a start head as it stands"
+        )
     run_dir = Path(run_dir)
     acc = accelerator or Accelerator(
         gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available()
@@ -194,15 +201,7 @@ def train(
             step_seconds=float(np.median(loop.step_times)) if loop.step_times else 0.0,
             resumed_from=loop.resumed_from,
         )
-        if "test" in data.splits:
-            enc_test = enc(data.split("test"))
-            metrics, logits = evaluate_split(
-                result.model, enc_test, data.labels, pad, config.eval_batch_size, acc
-            )
-            result.test_metrics = metrics
-            result.report = classification_report(
-                list(enc_test.labels), logits.argmax(-1).tolist(), data.labels
-            )
+        _test(result, data, enc, pad, config, acc)
         if acc.is_main_process:
             atomic_write_text(run_dir / "history.json", json.dumps(result.history, indent=1))
         return result
@@ -210,6 +209,45 @@ def train(
         # leave the shared base as it was: take this run's adapter back out of it
         release(model)
         raise
+
+
+def _test(result: TrainResult, data: TextDataset, enc, pad: int, config: TrainConfig, acc) -> None:
+    """Fill ``result``'s test metrics and report when the data has a test split."""
+    if "test" in data.splits:
+        enc_test = enc(data.split("test"))
+        metrics, logits = evaluate_split(
+            result.model, enc_test, data.labels, pad, config.eval_batch_size, acc
+        )
+        result.test_metrics = metrics
+        result.report = classification_report(
+            list(enc_test.labels), logits.argmax(-1).tolist(), data.labels
+        )
+
+
+def untrained(
+    base: Any, data: TextDataset, head: Any, config: TrainConfig, *, accelerator: Any = None
+) -> TrainResult:
+    """No training (``training.max_steps: 0``): ``head`` (e.g. ``fewshot.prototype_head``)
+    on the frozen base as it stands, a ``probe`` adapter, with its test report."""
+    from accelerate import Accelerator
+
+    from peftkit.fewshot import prototype_probe
+
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    model = prototype_probe(base, copy.deepcopy(head)).eval()
+    trainable = sum(p.numel() for p in model.head.parameters())
+    total = trainable + sum(p.numel() for p in model.body.parameters())
+    result = TrainResult(
+        model=model, steps=0, history=[], best={}, trainable=trainable, total=total
+    )
+
+    def enc(split: Split) -> Encoded:
+        return encode(
+            base.tokenizer, split.texts, split.labels, config.max_length, split.text_pairs
+        )
+
+    _test(result, data, enc, pad_id(base.tokenizer), config, acc)
+    return result
 
 
 def _start_head(model: TaskModel, head_init: Any) -> None:

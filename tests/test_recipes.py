@@ -8,7 +8,9 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from peftkit.errors import ConfigError
@@ -367,6 +369,52 @@ def test_head_init_prototypes_trains_and_registers_a_cosine_head(
     entry = Registry(tmp_path / "reg").get(outcome.entries[0])
     task = json.loads((entry.path / "task.json").read_text())
     assert task["head_normalize"] is True
+
+
+def test_max_steps_0_registers_the_prototype_head_untrained(
+    tmp_path, tiny_models, reset_accelerate
+):
+    from peftkit.base import load_base
+    from peftkit.fewshot import prototype_head
+    from peftkit.pipeline import load_task_data
+    from peftkit.scorers import embed_texts
+    from peftkit.switch import AdaptedModel
+
+    def probe(extra):
+        data = write_data(tmp_path / "data", ["negative", "positive"])
+        text = GOOD.replace("base: minilm", f"base: {tiny_models['bert']}")
+        text = text.replace("preset: lora\n  peft: {r: 4}", "preset: probe")
+        return load_recipe(write_recipe(tmp_path, text), [f"data.source={data}", *extra])
+
+    recipe = probe(["adapter.head_init=prototypes", "training.max_steps=0"])
+    outcome = run_recipe(recipe, run_dir=tmp_path / "run", registry=tmp_path / "reg")
+    registry = Registry(tmp_path / "reg")
+    entry = registry.get(outcome.entries[0])
+    assert entry.method == "probe"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 0 and not (tmp_path / "run" / "curves.png").exists()
+    # what is served is the prototype head of the training rows, on the untouched base
+    base = load_base(str(tiny_models["bert"]))
+    data, train_split = load_task_data(recipe.data)
+    head = prototype_head(base, train_split, data.labels)
+    texts = list(data.split("test").texts)
+    served = AdaptedModel(base, registry).predict_proba(texts, adapter=entry.ref)
+    x = torch.as_tensor(embed_texts(base.model, base.tokenizer, texts, max_length=128))
+    want = torch.softmax(head(x), -1).detach().numpy()
+    np.testing.assert_allclose(served, want, atol=1e-5)
+    assert metrics["accuracy"] == pytest.approx(
+        float((want.argmax(1) == np.array(data.split("test").labels)).mean())
+    )
+    # no training needs a start head to register, on a probe
+    bad = [
+        _tiny(tmp_path, tiny_models, ["adapter.head_init=prototypes", "training.max_steps=0"]),
+        probe(["training.max_steps=0"]),
+    ]
+    for i, recipe in enumerate(bad):
+        with pytest.raises(ConfigError, match="max_steps: 0 registers the prototype head"):
+            run_recipe(recipe, run_dir=tmp_path / f"bad{i}", registry=tmp_path / "reg")
+    with pytest.raises(ConfigError, match="max_steps must be >= 0"):
+        run_recipe(probe(["training.max_steps=-1"]), run_dir=tmp_path / "bad9")
 
 
 def test_head_init_needs_mean_pooling_and_one_description_source(
