@@ -254,7 +254,7 @@ def model_summary(base: Base) -> dict[str, Any]:
     }
 
 
-def keep_4bit_layout(model: Any) -> int:
+def keep_4bit_layout(model: Any) -> None:
     """Stop bitsandbytes repacking 4-bit weights in place for its AVX512-BF16 CPU kernel.
 
     On a CPU with AVX512-BF16, bitsandbytes 0.50 rewrites each ``Linear4bit`` weight into
@@ -264,11 +264,7 @@ def keep_4bit_layout(model: Any) -> int:
     at all (``shape '[32, 0]' is invalid``). peftkit saves adapters and checkpoints between
     forwards, so it keeps the plain layout: the same numbers on every CPU, at the cost of
     that kernel's speed (MiniLM, 64 texts: 2.06 s instead of 0.72 s on such a CPU).
-    Returns how many layers it set.
     """
-    count = 0
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count

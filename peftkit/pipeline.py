@@ -252,12 +252,6 @@ def _train_one(recipe, base, task: _Task, path: Path, registry, say, state, firs
     from peftkit.artifacts import release
     from peftkit.train import train, untrained
 
-    data, train_split = load_task_data(task.data)
-    say(
-        f"\n== {task.name}: {task.spec.method} on {data.name} "
-        f"({len(train_split)} training rows, {len(data.labels)} labels)"
-    )
-    folder = task.folder
     as_is = task.config.max_steps == 0  # no training: register the start head as it stands
     if as_is and (task.head_init is None or task.spec.method != "probe"):
         raise ConfigError(
@@ -265,6 +259,12 @@ def _train_one(recipe, base, task: _Task, path: Path, registry, say, state, firs
             f"adapter.preset: probe and adapter.head_init: prototypes (this task: "
             f"{task.spec.method}, head_init {'set' if task.head_init else 'unset'})"
         )
+    data, train_split = load_task_data(task.data)
+    say(
+        f"\n== {task.name}: {task.spec.method} on {data.name} "
+        f"({len(train_split)} training rows, {len(data.labels)} labels)"
+    )
+    folder = task.folder
     head = None
     if task.head_init is not None:
         head = prototype_start(base, task.head_init, task.spec, data, train_split)

@@ -225,7 +225,6 @@ def evaluate_prompts(
     """
     from peftkit.base import Base, load_base
     from peftkit.data import TextDataset, load_data
-    from peftkit.prompts import PromptSet, load_prompt_set
     from peftkit.scorers._base import has_lm_head
 
     if calibration not in CALIBRATIONS:
@@ -246,16 +245,7 @@ def evaluate_prompts(
         base = load_base(base)
     if not isinstance(data, TextDataset):
         data = load_data(data)
-    if isinstance(prompts, (str, Path)):
-        prompts = load_prompt_set(prompts)
-    chosen = _prompts(prompts, templates)
-    if (
-        isinstance(prompts, PromptSet)
-        and prompts.descriptions is not None
-        and not templates
-        and pick_scorer(scorer, base.kind, False) == "embedding"
-    ):  # a sentence encoder compares texts with the set's label descriptions too
-        chosen.insert(0, prompts.descriptions_prompt())
+    chosen = _prompts(prompts, templates, pick_scorer(scorer, base.kind, False) == "embedding")
     rows = data.split(split)
     if max_rows is not None:
         rows = rows.subset(range(min(max_rows, len(rows))))
@@ -381,7 +371,9 @@ def _score(base, prompt, scorer, texts, pairs, labels, demos, normalize, batch_s
     )  # fmt: skip
 
 
-def _prompts(prompts: Any, templates: Sequence[str] | None) -> list[Any]:
+def _prompts(prompts: Any, templates: Sequence[str] | None, embedding: bool) -> list[Any]:
+    """The prompts to score; a whole set scored by embeddings starts with its descriptions
+    (a sentence encoder compares texts with them too)."""
     from peftkit.prompts import Prompt, PromptSet, load_prompt_set
 
     if isinstance(prompts, (str, Path)):
@@ -390,6 +382,8 @@ def _prompts(prompts: Any, templates: Sequence[str] | None) -> list[Any]:
         chosen = [prompts]
     elif isinstance(prompts, PromptSet):
         chosen = [prompts.get(t) for t in templates] if templates else list(prompts)
+        if embedding and not templates and prompts.descriptions is not None:
+            chosen.insert(0, prompts.descriptions_prompt())
         templates = None
     else:
         chosen = list(prompts)

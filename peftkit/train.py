@@ -147,12 +147,7 @@ def train(
     train_rows = train_split or data.split("train")
     val_name = "validation" if "validation" in data.splits else "test"
 
-    def enc(split: Split) -> Encoded:
-        if template is None:
-            return encode(tokenizer, split.texts, split.labels, config.max_length, split.text_pairs)
-        texts = apply_template(template, split.texts, split.text_pairs)
-        return encode(tokenizer, texts, split.labels, config.max_length, keep_end=True)
-
+    enc = _encoder(tokenizer, config.max_length, template)
     enc_train = enc(train_rows)
     enc_val = enc(data.split(val_name))
     if enc_train.truncated:
@@ -211,6 +206,18 @@ def train(
         raise
 
 
+def _encoder(tokenizer: Any, max_length: int, template: str | None):
+    """Split -> token ids as training and evaluation see them (``template`` formats texts)."""
+
+    def enc(split: Split) -> Encoded:
+        if template is None:
+            return encode(tokenizer, split.texts, split.labels, max_length, split.text_pairs)
+        texts = apply_template(template, split.texts, split.text_pairs)
+        return encode(tokenizer, texts, split.labels, max_length, keep_end=True)
+
+    return enc
+
+
 def _test(result: TrainResult, data: TextDataset, enc, pad: int, config: TrainConfig, acc) -> None:
     """Fill ``result``'s test metrics and report when the data has a test split."""
     if "test" in data.splits:
@@ -241,11 +248,7 @@ def untrained(
         model=model, steps=0, history=[], best={}, trainable=trainable, total=total
     )
 
-    def enc(split: Split) -> Encoded:
-        return encode(
-            base.tokenizer, split.texts, split.labels, config.max_length, split.text_pairs
-        )
-
+    enc = _encoder(base.tokenizer, config.max_length, None)
     _test(result, data, enc, pad_id(base.tokenizer), config, acc)
     return result
 
