@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,7 +142,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{recipe.source}: 'peftkit eval' runs prompt recipes (with 'prompt:'); "
             f"this one trains an adapter: use 'peftkit run {args.recipe}'"
         )
-    again = " ".join(["peftkit", args.command, args.recipe, *args.overrides])
+    # the same folders again (never --overwrite: that would throw the checkpoint away)
+    folders = [
+        (flag, value)
+        for flag, value in (("--run-dir", args.run_dir), ("--registry", args.registry))
+        if value
+    ]
+    words = [args.command, args.recipe, *args.overrides, *(w for f in folders for w in f)]
+    again = "peftkit " + shlex.join(words)
     args.resume_hint = f"run '{again}' again to resume from the last checkpoint"
     outcome = run_recipe(
         recipe, run_dir=args.run_dir, registry=args.registry, overwrite=args.overwrite

@@ -145,6 +145,12 @@ def test_ctrl_c_exits_130_with_resume_hint(capsys, monkeypatch, tmp_path):
     code, _, err = run_cli(["run", recipe, "training.epochs=2"], capsys)
     assert code == 130
     assert f"run 'peftkit run {recipe} training.epochs=2' again to resume" in err
+    # the folders it was given come back in the hint; --overwrite never does
+    folder = tmp_path / "my run"
+    argv = ["run", recipe, "--run-dir", str(folder), "--registry", "reg", "--overwrite"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 130
+    assert f"run 'peftkit run {recipe} --run-dir '{folder}' --registry reg' again" in err
 
 
 def test_offline_by_default_unless_set(capsys, monkeypatch):
