@@ -199,6 +199,43 @@ def test_shared_prefix_matches_naive(causal, kind, batch_size, max_rows):
     np.testing.assert_allclose(fast, naive, atol=1e-4, rtol=0)
 
 
+SHARED = "review : this movie was good and the plot was fun . "  # 12 tokens before each prompt
+
+
+@pytest.mark.parametrize("kind", sorted(CONTINUATIONS))
+@pytest.mark.parametrize("batch_size, max_rows", [(2, 3), (5, 256)])
+def test_prompts_sharing_their_first_tokens_run_them_once(causal, kind, batch_size, max_rows):
+    """Demonstrations or an instruction common to every prompt: same scores, computed once."""
+    from peftkit.scorers import causal as module
+
+    model, tok = causal
+    prompts = [SHARED + p for p in PROMPTS]
+    ids = module._causal_encoder(tok)(prompts)
+    assert module._shared_length(model, ids) >= 12  # the shared path is the one under test
+    conts = CONTINUATIONS[kind]
+    fast = continuation_logprobs(
+        model, tok, prompts, conts, batch_size=batch_size, max_rows=max_rows
+    )
+    naive = naive_continuation_logprobs(model, tok, prompts, conts, batch_size=1)
+    np.testing.assert_allclose(fast, naive, atol=1e-4, rtol=0)
+    if kind != "mixed":
+        return
+    # a LoRA-wrapped model shares too; a prefix-tuned one brings its own cache and does not
+    import copy
+
+    import peft
+
+    for method in ("lora", "prefix"):
+        wrapped = peft.get_peft_model(copy.deepcopy(model), _peft_config(method)).eval()
+        assert (module._shared_length(wrapped, ids) > 0) == (method == "lora")
+        np.testing.assert_allclose(
+            continuation_logprobs(wrapped, tok, prompts, conts, batch_size=batch_size),
+            _by_hand(wrapped, tok, prompts, conts),
+            atol=1e-4,
+            rtol=0,
+        )
+
+
 def test_naive_batched_with_padding_matches_unbatched(causal):
     model, tok = causal
     conts = CONTINUATIONS["mixed"]

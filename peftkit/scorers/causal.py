@@ -29,6 +29,9 @@ from peftkit.scorers._base import (
     warn_cut,
 )
 
+MIN_SHARED_TOKENS = 8
+"""Leading tokens common to all prompts of a call are run once when there are this many."""
+
 
 def score_causal(
     model,
@@ -191,16 +194,30 @@ def _shared_prefix_logprobs(
     out = np.zeros((len(prompt_ids), len(cont_ids)))
     cache_key = _cache_kwarg(model)
     with eval_mode(model), torch.inference_mode():
+        # Tokens every prompt starts with (shared demonstrations, an instruction) run once;
+        # each batch then runs only its own tokens on a copy of that cache.
+        shared = _shared_length(model, prompt_ids)
+        if shared:
+            first_ids = torch.tensor([prompt_ids[0][:shared]], device=device)
+            head = model(input_ids=first_ids, use_cache=True)
+            head_cache = getattr(head, "cache", None) or head.past_key_values
+            prompt_ids = [p[shared:] for p in prompt_ids]
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             ids, mask = pad_rows([prompt_ids[i] + extra for i in rows], device, left=True)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            prefix = {}
+            if shared:  # the shared tokens come first, then each prompt's padding and rest
+                pos = pos + shared
+                mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=-1)
+                prefix[cache_key] = _broadcast_cache(head_cache, len(rows))
             res = model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=pos,
-                use_cache=bool(rest),
+                use_cache=bool(rest) or bool(shared),
                 logits_to_keep=keep,
+                **prefix,
             )
             logp = res.logits[:, -len(keep) :].float().log_softmax(-1)
             scores = logp[:, 0, first]
@@ -217,6 +234,32 @@ def _shared_prefix_logprobs(
                 )
             out[rows] = scores.cpu().numpy()
     return out
+
+
+def _shared_length(model, prompt_ids: list[list[int]]) -> int:
+    """How many leading tokens all prompts share, worth running once (0: not worth it).
+
+    Every prompt keeps at least its last token to itself (its logits score the labels).
+    Peft prompt-learning models bring their own cache and are never shared this way.
+    """
+    config = getattr(model, "active_peft_config", None)
+    if len(prompt_ids) < 2 or (config is not None and config.is_prompt_learning):
+        return 0
+    first, shortest = prompt_ids[0], min(map(len, prompt_ids))
+    n = 0
+    while n < shortest - 1 and all(p[n] == first[n] for p in prompt_ids):
+        n += 1
+    return n if n >= MIN_SHARED_TOKENS else 0
+
+
+def _broadcast_cache(cache, rows: int):
+    """The one-row ``cache`` seen as ``rows`` rows (no copy until the batch appends to it)."""
+    return type(cache)(
+        ddp_cache_data=[
+            (layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+            for layer in cache.layers
+        ]
+    )
 
 
 def _continue(model, cache, cache_key, mask, tails, max_rows, drop: int = 0) -> torch.Tensor:
