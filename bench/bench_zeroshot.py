@@ -7,7 +7,11 @@ Needs the bench extra (``pip install -e .[bench]``: lm_eval 0.4.13, setfit).
 
 For SST-2 (test = GLUE dev, 872 rows) and AG News (first 1,000 test rows) with the packaged
 SmolLM2-135M, the same template and label words on both sides (lm-eval's choices get its
-``target_delimiter`` " ", ours carry the space):
+``target_delimiter`` " ", ours carry the space). ``sst2_icl`` is SST-2 again with 2
+in-context demonstrations per class (seed 0, from train) before every query: lm-eval gets
+them written into its ``doc_to_text``, peftkit gets ``demonstrations=2`` (the same 4 in the
+same order, so the same prompt strings: the predictions must all agree), and runs their
+tokens once, not once per query.
 
 - lm-eval: ``simple_evaluate`` on an ``HFLM`` wrapping the very model object we score with,
   a task YAML over the same jsonl file (``output_type: multiple_choice``, metric ``acc`` =
@@ -57,7 +61,29 @@ TASKS = {
         "template": "topic-question",
         "rows": 1000,
     },
+    # in-context: 2 demonstrations per class (seed 0, from train) before every query, the
+    # same 4 on both sides; peftkit runs their tokens once (shared by every prompt)
+    "sst2_icl": {
+        "folder": "sst2",
+        "prompts": "sentiment",
+        "template": "lm-eval-sst2",
+        "rows": None,
+        "demos": 2,
+    },
 }
+
+
+def demo_block(spec: dict, data, prompt) -> str:
+    """The task's in-context demonstrations as peftkit writes them before each query."""
+    from peftkit.demos import sample_demos
+
+    if not spec.get("demos"):
+        return ""
+    train = data.split("train")
+    demos = sample_demos(train.texts, train.labels, spec["demos"], seed=0, label_names=data.labels)
+    return "".join(
+        prompt.template.render(d.row()) + prompt.verbalizer.answer(d.label) + "\n\n" for d in demos
+    )
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -73,13 +99,16 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def task_yaml(name: str, path: Path, prompt, labels: tuple[str, ...]) -> str:
-    """An lm-eval task over ``path`` with our template; choices without their leading space."""
+def task_yaml(name: str, path: Path, prompt, labels: tuple[str, ...], prefix: str = "") -> str:
+    """An lm-eval task over ``path`` with our template (after ``prefix``: demonstrations);
+    choices without their leading space."""
+    if "{{" in prefix or "{%" in prefix:
+        raise SystemExit(f"{name}: the demonstrations hold Jinja markup lm-eval would expand")
     phrases = [prompt.verbalizer.phrases(lab) for lab in labels]
     if any(len(p) != 1 or not p[0].startswith(" ") for p in phrases):
         raise SystemExit(f"{prompt.name}: lm-eval needs one space-led phrase per label")
     choices = [p[0][1:] for p in phrases]
-    text = prompt.template.text.replace("{text}", "{{text}}")
+    text = prefix + prompt.template.text.replace("{text}", "{{text}}")
     return (
         f"task: {name}\n"
         "dataset_path: json\n"
@@ -139,12 +168,13 @@ class LmEval:
         }
 
 
-def ours(base, data, prompts, template, rows: int, batch: int) -> dict:
+def ours(base, data, prompts, template, rows: int, batch: int, demos: int = 0) -> dict:
     from peftkit.prompt_eval import evaluate_prompts
 
     run = evaluate_prompts(
-        base, data, prompts, templates=[template], max_rows=rows, batch_size=batch
-    )
+        base, data, prompts, templates=[template], max_rows=rows, batch_size=batch,
+        demonstrations=demos, demo_pool=data.split("train") if demos else None,
+    )  # fmt: skip
     r = run.results[0]
     return {
         "probs": r.probs,
@@ -172,11 +202,12 @@ def chunks(n: int, k: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
-def prompt_text(spec: dict) -> str:
-    """The template's own words (the prompt with an empty input)."""
+def prompt_text(spec: dict, data) -> str:
+    """The template's own words and the demonstrations (the prompt with an empty input)."""
     from peftkit.prompts import load_prompt_set
 
-    return load_prompt_set(spec["prompts"]).get(spec["template"]).template.render({"text": ""})
+    prompt = load_prompt_set(spec["prompts"]).get(spec["template"])
+    return demo_block(spec, data, prompt) + prompt.template.render({"text": ""})
 
 
 def flops_per_example(fn, rows: int) -> float:
@@ -192,6 +223,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--out", default="bench_zeroshot", help="results file name")
     parser.add_argument("--sweep-rows", type=int, default=96)
     parser.add_argument("--lm-eval-batches", default="4,8,16,32")
     parser.add_argument("--peftkit-batches", default="4,8,16,32,64")
@@ -221,13 +253,16 @@ def main() -> None:
         prompts = load_prompt_set(spec["prompts"])
         prompt = prompts.get(spec["template"])
         source = DATA / spec["folder"] / "test.jsonl"
-        (tmp / f"{key}.yaml").write_text(task_yaml(f"peftkit_{key}", source, prompt, data.labels))
+        prefix = demo_block(spec, data, prompt)
+        (tmp / f"{key}.yaml").write_text(
+            task_yaml(f"peftkit_{key}", source, prompt, data.labels, prefix)
+        )
         lines = source.read_text().splitlines()
         for c, (a, b) in enumerate(chunks(n_rows(spec, data, ns.quick), ns.chunks)):
             part = tmp / f"{key}-{c}.jsonl"  # chunk c of the timed rows, for lm-eval
             part.write_text("\n".join(lines[a:b]) + "\n")
             (tmp / f"{key}-{c}.yaml").write_text(
-                task_yaml(f"peftkit_{key}_{c}", part, prompt, data.labels)
+                task_yaml(f"peftkit_{key}_{c}", part, prompt, data.labels, prefix)
             )
     harness = LmEval(base, tmp)
     for key, spec in specs.items():
@@ -240,7 +275,9 @@ def main() -> None:
             return harness.run(task, rows, b)
 
         def our_run(rows, b, data=data, spec=spec):
-            return ours(base, data, spec["prompts"], spec["template"], rows, b)
+            return ours(
+                base, data, spec["prompts"], spec["template"], rows, b, spec.get("demos", 0)
+            )
 
         sweep = {"lm_eval": {}, "peftkit": {}}
         for b in lm_b:
@@ -256,13 +293,19 @@ def main() -> None:
         test = data.split("test")
         timed: dict[str, list[dict]] = {"lm_eval": [], "peftkit": []}
         for c, (a, b) in enumerate(chunks(n, ns.chunks)):
-            part = TextDataset(data.name, data.labels, {"test": test.subset(range(a, b))})
+            splits = {"test": test.subset(range(a, b))}
+            if spec.get("demos"):  # the demonstrations' pool
+                splits["train"] = data.split("train")
+            part = TextDataset(data.name, data.labels, splits)
             sides = [("lm_eval", best_lm), ("peftkit", best_our)]
             for side, bs in sides if c % 2 == 0 else sides[::-1]:
                 if side == "lm_eval":
                     res = harness.run(f"{task}_{c}", b - a, bs)
                 else:
-                    res = ours(base, part, spec["prompts"], spec["template"], b - a, bs)
+                    res = ours(
+                        base, part, spec["prompts"], spec["template"], b - a, bs,
+                        spec.get("demos", 0),
+                    )  # fmt: skip
                 timed[side].append(res)
             ratio = timed["peftkit"][-1]["examples_per_s"] / timed["lm_eval"][-1]["examples_per_s"]
             print(f"[{key}] chunk {c + 1}/{ns.chunks} rows {a}-{b}: speedup {ratio:.2f}x",
@@ -288,7 +331,7 @@ def main() -> None:
         flop_rows = min(32, n)
         # FLOPs grow with prompt length: the first rows' count is scaled to the mean length
         lengths = [len(base.tokenizer(t)["input_ids"]) for t in data.split("test").texts[:n]]
-        extra = len(base.tokenizer(prompt_text(spec))["input_ids"])
+        extra = len(base.tokenizer(prompt_text(spec, data))["input_ids"])
         scale = (statistics.fmean(lengths) + extra) / (
             statistics.fmean(lengths[:flop_rows]) + extra
         )
@@ -356,7 +399,7 @@ def main() -> None:
         "rows": results,
         "goals": goals,
     }
-    out = write_results("bench_zeroshot", payload, quick=ns.quick)
+    out = write_results(ns.out, payload, quick=ns.quick)
     print(
         table(
             [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,7 +55,8 @@ def score_causal(
     (log P(words | prompt) - log P(words | template.domain_prompt())). A label with several
     phrases combines them by ``aggregate`` (``logsumexp`` = P of any of them). ``labels``
     (the dataset's label names) fixes the columns; the verbalizer must cover them.
-    Prompts longer than the context lose input text (counted in ``truncated``).
+    Prompts longer than the context lose input text (counted in ``truncated``). Tokens that
+    every prompt starts with (``demos`` shared by all texts) run once, not once per text.
     ``model`` may be a peft model: LoRA-style adapters and prefix tuning share the prompt's
     forward like the plain model; prompt tuning is scored one forward per (prompt, label).
     """
@@ -245,10 +247,7 @@ def _shared_length(model, prompt_ids: list[list[int]]) -> int:
     config = getattr(model, "active_peft_config", None)
     if len(prompt_ids) < 2 or (config is not None and config.is_prompt_learning):
         return 0
-    first, shortest = prompt_ids[0], min(map(len, prompt_ids))
-    n = 0
-    while n < shortest - 1 and all(p[n] == first[n] for p in prompt_ids):
-        n += 1
+    n = min(len(os.path.commonprefix(prompt_ids)), min(map(len, prompt_ids)) - 1)
     return n if n >= MIN_SHARED_TOKENS else 0
 
 
