@@ -226,7 +226,9 @@ class TrainLoop:
             logits = model(
                 tensors["input_ids"].to(acc.device), tensors["attention_mask"].to(acc.device)
             )
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+            loss = torch.nn.functional.cross_entropy(
+                logits.float(), labels, label_smoothing=self.config.label_smoothing
+            )
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss.item()} at step {self.state['step'] + 1} "

@@ -65,6 +65,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     log_every: int = 10
     max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0  # cross-entropy target: 1 - x on the gold label
     progress: bool | None = None  # None: a bar only on a terminal
 
     def __post_init__(self) -> None:
@@ -84,6 +85,10 @@ class TrainConfig:
             raise ConfigError(f"training.max_steps must be >= 0, got {self.max_steps}")
         if self.epochs <= 0 and not self.max_steps:
             raise ConfigError("training.epochs must be > 0 (or set training.max_steps)")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(
+                f"training.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"training.max_minutes must be > 0, got {self.max_minutes}")
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio >= 1:

@@ -126,6 +126,7 @@ def test_overrides_parse_yaml_scalars_and_shorthands(tmp_path):
             "training.max_steps=2",
             "training.max_minutes=30",
             "training.loraplus_lr_ratio=16",
+            "training.label_smoothing=0.1",
             "registry.tags=[a, b]",
             "adapter.peft.r=16",
             "base=/some/folder",
@@ -135,6 +136,7 @@ def test_overrides_parse_yaml_scalars_and_shorthands(tmp_path):
     assert recipe.training.learning_rate == 1e-3 and recipe.training.max_steps == 2
     assert recipe.training.max_minutes == 30
     assert recipe.training.loraplus_lr_ratio == 16
+    assert recipe.training.label_smoothing == 0.1
     assert recipe.registry.tags == ("a", "b")
     assert recipe.adapter.peft == {"r": 16}
     assert recipe.base.source == "/some/folder"

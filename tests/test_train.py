@@ -252,6 +252,25 @@ def test_loraplus_gives_lora_b_a_larger_learning_rate(tiny_models, tmp_path):
     release(result.model)
 
 
+def test_label_smoothing_reaches_the_loss(tiny_models, tmp_path, monkeypatch):
+    base, spec = _base(tiny_models, "bert")
+    seen = []
+    real = torch.nn.functional.cross_entropy
+
+    def spy(logits, labels, **kwargs):
+        seen.append(kwargs.get("label_smoothing", 0.0))
+        return real(logits, labels, **kwargs)
+
+    monkeypatch.setattr(loop_module.torch.nn.functional, "cross_entropy", spy)
+    config = TrainConfig(max_steps=2, label_smoothing=0.2, **QUICK)
+    result = train(base, spec, synthetic("sentiment", n=32), config, tmp_path / "run")
+    assert seen == [0.2, 0.2]
+    release(result.model)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="label_smoothing must be in"):
+            TrainConfig(label_smoothing=bad)
+
+
 def test_loraplus_without_lora_is_refused(tiny_models, tmp_path):
     base, spec = _base(tiny_models, "bert", "ia3")
     config = TrainConfig(max_steps=1, loraplus_lr_ratio=16, **QUICK)
