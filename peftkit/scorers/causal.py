@@ -203,7 +203,10 @@ def _shared_prefix_logprobs(
             first_ids = torch.tensor([prompt_ids[0][:shared]], device=device)
             head = model(input_ids=first_ids, use_cache=True)
             head_cache = getattr(head, "cache", None) or head.past_key_values
-            prompt_ids = [p[shared:] for p in prompt_ids]
+            if hasattr(head_cache, "layers"):
+                prompt_ids = [p[shared:] for p in prompt_ids]
+            else:  # a model without a transformers Cache: every prompt runs whole
+                shared = 0
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             ids, mask = pad_rows([prompt_ids[i] + extra for i in rows], device, left=True)
