@@ -201,9 +201,9 @@ def _shared_prefix_logprobs(
         shared = _shared_length(model, prompt_ids)
         if shared:
             first_ids = torch.tensor([prompt_ids[0][:shared]], device=device)
-            head = model(input_ids=first_ids, use_cache=True)
-            head_cache = getattr(head, "cache", None) or head.past_key_values
-            if hasattr(head_cache, "layers"):
+            lead = model(input_ids=first_ids, use_cache=True, logits_to_keep=1)
+            lead_cache = getattr(lead, "cache", None) or lead.past_key_values
+            if hasattr(lead_cache, "layers"):
                 prompt_ids = [p[shared:] for p in prompt_ids]
             else:  # a model without a transformers Cache: every prompt runs whole
                 shared = 0
@@ -215,7 +215,7 @@ def _shared_prefix_logprobs(
             if shared:  # the shared tokens come first, then each prompt's padding and rest
                 pos = pos + shared
                 mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=-1)
-                prefix[cache_key] = _broadcast_cache(head_cache, len(rows))
+                prefix[cache_key] = _broadcast_cache(lead_cache, len(rows))
             res = model(
                 input_ids=ids,
                 attention_mask=mask,
