@@ -127,7 +127,12 @@ def test_an_embedding_run_scores_the_sets_descriptions_first(llama, tiny_models,
     assert [r.template for r in causal.results] == ["plain", "question"]
 
 
-def test_templates_max_rows_and_demonstrations(llama, prompt_file):
+def test_templates_max_rows_and_demonstrations(llama, prompt_file, monkeypatch):
+    from peftkit.scorers import causal
+
+    shared: list[int] = []  # the demonstrations every query shares run once
+    real = causal._shared_length
+    monkeypatch.setattr(causal, "_shared_length", lambda *a: shared.append(real(*a)) or shared[-1])
     data = synthetic("sentiment", n=60)
     run = evaluate_prompts(
         llama, data, prompt_file, templates=["question"], max_rows=7, demonstrations=1, seed=3
@@ -135,6 +140,7 @@ def test_templates_max_rows_and_demonstrations(llama, prompt_file):
     assert [r.template for r in run.results] == ["question"] and len(run.gold) == 7
     assert run.config["method"] == "few-shot-1" and run.config["demo_selection"] == "random"
     assert "mean ± std" not in run.table()  # one template: no spread to show
+    assert shared and shared[0] >= causal.MIN_SHARED_TOKENS
 
 
 def test_bad_arguments_are_named(llama, prompt_file):
@@ -157,7 +163,8 @@ import json, sys
 sys.path.insert(0, {tests!r})
 from helpers import synthetic
 from peftkit.prompt_eval import evaluate_prompts
-run = evaluate_prompts({model!r}, synthetic("sentiment", n=60), {prompts!r}, batch_size=4)
+run = evaluate_prompts({model!r}, synthetic("sentiment", n=60), {prompts!r}, batch_size=4,
+                       demonstrations={demos})
 from accelerate import PartialState
 if PartialState().is_main_process:
     json.dump({{"probs": [r.probs.tolist() for r in run.results],
@@ -166,13 +173,16 @@ if PartialState().is_main_process:
 
 
 @pytest.mark.slow
-def test_two_processes_shard_and_gather_the_same_result(llama, tiny_models, prompt_file, tmp_path):
+@pytest.mark.parametrize("demos", [0, 1])  # 1: demonstrations every prompt shares
+def test_two_processes_shard_and_gather_the_same_result(
+    llama, tiny_models, prompt_file, tmp_path, demos
+):
     out = tmp_path / "out.json"
     script = tmp_path / "worker.py"
     tests = str(Path(__file__).resolve().parent)
     model = str(tiny_models["llama"])
     script.write_text(
-        WORKER.format(tests=tests, model=model, prompts=str(prompt_file), out=str(out))
+        WORKER.format(tests=tests, model=model, prompts=str(prompt_file), out=str(out), demos=demos)
     )
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
@@ -184,6 +194,8 @@ def test_two_processes_shard_and_gather_the_same_result(llama, tiny_models, prom
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["processes"] == 2
-    alone = evaluate_prompts(llama, synthetic("sentiment", n=60), prompt_file, batch_size=4)
+    alone = evaluate_prompts(
+        llama, synthetic("sentiment", n=60), prompt_file, batch_size=4, demonstrations=demos
+    )
     for probs, r in zip(got["probs"], alone.results, strict=True):
         np.testing.assert_allclose(np.array(probs), r.probs, atol=1e-5)
