@@ -164,12 +164,14 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FittedPrompts:
-    """Prompts that fit the budget, their token ids, and how many had text cut."""
+    """Prompts that fit the budget, their token ids, and how many had text cut (which:
+    ``cut_rows``)."""
 
     prompts: tuple[str, ...]
     ids: tuple[list[int], ...]
     truncated: int
     budget: int
+    cut_rows: tuple[int, ...] = ()
 
 
 def render(
@@ -233,14 +235,14 @@ def fit_prompts(
         strings.append(render(prompt, rows, answers, separator, mask))
     ids = list(encode(strings))
     pieces: dict[str, list[int]] = {}  # token cache for the cutting path
-    cut = 0
+    cut = []
     for i, (rows, answers) in enumerate(all_rows):
         if len(ids[i]) > budget:
             strings[i], ids[i] = _fit_one(
                 tokenizer, prompt, rows, answers, budget, encode, separator, mask, pieces
             )
-            cut += 1
-    return FittedPrompts(tuple(strings), tuple(ids), cut, budget)
+            cut.append(i)
+    return FittedPrompts(tuple(strings), tuple(ids), len(cut), budget, tuple(cut))
 
 
 def _per_query(demos, n: int) -> list[tuple[Demo, ...]]:

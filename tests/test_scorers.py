@@ -508,6 +508,39 @@ def test_few_shot_demos_go_before_the_query(causal):
     np.testing.assert_allclose(got.logprobs[0, 1], ref[0, 2], atol=1e-4)
 
 
+def test_a_cut_prompt_does_not_stop_the_others_sharing_their_demos(causal, monkeypatch):
+    """One query too long for the context cuts its copy of a demonstration: the other
+    prompts still run their whole common start once, and every score is still exact."""
+    from peftkit.demos import Demo, fit_prompts
+    from peftkit.scorers import causal as module
+
+    model, tok = causal
+    lengths: list[int] = []
+    real = module._shared_length
+    monkeypatch.setattr(
+        module, "_shared_length", lambda *a: lengths.append(real(*a)) or lengths[-1]
+    )
+    long_demo = "the movie was really good and the plot was fun and the actors and music was great"
+    demos = (Demo(long_demo, "positive"), Demo("boring", "negative"))
+    long_query = (
+        "a long story of actors and music but the film is very long and boring so it was bad"
+    )
+    texts = ["the plot", long_query, "it was fun", "not good at all"]
+    got = score_causal(model, tok, PROMPT, texts, demos=demos, batch_size=2)
+    assert got.truncated == 1
+    budget = CONTEXT - 4  # the longest label, " not good at all", is 4 tokens
+    fitted = fit_prompts(tok, PROMPT, texts, budget=budget, demos=demos,
+                         encode=module._causal_encoder(tok))  # fmt: skip
+    assert fitted.cut_rows == (1,) and long_demo not in fitted.prompts[1]  # the demo was cut
+    # the three uncut prompts shared both demonstrations (not only what the cut one kept)
+    demo_tokens = len(module._causal_encoder(tok)([fitted.prompts[0].rsplit("review", 1)[0]])[0])
+    assert lengths[0] >= demo_tokens - 1
+    ref = naive_continuation_logprobs(
+        model, tok, list(fitted.prompts), [" bad", " not good at all", " very good"]
+    )
+    np.testing.assert_allclose(got.logprobs[:, 1], ref[:, 2], atol=1e-4)
+
+
 def test_pmi_with_an_empty_domain_prompt_uses_bos(causal):
     model, tok = causal
     bare = Prompt(Template("{text}", name="bare"), VERB)

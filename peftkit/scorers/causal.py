@@ -77,7 +77,14 @@ def score_causal(
         tokenizer, prompt, texts, text_pairs, budget=budget, demos=demos, encode=encode
     )
     warn_cut(fitted.truncated, len(texts), budget)
-    sums = _shared_prefix_logprobs(model, list(fitted.ids), cont_ids, batch_size, max_rows)
+    # Prompts cut to fit may have lost demonstration text the others share: two calls, so
+    # the uncut ones still run their common start once.
+    sums = np.zeros((len(texts), len(cont_ids)))
+    cut = set(fitted.cut_rows)
+    for rows in ([i for i in range(len(texts)) if i not in cut], sorted(cut)):
+        if rows:
+            ids = [fitted.ids[i] for i in rows]
+            sums[rows] = _shared_prefix_logprobs(model, ids, cont_ids, batch_size, max_rows)
     per_phrase = sums / np.array([len(c) for c in cont_ids]) if normalize == "mean" else sums
     scores = aggregate_phrases(per_phrase, owner, len(verbalizer.labels), aggregate)
     if normalize == "pmi":
