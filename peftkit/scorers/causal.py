@@ -204,7 +204,7 @@ def _shared_prefix_logprobs(
     cache_key = _cache_kwarg(model)
     with eval_mode(model), torch.inference_mode():
         # Tokens every prompt starts with (shared demonstrations, an instruction) run once;
-        # each batch then runs only its own tokens on a copy of that cache.
+        # each batch then runs only its own tokens on that cache, broadcast to its rows.
         shared = _shared_length(model, prompt_ids)
         if shared:
             first_ids = torch.tensor([prompt_ids[0][:shared]], device=device)
