@@ -28,6 +28,10 @@ sides get exactly those rows.
   (lr 3e-5) 81.5 ± 1.7.
 - ``peftkit-prototypes-full``: the same with the ``full`` preset (lr 3e-5); not run by
   default.
+- ``setfit-body+prototypes`` (not run by default; needs ``setfit`` before it): SetFit's
+  own run of that seed, its logistic-regression head replaced by ``prototype_head`` (the
+  label-description prior, ``--prior``) on its contrastively fine-tuned body. A hybrid:
+  the fine-tuning is SetFit's, the head peftkit's; timed as SetFit's fit plus the head.
 - ``...-lora+protos`` (``...-full+protos``): the same fine-tuning, predicting with the mean
   of its probabilities and the prototype head's (a training-free member that keeps the
   label descriptions' prior); timed as the fine-tuning plus the head's pass over the test
@@ -60,7 +64,9 @@ ANCHORS = {  # SetFit 1.2 + MiniLM, default settings, as measured once by the is
 }
 
 
-def run_setfit(model_dir: str, support, test, seed: int) -> tuple[np.ndarray, float, float]:
+def run_setfit(model_dir: str, support, test, seed: int, keep: dict | None = None):
+    """SetFit's predictions, fit and total seconds; ``keep`` gets the trained model and its
+    fit seconds (for ``setfit-body+prototypes``)."""
     from datasets import Dataset
     from setfit import SetFitModel, Trainer, TrainingArguments
 
@@ -70,8 +76,31 @@ def run_setfit(model_dir: str, support, test, seed: int) -> tuple[np.ndarray, fl
     train_ds = Dataset.from_dict({"text": list(support.texts), "label": list(support.labels)})
     Trainer(model=model, args=args, train_dataset=train_ds).train()
     fit = time.perf_counter() - t0
+    if keep is not None:
+        keep.update(model=model, fit=fit)
     preds = np.asarray(model.predict(list(test.texts), show_progress_bar=False))
     return preds, fit, time.perf_counter() - t0
+
+
+def run_setfit_body_prototypes(setfit_run: dict, support, test, labels, describe, prior):
+    """``fewshot.prototype_head`` (the label-description prior) on SetFit's contrastively
+    fine-tuned body, in place of SetFit's logistic-regression head: same fit, other head."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from peftkit.fewshot import prototype_head
+    from peftkit.scorers import embed_texts
+
+    t0 = time.perf_counter()
+    st = setfit_run["model"].model_body[0]  # sentence-transformers' Transformer module
+    body = SimpleNamespace(model=st.auto_model.eval(), tokenizer=st.tokenizer)
+    head = prototype_head(body, support, labels, describe, prior=prior)
+    x = torch.as_tensor(embed_texts(body.model, body.tokenizer, list(test.texts), batch_size=64))
+    with torch.no_grad():
+        preds = head(x).argmax(-1).numpy()
+    extra = time.perf_counter() - t0
+    return preds, setfit_run["fit"] + extra, setfit_run["fit"] + extra
 
 
 def run_prototypes(
@@ -219,7 +248,14 @@ def main() -> None:
             support = few_shot(data.split("train"), k, seed=seed, label_names=data.labels)
             for m in methods:
                 if m == "setfit":
-                    preds, fit, total = run_setfit(model_dir, support, test, seed)
+                    setfit_run: dict = {}
+                    preds, fit, total = run_setfit(model_dir, support, test, seed, setfit_run)
+                elif m == "setfit-body+prototypes":
+                    if not setfit_run:
+                        raise SystemExit(f"{m} needs setfit before it in --methods")
+                    preds, fit, total = run_setfit_body_prototypes(
+                        setfit_run, support, test, data.labels, describe, ns.prior
+                    )
                 elif m in FINETUNE or m.removesuffix("+protos") in FINETUNE:
                     key_ = m.removesuffix("+protos")
                     if (seed, key_) not in tuned:
