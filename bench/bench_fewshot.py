@@ -57,6 +57,18 @@ TASKS = {  # key -> (folder, test rows, prompt set, template whose words describ
     "sst2": ("sst2", None, "sentiment", "it-was"),
     "ag_news": ("ag_news", 1000, "news_ag", "article-topic"),
 }
+
+
+def scored_rows(key: str, split: str = "test"):
+    """A task's dataset and the rows of ``split`` it is scored on (its row limit applied)."""
+    from peftkit.data import load_data
+
+    folder, limit = TASKS[key][:2]
+    data = load_data(DATA / folder)
+    rows = data.split(split)
+    return data, rows.subset(range(len(rows) if limit is None else min(limit, len(rows))))
+
+
 ANCHORS = {  # SetFit 1.2 + MiniLM, default settings, as measured once by the issue's author
     ("sst2", 8): (64.7, 4.4),
     ("sst2", 16): (70.4, 2.5),
@@ -217,7 +229,7 @@ def main() -> None:
 
     from peftkit.assets import resolve_packaged
     from peftkit.base import load_base
-    from peftkit.data import few_shot, load_data
+    from peftkit.data import few_shot
     from peftkit.prompts import load_prompt, load_prompt_set
 
     env = environment()
@@ -230,11 +242,10 @@ def main() -> None:
     if ns.quick:
         settings = settings[:1]
     for key, k in settings:
-        folder, limit, family, template = TASKS[key]
-        data = load_data(DATA / folder)
-        test = data.split(ns.split)
-        n = 100 if ns.quick else min(len(test), len(test) if limit is None else limit)
-        test = test.subset(range(n))
+        family, template = TASKS[key][2:]
+        data, test = scored_rows(key, ns.split)
+        if ns.quick:
+            test = test.subset(range(min(100, len(test))))
         gold = np.asarray(test.labels)
         describe = (
             load_prompt_set(family)
@@ -246,9 +257,9 @@ def main() -> None:
         tuned: dict = {}  # (seed, method) -> one fine-tuning's (alone, +protos) results
         for seed in seeds:
             support = few_shot(data.split("train"), k, seed=seed, label_names=data.labels)
+            setfit_run: dict = {}  # this seed's SetFit model, for setfit-body+prototypes
             for m in methods:
                 if m == "setfit":
-                    setfit_run: dict = {}
                     preds, fit, total = run_setfit(model_dir, support, test, seed, setfit_run)
                 elif m == "setfit-body+prototypes":
                     if not setfit_run:

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import DATA, RESULTS  # noqa: E402
-from bench_fewshot import TASKS  # noqa: E402
+from _util import RESULTS  # noqa: E402
+from bench_fewshot import TASKS, scored_rows  # noqa: E402
 
 from peftkit.base import load_base
-from peftkit.data import few_shot, load_data
+from peftkit.data import few_shot
 from peftkit.fewshot import label_embeddings, prototype_head
 from peftkit.prompts import load_prompt
 from peftkit.scorers import embed_texts
@@ -32,11 +32,8 @@ from peftkit.scorers import embed_texts
 base = load_base("minilm")
 out = {}
 for key in ("sst2", "ag_news"):
-    folder, limit, family, template = TASKS[key]
-    data = load_data(DATA / folder)
-    val = data.split("validation")
-    n = len(val) if limit is None else min(limit, len(val))
-    val = val.subset(range(n))
+    family, template = TASKS[key][2:]
+    data, val = scored_rows(key, "validation")
     gold = np.asarray(val.labels)
     verb = load_prompt(family, template).verbalizer
     le = label_embeddings(base, data.labels, verb)  # the label prior, the same for every seed

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import DATA, RESULTS  # noqa: E402
-from bench_fewshot import FINETUNE, TASKS  # noqa: E402
+from _util import RESULTS  # noqa: E402
+from bench_fewshot import FINETUNE, TASKS, scored_rows  # noqa: E402
 
 from peftkit.adapters import TaskModel, body_of, load_preset
 from peftkit.artifacts import release
 from peftkit.base import load_base
 from peftkit.batching import collate, encode, pad_id
-from peftkit.data import TextDataset, few_shot, load_data
+from peftkit.data import TextDataset, few_shot
 from peftkit.fewshot import prototype_head
 from peftkit.prompts import load_prompt
 from peftkit.scorers import embed_texts
@@ -83,10 +83,8 @@ def main() -> None:
     out: dict = {"settings": ns.settings, "ft_epochs": ns.ft_epochs, "members": MEMBERS}
     for item in ns.settings.split(","):
         key, k = item.split(":")[0], int(item.split(":")[1])
-        folder, limit, family, template = TASKS[key]
-        data = load_data(DATA / folder)
-        val = data.split("validation")
-        val = val.subset(range(len(val) if limit is None else min(limit, len(val))))
+        family, template = TASKS[key][2:]
+        data, val = scored_rows(key, "validation")
         gold = np.asarray(val.labels)
         verb = load_prompt(family, template).verbalizer
         xv = torch.as_tensor(

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import DATA, RESULTS  # noqa: E402
-from bench_fewshot import TASKS  # noqa: E402
+from _util import RESULTS  # noqa: E402
+from bench_fewshot import TASKS, scored_rows  # noqa: E402
 
 from peftkit.adapters import load_preset
 from peftkit.artifacts import release
 from peftkit.base import load_base
-from peftkit.data import TextDataset, few_shot, load_data
+from peftkit.data import TextDataset, few_shot
 from peftkit.fewshot import prototype_head
 from peftkit.prompts import load_prompt_set
 from peftkit.scorers import embed_texts
@@ -69,10 +69,8 @@ def probs_of(model, texts):
 for setting in ns.settings.split(","):
     key, k = setting.split(":")
     k = int(k)
-    folder, limit, family, _ = TASKS[key]
-    data = load_data(DATA / folder)
-    val = data.split("validation")
-    val = val.subset(range(len(val) if limit is None else min(limit, len(val))))
+    family = TASKS[key][2]
+    data, val = scored_rows(key, "validation")
     gold = np.asarray(val.labels)
     texts = list(val.texts)
     prompts = load_prompt_set(family)

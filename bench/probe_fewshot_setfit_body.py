@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import DATA, RESULTS  # noqa: E402
-from bench_fewshot import TASKS  # noqa: E402
+from _util import RESULTS  # noqa: E402
+from bench_fewshot import TASKS, scored_rows  # noqa: E402
 
 from peftkit.assets import resolve_packaged
-from peftkit.data import few_shot, load_data
+from peftkit.data import few_shot
 from peftkit.prompts import load_prompt_set
 
 
@@ -38,10 +38,8 @@ def main() -> None:
 
     key, k = sys.argv[1], int(sys.argv[2])
     model_dir = str(resolve_packaged("minilm"))
-    folder, limit, family, _ = TASKS[key]
-    data = load_data(DATA / folder)
-    val = data.split("validation")
-    val = val.subset(range(len(val) if limit is None else min(limit, len(val))))
+    family = TASKS[key][2]
+    data, val = scored_rows(key, "validation")
     gold = np.asarray(val.labels)
     desc = load_prompt_set(family).describe()
     res: dict[str, list[float]] = {}

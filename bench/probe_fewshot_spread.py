@@ -30,14 +30,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import DATA, RESULTS  # noqa: E402
-from bench_fewshot import TASKS  # noqa: E402
+from _util import RESULTS  # noqa: E402
+from bench_fewshot import TASKS, scored_rows  # noqa: E402
 from probe_fewshot_ensemble import probs_of  # noqa: E402
 
 from peftkit.adapters import load_preset
 from peftkit.artifacts import release
 from peftkit.base import load_base
-from peftkit.data import Split, TextDataset, few_shot, load_data
+from peftkit.data import Split, TextDataset, few_shot
 from peftkit.fewshot import prototype_head
 from peftkit.prompts import load_prompt_set
 from peftkit.scorers import embed_texts
@@ -70,10 +70,8 @@ def main() -> None:
 
     for setting in ns.settings.split(","):
         key, k = setting.split(":")[0], int(setting.split(":")[1])
-        folder, limit, family, _ = TASKS[key]
-        data = load_data(DATA / folder)
-        val = data.split("validation")
-        val = val.subset(range(len(val) if limit is None else min(limit, len(val))))
+        family = TASKS[key][2]
+        data, val = scored_rows(key, "validation")
         gold, texts = np.asarray(val.labels), list(val.texts)
         prompts = load_prompt_set(family)
         described = prompts.describe()

@@ -209,7 +209,7 @@ def _shared_prefix_logprobs(
         if shared:
             first_ids = torch.tensor([prompt_ids[0][:shared]], device=device)
             lead = model(input_ids=first_ids, use_cache=True, logits_to_keep=1)
-            lead_cache = getattr(lead, "cache", None) or lead.past_key_values
+            lead_cache = _cache_of(lead)
             if hasattr(lead_cache, "layers"):
                 prompt_ids = [p[shared:] for p in prompt_ids]
             else:  # a model without a transformers Cache: every prompt runs whole
@@ -238,7 +238,7 @@ def _shared_prefix_logprobs(
                     logp[:, 1:].gather(-1, words.expand(len(rows), -1)[..., None]).sum((1, 2))
                 )
             if rest:
-                cache = getattr(res, "cache", None) or res.past_key_values
+                cache = _cache_of(res)
                 prompt_mask = mask[:, : mask.shape[1] - len(extra)]
                 tails = [cont_ids[j] for j in rest]
                 scores[:, rest] += _continue(
@@ -254,8 +254,7 @@ def _shared_length(model, prompt_ids: list[list[int]]) -> int:
     Every prompt keeps at least its last token to itself (its logits score the labels).
     Peft prompt-learning models bring their own cache and are never shared this way.
     """
-    config = getattr(model, "active_peft_config", None)
-    if len(prompt_ids) < 2 or (config is not None and config.is_prompt_learning):
+    if len(prompt_ids) < 2 or _prompt_learning(model) is not None:
         return 0
     n = min(len(os.path.commonprefix(prompt_ids)), min(map(len, prompt_ids)) - 1)
     return n if n >= MIN_SHARED_TOKENS else 0
@@ -357,10 +356,22 @@ def _check_fits(model, tokenizer, ids, cont_ids) -> None:
         )
 
 
+def _prompt_learning(model):
+    """The active peft config of a prompt-learning model (prefix / prompt tuning), else None."""
+    config = getattr(model, "active_peft_config", None)
+    return config if config is not None and config.is_prompt_learning else None
+
+
+def _cache_of(output):
+    """The cache a forward returned (transformers 5.x names it ``cache``, earlier
+    ``past_key_values``)."""
+    return getattr(output, "cache", None) or output.past_key_values
+
+
 def _prepends_virtual_tokens(model) -> bool:
     """True for a peft prompt-learning model that is not prefix tuning (prompt/p-tuning)."""
-    config = getattr(model, "active_peft_config", None)
-    if config is None or not config.is_prompt_learning:
+    config = _prompt_learning(model)
+    if config is None:
         return False
     cached = (PeftType.PREFIX_TUNING, getattr(PeftType, "CARTRIDGE", PeftType.PREFIX_TUNING))
     return config.peft_type not in cached
