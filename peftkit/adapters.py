@@ -281,9 +281,15 @@ class TaskModel(nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return pool(hidden, attention_mask, self.pooling)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        pooled = self.features(input_ids, attention_mask)
-        return self.head(pooled.to(self.head.linear.weight.dtype))
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooled: bool = False
+    ) -> torch.Tensor:
+        """Logits; with ``pooled=True`` the pooled features instead (through ``forward``, so
+        a distributed wrapper sees the call: contrastive training)."""
+        features = self.features(input_ids, attention_mask)
+        if pooled:
+            return features
+        return self.head(features.to(self.head.linear.weight.dtype))
 
 
 def hidden_size(config: Any) -> int:

@@ -27,6 +27,8 @@ body (LoRA, full, ...) from it, through the same few-shot sampler.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -39,7 +41,7 @@ from peftkit.prompts import PromptSet, Verbalizer
 
 Descriptions = PromptSet | Verbalizer | Mapping[str, str | Sequence[str]] | None
 
-__all__ = ["label_embeddings", "prototype_head", "prototype_probe"]
+__all__ = ["Prototypes", "label_embeddings", "prototype_head", "prototype_probe"]
 
 
 def _descriptions(descriptions: Descriptions, labels: Sequence[str]) -> dict[str, list[str]]:
@@ -127,6 +129,40 @@ def prototype_head(
         head.linear.bias.zero_()
     device = next(body_of(base.model).parameters()).device
     return head.to(device).eval()
+
+
+@dataclass(frozen=True)
+class Prototypes:
+    """A prototype head to be built (and rebuilt) on a body: ``prototype_head``'s arguments
+    but the base. ``train(..., head_init=Prototypes(...))`` builds it on the base to start
+    from; with ``training.objective: contrastive``, which trains the body and not the
+    head, it is rebuilt on the trained body at every evaluation and at the end."""
+
+    support: Split
+    labels: tuple[str, ...]
+    descriptions: Descriptions = None
+    prior: float = 2.0
+    temperature: float = 0.05
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))
+        if self.prior < 0:
+            raise ConfigError(f"prior must be >= 0; got {self.prior}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0; got {self.temperature}")
+
+    def head(self, model: Any, tokenizer: Any) -> Head:
+        """The head on ``model``'s body as it is now (a base model or a ``TaskModel``)."""
+        body = model.body if isinstance(model, TaskModel) else model
+        on = SimpleNamespace(model=body, tokenizer=tokenizer)
+        return prototype_head(
+            on,
+            self.support,
+            self.labels,
+            self.descriptions,
+            prior=self.prior,
+            temperature=self.temperature,
+        )
 
 
 def prototype_probe(base: Any, head: Head) -> TaskModel:

@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from peftkit.adapters import AdapterSpec, TaskModel, eval_mode, trainable_parameters
 from peftkit.batching import Encoded, collate, length_batches
 from peftkit.checkpoints import find_checkpoint, load_trainable, save_best, save_checkpoint
+from peftkit.contrastive import cosine_pair_loss
 from peftkit.errors import ConfigError, TrainingError
 from peftkit.evaluation import compute_metrics
 from peftkit.schedule import budget_horizon, make_optimizer, make_scheduler
@@ -93,8 +95,15 @@ class TrainLoop:
         labels: tuple[str, ...],
         pad: int,
         run_dir: Path,
+        *,
+        pairs: list[tuple[int, int, float]] | None = None,
+        refit: Callable[[TaskModel], None] | None = None,
     ) -> None:
+        """``pairs`` (``contrastive.contrastive_pairs`` over ``enc_train``'s rows): train the
+        body on them with the cosine pair loss instead of the head on the rows; ``refit``
+        rebuilds the head on the current body before every evaluation and at the end."""
         self.acc, self.config, self.labels, self.pad = acc, config, labels, pad
+        self.pairs, self.refit = pairs, refit
         self.enc_train, self.enc_val = enc_train, enc_val
         self.main = acc.is_main_process
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
@@ -102,13 +111,15 @@ class TrainLoop:
         lr = spec.learning_rate if config.learning_rate is None else config.learning_rate
         optimizer = make_optimizer(model, lr, config.weight_decay, config.loraplus_lr_ratio)
         self.lengths = [len(r) for r in enc_train.ids]
+        if pairs is not None:  # batches are of pairs: bucket them by their longer text
+            self.lengths = [max(self.lengths[a], self.lengths[b]) for a, b, _ in pairs]
         self.per_epoch_batches = (
             len(length_batches(self.lengths, config.batch_size, seed=config.seed, epoch=0))
             // acc.num_processes
         )
         if self.per_epoch_batches == 0:
             raise ConfigError(
-                f"{len(enc_train)} training rows make no batch of "
+                f"{len(self.lengths)} training {'pairs' if pairs else 'rows'} make no batch of "
                 f"{config.batch_size} per process on {acc.num_processes} processes"
             )
         self.steps_per_epoch = max(1, self.per_epoch_batches // config.grad_accum)
@@ -220,15 +231,8 @@ class TrainLoop:
     def _train_batch(self, idx: list[int]) -> bool:
         """Forward and backward one batch; True when that completed an optimizer step."""
         acc, model = self.acc, self.model
-        tensors = collate([self.enc_train.ids[i] for i in idx], self.pad)
-        labels = torch.tensor([self.enc_train.labels[i] for i in idx], device=acc.device)
         with acc.accumulate(model):
-            logits = model(
-                tensors["input_ids"].to(acc.device), tensors["attention_mask"].to(acc.device)
-            )
-            loss = torch.nn.functional.cross_entropy(
-                logits.float(), labels, label_smoothing=self.config.label_smoothing
-            )
+            loss = self._pair_loss(idx) if self.pairs is not None else self._row_loss(idx)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss.item()} at step {self.state['step'] + 1} "
@@ -245,6 +249,30 @@ class TrainLoop:
             self.optimizer.zero_grad()
         self.running.append(loss.item())
         return bool(acc.sync_gradients)
+
+    def _row_loss(self, idx: list[int]) -> torch.Tensor:
+        """Cross-entropy of the head's logits on rows ``idx``."""
+        device = self.acc.device
+        tensors = collate([self.enc_train.ids[i] for i in idx], self.pad)
+        labels = torch.tensor([self.enc_train.labels[i] for i in idx], device=device)
+        logits = self.model(tensors["input_ids"].to(device), tensors["attention_mask"].to(device))
+        return torch.nn.functional.cross_entropy(
+            logits.float(), labels, label_smoothing=self.config.label_smoothing
+        )
+
+    def _pair_loss(self, idx: list[int]) -> torch.Tensor:
+        """The cosine pair loss on pairs ``idx``: both sides in one forward (each text its
+        own dropout, as SetFit encodes them)."""
+        assert self.pairs is not None
+        pairs = [self.pairs[i] for i in idx]
+        rows = [a for a, _, _ in pairs] + [b for _, b, _ in pairs]
+        tensors = collate([self.enc_train.ids[r] for r in rows], self.pad)
+        device = self.acc.device
+        feats = self.model(
+            tensors["input_ids"].to(device), tensors["attention_mask"].to(device), pooled=True
+        )
+        targets = torch.tensor([t for _, _, t in pairs], device=device)
+        return cosine_pair_loss(feats[: len(pairs)], feats[len(pairs) :], targets)
 
     def _after_step(self) -> bool:
         """Count, log, evaluate and checkpoint after an optimizer step; True to stop early."""
@@ -320,6 +348,8 @@ class TrainLoop:
     def _evaluate(self) -> bool:
         """Evaluate on validation, keep the best weights; True when early stopping says stop."""
         state, config, acc = self.state, self.config, self.acc
+        if self.refit is not None:
+            self.refit(acc.unwrap_model(self.model))
         metrics, logits = evaluate_split(
             acc.unwrap_model(self.model),
             self.enc_val,
@@ -350,6 +380,8 @@ class TrainLoop:
         best = self.ckpt_dir / "best" / "trainable.safetensors"
         if best.is_file():
             load_trainable(unwrapped, load_file(str(best)))
+        if self.refit is not None:
+            self.refit(unwrapped)
         return unwrapped.eval()
 
 

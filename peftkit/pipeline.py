@@ -203,9 +203,15 @@ def _then_task(recipe: Recipe, task: TaskSpec, path: Path) -> _Task:
 
 def prototype_start(base, init, spec, data, train_split):
     """The head a recipe's ``adapter.head_init: prototypes`` starts training from."""
+    return prototypes_of(base, init, spec, data, train_split).head(base.model, base.tokenizer)
+
+
+def prototypes_of(base, init, spec, data, train_split):
+    """A recipe's ``adapter.head_init: prototypes`` as a ``fewshot.Prototypes`` (built on the
+    base to start from; rebuilt on the trained body by a contrastive objective)."""
     from peftkit.adapters import body_of, default_pooling
     from peftkit.errors import ConfigError
-    from peftkit.fewshot import prototype_head
+    from peftkit.fewshot import Prototypes
     from peftkit.prompts import load_prompt_set
 
     pooling = (
@@ -225,7 +231,7 @@ def prototype_start(base, init, spec, data, train_split):
             family, _, template = family.rpartition("/")
         prompts = load_prompt_set(family)
         descriptions = prompts.get(template).verbalizer if template else prompts.describe()
-    return prototype_head(base, train_split, data.labels, descriptions, prior=init.prior)
+    return Prototypes(train_split, data.labels, descriptions, prior=init.prior)
 
 
 def load_task_data(spec) -> tuple[Any, Any]:
@@ -267,11 +273,15 @@ def _train_one(recipe, base, task: _Task, path: Path, registry, say, state, firs
     folder = task.folder
     head = None
     if task.head_init is not None:
-        head = prototype_start(base, task.head_init, task.spec, data, train_split)
+        head = prototypes_of(base, task.head_init, task.spec, data, train_split)
         say(f"head starts from the prototypes of {len(train_split)} rows")
+    if task.config.objective == "contrastive":
+        say("training.objective: contrastive - pairs of the rows train the body; the head is "
+            "rebuilt on it")  # fmt: skip
     if as_is:
         say("training.max_steps: 0 - the prototype head is the classifier, untrained")
-        result = untrained(base, data, head, task.config)
+        assert head is not None  # as_is needs head_init (checked above)
+        result = untrained(base, data, head.head(base.model, base.tokenizer), task.config)
     else:
         result = train(
             base, task.spec, data, task.config, folder, train_split=train_split, head_init=head

@@ -31,15 +31,18 @@ import torch
 from peftkit.adapters import AdapterSpec, TaskModel, build_task_model, verbalizer_token_ids
 from peftkit.artifacts import release
 from peftkit.batching import Encoded, apply_template, encode, pad_id
+from peftkit.contrastive import contrastive_pairs
 from peftkit.data import Split, TextDataset
 from peftkit.errors import ConfigError
 from peftkit.evaluation import classification_report
+from peftkit.fewshot import Prototypes
 from peftkit.loop import TrainLoop, evaluate_split, predict_logits
 from peftkit.paths import atomic_write_text
 
 __all__ = ["TrainConfig", "TrainResult", "config_dict", "evaluate_split", "predict_logits", "train"]
 log = logging.getLogger(__name__)
 SCHEDULERS = ("linear", "cosine", "constant")
+OBJECTIVES = ("classify", "contrastive")
 
 
 @dataclass(frozen=True)
@@ -66,11 +69,16 @@ class TrainConfig:
     log_every: int = 10
     max_grad_norm: float = 1.0
     label_smoothing: float = 0.0  # cross-entropy target: 1 - x on the gold label
+    objective: str = "classify"  # classify | contrastive (pairs train the body; see contrastive)
     progress: bool | None = None  # None: a bar only on a terminal
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler={self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"training.objective={self.objective!r}; use one of {', '.join(OBJECTIVES)}"
+            )
         for name in (
             "batch_size",
             "eval_batch_size",
@@ -134,8 +142,13 @@ def train(
     ``template`` (``"{text} Sentiment:"``) formats every input; ``verbalizer`` (label ->
     word) starts the head from a causal LM's own rows for the label words' first tokens,
     so training fine-tunes the LM's label-word scores (pattern-based fine-tuning).
-    ``head_init`` (an ``adapters.Head`` of the task's labels, e.g. ``fewshot.prototype_head``)
-    is the head training starts from instead of a fresh one; it is copied, not changed.
+    ``head_init`` (an ``adapters.Head`` of the task's labels, e.g. ``fewshot.prototype_head``,
+    or a ``fewshot.Prototypes`` to build one on the base) is the head training starts from
+    instead of a fresh one; it is copied, not changed.
+
+    ``config.objective="contrastive"`` trains the body on pairs of the training rows
+    (``peftkit.contrastive``) and not the head, which must be a ``fewshot.Prototypes``: it
+    is rebuilt on the trained body before every evaluation and at the end.
     """
     from accelerate import Accelerator
 
@@ -144,6 +157,22 @@ def train(
             "training.max_steps=0 trains nothing: use train.untrained(base, data, head, config) "
             "to evaluate a start head as it stands"
         )
+    contrastive = config.objective == "contrastive"
+    prototypes = head_init if isinstance(head_init, Prototypes) else None
+    if contrastive and (prototypes is None or spec.method == "probe"):
+        raise ConfigError(
+            "training.objective: contrastive trains the body and rebuilds a prototype head "
+            "on it: it needs adapter.head_init: prototypes (fewshot.Prototypes) and an "
+            f"adapter that trains the body (this run: {spec.method}, head_init "
+            f"{type(head_init).__name__ if head_init is not None else 'unset'})"
+        )
+    if prototypes is not None:
+        if prototypes.labels != tuple(data.labels):
+            raise ConfigError(
+                f"head_init prototypes are for labels {list(prototypes.labels)}, but the data's "
+                f"are {list(data.labels)}"
+            )
+        head_init = prototypes.head(base.model, base.tokenizer)
     run_dir = Path(run_dir)
     acc = accelerator or Accelerator(
         gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available()
@@ -187,7 +216,16 @@ def train(
         if head_init is not None:
             _start_head(model, head_init)
         pad = pad_id(tokenizer)
-        loop = TrainLoop(acc, model, spec, config, enc_train, enc_val, data.labels, pad, run_dir)
+        pairs = refit = None
+        if contrastive:
+            assert prototypes is not None
+            pairs = contrastive_pairs(enc_train.labels, config.seed)
+            model.head.requires_grad_(False)  # rebuilt, not trained
+            refit = _refit(prototypes, tokenizer)
+        loop = TrainLoop(
+            acc, model, spec, config, enc_train, enc_val, data.labels, pad, run_dir,
+            pairs=pairs, refit=refit,
+        )  # fmt: skip
         loop.run()
         state = loop.state
         result = TrainResult(
@@ -256,6 +294,19 @@ def untrained(
     enc = _encoder(base.tokenizer, config.max_length, None)
     _test(result, data, enc, pad_id(base.tokenizer), config, acc)
     return result
+
+
+def _refit(prototypes: Prototypes, tokenizer: Any):
+    """Rebuild the prototype head on the model's current body, in place (the optimizer and
+    any distributed wrapper keep the same module)."""
+
+    def refit(model: TaskModel) -> None:
+        head = prototypes.head(model, tokenizer)
+        with torch.no_grad():
+            model.head.linear.weight.copy_(head.linear.weight)
+            model.head.linear.bias.copy_(head.linear.bias)
+
+    return refit
 
 
 def _start_head(model: TaskModel, head_init: Any) -> None:

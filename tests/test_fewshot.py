@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -156,3 +157,155 @@ def test_a_recipes_prompt_set_describes_the_labels_by_its_descriptions(bert):
         rows(start), rows(prototype_head(bert, support, data.labels, words)), atol=1e-6
     )
     assert not np.allclose(rows(start), rows(want), atol=1e-3)
+
+
+# --- contrastive training of the body (training.objective: contrastive) -----------------------
+
+
+def test_contrastive_pairs_follow_setfits_oversampling():
+    from peftkit.contrastive import contrastive_pairs
+
+    labels = [0, 0, 0, 1, 1, 2, 2, 2]
+    pairs = contrastive_pairs(labels, seed=3)
+    every = {(i, j) for i in range(8) for j in range(i, 8)}  # a text with itself included
+    pos = {(i, j) for i, j in every if labels[i] == labels[j]}
+    neg = every - pos
+    assert len(pos) == 6 + 3 + 6 and len(neg) == 21
+    # positives and negatives alternate, each group as large as the larger one (21 here)
+    assert [t for _, _, t in pairs] == [1.0, 0.0] * 21
+    assert {(i, j) for i, j, t in pairs if t == 0.0} == neg  # every negative once
+    positives = [(i, j) for i, j, t in pairs if t == 1.0]
+    assert set(positives) == pos and len(positives) == 21  # cycled to 21
+    assert all(labels[i] == labels[j] for i, j in positives)
+    assert contrastive_pairs(labels, seed=3) == pairs  # seeded
+    assert contrastive_pairs(labels, seed=4) != pairs
+    with pytest.raises(DataError, match="at least 2 labels; got 3 rows of 1 label"):
+        contrastive_pairs([1, 1, 1])
+
+
+def test_cosine_pair_loss_is_setfits():
+    from peftkit.contrastive import cosine_pair_loss
+
+    a, b = torch.randn(5, 7), torch.randn(5, 7)
+    t = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    torch.testing.assert_close(cosine_pair_loss(a, b, t), ((cos - t) ** 2).mean())
+
+
+def _pair_loss(model, tokenizer, texts, pairs) -> float:
+    """The cosine pair loss over ``pairs``, dropout off (what training lowers)."""
+    from peftkit.contrastive import cosine_pair_loss
+
+    x = torch.as_tensor(embed_texts(model.body, tokenizer, texts))
+    i, j, t = (torch.tensor(v) for v in zip(*pairs, strict=True))
+    return float(cosine_pair_loss(x[i], x[j], t.float()))
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_contrastive_training_trains_the_body_and_rebuilds_the_head(bert, tmp_path, method):
+    from peftkit.contrastive import contrastive_pairs
+    from peftkit.data import TextDataset
+    from peftkit.fewshot import Prototypes
+
+    data = synthetic("sentiment", n=40)
+    support = few_shot(data.split("train"), 4, seed=0, label_names=data.labels)
+    few = TextDataset("few", data.labels, {"train": support, "test": data.split("test")})
+    protos = Prototypes(support, data.labels, DESCRIPTIONS)
+    start = protos.head(bert.model, bert.tokenizer)
+    pairs = contrastive_pairs(support.labels, seed=0)
+    texts = list(support.texts)
+    before_body = {n: p.detach().clone() for n, p in bert.model.named_parameters()}
+    config = TrainConfig(
+        objective="contrastive", epochs=4, batch_size=4, progress=False, patience=None,
+        learning_rate=3e-2 if method == "lora" else 3e-3, log_every=1,
+    )  # fmt: skip
+    result = train(bert, load_preset(method), few, config, tmp_path / "run", head_init=protos)
+    model = result.model
+    assert result.steps == 4 * len(pairs) // 4  # one epoch is every pair once
+    assert all(r["loss"] >= 0 for r in result.history if "loss" in r)
+    # the head was not trained but rebuilt: it is the prototype head of the trained body
+    assert not any(p.requires_grad for p in model.head.parameters())
+    rebuilt = protos.head(model, bert.tokenizer)
+    torch.testing.assert_close(model.head.linear.weight, rebuilt.linear.weight)
+    assert not torch.allclose(model.head.linear.weight, start.linear.weight, atol=1e-3)
+    # the body learnt the pairs: same-label texts closer, others apart
+    untouched = SimpleNamespace(body=bert.model)
+    if method == "lora":
+        with model.body.disable_adapter():
+            loss_before = _pair_loss(untouched, bert.tokenizer, texts, pairs)
+    else:
+        loss_before = _pair_loss(untouched, bert.tokenizer, texts, pairs)
+    loss_after = _pair_loss(model, bert.tokenizer, texts, pairs)
+    assert loss_after < 0.75 * loss_before
+    assert result.test_metrics["accuracy"] >= 0.0 and result.report is not None
+    release(model)
+    for n, p in bert.model.named_parameters():  # the shared base is as it was
+        torch.testing.assert_close(p, before_body[n])
+
+
+def test_contrastive_training_needs_prototypes_and_a_body(bert, tmp_path):
+    from peftkit.data import TextDataset
+    from peftkit.fewshot import Prototypes
+
+    data = synthetic("sentiment", n=20)
+    support = few_shot(data.split("train"), 2, label_names=data.labels)
+    few = TextDataset("few", data.labels, {"train": support})
+    config = TrainConfig(objective="contrastive", max_steps=1, progress=False)
+    head = prototype_head(bert, support, data.labels)
+    with pytest.raises(
+        ConfigError, match="needs adapter.head_init: prototypes.*lora, head_init Head"
+    ):
+        train(bert, load_preset("lora"), few, config, tmp_path / "a", head_init=head)
+    protos = Prototypes(support, data.labels)
+    with pytest.raises(ConfigError, match="adapter that trains the body.*probe"):
+        train(bert, load_preset("probe"), few, config, tmp_path / "b", head_init=protos)
+    wrong = Prototypes(support, ("no", "yes"))
+    with pytest.raises(ConfigError, match=r"prototypes are for labels \['no', 'yes'\]"):
+        train(bert, load_preset("lora"), few, config, tmp_path / "c", head_init=wrong)
+    with pytest.raises(ConfigError, match="training.objective='pairs'; use one of classify"):
+        TrainConfig(objective="pairs")
+    with pytest.raises(ConfigError, match="prior must be >= 0"):
+        Prototypes(support, data.labels, prior=-1)
+
+
+def test_an_interrupted_contrastive_run_resumes_to_the_same_weights(bert, tmp_path, monkeypatch):
+    import peftkit.loop as loop_mod
+    from peftkit.checkpoints import trainable_state
+    from peftkit.data import TextDataset
+    from peftkit.fewshot import Prototypes
+
+    data = synthetic("sentiment", n=40)
+    support = few_shot(data.split("train"), 3, seed=2, label_names=data.labels)
+    few = TextDataset("few", data.labels, {"train": support, "test": data.split("test")})
+    protos = Prototypes(support, data.labels)
+    config = TrainConfig(
+        objective="contrastive", epochs=2, batch_size=4, learning_rate=3e-2, progress=False,
+        patience=None, checkpoint_every=3,
+    )  # fmt: skip
+
+    def run(folder):
+        result = train(bert, load_preset("lora"), few, config, folder, head_init=protos)
+        weights = {k: v.clone() for k, v in trainable_state(result.model).items()}
+        head = result.model.head.linear.weight.detach().clone()
+        release(result.model)
+        return result, weights, head
+
+    straight, want, want_head = run(tmp_path / "straight")
+    real, calls = loop_mod.cosine_pair_loss, {"n": 0}
+
+    def interrupted(*args):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(loop_mod, "cosine_pair_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    monkeypatch.setattr(loop_mod, "cosine_pair_loss", real)
+    resumed, got, got_head = run(tmp_path / "cut")
+    assert resumed.resumed_from == 6 and resumed.steps == straight.steps > 8
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_head, want_head, atol=1e-4, rtol=1e-4)

@@ -15,7 +15,8 @@ from peftkit.registry import Registry
 
 
 @pytest.mark.slow
-def test_two_processes_write_one_run_and_one_entry(tmp_path, tiny_models):
+@pytest.mark.parametrize("objective", ["classify", "contrastive"])
+def test_two_processes_write_one_run_and_one_entry(tmp_path, tiny_models, objective):
     data = write_data(tmp_path / "data", ["negative", "positive"], n_train=32)
     recipe = write_recipe(tmp_path, GOOD.replace("base: minilm", f"base: {tiny_models['bert']}"))
     cmd = [
@@ -38,6 +39,11 @@ def test_two_processes_write_one_run_and_one_entry(tmp_path, tiny_models):
         f"data.source={data}",
         "training.max_steps=3",
         "training.batch_size=4",
+        *(
+            ["training.objective=contrastive", "adapter.head_init=prototypes"]
+            if objective == "contrastive"
+            else []
+        ),
         "--registry",
         str(tmp_path / "reg"),
     ]

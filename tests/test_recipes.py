@@ -373,6 +373,29 @@ def test_head_init_prototypes_trains_and_registers_a_cosine_head(
     assert task["head_normalize"] is True
 
 
+def test_contrastive_objective_trains_the_body_and_registers_prototypes(
+    tmp_path, tiny_models, reset_accelerate
+):
+    from peftkit.contrastive import contrastive_pairs
+    from peftkit.pipeline import load_task_data
+
+    extra = ["training.objective=contrastive", "training.max_steps=null", "training.epochs=1"]
+    recipe = _tiny(tmp_path, tiny_models, ["adapter.head_init=prototypes", *extra])
+    outcome = run_recipe(recipe, run_dir=tmp_path / "run", registry=tmp_path / "reg")
+    entry = Registry(tmp_path / "reg").get(outcome.entries[0])
+    assert entry.method == "lora"
+    task = json.loads((entry.path / "task.json").read_text())
+    assert task["head_normalize"] is True
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    _, train_split = load_task_data(recipe.data)
+    pairs = contrastive_pairs(train_split.labels)
+    assert metrics["steps"] == len(pairs) // 8  # one epoch over the pairs, batch 8
+    with pytest.raises(ConfigError, match="objective: contrastive .* needs adapter.head_init"):
+        run_recipe(_tiny(tmp_path, tiny_models, extra), run_dir=tmp_path / "bad")
+    with pytest.raises(ConfigError, match="training.objective='pair'; use one of"):
+        _tiny(tmp_path, tiny_models, ["training.objective=pair"])
+
+
 def test_max_steps_0_registers_the_prototype_head_untrained(
     tmp_path, tiny_models, reset_accelerate
 ):
