@@ -228,12 +228,18 @@ def tiny_overrides(path: Path, tmp_path: Path, tiny_models) -> list[str]:
         from peftkit.prompts import load_prompt_set
 
         labels = load_prompt_set(recipe.prompt.set).labels
-        data = write_data(tmp_path / "data", labels, n_train=8 * len(labels))
+        data = write_data(tmp_path / "data", labels, n_train=max(24, 8 * len(labels)))
         out += [f"base={tiny_models['llama']}", "evaluation.max_rows=4", "evaluation.batch_size=4"]
         if recipe.prompt.demonstrations:
             out.append("prompt.demonstrations=1")
     else:
-        data = write_data(tmp_path / "data", ["negative", "positive"])
+        labels = ["negative", "positive"]
+        init = recipe.adapter.head_init
+        if init is not None and init.prompt:  # the labels its prompt set describes
+            from peftkit.prompts import load_prompt_set
+
+            labels = list(load_prompt_set(init.prompt.split("/")[0]).labels)
+        data = write_data(tmp_path / "data", labels, n_train=max(24, 8 * len(labels)))
         out += [f"base={tiny_models['bert']}", "training.max_steps=2", "training.batch_size=8"]
         for i in range(len(recipe.then)):
             other = write_data(tmp_path / f"data{i}", ["ham", "spam", "other"])
