@@ -22,6 +22,10 @@ is the zero-shot embedding scorer. The head is a ``probe`` adapter as it stands 
 with ``artifacts.save_adapter``, register and serve it like any other), and a start for
 training: ``train(base, spec, data, config, run_dir, head_init=head)`` fine-tunes the
 body (LoRA, full, ...) from it, through the same few-shot sampler.
+
+``Prototypes(support, labels, descriptions)`` is that head not yet built: ``train`` builds
+it on the base, and with ``training.objective: contrastive`` (``peftkit.contrastive``:
+SetFit's pair training of the body) rebuilds it on the trained body.
 """
 
 from __future__ import annotations
