@@ -45,7 +45,13 @@ from peftkit.prompts import PromptSet, Verbalizer
 
 Descriptions = PromptSet | Verbalizer | Mapping[str, str | Sequence[str]] | None
 
-__all__ = ["Prototypes", "label_embeddings", "prototype_head", "prototype_probe"]
+__all__ = [
+    "Prototypes",
+    "check_mean_pooling",
+    "label_embeddings",
+    "prototype_head",
+    "prototype_probe",
+]
 
 
 def _descriptions(descriptions: Descriptions, labels: Sequence[str]) -> dict[str, list[str]]:
@@ -166,6 +172,21 @@ class Prototypes:
             self.descriptions,
             prior=self.prior,
             temperature=self.temperature,
+        )
+
+
+def check_mean_pooling(base: Any, spec: Any) -> None:
+    """Refuse a prototype head on a model that pools otherwise (``embed_texts`` builds the
+    prototypes from mean-pooled embeddings; a causal LM pools its last token)."""
+    from peftkit.adapters import default_pooling
+
+    pooling = spec.pooling
+    if pooling == "auto":
+        pooling = default_pooling(body_of(base.model).config)
+    if pooling != "mean":
+        raise ConfigError(
+            f"adapter.head_init: prototypes are mean-pooled embeddings, but this model pools "
+            f"{pooling!r}; use an encoder base or set adapter.pooling=mean"
         )
 
 

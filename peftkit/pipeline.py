@@ -209,19 +209,11 @@ def prototype_start(base, init, spec, data, train_split):
 def prototypes_of(base, init, spec, data, train_split):
     """A recipe's ``adapter.head_init: prototypes`` as a ``fewshot.Prototypes`` (built on the
     base to start from; rebuilt on the trained body by a contrastive objective)."""
-    from peftkit.adapters import body_of, default_pooling
     from peftkit.errors import ConfigError
-    from peftkit.fewshot import Prototypes
+    from peftkit.fewshot import Prototypes, check_mean_pooling
     from peftkit.prompts import load_prompt_set
 
-    pooling = (
-        spec.pooling if spec.pooling != "auto" else default_pooling(body_of(base.model).config)
-    )
-    if pooling != "mean":
-        raise ConfigError(
-            f"adapter.head_init: prototypes are mean-pooled embeddings, but this model pools "
-            f"{pooling!r}; use an encoder base or set adapter.pooling=mean"
-        )
+    check_mean_pooling(base, spec)
     if init.prompt and init.descriptions:
         raise ConfigError("adapter.head_init: give prompt or descriptions, not both")
     descriptions: Any = init.descriptions or None

@@ -35,7 +35,7 @@ from peftkit.contrastive import contrastive_pairs
 from peftkit.data import Split, TextDataset
 from peftkit.errors import ConfigError
 from peftkit.evaluation import classification_report
-from peftkit.fewshot import Prototypes
+from peftkit.fewshot import Prototypes, check_mean_pooling
 from peftkit.loop import TrainLoop, evaluate_split, predict_logits
 from peftkit.paths import atomic_write_text
 
@@ -167,6 +167,7 @@ def train(
             f"{type(head_init).__name__ if head_init is not None else 'unset'})"
         )
     if prototypes is not None:
+        check_mean_pooling(base, spec)
         if prototypes.labels != tuple(data.labels):
             raise ConfigError(
                 f"head_init prototypes are for labels {list(prototypes.labels)}, but the data's "

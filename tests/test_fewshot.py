@@ -262,6 +262,9 @@ def test_contrastive_training_needs_prototypes_and_a_body(bert, tmp_path):
     wrong = Prototypes(support, ("no", "yes"))
     with pytest.raises(ConfigError, match=r"prototypes are for labels \['no', 'yes'\]"):
         train(bert, load_preset("lora"), few, config, tmp_path / "c", head_init=wrong)
+    with pytest.raises(ConfigError, match="mean-pooled embeddings, but this model pools 'cls'"):
+        cls = replace(load_preset("lora"), pooling="cls")
+        train(bert, cls, few, config, tmp_path / "d", head_init=protos)
     with pytest.raises(ConfigError, match="training.objective='pairs'; use one of classify"):
         TrainConfig(objective="pairs")
     with pytest.raises(ConfigError, match="prior must be >= 0"):
