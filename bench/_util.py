@@ -141,3 +141,17 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def seed_summary(accs: dict[str, list[float]], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Accuracy runs (fractions) per variant -> mean and std in points, printed; the probes'
+    summary of seeds 0-4."""
+    import statistics
+
+    out = {
+        n: {"mean": 100 * statistics.fmean(v), "std": 100 * statistics.stdev(v), "runs": v}
+        for n, v in accs.items()
+    }
+    for n, s in out.items():
+        print(f"{prefix}{n}: {s['mean']:.1f} ± {s['std']:.1f}", flush=True)
+    return out

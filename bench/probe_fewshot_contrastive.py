@@ -12,7 +12,6 @@ validation split (AG News: first 1,000 rows).
 """
 
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import RESULTS  # noqa: E402
+from _util import RESULTS, seed_summary  # noqa: E402
 from bench_fewshot import TASKS, scored_rows  # noqa: E402
 
 from peftkit.adapters import load_preset
@@ -85,12 +84,7 @@ def main() -> None:
                 },
                 flush=True,
             )
-    summary = {
-        n: {"mean": 100 * statistics.fmean(v), "std": 100 * statistics.stdev(v), "runs": v}
-        for n, v in res.items()
-    }
-    for n, s in summary.items():
-        print(f"{n}: {s['mean']:.1f} ± {s['std']:.1f}")
+    summary = seed_summary(res)
     path = RESULTS / "val_fewshot_contrastive.json"
     old = json.loads(path.read_text()) if path.exists() else {"split": "validation"}
     old.setdefault(f"{key}:{k}", {}).update(summary)

@@ -14,7 +14,6 @@ and the descriptions).
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import RESULTS  # noqa: E402
+from _util import RESULTS, seed_summary  # noqa: E402
 from bench_fewshot import TASKS, scored_rows  # noqa: E402
 
 from peftkit.adapters import load_preset
@@ -107,10 +106,5 @@ for setting in ns.settings.split(","):
         add("lora40-frozen", probs_of(model, texts))
         release(model)
         print(setting, seed, {m: round(100 * v[-1], 1) for m, v in res.items()}, flush=True)
-    out[setting] = {
-        m: {"mean": 100 * statistics.fmean(v), "std": 100 * statistics.stdev(v), "runs": v}
-        for m, v in res.items()
-    }
-    for m, s in out[setting].items():
-        print(f"  {setting} {m}: {s['mean']:.1f} ± {s['std']:.1f}", flush=True)
+    out[setting] = seed_summary(res, f"  {setting} ")
     (RESULTS / "val_fewshot_ft.json").write_text(json.dumps(out, indent=1))

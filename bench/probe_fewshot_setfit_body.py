@@ -13,14 +13,13 @@ own probabilities (``+lr``). Scored on the validation split (AG News: first 1,00
 """
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import RESULTS  # noqa: E402
+from _util import RESULTS, seed_summary  # noqa: E402
 from bench_fewshot import TASKS, scored_rows  # noqa: E402
 
 from peftkit.assets import resolve_packaged
@@ -67,12 +66,7 @@ def main() -> None:
         for n, p in out.items():
             res.setdefault(n, []).append(float((p.argmax(1) == gold).mean()))
         print(seed, {n: round(100 * v[-1], 1) for n, v in res.items()}, flush=True)
-    summary = {
-        n: {"mean": 100 * statistics.fmean(v), "std": 100 * statistics.stdev(v), "runs": v}
-        for n, v in res.items()
-    }
-    for n, s in summary.items():
-        print(f"{n}: {s['mean']:.1f} ± {s['std']:.1f}")
+    summary = seed_summary(res)
     path = RESULTS / "val_fewshot_setfit_body.json"
     path.write_text(json.dumps({"split": "validation", f"{key}:{k}": summary}, indent=1) + "\n")
 

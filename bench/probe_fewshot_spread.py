@@ -20,7 +20,6 @@ the prior of earlier sessions (one template's label words, weight 1) and three r
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import RESULTS  # noqa: E402
+from _util import RESULTS, seed_summary  # noqa: E402
 from bench_fewshot import TASKS, scored_rows  # noqa: E402
 from probe_fewshot_ensemble import probs_of  # noqa: E402
 
@@ -113,12 +112,7 @@ def main() -> None:
                     raise SystemExit(f"unknown variant {name!r}")
             print(setting, seed, f"{time.perf_counter() - t0:.0f}s",
                   {m: round(100 * v[-1], 1) for m, v in acc.items()}, flush=True)  # fmt: skip
-        out[setting] = {
-            m: {"mean": 100 * statistics.fmean(v), "std": 100 * statistics.stdev(v), "runs": v}
-            for m, v in acc.items()
-        }
-        for m, s in out[setting].items():
-            print(f"  {setting} {m}: {s['mean']:.1f} ± {s['std']:.1f}", flush=True)
+        out[setting] = seed_summary(acc, f"  {setting} ")
         (RESULTS / "val_fewshot_spread.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
