@@ -1,6 +1,7 @@
 """Few-shot classification vs SetFit 1.2 on the same samples (issue 4).
 
-    .venv/bin/python bench/bench_fewshot.py          # -> bench/results/bench_fewshot.json
+    .venv/bin/python bench/bench_fewshot.py --out bench_fewshot_contrastive
+        # -> bench/results/bench_fewshot_contrastive.json (the default methods)
     .venv/bin/python bench/bench_fewshot.py --quick  # 1 seed, k=8, 100 test rows
     .venv/bin/python bench/bench_fewshot.py --settings ag_news:16 --ft-epochs 40 \
         --out bench_fewshot_agnews16
@@ -258,7 +259,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--methods",
-        default="setfit,peftkit-prototypes,peftkit-prototypes-lora,peftkit-prototypes-lora+protos",
+        default="setfit,peftkit-prototypes,peftkit-contrastive-full,peftkit-contrastive-lora",
+        help="the default is the run of bench_fewshot_contrastive.json; bench_fewshot.json "
+        "ran setfit,peftkit-prototypes,peftkit-prototypes-lora,peftkit-prototypes-lora+protos",
     )
     parser.add_argument(
         "--prior", type=float, default=2.0, help="weight of the label-description prior"
