@@ -82,6 +82,17 @@ ANCHORS = {  # SetFit 1.2 + MiniLM, default settings, as measured once by the is
 }
 
 
+def head_predictions(body, tokenizer, head, texts) -> np.ndarray:
+    """Label ids a cosine ``head`` gives ``texts`` embedded by ``body`` (mean-pooled)."""
+    import torch
+
+    from peftkit.scorers import embed_texts
+
+    x = torch.as_tensor(embed_texts(body, tokenizer, list(texts), batch_size=64))
+    with torch.no_grad():
+        return head(x).argmax(-1).numpy()
+
+
 def run_setfit(model_dir: str, support, test, seed: int, keep: dict | None = None):
     """SetFit's predictions, fit and total seconds; ``keep`` gets the trained model and its
     fit seconds (for ``setfit-body+prototypes``)."""
@@ -103,20 +114,13 @@ def run_setfit(model_dir: str, support, test, seed: int, keep: dict | None = Non
 def run_setfit_body_prototypes(setfit_run: dict, support, test, labels, describe, prior):
     """``fewshot.prototype_head`` (the label-description prior) on SetFit's contrastively
     fine-tuned body, in place of SetFit's logistic-regression head: same fit, other head."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from peftkit.fewshot import prototype_head
-    from peftkit.scorers import embed_texts
+    from peftkit.fewshot import Prototypes
 
     t0 = time.perf_counter()
     st = setfit_run["model"].model_body[0]  # sentence-transformers' Transformer module
-    body = SimpleNamespace(model=st.auto_model.eval(), tokenizer=st.tokenizer)
-    head = prototype_head(body, support, labels, describe, prior=prior)
-    x = torch.as_tensor(embed_texts(body.model, body.tokenizer, list(test.texts), batch_size=64))
-    with torch.no_grad():
-        preds = head(x).argmax(-1).numpy()
+    body = st.auto_model.eval()
+    head = Prototypes(support, tuple(labels), describe, prior=prior).head(body, st.tokenizer)
+    preds = head_predictions(body, st.tokenizer, head, test.texts)
     extra = time.perf_counter() - t0
     return preds, setfit_run["fit"] + extra, setfit_run["fit"] + extra
 
@@ -124,17 +128,12 @@ def run_setfit_body_prototypes(setfit_run: dict, support, test, labels, describe
 def run_prototypes(
     base, support, test, labels, describe, prior: float = 1.0
 ) -> tuple[np.ndarray, float, float]:
-    import torch
-
     from peftkit.fewshot import prototype_head
-    from peftkit.scorers import embed_texts
 
     t0 = time.perf_counter()
     head = prototype_head(base, support, labels, describe, prior=prior)
     fit = time.perf_counter() - t0
-    x = torch.as_tensor(embed_texts(base.model, base.tokenizer, list(test.texts), batch_size=64))
-    with torch.no_grad():
-        preds = head(x).argmax(-1).numpy()
+    preds = head_predictions(base.model, base.tokenizer, head, test.texts)
     return preds, fit, time.perf_counter() - t0
 
 
@@ -210,13 +209,10 @@ def run_contrastive(base, support, test, labels, describe, seed: int, method: st
     body; the prototype head (``prior``) is rebuilt on it. Predictions, fit and total s."""
     import tempfile
 
-    import torch
-
     from peftkit.adapters import load_preset
     from peftkit.artifacts import release
     from peftkit.data import TextDataset
     from peftkit.fewshot import Prototypes
-    from peftkit.scorers import embed_texts
     from peftkit.train import TrainConfig, train
 
     preset, lr = CONTRASTIVE[method]
@@ -231,9 +227,7 @@ def run_contrastive(base, support, test, labels, describe, seed: int, method: st
         result = train(base, load_preset(preset), data, config, run_dir, head_init=protos)
     fit = time.perf_counter() - t0
     model = result.model.eval()
-    x = torch.as_tensor(embed_texts(model.body, base.tokenizer, list(test.texts), batch_size=64))
-    with torch.no_grad():
-        preds = model.head(x).argmax(-1).numpy()
+    preds = head_predictions(model.body, base.tokenizer, model.head, test.texts)
     release(result.model)
     return preds, fit, time.perf_counter() - t0
 

@@ -169,9 +169,12 @@ class FittedPrompts:
 
     prompts: tuple[str, ...]
     ids: tuple[list[int], ...]
-    truncated: int
     budget: int
     cut_rows: tuple[int, ...] = ()
+
+    @property
+    def truncated(self) -> int:
+        return len(self.cut_rows)
 
 
 def render(
@@ -242,7 +245,7 @@ def fit_prompts(
                 tokenizer, prompt, rows, answers, budget, encode, separator, mask, pieces
             )
             cut.append(i)
-    return FittedPrompts(tuple(strings), tuple(ids), len(cut), budget, tuple(cut))
+    return FittedPrompts(tuple(strings), tuple(ids), budget, tuple(cut))
 
 
 def _per_query(demos, n: int) -> list[tuple[Demo, ...]]:

@@ -110,10 +110,7 @@ def prototype_head(
     """
     from peftkit.scorers import embed_texts
 
-    if prior < 0:
-        raise ConfigError(f"prior must be >= 0; got {prior}")
-    if temperature <= 0:
-        raise ConfigError(f"temperature must be > 0; got {temperature}")
+    _check_weights(prior, temperature)
     ys = np.asarray(support.labels)
     if len(ys) and (ys.min() < 0 or ys.max() >= len(labels)):
         raise DataError(f"support labels must be ids into the {len(labels)} labels")
@@ -156,10 +153,7 @@ class Prototypes:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
-        if self.prior < 0:
-            raise ConfigError(f"prior must be >= 0; got {self.prior}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0; got {self.temperature}")
+        _check_weights(self.prior, self.temperature)
 
     def head(self, model: Any, tokenizer: Any) -> Head:
         """The head on ``model``'s body as it is now (a base model or a ``TaskModel``)."""
@@ -173,6 +167,13 @@ class Prototypes:
             prior=self.prior,
             temperature=self.temperature,
         )
+
+
+def _check_weights(prior: float, temperature: float) -> None:
+    if prior < 0:
+        raise ConfigError(f"prior must be >= 0; got {prior}")
+    if temperature <= 0:
+        raise ConfigError(f"temperature must be > 0; got {temperature}")
 
 
 def check_mean_pooling(base: Any, spec: Any) -> None:

@@ -201,11 +201,6 @@ def _then_task(recipe: Recipe, task: TaskSpec, path: Path) -> _Task:
     return _Task(task.name, task.data, spec, config, folder, ref.head_init)
 
 
-def prototype_start(base, init, spec, data, train_split):
-    """The head a recipe's ``adapter.head_init: prototypes`` starts training from."""
-    return prototypes_of(base, init, spec, data, train_split).head(base.model, base.tokenizer)
-
-
 def prototypes_of(base, init, spec, data, train_split):
     """A recipe's ``adapter.head_init: prototypes`` as a ``fewshot.Prototypes`` (built on the
     base to start from; rebuilt on the trained body by a contrastive objective)."""

@@ -137,7 +137,7 @@ def test_training_starts_from_the_given_head(bert, tmp_path):
 
 def test_a_recipes_prompt_set_describes_the_labels_by_its_descriptions(bert):
     from peftkit.adapters import load_preset
-    from peftkit.pipeline import prototype_start
+    from peftkit.pipeline import prototypes_of
     from peftkit.prompts import load_prompt, load_prompt_set
     from peftkit.recipes import HeadInitSpec
 
@@ -147,6 +147,9 @@ def test_a_recipes_prompt_set_describes_the_labels_by_its_descriptions(bert):
 
     def rows(head):
         return head.linear.weight.detach().numpy()
+
+    def prototype_start(*args):
+        return prototypes_of(*args).head(bert.model, bert.tokenizer)
 
     start = prototype_start(bert, HeadInitSpec(prompt="sentiment"), spec, data, support)
     want = prototype_head(bert, support, data.labels, load_prompt_set("sentiment"), prior=2.0)
