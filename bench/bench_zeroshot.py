@@ -31,6 +31,11 @@ included), scaled by the mean prompt length of all rows over that of those 32; a
 GFLOP/s = FLOPs/example × examples/s, set against a plain fp32 matmul's GFLOP/s (2048²,
 ``torch.mm``; the median of one measurement at the start and one after each task): how
 close to this CPU's limit each scorer runs.
+
+``--dtype bfloat16`` (``--out bench_zeroshot_bf16``) loads the model in bfloat16 for both
+sides (what ``base.dtype: bfloat16`` gives a recipe; native on CPUs with AVX512-BF16 / AMX),
+sets the GFLOP/s against a bfloat16 matmul, and scores the timed rows once more in float32
+(untimed) to report each side's accuracy and prediction agreement against float32.
 """
 
 from __future__ import annotations
@@ -86,10 +91,10 @@ def demo_block(spec: dict, data, prompt) -> str:
     )
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+def matmul_gflops(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
     torch.mm(a, b)
     times = []
     for _ in range(repeats):
@@ -210,6 +215,13 @@ def prompt_text(spec: dict, data) -> str:
     return demo_block(spec, data, prompt) + prompt.template.render({"text": ""})
 
 
+DTYPE_TAG = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def _agree(a: list[int], b: list[int]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
 def flops_per_example(fn, rows: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -228,6 +240,11 @@ def main() -> None:
     parser.add_argument("--lm-eval-batches", default="4,8,16,32")
     parser.add_argument("--peftkit-batches", default="4,8,16,32,64")
     parser.add_argument("--chunks", type=int, default=8, help="timed row chunks, sides alternating")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"),
+        help="the model's weights for both sides; bfloat16 also scores the rows in float32 "
+        "(untimed) to report agreement with it",
+    )  # fmt: skip
     ns = parser.parse_args()
     import torch
 
@@ -237,10 +254,11 @@ def main() -> None:
     from peftkit.prompts import load_prompt_set
 
     env = environment()
-    peaks = [matmul_gflops()]  # again after each task's timed rows; the median is reported
-    print(f"fp32 matmul 2048²: {peaks[0]:.1f} GFLOP/s ({torch.get_num_threads()} threads)",
+    peaks = [matmul_gflops(dtype=ns.dtype)]  # again after each task's timed rows; median kept
+    print(f"{ns.dtype} matmul 2048²: {peaks[0]:.1f} GFLOP/s ({torch.get_num_threads()} threads)",
           flush=True)  # fmt: skip
-    base = load_base("smollm2-135m")
+    base = load_base("smollm2-135m", dtype=ns.dtype)
+    reference = None if ns.dtype == "float32" else load_base("smollm2-135m")
     tmp = Path(tempfile.mkdtemp(prefix="peftkit-lmeval-"))
     lm_b = [int(b) for b in ns.lm_eval_batches.split(",")]
     our_b = [int(b) for b in ns.peftkit_batches.split(",")]
@@ -310,7 +328,7 @@ def main() -> None:
             ratio = timed["peftkit"][-1]["examples_per_s"] / timed["lm_eval"][-1]["examples_per_s"]
             print(f"[{key}] chunk {c + 1}/{ns.chunks} rows {a}-{b}: speedup {ratio:.2f}x",
                   flush=True)  # fmt: skip
-        peaks.append(matmul_gflops())
+        peaks.append(matmul_gflops(dtype=ns.dtype))
         lm, us = ({} for _ in range(2))
         for side, res in (("lm_eval", lm), ("peftkit", us)):
             parts = timed[side]
@@ -337,7 +355,7 @@ def main() -> None:
         )
         lm_flops = scale * flops_per_example(lambda r, b=best_lm: lm_run(r, b), flop_rows)
         our_flops = scale * flops_per_example(lambda r, b=best_our: our_run(r, b), flop_rows)
-        agree = sum(a == b for a, b in zip(lm["preds"], us["preds"], strict=True)) / n
+        agree = _agree(lm["preds"], us["preds"])
         row = {
             "task": key,
             "rows": n,
@@ -374,6 +392,19 @@ def main() -> None:
             ],
             "flop_token_scale": scale,
         }
+        if reference is not None:  # the same rows scored in float32, untimed
+            ref = ours(reference, data, spec["prompts"], spec["template"], n, best_our,
+                       spec.get("demos", 0))  # fmt: skip
+            row["float32_reference"] = {
+                "accuracy": ref["accuracy"],
+                "lm_eval_agreement": _agree(lm["preds"], ref["preds"]),
+                "peftkit_agreement": _agree(us["preds"], ref["preds"]),
+                "lm_eval_accuracy_gap_points": 100 * (lm["accuracy"] - ref["accuracy"]),
+                "peftkit_accuracy_gap_points": 100 * (us["accuracy"] - ref["accuracy"]),
+            }
+            print(f"[{key}] float32 reference acc {ref['accuracy']:.4f}; agreement with it: "
+                  f"lm-eval {row['float32_reference']['lm_eval_agreement']:.3f}, peftkit "
+                  f"{row['float32_reference']['peftkit_agreement']:.3f}", flush=True)  # fmt: skip
         results.append(row)
     peak = statistics.median(peaks)
     for row in results:
@@ -391,10 +422,11 @@ def main() -> None:
     payload = {
         "benchmark": "bench_zeroshot",
         "issue": 4,
-        "model": "smollm2-135m (packaged, fp32)",
+        "model": f"smollm2-135m (packaged, {ns.dtype} weights on both sides)",
+        "dtype": ns.dtype,
         "environment": env,
-        "matmul_fp32_gflop_per_s": peak,
-        "matmul_fp32_gflop_per_s_each": peaks,
+        f"matmul_{DTYPE_TAG[ns.dtype]}_gflop_per_s": peak,
+        f"matmul_{DTYPE_TAG[ns.dtype]}_gflop_per_s_each": peaks,
         "chunks": ns.chunks,
         "rows": results,
         "goals": goals,

@@ -345,7 +345,13 @@ def build_task_model(
     rewrite: residual.BaseRewrite | None = None
     pooling = default_pooling(body.config) if spec.pooling == "auto" else spec.pooling
     if spec.method == "full":
-        body = copy.deepcopy(body)
+        if getattr(body, "is_loaded_in_4bit", False) or getattr(body, "is_loaded_in_8bit", False):
+            raise ConfigError(
+                f"{spec.source}: method 'full' trains every weight, and k-bit weights cannot "
+                "be trained; load the base unquantized or use lora / qlora"
+            )
+        # a float32 copy: AdamW's small updates would vanish in bfloat16 / float16 weights
+        body = copy.deepcopy(body).float()
         for p in body.parameters():
             p.requires_grad_(True)
     elif spec.method == "probe":

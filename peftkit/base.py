@@ -9,7 +9,10 @@ hub id (passed through to transformers for users who are online)::
     model, tokenizer = base                             # unpacks like a pair
 
 Quantization goes through ``transformers.BitsAndBytesConfig``; compute dtype is float32 on
-CPU (bf16 is 4-60x slower there) and bfloat16 on CUDA. The returned :class:`Base` carries a
+CPU (bf16 is 4-60x slower there) and bfloat16 on CUDA. ``dtype`` sets the unquantized
+weights: float32 on CPU and bfloat16 on CUDA by default; ``dtype="bfloat16"`` on a CPU with
+AVX512-BF16 / AMX runs the matmuls natively (several times float32's rate), and peftkit warns
+when the CPU would only emulate it. The returned :class:`Base` carries a
 :class:`~peftkit.fingerprint.Fingerprint` that adapters record, so that an adapter is never
 loaded onto a base it was not trained on.
 """
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("encoder", "causal-lm")
 QUANTIZATIONS = (None, "8bit", "4bit")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Modules that must stay unquantized: heads (tied or not) lose too much as k-bit weights.
 SKIP_MODULES = ["lm_head", "score", "classifier", "pooler"]
 
@@ -108,6 +112,41 @@ def quantization_config(
     )
 
 
+def resolve_dtype(dtype: torch.dtype | str | None, *, on_cuda: bool) -> torch.dtype:
+    """``dtype`` (a name in ``DTYPES``, a torch dtype, or None for the device's default) as a
+    torch dtype; warns when a CPU would emulate a half-precision dtype instead of running it."""
+    if dtype is None:
+        return torch.bfloat16 if on_cuda else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(
+                f"dtype={dtype!r} is not valid; use one of {', '.join(DTYPES)}"
+                + did_you_mean(dtype, DTYPES)
+            )
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ConfigError(f"dtype={dtype} is not valid; use one of {', '.join(DTYPES)}")
+    if not on_cuda and not cpu_runs_natively(dtype):
+        log.warning(
+            "dtype %s on this CPU: it has no %s, so matmuls are emulated and usually run "
+            "slower than float32",
+            str(dtype).removeprefix("torch."),
+            "AMX-FP16" if dtype == torch.float16 else "AVX512-BF16 or AMX",
+        )
+    return dtype
+
+
+def cpu_runs_natively(dtype: torch.dtype) -> bool:
+    """Whether this CPU has instructions for ``dtype`` matmuls (float32 always)."""
+    checks = {
+        torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+        torch.float16: ("_is_amx_fp16_supported",),
+    }.get(dtype)
+    if checks is None:
+        return True
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def infer_kind(config: Any) -> str:
     """``"causal-lm"`` for decoder-only architectures, else ``"encoder"``."""
     archs = " ".join(getattr(config, "architectures", None) or [])
@@ -134,7 +173,7 @@ def load_base(
     kind: str = "auto",
     quantization: str | None = None,
     double_quant: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, str] | None = None,
     offload_folder: str | Path | None = None,
@@ -147,7 +186,8 @@ def load_base(
         kind: ``"encoder"`` (head-less ``AutoModel``: features for adapters and heads),
             ``"causal-lm"`` (``AutoModelForCausalLM``), or ``"auto"`` (from the config).
         quantization: ``None``, ``"8bit"`` or ``"4bit"`` (NF4; ``double_quant`` optional).
-        dtype: weights dtype for the unquantized parts (default float32 on CPU).
+        dtype: weights dtype for the unquantized parts, a ``torch.dtype`` or its name in
+            ``DTYPES`` (default float32 on CPU, bfloat16 on CUDA).
         device_map / max_memory / offload_folder: Accelerate placement (default: ``"auto"``
             on CUDA, everything on CPU otherwise; CPU/disk offload where it applies).
     """
@@ -166,8 +206,7 @@ def load_base(
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **load_kwargs)
     if kind == "auto":
         kind = infer_kind(config)
-    if dtype is None:
-        dtype = torch.float32 if not on_cuda else torch.bfloat16
+    dtype = resolve_dtype(dtype, on_cuda=on_cuda)
     if device_map is None:
         device_map = default_device_map()
     if qconfig is not None and offload_folder is not None and quantization == "4bit":

@@ -128,12 +128,14 @@ def _train_all(recipe, path: Path, reg_root: Path, resumed: bool, say, state) ->
 
         for t in tasks:
             check_init(t.spec.peft, quantized=True, where=f"{recipe.source}: task {t.name!r}")
-    say(f"loading base {recipe.base.source!r} (quantization: {quantization or 'none'})")
+    say(f"loading base {recipe.base.source!r} (quantization: {quantization or 'none'}"
+        f"{dtype_note(recipe.base)})")  # fmt: skip
     base = load_base(
         recipe.base.source,
         kind=recipe.base.kind,
         quantization=quantization,
         double_quant=recipe.base.double_quant,
+        dtype=recipe.base.dtype,
     )
     if (recipe.revisit or recipe.hotswap) and not recipe.registry.enabled:
         raise ConfigError(
@@ -431,9 +433,12 @@ def _run_prompt(recipe: Recipe, path: Path, say) -> dict[str, Any]:
     ref = recipe.prompt
     assert ref is not None
     data, train_split = load_task_data(recipe.data)
-    say(f"loading base {recipe.base.source!r}")
+    say(f"loading base {recipe.base.source!r}{dtype_note(recipe.base)}")
     base = load_base(
-        recipe.base.source, kind=recipe.base.kind, quantization=recipe.base.quantization
+        recipe.base.source,
+        kind=recipe.base.kind,
+        quantization=recipe.base.quantization,
+        dtype=recipe.base.dtype,
     )
     run = evaluate_prompts(
         base,
@@ -479,6 +484,11 @@ class _Say:
             return
         print(text, file=self.out, flush=True)
         log.info(text.strip())
+
+
+def dtype_note(spec) -> str:
+    """``", dtype bfloat16"`` for a base spec that sets its dtype, else nothing."""
+    return f", dtype {spec.dtype}" if spec.dtype else ""
 
 
 def _broadcast(state, value: Any) -> Any:

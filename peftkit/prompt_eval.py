@@ -291,6 +291,7 @@ def evaluate_prompts(
     config = {
         "base": base.source,
         "base_fingerprint": base.fingerprint.id,
+        "base_dtype": str(base.model.dtype).removeprefix("torch."),
         "method": method,
         "scorer": scorer,
         "normalize": normalize,

@@ -52,12 +52,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BaseSpec:
-    """The frozen base model: packaged name, local folder or hub id (+ k-bit loading)."""
+    """The frozen base model: packaged name, local folder or hub id (+ k-bit loading, and
+    the weights' dtype: unset = float32 on CPU, bfloat16 on CUDA)."""
 
     source: str
     quantization: str | None = field(default=None, metadata={"choices": (None, "4bit", "8bit")})
     kind: str = field(default="auto", metadata={"choices": ("auto", "encoder", "causal-lm")})
     double_quant: bool = False
+    dtype: str | None = field(
+        default=None, metadata={"choices": (None, "float32", "bfloat16", "float16")}
+    )
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from peftkit import assets
-from peftkit.base import load_base, quantization_config
+from peftkit.base import load_base, quantization_config, resolve_dtype
 from peftkit.errors import ConfigError, ModelError
 
 
@@ -91,6 +92,38 @@ def test_bad_quantization_and_kind_are_named(tiny_models):
         load_base(tiny_models["bert"], quantization="4-bit")
     with pytest.raises(ConfigError, match="kind='decoder'"):
         load_base(tiny_models["bert"], kind="decoder")
+
+
+def test_dtype_by_name_sets_the_weights_and_keeps_the_fingerprint(tiny_models):
+    half = load_base(str(tiny_models["llama"]), dtype="bfloat16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    full = load_base(str(tiny_models["llama"]))
+    assert {p.dtype for p in full.model.parameters()} == {torch.float32}
+    # the same checkpoint: adapters trained on one load on the other
+    assert half.fingerprint.id == full.fingerprint.id
+    with pytest.raises(ConfigError, match="dtype='bf16' is not valid; use one of float32, bfloat"):
+        load_base(tiny_models["llama"], dtype="bf16")
+    with pytest.raises(ConfigError, match="dtype=torch.int8 is not valid"):
+        resolve_dtype(torch.int8, on_cuda=False)
+    assert resolve_dtype(None, on_cuda=False) is torch.float32
+    assert resolve_dtype(None, on_cuda=True) is torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_half_dtype_warns_where_the_cpu_would_emulate_it(monkeypatch, caplog, native):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: native, raising=False)
+    with caplog.at_level(logging.WARNING, logger="peftkit.base"):
+        assert resolve_dtype("bfloat16", on_cuda=False) is torch.bfloat16
+        assert resolve_dtype(torch.float16, on_cuda=False) is torch.float16
+        resolve_dtype("float32", on_cuda=False)
+        resolve_dtype("bfloat16", on_cuda=True)  # a GPU: no CPU check
+    warned = [r.getMessage() for r in caplog.records]
+    if native:
+        assert warned == []
+    else:
+        assert len(warned) == 2 and all("emulated" in w for w in warned)
+        assert "AVX512-BF16 or AMX" in warned[0] and "AMX-FP16" in warned[1]
 
 
 def test_quantization_without_bitsandbytes_says_what_would_work(monkeypatch):

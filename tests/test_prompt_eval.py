@@ -143,6 +143,18 @@ def test_templates_max_rows_and_demonstrations(llama, prompt_file, monkeypatch):
     assert shared and shared[0] >= causal.MIN_SHARED_TOKENS
 
 
+def test_a_bfloat16_base_scores_close_to_float32_and_says_so(llama, tiny_models, prompt_file):
+    data = synthetic("sentiment", n=40)
+    half = load_base(str(tiny_models["llama"]), dtype="bfloat16")
+    full = evaluate_prompts(llama, data, prompt_file, batch_size=4)
+    run = evaluate_prompts(half, data, prompt_file, batch_size=4)
+    assert full.config["base_dtype"] == "float32" and run.config["base_dtype"] == "bfloat16"
+    for a, b in zip(full.results, run.results, strict=True):
+        assert b.probs.dtype == a.probs.dtype and np.allclose(b.probs.sum(1), 1.0)
+        assert np.abs(a.probs - b.probs).max() < 0.05  # bf16 rounding, not another model
+        assert not np.allclose(a.probs, b.probs, atol=1e-6)  # and it did run in bf16
+
+
 def test_bad_arguments_are_named(llama, prompt_file):
     data = synthetic("sentiment", n=30)
     with pytest.raises(ConfigError, match="calibration must be one of"):

@@ -354,6 +354,42 @@ def test_unfinished_run_of_same_recipe_resumes(
 # --- few-shot head start ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_base_dtype_trains_fp32_adapters_that_serve_on_either_base(
+    tmp_path, tiny_models, reset_accelerate, method
+):
+    from safetensors.torch import load_file
+
+    from peftkit.base import load_base
+    from peftkit.switch import AdaptedModel
+
+    recipe = _tiny(tmp_path, tiny_models, ["base.dtype=bfloat16", f"adapter={method}"])
+    assert recipe.base.dtype == "bfloat16"
+    outcome = run_recipe(recipe, run_dir=tmp_path / "run", registry=tmp_path / "reg")
+    assert "dtype bfloat16" in (outcome.run_dir / "run.log").read_text()
+    registry = Registry(tmp_path / "reg")
+    entry = registry.get(outcome.entries[0])
+    assert entry.method == method
+    files = [f for f in entry.path.glob("*.safetensors") if f.name != "head.safetensors"]
+    weights = {k: v for f in files for k, v in load_file(f).items()}
+    assert weights and {t.dtype for t in weights.values()} == {torch.float32}
+    if method == "full":  # a whole model, exported rather than hot-swapped
+        return
+    texts = ["good film", "awful market"]
+    probs = {}
+    for dtype in ("float32", "bfloat16"):
+        model = AdaptedModel(load_base(str(tiny_models["bert"]), dtype=dtype), registry)
+        try:
+            probs[dtype] = model.use(outcome.entries[0]).predict_proba(texts)
+        finally:
+            model.close()
+    assert np.abs(probs["float32"] - probs["bfloat16"]).max() < 0.05
+    with pytest.raises(
+        ConfigError, match="base.dtype: 'half' is not one of null, float32, bfloat16"
+    ):
+        _tiny(tmp_path, tiny_models, ["base.dtype=half"])
+
+
 def test_head_init_shorthand_and_bad_values(tmp_path):
     path = write_recipe(tmp_path, GOOD)
     recipe = load_recipe(path, ["adapter.head_init=prototypes"])

@@ -66,6 +66,17 @@ def test_gpt2_conv1d_layers_are_adapted_without_peft_warnings(tiny_models, metho
     release(model)
 
 
+def test_full_trains_a_float32_copy_and_refuses_kbit_weights(tiny_models):
+    half = load_base(str(tiny_models["bert"]), dtype="bfloat16")
+    model = build_task_model(half.model, load_preset("full"), num_labels=2)
+    assert {p.dtype for p in model.body.parameters()} == {torch.float32}
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}  # the base untouched
+    release(model)
+    kbit = load_base(str(tiny_models["bert"]), quantization="8bit")
+    with pytest.raises(ConfigError, match="method 'full' trains every weight, and k-bit"):
+        build_task_model(kbit.model, load_preset("full"), num_labels=2)
+
+
 def test_trainable_parameter_counts_are_ordered(tiny_models):
     counts = {}
     for method in ("probe", "ia3", "lora", "full"):
