@@ -140,6 +140,17 @@ class TextDataset:
 # ---------------------------------------------------------------------------- loading
 
 
+def _loadable(path: Path) -> bool:
+    """A data file, or a folder holding one (what a mistyped data path may have meant)."""
+    data = (*SUFFIXES, ".json")
+    try:
+        if path.is_dir():
+            return any(p.suffix in data for p in path.iterdir())
+        return path.suffix in data
+    except OSError:  # unreadable: not worth suggesting
+        return False
+
+
 def load_data(
     source: str | Path,
     *,
@@ -212,7 +223,7 @@ def _load_path(source, fields, given, ratios, seed) -> TextDataset:
     if looks_local or not isinstance(source, str):
         near = ""
         if path.parent.is_dir():
-            near = did_you_mean(path.name, [p.name for p in path.parent.iterdir()])
+            near = did_you_mean(path.name, [p.name for p in path.parent.iterdir() if _loadable(p)])
         raise DataError(f"data file or folder does not exist: {path.resolve()}{near}")
     if did_you_mean(text, CORPORA) and "/" not in text:
         corpus_spec(text)  # raises: unknown packaged corpus, with the valid names

@@ -234,6 +234,16 @@ def test_missing_file_or_folder(tmp_path: Path):
         load_data(str(tmp_path / "trian.jsonl"))
     with pytest.raises(DataError, match="does not exist"):
         load_data("./no/such/folder")
+    # only what could be data is suggested: a folder of data files, not any folder
+    (tmp_path / "ag_news").mkdir()
+    (tmp_path / "ag_news" / "test.jsonl").write_text("")
+    (tmp_path / "notes_dir").mkdir()
+    (tmp_path / "notes_dir" / "notes.txt").write_text("")
+    with pytest.raises(DataError, match=r"did you mean 'ag_news'\?\)$"):
+        load_data(str(tmp_path / "ag_new"))
+    with pytest.raises(DataError) as err:
+        load_data(str(tmp_path / "notes_dirs"))
+    assert "did you mean" not in str(err.value)
 
 
 def test_relative_path_under_existing_folder_is_not_a_hub_id(tmp_path: Path, monkeypatch):
