@@ -101,23 +101,27 @@ def prototype_head(
     *,
     prior: float = 2.0,
     temperature: float = 0.05,
+    template: str | None = None,
     batch_size: int = 32,
 ) -> Head:
     """A cosine head whose rows are class prototypes of ``support`` (+ the label prior).
 
     ``support`` labels are ids into ``labels``; every label needs at least one example
-    unless ``prior`` > 0 (then a label with none is its description alone).
+    unless ``prior`` > 0 (then a label with none is its description alone). The examples
+    are embedded as the classifier will see them: formatted by ``template`` (the one
+    ``train`` is given), else with ``text_pairs`` as the tokenizer's second sequence.
     """
+    from peftkit.batching import apply_template
     from peftkit.scorers import embed_texts
 
     _check_weights(prior, temperature)
     ys = np.asarray(support.labels)
     if len(ys) and (ys.min() < 0 or ys.max() >= len(labels)):
         raise DataError(f"support labels must be ids into the {len(labels)} labels")
-    texts = list(support.texts)
-    if support.text_pairs is not None:
-        texts = [f"{a} {b}" for a, b in zip(texts, support.text_pairs, strict=True)]
-    feats = embed_texts(base.model, base.tokenizer, texts, batch_size=batch_size)
+    texts, pairs = list(support.texts), support.text_pairs
+    if template is not None:
+        texts, pairs = apply_template(template, texts, pairs), None
+    feats = embed_texts(base.model, base.tokenizer, texts, text_pairs=pairs, batch_size=batch_size)
     hidden = _hidden(base)
     protos = np.zeros((len(labels), hidden))
     if prior > 0:
@@ -150,6 +154,7 @@ class Prototypes:
     descriptions: Descriptions = None
     prior: float = 2.0
     temperature: float = 0.05
+    template: str | None = None  # train() sets its own template here
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
@@ -166,6 +171,7 @@ class Prototypes:
             self.descriptions,
             prior=self.prior,
             temperature=self.temperature,
+            template=self.template,
         )
 
 

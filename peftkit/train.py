@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,12 @@ def train(
                 f"head_init prototypes are for labels {list(prototypes.labels)}, but the data's "
                 f"are {list(data.labels)}"
             )
+        if prototypes.template not in (None, template):
+            raise ConfigError(
+                f"head_init prototypes embed their examples with template "
+                f"{prototypes.template!r}, but training formats them with {template!r}"
+            )
+        prototypes = replace(prototypes, template=template)
         head_init = prototypes.head(base.model, base.tokenizer)
     run_dir = Path(run_dir)
     acc = accelerator or Accelerator(

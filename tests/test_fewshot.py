@@ -15,7 +15,7 @@ from peftkit.artifacts import read_task, release, save_adapter
 from peftkit.base import load_base
 from peftkit.data import few_shot
 from peftkit.errors import ConfigError, DataError
-from peftkit.fewshot import label_embeddings, prototype_head, prototype_probe
+from peftkit.fewshot import Prototypes, label_embeddings, prototype_head, prototype_probe
 from peftkit.prompts import Verbalizer, parse_prompt_set
 from peftkit.registry import Registry
 from peftkit.scorers import embed_texts
@@ -133,6 +133,65 @@ def test_training_starts_from_the_given_head(bert, tmp_path):
     )
     with pytest.raises(ConfigError, match="head_init has 4 outputs but the data has 2 labels"):
         train(bert, load_preset("lora"), data, config, tmp_path / "run2", head_init=wrong)
+
+
+def _centroid_rows(feats: np.ndarray, ys) -> np.ndarray:
+    ys = np.asarray(ys)
+    return _unit(np.stack([feats[ys == c].mean(0) for c in range(2)]))
+
+
+def test_prototypes_embed_pairs_and_templates_as_the_classifier_sees_them(bert, tmp_path):
+    data = synthetic("sentiment", n=40)
+    support = few_shot(data.split("train"), 4, seed=1, label_names=data.labels)
+    texts = list(support.texts)
+    pairs = [f"note {i} about it" for i in range(len(texts))]
+    paired = replace(support, text_pairs=tuple(pairs))
+
+    def rows(head) -> np.ndarray:
+        return head.linear.weight.detach().numpy() * 0.05
+
+    # a pair is the tokenizer's two sequences (as training encodes it), not one joined text
+    want = _centroid_rows(
+        embed_texts(bert.model, bert.tokenizer, texts, text_pairs=pairs), support.labels
+    )
+    joined = _centroid_rows(
+        embed_texts(
+            bert.model, bert.tokenizer, [f"{a} {b}" for a, b in zip(texts, pairs, strict=True)]
+        ),
+        support.labels,
+    )
+    assert np.abs(want - joined).max() > 1e-3  # the two encodings do differ
+    got = rows(prototype_head(bert, paired, data.labels, prior=0))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(DataError, match="8 texts but 3 text_pairs"):
+        embed_texts(bert.model, bert.tokenizer, texts, text_pairs=pairs[:3])
+    # a template formats the examples (pairs included) before they are embedded
+    template = "{text} | {text_pair} overall"
+    formatted = [f"{a} | {b} overall" for a, b in zip(texts, pairs, strict=True)]
+    want = _centroid_rows(embed_texts(bert.model, bert.tokenizer, formatted), support.labels)
+    got = rows(prototype_head(bert, paired, data.labels, prior=0, template=template))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # train() builds Prototypes with the template it trains with
+    config = TrainConfig(
+        max_steps=1, batch_size=8, learning_rate=1e-9, progress=False, patience=None
+    )
+    plain = data.split("train")
+    template = "{text} overall"
+    start = Prototypes(support, data.labels, prior=0)
+    result = train(
+        bert, load_preset("lora"), data, config, tmp_path / "run", template=template,
+        head_init=start, train_split=plain,
+    )  # fmt: skip
+    want = _centroid_rows(
+        embed_texts(bert.model, bert.tokenizer, [f"{t} overall" for t in texts]), support.labels
+    )
+    np.testing.assert_allclose(rows(result.model.head), want, atol=1e-4)
+    release(result.model)
+    with pytest.raises(ConfigError, match="with template '\\{text\\} here', but training formats"):
+        train(
+            bert, load_preset("lora"), data, config, tmp_path / "run2", template=template,
+            head_init=replace(start, template="{text} here"),
+        )  # fmt: skip
 
 
 def test_a_recipes_prompt_set_describes_the_labels_by_its_descriptions(bert):

@@ -29,16 +29,31 @@ from peftkit.scorers._base import (
 
 
 def embed_texts(
-    model, tokenizer, texts: Sequence[str], *, batch_size: int = 32, max_length: int | None = None
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    text_pairs: Sequence[str] | None = None,
+    batch_size: int = 32,
+    max_length: int | None = None,
 ) -> np.ndarray:
-    """Mean-pooled, L2-normalized embeddings ``(n, hidden)`` from an encoder's last layer."""
+    """Mean-pooled, L2-normalized embeddings ``(n, hidden)`` from an encoder's last layer.
+
+    ``text_pairs`` are encoded as the tokenizer's second sequence, as training and the
+    served adapters encode pairs."""
+    if text_pairs is not None and len(text_pairs) != len(texts):
+        raise DataError(f"{len(texts)} texts but {len(text_pairs)} text_pairs")
     body = body_of(model)
     limit = context_length(model, tokenizer, max_length)
     chunks = []
     with eval_mode(model), torch.inference_mode():
         for start in range(0, len(texts), batch_size):
+            end = start + batch_size
+            args = [list(texts[start:end])]
+            if text_pairs is not None:
+                args.append(list(text_pairs[start:end]))
             enc = tokenizer(
-                list(texts[start : start + batch_size]),
+                *args,
                 padding=True,
                 truncation=True,
                 max_length=limit,
