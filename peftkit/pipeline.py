@@ -323,7 +323,9 @@ def _publish(recipe, base, task: _Task, data, result, path: Path, registry, say,
     if result.history:
         from peftkit.plots import plot_history
 
-        plot_history(result.history, path / f"{prefix}curves.png")
+        contrastive = task.config.objective == "contrastive"
+        loss_label = "train (pair loss)" if contrastive else "train (cross-entropy)"
+        plot_history(result.history, path / f"{prefix}curves.png", loss_label=loss_label)
     done = folder / "registered.json"
     previous = _previous_registration(done, registry)
     if previous is not None:

@@ -121,14 +121,17 @@ def _annotate(ax: Any, counts: np.ndarray, share: np.ndarray, font: int) -> None
 # --- training curves --------------------------------------------------------------------
 
 
-def plot_history(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
+def plot_history(
+    history: Sequence[Mapping[str, Any]], path: Path, *, loss_label: str = "train"
+) -> Path:
     """Draw the loss (left) and eval metrics (right) against the step to ``path``.
 
     ``history`` holds training rows such as ``{"step": 10, "epoch": 0.5, "loss": 0.7,
     "lr": 2e-5}`` and eval rows such as ``{"step": 20, "eval_accuracy": 0.8,
     "eval_macro_f1": 0.7}``. ``eval_loss`` joins the loss panel; the learning rate, when
     logged (``lr`` or ``learning_rate``), is drawn faintly on the loss panel's right axis.
-    Example: ``plot_history(history, Path("curves.png"))``.
+    ``loss_label`` names the training loss (a contrastive run's is the pair loss, not the
+    cross-entropy ``eval_loss`` is). Example: ``plot_history(history, Path("curves.png"))``.
     """
     train: dict[str, list[tuple[float, float]]] = {"loss": [], "eval_loss": [], "lr": []}
     metrics: dict[str, list[tuple[float, float]]] = {}
@@ -148,7 +151,7 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
     fig = Figure(figsize=(12.0, 4.4))
     loss_ax, metric_ax = fig.subplots(1, 2)
-    _loss_panel(loss_ax, train)
+    _loss_panel(loss_ax, train, loss_label)
     _metric_panel(metric_ax, metrics)
     fig.set_layout_engine("constrained")
     return _save(fig, path)
@@ -172,7 +175,7 @@ def _xy(points: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
     return np.array([p[0] for p in points]), np.array([p[1] for p in points])
 
 
-def _loss_panel(ax: Any, train: dict[str, list[tuple[float, float]]]) -> None:
+def _loss_panel(ax: Any, train: dict[str, list[tuple[float, float]]], label: str) -> None:
     ax.set_title("loss", fontsize=11)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
@@ -185,7 +188,7 @@ def _loss_panel(ax: Any, train: dict[str, list[tuple[float, float]]]) -> None:
             color="tab:blue",
             alpha=0.35 if smooth else 1.0,
             lw=1,
-            label="train" if not smooth else "train (raw)",
+            label=label if not smooth else f"{label} (raw)",
         )
         if smooth:  # a moving average over ~5% of the points shows the trend
             ax.plot(
@@ -193,11 +196,11 @@ def _loss_panel(ax: Any, train: dict[str, list[tuple[float, float]]]) -> None:
                 _moving_average(y, max(3, len(y) // 20)),
                 color="tab:blue",
                 lw=2,
-                label="train (smoothed)",
+                label=f"{label} (smoothed)",
             )
     if train["eval_loss"]:
         x, y = _xy(train["eval_loss"])
-        ax.plot(x, y, "o-", color="tab:orange", lw=1.5, ms=4, label="eval")
+        ax.plot(x, y, "o-", color="tab:orange", lw=1.5, ms=4, label="eval (cross-entropy)")
     if not (train["loss"] or train["eval_loss"]):
         _empty(ax, "no loss logged")
         return

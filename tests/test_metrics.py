@@ -331,6 +331,9 @@ def test_plot_history_writes_png_and_svg(tmp_path: Path) -> None:
     assert_png(plot_history(history, tmp_path / "curves.png"))
     svg = plot_history(history, tmp_path / "curves.svg").read_text()
     assert "<svg" in svg and "macro_f1" in svg and "runtime" not in svg
+    assert "train (smoothed)" in svg and "eval (cross-entropy)" in svg
+    named = plot_history(history, tmp_path / "pairs.svg", loss_label="train (pair loss)")
+    assert "train (pair loss) (smoothed)" in named.read_text()
 
 
 def test_plot_history_with_only_eval_rows(tmp_path: Path) -> None:
