@@ -236,6 +236,48 @@ def test_prompts_sharing_their_first_tokens_run_them_once(causal, kind, batch_si
         )
 
 
+def _sliding(window: int):
+    torch.manual_seed(0)
+    config = tf.MistralConfig(
+        vocab_size=len(SPECIALS) + len(set(WORDS)),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=CONTEXT,
+        sliding_window=window,
+        pad_token_id=0,
+        bos_token_id=5,
+        eos_token_id=6,
+    )
+    return tf.MistralForCausalLM(config).eval(), make_tokenizer("bos")
+
+
+@pytest.mark.parametrize("kind", sorted(CONTINUATIONS))
+def test_a_sliding_window_model_scores_as_its_own_forward(kind, monkeypatch):
+    """Rebuilt caches see the whole past: prompts longer than the window must not use them."""
+    from peftkit.scorers import causal as module
+
+    model, tok = _sliding(6)
+    assert module._attention_window(model) == 6
+    conts = CONTINUATIONS[kind]
+    for prompts in (PROMPTS, [SHARED + p for p in PROMPTS]):
+        got = continuation_logprobs(model, tok, prompts, conts, batch_size=2, max_rows=3)
+        np.testing.assert_allclose(got, _by_hand(model, tok, prompts, conts), atol=1e-4, rtol=0)
+    # a window longer than every prompt changes nothing: the shared cache is used as before
+    wide, tok = _sliding(CONTEXT)
+    prompts = [SHARED + p for p in PROMPTS]
+
+    def refuse(*_a, **_k):
+        raise AssertionError("took the one-forward-per-label path")
+
+    monkeypatch.setattr(module, "_naive_logprobs", refuse)
+    got = continuation_logprobs(wide, tok, prompts, conts, batch_size=2)
+    np.testing.assert_allclose(got, _by_hand(wide, tok, prompts, conts), atol=1e-4, rtol=0)
+    assert module._attention_window(make_causal("llama")[0]) is None
+
+
 def test_naive_batched_with_padding_matches_unbatched(causal):
     model, tok = causal
     conts = CONTINUATIONS["mixed"]

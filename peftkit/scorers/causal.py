@@ -185,6 +185,13 @@ def _shared_prefix_logprobs(
     """
     if _prepends_virtual_tokens(model):
         return _naive_logprobs(model, prompt_ids, cont_ids, batch_size)
+    # Caches rebuilt from keys and values (a shared start, the other multi-token labels)
+    # are full-attention caches: layers that see only a window of the past score otherwise
+    # once a prompt outgrows it. Such prompts get one forward, the labels inline, or else go
+    # the naive way.
+    window = _attention_window(model)
+    longest = max(map(len, prompt_ids), default=0) + max(map(len, cont_ids))
+    rebuild = window is None or longest <= window
     device = device_of(model)
     first = torch.tensor([c[0] for c in cont_ids], device=device)
     multi = [j for j, c in enumerate(cont_ids) if len(c) > 1]
@@ -194,6 +201,8 @@ def _shared_prefix_logprobs(
     inline = max(multi, key=lambda j: len(cont_ids[j]), default=None)
     extra = [] if inline is None else cont_ids[inline][:-1]
     rest = [j for j in multi if j != inline]
+    if rest and not rebuild:
+        return _naive_logprobs(model, prompt_ids, cont_ids, batch_size)
     words = torch.tensor([] if inline is None else cont_ids[inline][1:], device=device).long()
     # Positions kept as indices, not ``logits_to_keep=1``: a slice leaves the hidden states
     # non-contiguous, and PyTorch's matmul then runs the vocabulary projection as a bmm over
@@ -205,7 +214,7 @@ def _shared_prefix_logprobs(
     with eval_mode(model), torch.inference_mode():
         # Tokens every prompt starts with (shared demonstrations, an instruction) run once;
         # each batch then runs only its own tokens on that cache, broadcast to its rows.
-        shared = _shared_length(model, prompt_ids)
+        shared = _shared_length(model, prompt_ids) if rebuild else 0
         if shared:
             first_ids = torch.tensor([prompt_ids[0][:shared]], device=device)
             lead = model(input_ids=first_ids, use_cache=True, logits_to_keep=1)
@@ -258,6 +267,27 @@ def _shared_length(model, prompt_ids: list[list[int]]) -> int:
         return 0
     n = min(len(os.path.commonprefix(prompt_ids)), min(map(len, prompt_ids)) - 1)
     return n if n >= MIN_SHARED_TOKENS else 0
+
+
+def _attention_window(model) -> int | None:
+    """The shortest past any layer attends to (a sliding window, a chunk), or None when
+    every layer sees the whole sequence; 0 for layers whose cache is not keys and values."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = inner.config.get_text_config(decoder=True)
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, kwargs = get_layer_types_and_kwargs(config)
+    except (ImportError, AttributeError, TypeError):  # another transformers: the plain fields
+        sizes = [getattr(config, k, None) for k in ("sliding_window", "attention_chunk_size")]
+        found = [int(v) for v in sizes if v is not None]
+        return min(found) if found else None
+    windows = [
+        int(kw.get("sliding_window") or 0)
+        for kind, kw in zip(types, kwargs, strict=True)
+        if kind not in ("full_attention", "dummy")
+    ]
+    return min(windows) if windows else None
 
 
 def _broadcast_cache(cache, rows: int):
