@@ -110,11 +110,12 @@ def make_tokenizer(style: str) -> tf.PreTrainedTokenizerFast:
     )
 
 
-def make_causal(family: str):
+def make_causal(family: str, sliding_window: int | None = None):
+    """A tiny llama or GPT-2, or a Mistral attending to a ``sliding_window`` of the past."""
     torch.manual_seed(0)
     n = len(SPECIALS) + len(set(WORDS))
-    if family == "llama":
-        config = tf.LlamaConfig(
+    if family in ("llama", "mistral"):
+        shape = dict(
             vocab_size=n,
             hidden_size=32,
             num_hidden_layers=2,
@@ -126,7 +127,10 @@ def make_causal(family: str):
             bos_token_id=5,
             eos_token_id=6,
         )
-        return tf.LlamaForCausalLM(config).eval(), make_tokenizer("bos")
+        if family == "mistral":
+            config = tf.MistralConfig(sliding_window=sliding_window, **shape)
+            return tf.MistralForCausalLM(config).eval(), make_tokenizer("bos")
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**shape)).eval(), make_tokenizer("bos")
     config = tf.GPT2Config(
         vocab_size=n,
         n_embd=32,
@@ -236,37 +240,19 @@ def test_prompts_sharing_their_first_tokens_run_them_once(causal, kind, batch_si
         )
 
 
-def _sliding(window: int):
-    torch.manual_seed(0)
-    config = tf.MistralConfig(
-        vocab_size=len(SPECIALS) + len(set(WORDS)),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=CONTEXT,
-        sliding_window=window,
-        pad_token_id=0,
-        bos_token_id=5,
-        eos_token_id=6,
-    )
-    return tf.MistralForCausalLM(config).eval(), make_tokenizer("bos")
-
-
 @pytest.mark.parametrize("kind", sorted(CONTINUATIONS))
 def test_a_sliding_window_model_scores_as_its_own_forward(kind, monkeypatch):
     """Rebuilt caches see the whole past: prompts longer than the window must not use them."""
     from peftkit.scorers import causal as module
 
-    model, tok = _sliding(6)
+    model, tok = make_causal("mistral", sliding_window=6)
     assert module._attention_window(model) == 6
     conts = CONTINUATIONS[kind]
     for prompts in (PROMPTS, [SHARED + p for p in PROMPTS]):
         got = continuation_logprobs(model, tok, prompts, conts, batch_size=2, max_rows=3)
         np.testing.assert_allclose(got, _by_hand(model, tok, prompts, conts), atol=1e-4, rtol=0)
     # a window longer than every prompt changes nothing: the shared cache is used as before
-    wide, tok = _sliding(CONTEXT)
+    wide, tok = make_causal("mistral", sliding_window=CONTEXT)
     prompts = [SHARED + p for p in PROMPTS]
 
     def refuse(*_a, **_k):
