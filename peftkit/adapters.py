@@ -344,8 +344,11 @@ def build_task_model(
     body = body_of(base_model)
     rewrite: residual.BaseRewrite | None = None
     pooling = default_pooling(body.config) if spec.pooling == "auto" else spec.pooling
+    kbit = bool(
+        getattr(body, "is_loaded_in_4bit", False) or getattr(body, "is_loaded_in_8bit", False)
+    )
     if spec.method == "full":
-        if getattr(body, "is_loaded_in_4bit", False) or getattr(body, "is_loaded_in_8bit", False):
+        if kbit:
             raise ConfigError(
                 f"{spec.source}: method 'full' trains every weight, and k-bit weights cannot "
                 "be trained; load the base unquantized or use lora / qlora"
@@ -360,9 +363,7 @@ def build_task_model(
     else:
         import peft
 
-        quantized = spec.method == "qlora" or bool(
-            getattr(body, "is_loaded_in_4bit", False) or getattr(body, "is_loaded_in_8bit", False)
-        )
+        quantized = spec.method == "qlora" or kbit
         residual.check_init(spec.peft, quantized=quantized, where=spec.source)
         with peft_quiet():
             if quantized:

@@ -112,8 +112,6 @@ def _run(recipe: Recipe, path: Path, reg_root: Path, resumed: bool, say, state) 
 
 
 def _train_all(recipe, path: Path, reg_root: Path, resumed: bool, say, state) -> RunOutcome:
-    from peftkit.base import load_base
-
     main = state.is_main_process
     tasks = [_main_task(recipe, path)] + [_then_task(recipe, t, path) for t in recipe.then]
     quant = {t.spec.quantization for t in tasks} - {None}
@@ -128,15 +126,7 @@ def _train_all(recipe, path: Path, reg_root: Path, resumed: bool, say, state) ->
 
         for t in tasks:
             check_init(t.spec.peft, quantized=True, where=f"{recipe.source}: task {t.name!r}")
-    say(f"loading base {recipe.base.source!r} (quantization: {quantization or 'none'}"
-        f"{dtype_note(recipe.base)})")  # fmt: skip
-    base = load_base(
-        recipe.base.source,
-        kind=recipe.base.kind,
-        quantization=quantization,
-        double_quant=recipe.base.double_quant,
-        dtype=recipe.base.dtype,
-    )
+    base = load_recipe_base(recipe.base, quantization, say)
     if (recipe.revisit or recipe.hotswap) and not recipe.registry.enabled:
         raise ConfigError(
             f"{recipe.source}: 'revisit' and 'hotswap' load the adapters from the registry; "
@@ -428,20 +418,13 @@ def _hotswap(base, registry, refs: list[str], spec, say) -> dict[str, Any]:
 
 def _run_prompt(recipe: Recipe, path: Path, say) -> dict[str, Any]:
     """Score every template of the prompt (or the one named) on the evaluation split."""
-    from peftkit.base import load_base
     from peftkit.evaluation import classification_report
     from peftkit.prompt_eval import evaluate_prompts
 
     ref = recipe.prompt
     assert ref is not None
     data, train_split = load_task_data(recipe.data)
-    say(f"loading base {recipe.base.source!r}{dtype_note(recipe.base)}")
-    base = load_base(
-        recipe.base.source,
-        kind=recipe.base.kind,
-        quantization=recipe.base.quantization,
-        dtype=recipe.base.dtype,
-    )
+    base = load_recipe_base(recipe.base, recipe.base.quantization, say)
     run = evaluate_prompts(
         base,
         data,
@@ -488,9 +471,19 @@ class _Say:
         log.info(text.strip())
 
 
-def dtype_note(spec) -> str:
-    """``", dtype bfloat16"`` for a base spec that sets its dtype, else nothing."""
-    return f", dtype {spec.dtype}" if spec.dtype else ""
+def load_recipe_base(spec, quantization: str | None, say):
+    """Load a recipe's ``base:`` (``quantization``: the one its tasks settled on), saying so."""
+    from peftkit.base import load_base
+
+    dtype = f", dtype {spec.dtype}" if spec.dtype else ""
+    say(f"loading base {spec.source!r} (quantization: {quantization or 'none'}{dtype})")
+    return load_base(
+        spec.source,
+        kind=spec.kind,
+        quantization=quantization,
+        double_quant=spec.double_quant,
+        dtype=spec.dtype,
+    )
 
 
 def _broadcast(state, value: Any) -> Any:
