@@ -11,7 +11,9 @@ SmolLM2-135M, the same template and label words on both sides (lm-eval's choices
 in-context demonstrations per class (seed 0, from train) before every query: lm-eval gets
 them written into its ``doc_to_text``, peftkit gets ``demonstrations=2`` (the same 4 in the
 same order, so the same prompt strings: the predictions must all agree), and runs their
-tokens once, not once per query.
+tokens once, not once per query. ``ag_news_instruct`` is AG News with the template
+``classify-article`` (an instruction, then the article) and the dataset's label names
+(" Sci/Tech" three tokens): the instruction starts every prompt, and peftkit runs it once.
 
 - lm-eval: ``simple_evaluate`` on an ``HFLM`` wrapping the very model object we score with,
   a task YAML over the same jsonl file (``output_type: multiple_choice``, metric ``acc`` =
@@ -64,6 +66,14 @@ TASKS = {
         "folder": "ag_news",
         "prompts": "news_ag",
         "template": "topic-question",
+        "rows": 1000,
+    },
+    # an instruction before the article (the same words start every prompt: peftkit runs
+    # them once) and the dataset's label names, " Sci/Tech" three tokens
+    "ag_news_instruct": {
+        "folder": "ag_news",
+        "prompts": "news_ag",
+        "template": "classify-article",
         "rows": 1000,
     },
     # in-context: 2 demonstrations per class (seed 0, from train) before every query, the
