@@ -183,15 +183,29 @@ CONTINUATIONS = {
     "multi": [" very good", " not good at all", " really bad"],
     "mixed": [" good", " not very good", " bad", " yes it was"],
     "one-multi": [" good", " bad", " not very good"],  # scored in the prompt's own forward
+    # labels that start with the same words (and one that is another's start): the label
+    # tree feeds " not" and " very" once for all the labels through them
+    "shared-words": [" not good", " not bad at all", " not", " very good", " very good indeed"],
 }
 
 
 # --- the key test: shared prefix == one forward per (prompt, label) ----------------------
 
 
+@pytest.fixture(params=["tree", "cache"])
+def multi_way(request, monkeypatch):
+    """Several multi-token labels: one forward with the label tree (a 4-D mask), or, for an
+    attention that takes no custom mask, the other labels continuing the prompt's cache."""
+    from peftkit.scorers import causal as module
+
+    if request.param == "cache":
+        monkeypatch.setattr(module, "_takes_custom_masks", lambda model: False)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", sorted(CONTINUATIONS))
 @pytest.mark.parametrize("batch_size, max_rows", [(2, 3), (5, 256)])
-def test_shared_prefix_matches_naive(causal, kind, batch_size, max_rows):
+def test_shared_prefix_matches_naive(causal, kind, batch_size, max_rows, multi_way):
     model, tok = causal
     conts = CONTINUATIONS[kind]
     fast = continuation_logprobs(
@@ -203,12 +217,57 @@ def test_shared_prefix_matches_naive(causal, kind, batch_size, max_rows):
     np.testing.assert_allclose(fast, naive, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["multi", "mixed", "shared-words"])
+def test_the_label_tree_scores_every_label_in_one_forward(causal, kind, monkeypatch):
+    """With several multi-token labels the prompt's forward is the only one: no cache is
+    continued, every batch is one call; a small logits budget splits batches, same scores."""
+    from peftkit.scorers import causal as module
+
+    model, tok = causal
+    conts = CONTINUATIONS[kind]
+    expected = _by_hand(model, tok, PROMPTS, conts)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("continued the cache")
+
+    real_continue = module._continue
+    monkeypatch.setattr(module, "_continue", refuse)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda _m, _a: calls.append(1))
+    try:
+        got = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=2)
+        assert len(calls) == 3  # 5 prompts, 2 per batch: one forward each
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        tree = module._LabelTree(module.continuation_ids(tok, conts), "cpu")
+        monkeypatch.setattr(module, "TREE_LOGITS", (len(tree.tokens) + 1) * vocab)  # one row
+        calls.clear()
+        got = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=4)
+        assert len(calls) == len(PROMPTS)
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    finally:
+        hook.remove()
+    # a tree whose one prompt's logits exceed the budget: the other labels continue the cache
+    monkeypatch.setattr(module, "TREE_LOGITS", (len(tree.tokens) + 1) * vocab - 1)
+    continued = []
+    monkeypatch.setattr(
+        module, "_continue", lambda *a, **k: continued.append(1) or real_continue(*a, **k)
+    )
+    got = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=2)
+    assert continued
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    if kind == "shared-words":  # " not" and " very" fed once each: 5 tokens, not 1+3+1+2
+        assert len(tree.tokens) == 5
+
+
 SHARED = "review : this movie was good and the plot was fun . "  # 12 tokens before each prompt
 
 
 @pytest.mark.parametrize("kind", sorted(CONTINUATIONS))
 @pytest.mark.parametrize("batch_size, max_rows", [(2, 3), (5, 256)])
-def test_prompts_sharing_their_first_tokens_run_them_once(causal, kind, batch_size, max_rows):
+def test_prompts_sharing_their_first_tokens_run_them_once(
+    causal, kind, batch_size, max_rows, multi_way
+):
     """Demonstrations or an instruction common to every prompt: same scores, computed once."""
     from peftkit.scorers import causal as module
 

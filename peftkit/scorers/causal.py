@@ -33,6 +33,10 @@ from peftkit.scorers._base import (
 MIN_SHARED_TOKENS = 8
 """Leading tokens common to all prompts of a call are run once when there are this many."""
 
+TREE_LOGITS = 2**26
+"""At most this many logits (rows x kept positions x vocabulary) per forward of the label
+tree (256 MB in float32): a batch that would hold more runs in smaller pieces."""
+
 
 def score_causal(
     model,
@@ -127,9 +131,12 @@ def continuation_logprobs(
 ) -> np.ndarray:
     """``(len(prompts), len(continuations))`` array of log P(continuation | prompt).
 
-    One forward pass per prompt (batched, left-padded) that also carries the longest
-    multi-token continuation's words, then one batched pass over the other multi-token
-    continuations on the cached prompt; logits only where they are needed.
+    One forward pass per prompt (batched, left-padded) that also carries the multi-token
+    continuations' words: as a prefix tree after the prompt (continuations that start with
+    the same words share them; a 4-D attention mask keeps each branch to the prompt and its
+    own words), or, where the attention takes no custom mask (flash attention, a sliding
+    window, prefix tuning), the longest one inline and the others in one batched pass on the
+    cached prompt. Logits only where they are needed.
     """
     cont_ids = continuation_ids(tokenizer, continuations)
     ids = _causal_encoder(tokenizer)(list(prompts))
@@ -193,17 +200,33 @@ def _shared_prefix_logprobs(
     longest = max(map(len, prompt_ids), default=0) + max(map(len, cont_ids))
     rebuild = window is None or longest <= window
     device = device_of(model)
-    first = torch.tensor([c[0] for c in cont_ids], device=device)
     multi = [j for j, c in enumerate(cont_ids) if len(c) > 1]
-    # The longest multi-token label rides along: its words but the last are appended to every
-    # prompt (the prompt's own positions cannot see them), so its tail is scored by the same
-    # forward. The other multi-token labels continue the cache, cut back to the prompt.
-    inline = max(multi, key=lambda j: len(cont_ids[j]), default=None)
-    extra = [] if inline is None else cont_ids[inline][:-1]
-    rest = [j for j in multi if j != inline]
-    if rest and not rebuild:
-        return _naive_logprobs(model, prompt_ids, cont_ids, batch_size)
-    words = torch.tensor([] if inline is None else cont_ids[inline][1:], device=device).long()
+    tree: _LabelTree | None = None
+    if len(multi) > 1 and window is None and _takes_custom_masks(model):
+        # Every multi-token label rides along: their words but the last, as a tree (labels
+        # with the same first words share those tokens), after every prompt, each branch
+        # seeing the prompt and its own earlier words. One forward scores every label, as
+        # long as one prompt's logits fit the budget (else the cache way below).
+        tree = _LabelTree(cont_ids, device)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        fits = TREE_LOGITS // ((len(tree.tokens) + 1) * vocab)
+        tree = tree if fits else None
+    if tree is not None:
+        extra, rest = tree.tokens, []
+        batch_size = min(batch_size, fits)
+    else:
+        # The longest multi-token label rides along: its words but the last are appended to
+        # every prompt (the prompt's own positions cannot see them), so its tail is scored by
+        # the same forward. The other multi-token labels continue the cache, cut back to the
+        # prompt.
+        inline = max(multi, key=lambda j: len(cont_ids[j]), default=None)
+        extra = [] if inline is None else cont_ids[inline][:-1]
+        rest = [j for j in multi if j != inline]
+        if rest and not rebuild:
+            return _naive_logprobs(model, prompt_ids, cont_ids, batch_size)
+        words = torch.tensor([] if inline is None else cont_ids[inline][1:], device=device).long()
+    first = torch.tensor([c[0] for c in cont_ids], device=device)
+    tail = torch.tensor(extra, device=device, dtype=torch.long)
     # Positions kept as indices, not ``logits_to_keep=1``: a slice leaves the hidden states
     # non-contiguous, and PyTorch's matmul then runs the vocabulary projection as a bmm over
     # a per-row copy of the weight (3.4x slower on CPU); an index gathers a copy.
@@ -225,13 +248,23 @@ def _shared_prefix_logprobs(
                 shared = 0
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            ids, mask = pad_rows([prompt_ids[i] + extra for i in rows], device, left=True)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, prompt_mask = pad_rows([prompt_ids[i] for i in rows], device, left=True)
+            pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+            after = prompt_mask.sum(-1, keepdim=True)  # the first position after each prompt
+            if tree is not None:
+                pos = torch.cat([pos, after + tree.depth - 1], dim=-1)
+            else:
+                pos = torch.cat([pos, after + torch.arange(len(extra), device=device)], dim=-1)
+            ids = torch.cat([ids, tail.expand(len(rows), -1)], dim=-1)
+            mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(rows), len(extra))], dim=-1)
             prefix = {}
             if shared:  # the shared tokens come first, then each prompt's padding and rest
                 pos = pos + shared
                 mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=-1)
+                prompt_mask = torch.cat([mask[:, :shared], prompt_mask], dim=-1)
                 prefix[cache_key] = _broadcast_cache(lead_cache, len(rows))
+            if tree is not None:
+                mask = tree.attention_mask(prompt_mask, shared, _dtype_of(model))
             res = model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -241,6 +274,9 @@ def _shared_prefix_logprobs(
                 **prefix,
             )
             logp = res.logits[:, -len(keep) :].float().log_softmax(-1)
+            if tree is not None:
+                out[rows] = tree.score(logp, first).cpu().numpy()
+                continue
             scores = logp[:, 0, first]
             if inline is not None:
                 scores[:, inline] += (
@@ -248,13 +284,74 @@ def _shared_prefix_logprobs(
                 )
             if rest:
                 cache = _cache_of(res)
-                prompt_mask = mask[:, : mask.shape[1] - len(extra)]
                 tails = [cont_ids[j] for j in rest]
                 scores[:, rest] += _continue(
                     model, cache, cache_key, prompt_mask, tails, max_rows, len(extra)
                 )
             out[rows] = scores.cpu().numpy()
     return out
+
+
+class _LabelTree:
+    """The multi-token labels' words but the last, as a prefix tree of tokens to feed after
+    a prompt (labels that start with the same words share them).
+
+    Node ``n`` is ``tokens[n]`` at ``depth[n]`` (1: a label's first word); its logits (kept
+    position ``1 + n``; position 0 is the prompt's last token) score the next word of every
+    label through it.
+    """
+
+    def __init__(self, cont_ids: list[list[int]], device):
+        index: dict[tuple[int, ...], int] = {}
+        parent: list[int] = []
+        for c in cont_ids:
+            for i in range(1, len(c)):
+                if tuple(c[:i]) not in index:
+                    index[tuple(c[:i])] = len(parent)
+                    parent.append(index.get(tuple(c[: i - 1]), -1))
+        self.tokens = [key[-1] for key in index]
+        n = len(parent)
+        seen = torch.eye(n, dtype=torch.bool)  # seen[a, b]: node a attends to node b
+        for a in range(n):
+            b = parent[a]
+            while b >= 0:
+                seen[a, b] = True
+                b = parent[b]
+        self.seen = seen.to(device)
+        self.depth = torch.tensor([len(key) for key in index], device=device)
+        # every (label, kept position, word) whose log-prob the label's score sums
+        label, at, word = [], [], []
+        for j, c in enumerate(cont_ids):
+            for i in range(1, len(c)):
+                label.append(j)
+                at.append(1 + index[tuple(c[:i])])
+                word.append(c[i])
+        self.label, self.at, self.word = (
+            torch.tensor(v, device=device, dtype=torch.long) for v in (label, at, word)
+        )
+        self.n_labels = len(cont_ids)
+
+    def attention_mask(self, prompt_mask: torch.Tensor, shared: int, dtype) -> torch.Tensor:
+        """Additive ``(rows, 1, queries, keys)`` mask: the prompts causal over their own
+        tokens (``prompt_mask``, the shared start included), each node over the whole prompt
+        and its own branch. Every query sees itself, so no row is empty."""
+        rows, width = prompt_mask.shape
+        n, q = len(self.tokens), width - shared + len(self.tokens)
+        real = prompt_mask.bool()[:, None, :]
+        causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
+        seen = torch.zeros(rows, q, width + n, dtype=torch.bool, device=real.device)
+        seen[:, : q - n, :width] = causal[shared:] & real
+        seen[:, q - n :, :width] = real
+        seen[:, q - n :, width:] = self.seen
+        own = torch.arange(q, device=real.device)
+        seen[:, own, shared + own] = True
+        bias = torch.zeros(seen.shape, dtype=dtype, device=real.device)
+        return bias.masked_fill_(~seen, torch.finfo(dtype).min)[:, None]
+
+    def score(self, logp: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """Summed log-probs ``(rows, labels)`` from the kept positions' log-softmax."""
+        scores = logp[:, 0, first]
+        return scores.index_add_(1, self.label, logp[:, self.at, self.word])
 
 
 def _shared_length(model, prompt_ids: list[list[int]]) -> int:
@@ -384,6 +481,22 @@ def _check_fits(model, tokenizer, ids, cont_ids) -> None:
             f"a prompt plus continuation takes {longest} tokens, over the context of {limit}; "
             "score_causal cuts input text to fit"
         )
+
+
+def _takes_custom_masks(model) -> bool:
+    """Whether the model's attention takes a 4-D mask as given (transformers' sdpa, eager)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if _prompt_learning(model) is not None or not has_lm_head(inner):
+        return False
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None) in (
+        "sdpa",
+        "eager",
+    )
+
+
+def _dtype_of(model) -> torch.dtype:
+    """The dtype the hidden states (and so the attention's queries) have."""
+    return model.get_input_embeddings().weight.dtype
 
 
 def _prompt_learning(model):
