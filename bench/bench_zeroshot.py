@@ -14,6 +14,9 @@ same order, so the same prompt strings: the predictions must all agree), and run
 tokens once, not once per query. ``ag_news_instruct`` is AG News with the template
 ``classify-article`` (an instruction, then the article) and the dataset's label names
 (" Sci/Tech" three tokens): the instruction starts every prompt, and peftkit runs it once.
+``banking77`` is 77 intents whose label words are all several tokens (every 15th test row:
+the file is sorted by label): lm-eval runs one forward per (example, label), peftkit one per
+example, the labels' words after the prompt as a tree.
 
 - lm-eval: ``simple_evaluate`` on an ``HFLM`` wrapping the very model object we score with,
   a task YAML over the same jsonl file (``output_type: multiple_choice``, metric ``acc`` =
@@ -78,6 +81,16 @@ TASKS = {
     },
     # in-context: 2 demonstrations per class (seed 0, from train) before every query, the
     # same 4 on both sides; peftkit runs their tokens once (shared by every prompt)
+    # 77 intents, every label several tokens: lm-eval runs one forward per (example, label),
+    # peftkit one per example (the labels as a tree after the prompt). The test file is
+    # sorted by label: every 15th row, so all 77 intents are among the 200 timed
+    "banking77": {
+        "folder": "banking77",
+        "prompts": "intent_banking",
+        "template": "customer-intent",
+        "rows": 200,
+        "stride": 15,
+    },
     "sst2_icl": {
         "folder": "sst2",
         "prompts": "sentiment",
@@ -204,6 +217,24 @@ def ours(base, data, prompts, template, rows: int, batch: int, demos: int = 0) -
     }
 
 
+def task_data(spec: dict, tmp: Path):
+    """The task's dataset and its test rows' jsonl file (every ``stride``-th row when the
+    task has one, written to ``tmp``: both sides then read its first rows)."""
+    from peftkit.data import TextDataset, load_data
+
+    data = load_data(DATA / spec["folder"])
+    source = DATA / spec["folder"] / "test.jsonl"
+    if not spec.get("stride"):
+        return data, source
+    picked = range(0, len(data.split("test")), spec["stride"])
+    lines = source.read_text().splitlines()
+    source = tmp / f"{spec['folder']}-every-{spec['stride']}.jsonl"
+    source.write_text("\n".join(lines[i] for i in picked) + "\n")
+    splits = {name: data.split(name) for name in ("train",) if spec.get("demos")}
+    splits["test"] = data.split("test").subset(picked)
+    return TextDataset(data.name, data.labels, splits), source
+
+
 def n_rows(spec: dict, data, quick: bool) -> int:
     """How many test rows a task times."""
     if quick:
@@ -259,7 +290,7 @@ def main() -> None:
     import torch
 
     from peftkit.base import load_base
-    from peftkit.data import TextDataset, load_data
+    from peftkit.data import TextDataset
     from peftkit.evaluation import probability_metrics
     from peftkit.prompts import load_prompt_set
 
@@ -277,10 +308,9 @@ def main() -> None:
     results = []
     specs = {k: TASKS[k] for k in ns.tasks.split(",")}
     for key, spec in specs.items():
-        data = load_data(DATA / spec["folder"])
+        data, source = task_data(spec, tmp)
         prompts = load_prompt_set(spec["prompts"])
         prompt = prompts.get(spec["template"])
-        source = DATA / spec["folder"] / "test.jsonl"
         prefix = demo_block(spec, data, prompt)
         (tmp / f"{key}.yaml").write_text(
             task_yaml(f"peftkit_{key}", source, prompt, data.labels, prefix)
@@ -294,7 +324,7 @@ def main() -> None:
             )
     harness = LmEval(base, tmp)
     for key, spec in specs.items():
-        data = load_data(DATA / spec["folder"])
+        data, _ = task_data(spec, tmp)
         n = n_rows(spec, data, ns.quick)
         sweep_n = min(ns.sweep_rows, n)
         task = f"peftkit_{key}"
