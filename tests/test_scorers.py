@@ -637,3 +637,20 @@ def test_pmi_with_an_empty_domain_prompt_uses_bos(causal):
     assert np.all(np.isfinite(pmi.logprobs))
     diff = plain.logprobs - pmi.logprobs  # the domain term: the same for every example
     np.testing.assert_allclose(diff[0], diff[1], atol=1e-6)
+
+
+def test_the_label_tree_in_bfloat16(monkeypatch):
+    """The tree's mask takes the hidden states' dtype: a bf16 model scores as its own cache
+    continuation does (the way the tree replaced), within bf16's rounding."""
+    import copy
+
+    from peftkit.scorers import causal as module
+
+    model, tok = make_causal("llama")
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    conts = CONTINUATIONS["shared-words"]
+    tree = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=2)
+    monkeypatch.setattr(module, "_takes_custom_masks", lambda model: False)
+    cache = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=2)
+    assert np.isfinite(tree).all()
+    np.testing.assert_allclose(tree, cache, atol=0.02, rtol=0)  # a wrong mask: 0.09 off
