@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/bench_zeroshot.py           # -> bench/results/bench_zeroshot.json
     .venv/bin/python bench/bench_zeroshot.py --quick   # 40 rows, one batch size each
+    .venv/bin/python bench/bench_zeroshot.py --tasks banking77 --out bench_zeroshot_banking \
+        --lm-eval-batches 16,32 --peftkit-batches 8,16 --sweep-rows 32   # not in the default
 
 Needs the bench extra (``pip install -e .[bench]``: lm_eval 0.4.13, setfit).
 
@@ -79,18 +81,20 @@ TASKS = {
         "template": "classify-article",
         "rows": 1000,
     },
-    # in-context: 2 demonstrations per class (seed 0, from train) before every query, the
-    # same 4 on both sides; peftkit runs their tokens once (shared by every prompt)
     # 77 intents, every label several tokens: lm-eval runs one forward per (example, label),
     # peftkit one per example (the labels as a tree after the prompt). The test file is
-    # sorted by label: every 15th row, so all 77 intents are among the 200 timed
+    # sorted by label: every 15th row, so all 77 intents are among the 200 timed. Slow for
+    # lm-eval (2.5 s per example): only when named in --tasks
     "banking77": {
         "folder": "banking77",
         "prompts": "intent_banking",
         "template": "customer-intent",
         "rows": 200,
         "stride": 15,
+        "slow": True,
     },
+    # in-context: 2 demonstrations per class (seed 0, from train) before every query, the
+    # same 4 on both sides; peftkit runs their tokens once (shared by every prompt)
     "sst2_icl": {
         "folder": "sst2",
         "prompts": "sentiment",
@@ -275,7 +279,9 @@ def flops_per_example(fn, rows: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument(
+        "--tasks", default=",".join(k for k, v in TASKS.items() if not v.get("slow"))
+    )
     parser.add_argument("--out", default="bench_zeroshot", help="results file name")
     parser.add_argument("--sweep-rows", type=int, default=96)
     parser.add_argument("--lm-eval-batches", default="4,8,16,32")

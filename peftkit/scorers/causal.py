@@ -329,7 +329,6 @@ class _LabelTree:
         self.label, self.at, self.word = (
             torch.tensor(v, device=device, dtype=torch.long) for v in (label, at, word)
         )
-        self.n_labels = len(cont_ids)
 
     def attention_mask(self, prompt_mask: torch.Tensor, shared: int, dtype) -> torch.Tensor:
         """Additive ``(rows, 1, queries, keys)`` mask: the prompts causal over their own
