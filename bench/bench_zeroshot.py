@@ -83,7 +83,7 @@ TASKS = {
     },
     # 77 intents, every label several tokens: lm-eval runs one forward per (example, label),
     # peftkit one per example (the labels as a tree after the prompt). The test file is
-    # sorted by label: every 15th row, so all 77 intents are among the 200 timed. Slow for
+    # sorted by label: every 15th row, so 75 of the 77 intents are among the 200 timed. Slow for
     # lm-eval (2.5 s per example): only when named in --tasks
     "banking77": {
         "folder": "banking77",
