@@ -310,7 +310,8 @@ def test_a_sliding_window_model_scores_as_its_own_forward(kind, monkeypatch):
     for prompts in (PROMPTS, [SHARED + p for p in PROMPTS]):
         got = continuation_logprobs(model, tok, prompts, conts, batch_size=2, max_rows=3)
         np.testing.assert_allclose(got, _by_hand(model, tok, prompts, conts), atol=1e-4, rtol=0)
-    # a window longer than every prompt changes nothing: the shared cache is used as before
+    # a window longer than every prompt changes nothing: the shared cache is used as before,
+    # and several multi-token labels go in the prompt's forward as a tree
     wide, tok = make_causal("mistral", sliding_window=CONTEXT)
     prompts = [SHARED + p for p in PROMPTS]
 
@@ -318,6 +319,8 @@ def test_a_sliding_window_model_scores_as_its_own_forward(kind, monkeypatch):
         raise AssertionError("took the one-forward-per-label path")
 
     monkeypatch.setattr(module, "_naive_logprobs", refuse)
+    if sum(len(c) > 1 for c in module.continuation_ids(tok, conts)) > 1:
+        monkeypatch.setattr(module, "_continue", refuse)
     got = continuation_logprobs(wide, tok, prompts, conts, batch_size=2)
     np.testing.assert_allclose(got, _by_hand(wide, tok, prompts, conts), atol=1e-4, rtol=0)
     assert module._attention_window(make_causal("llama")[0]) is None

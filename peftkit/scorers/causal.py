@@ -134,9 +134,9 @@ def continuation_logprobs(
     One forward pass per prompt (batched, left-padded) that also carries the multi-token
     continuations' words: as a prefix tree after the prompt (continuations that start with
     the same words share them; a 4-D attention mask keeps each branch to the prompt and its
-    own words), or, where the attention takes no custom mask (flash attention, a sliding
-    window, prefix tuning), the longest one inline and the others in one batched pass on the
-    cached prompt. Logits only where they are needed.
+    own words), or, where the attention takes no custom mask (flash attention, prefix tuning,
+    a sliding window shorter than a prompt), the longest one inline and the others in one
+    batched pass on the cached prompt. Logits only where they are needed.
     """
     cont_ids = continuation_ids(tokenizer, continuations)
     ids = _causal_encoder(tokenizer)(list(prompts))
@@ -202,11 +202,12 @@ def _shared_prefix_logprobs(
     device = device_of(model)
     multi = [j for j, c in enumerate(cont_ids) if len(c) > 1]
     tree: _LabelTree | None = None
-    if len(multi) > 1 and window is None and _takes_custom_masks(model):
+    if len(multi) > 1 and rebuild and _takes_custom_masks(model):
         # Every multi-token label rides along: their words but the last, as a tree (labels
         # with the same first words share those tokens), after every prompt, each branch
         # seeing the prompt and its own earlier words. One forward scores every label, as
-        # long as one prompt's logits fit the budget (else the cache way below).
+        # long as one prompt's logits fit the budget (else the cache way below). The mask
+        # replaces a sliding window's own: only where every prompt and label fit in it.
         tree = _LabelTree(cont_ids, device)
         vocab = model.get_output_embeddings().weight.shape[0]
         fits = TREE_LOGITS // ((len(tree.tokens) + 1) * vocab)
