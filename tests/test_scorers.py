@@ -239,7 +239,8 @@ def test_the_label_tree_scores_every_label_in_one_forward(causal, kind, monkeypa
         assert len(calls) == 3  # 5 prompts, 2 per batch: one forward each
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
         vocab = model.get_output_embeddings().weight.shape[0]
-        tree = module._LabelTree(module.continuation_ids(tok, conts), "cpu")
+        ids = module.continuation_ids(tok, conts)
+        tree = module._LabelTree(ids, [j for j, c in enumerate(ids) if len(c) > 1], "cpu")
         monkeypatch.setattr(module, "TREE_LOGITS", (len(tree.tokens) + 1) * vocab)  # one row
         calls.clear()
         got = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=4)

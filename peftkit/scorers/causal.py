@@ -201,31 +201,26 @@ def _shared_prefix_logprobs(
     rebuild = window is None or longest <= window
     device = device_of(model)
     multi = [j for j, c in enumerate(cont_ids) if len(c) > 1]
-    tree: _LabelTree | None = None
+    longest_label = sorted(multi, key=lambda j: -len(cont_ids[j]))[:1]
+    # Multi-token labels ride along: their words but the last, fed after every prompt as a
+    # tree (labels with the same first words share those tokens), so the prompt's forward
+    # scores them too. Several branches need a 4-D mask (each sees the prompt and its own
+    # words) and must fit the logits budget; the mask replaces a sliding window's own, so
+    # only where every prompt and label fit in it. Else only the longest label rides (one
+    # branch: the plain causal mask serves) and the others continue the cache, cut back to
+    # the prompt.
+    tree = _LabelTree(cont_ids, longest_label, device)
     if len(multi) > 1 and rebuild and _takes_custom_masks(model):
-        # Every multi-token label rides along: their words but the last, as a tree (labels
-        # with the same first words share those tokens), after every prompt, each branch
-        # seeing the prompt and its own earlier words. One forward scores every label, as
-        # long as one prompt's logits fit the budget (else the cache way below). The mask
-        # replaces a sliding window's own: only where every prompt and label fit in it.
-        tree = _LabelTree(cont_ids, device)
+        full = _LabelTree(cont_ids, multi, device)
         vocab = model.get_output_embeddings().weight.shape[0]
-        fits = TREE_LOGITS // ((len(tree.tokens) + 1) * vocab)
-        tree = tree if fits else None
-    if tree is not None:
-        extra, rest = tree.tokens, []
-        batch_size = min(batch_size, fits)
-    else:
-        # The longest multi-token label rides along: its words but the last are appended to
-        # every prompt (the prompt's own positions cannot see them), so its tail is scored by
-        # the same forward. The other multi-token labels continue the cache, cut back to the
-        # prompt.
-        inline = max(multi, key=lambda j: len(cont_ids[j]), default=None)
-        extra = [] if inline is None else cont_ids[inline][:-1]
-        rest = [j for j in multi if j != inline]
-        if rest and not rebuild:
-            return _naive_logprobs(model, prompt_ids, cont_ids, batch_size)
-        words = torch.tensor([] if inline is None else cont_ids[inline][1:], device=device).long()
+        fits = TREE_LOGITS // ((len(full.tokens) + 1) * vocab)
+        if fits:
+            tree, batch_size = full, min(batch_size, fits)
+    branched = len(tree.riding) > 1
+    rest = [j for j in multi if j not in tree.riding]
+    if rest and not rebuild:
+        return _naive_logprobs(model, prompt_ids, cont_ids, batch_size)
+    extra = tree.tokens
     first = torch.tensor([c[0] for c in cont_ids], device=device)
     tail = torch.tensor(extra, device=device, dtype=torch.long)
     # Positions kept as indices, not ``logits_to_keep=1``: a slice leaves the hidden states
@@ -234,7 +229,7 @@ def _shared_prefix_logprobs(
     keep = torch.arange(-len(extra) - 1, 0, device=device)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # less padding
     out = np.zeros((len(prompt_ids), len(cont_ids)))
-    cache_key = _cache_kwarg(model)
+    cache_key, dtype = _cache_kwarg(model), _dtype_of(model)
     with eval_mode(model), torch.inference_mode():
         # Tokens every prompt starts with (shared demonstrations, an instruction) run once;
         # each batch then runs only its own tokens on that cache, broadcast to its rows.
@@ -252,10 +247,7 @@ def _shared_prefix_logprobs(
             ids, prompt_mask = pad_rows([prompt_ids[i] for i in rows], device, left=True)
             pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
             after = prompt_mask.sum(-1, keepdim=True)  # the first position after each prompt
-            if tree is not None:
-                pos = torch.cat([pos, after + tree.depth - 1], dim=-1)
-            else:
-                pos = torch.cat([pos, after + torch.arange(len(extra), device=device)], dim=-1)
+            pos = torch.cat([pos, after + tree.depth - 1], dim=-1)
             ids = torch.cat([ids, tail.expand(len(rows), -1)], dim=-1)
             mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(rows), len(extra))], dim=-1)
             prefix = {}
@@ -264,8 +256,8 @@ def _shared_prefix_logprobs(
                 mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=-1)
                 prompt_mask = torch.cat([mask[:, :shared], prompt_mask], dim=-1)
                 prefix[cache_key] = _broadcast_cache(lead_cache, len(rows))
-            if tree is not None:
-                mask = tree.attention_mask(prompt_mask, shared, _dtype_of(model))
+            if branched:
+                mask = tree.attention_mask(prompt_mask, shared, dtype)
             res = model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -275,14 +267,7 @@ def _shared_prefix_logprobs(
                 **prefix,
             )
             logp = res.logits[:, -len(keep) :].float().log_softmax(-1)
-            if tree is not None:
-                out[rows] = tree.score(logp, first).cpu().numpy()
-                continue
-            scores = logp[:, 0, first]
-            if inline is not None:
-                scores[:, inline] += (
-                    logp[:, 1:].gather(-1, words.expand(len(rows), -1)[..., None]).sum((1, 2))
-                )
+            scores = tree.score(logp, first)
             if rest:
                 cache = _cache_of(res)
                 tails = [cont_ids[j] for j in rest]
@@ -294,18 +279,20 @@ def _shared_prefix_logprobs(
 
 
 class _LabelTree:
-    """The multi-token labels' words but the last, as a prefix tree of tokens to feed after
-    a prompt (labels that start with the same words share them).
+    """The ``riding`` labels' words but the last, as a prefix tree of tokens to feed after a
+    prompt (labels that start with the same words share them); every label's first word is
+    scored at the prompt's last token.
 
     Node ``n`` is ``tokens[n]`` at ``depth[n]`` (1: a label's first word); its logits (kept
     position ``1 + n``; position 0 is the prompt's last token) score the next word of every
-    label through it.
+    riding label through it.
     """
 
-    def __init__(self, cont_ids: list[list[int]], device):
+    def __init__(self, cont_ids: list[list[int]], riding: list[int], device):
+        self.riding = riding
         index: dict[tuple[int, ...], int] = {}
         parent: list[int] = []
-        for c in cont_ids:
+        for c in (cont_ids[j] for j in riding):
             for i in range(1, len(c)):
                 if tuple(c[:i]) not in index:
                     index[tuple(c[:i])] = len(parent)
@@ -319,10 +306,11 @@ class _LabelTree:
                 seen[a, b] = True
                 b = parent[b]
         self.seen = seen.to(device)
-        self.depth = torch.tensor([len(key) for key in index], device=device)
+        self.depth = torch.tensor([len(key) for key in index], device=device, dtype=torch.long)
         # every (label, kept position, word) whose log-prob the label's score sums
         label, at, word = [], [], []
-        for j, c in enumerate(cont_ids):
+        for j in riding:
+            c = cont_ids[j]
             for i in range(1, len(c)):
                 label.append(j)
                 at.append(1 + index[tuple(c[:i])])
