@@ -310,7 +310,7 @@ def main() -> None:
     lm_b = [int(b) for b in ns.lm_eval_batches.split(",")]
     our_b = [int(b) for b in ns.peftkit_batches.split(",")]
     if ns.quick:
-        lm_b, our_b = lm_b[1:2], our_b[1:2]
+        lm_b, our_b = lm_b[1:2] or lm_b, our_b[1:2] or our_b  # the second size, if given
     results = []
     specs = {k: TASKS[k] for k in ns.tasks.split(",")}
     datasets = {}
