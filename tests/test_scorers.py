@@ -327,6 +327,40 @@ def test_a_sliding_window_model_scores_as_its_own_forward(kind, monkeypatch):
     assert module._attention_window(make_causal("llama")[0]) is None
 
 
+def test_a_label_tree_longer_than_the_context_at_the_context_edge(causal, monkeypatch):
+    """Prompts that fill the context but for the longest label: the tree's branches make the
+    fed sequence longer than ``max_position_embeddings``, yet each branch's positions stay
+    inside it, so the scores are those of one forward per (prompt, label)."""
+    from peftkit.scorers import causal as module
+
+    model, tok = causal
+    conts = CONTINUATIONS["shared-words"]
+    ids = module.continuation_ids(tok, conts)
+    riding = [j for j, c in enumerate(ids) if len(c) > 1]
+    tree = module._LabelTree(ids, riding, "cpu")
+    words = "the movie was good and the plot was fun so".split()
+    room = CONTEXT - max(map(len, ids))
+    encode = module._causal_encoder(tok)
+    prompts = []
+    for shift in range(3):  # three lengths, the longest at the edge: padded batches
+        n = 1
+        while len(encode([_words(words, n + 1)])[0]) <= room - shift:
+            n += 1
+        prompts.append(_words(words, n))
+    lengths = [len(p) for p in encode(prompts)]
+    assert max(lengths) == room and max(lengths) + len(tree.tokens) > CONTEXT
+
+    calls = []
+    monkeypatch.setattr(module, "_continue", lambda *a, **k: calls.append(1))
+    got = continuation_logprobs(model, tok, prompts, conts, batch_size=3)
+    assert not calls  # the whole tree went in the prompt's forward
+    np.testing.assert_allclose(got, _by_hand(model, tok, prompts, conts), atol=1e-4, rtol=0)
+
+
+def _words(words: list[str], n: int) -> str:
+    return " ".join((words * (n // len(words) + 1))[:n])
+
+
 def test_naive_batched_with_padding_matches_unbatched(causal):
     model, tok = causal
     conts = CONTINUATIONS["mixed"]
