@@ -8,11 +8,11 @@ hub id (passed through to transformers for users who are online)::
     base = load_base("smollm2-135m", quantization="4bit")  # causal LM, NF4 weights
     model, tokenizer = base                             # unpacks like a pair
 
-Quantization goes through ``transformers.BitsAndBytesConfig``; compute dtype is float32 on
-CPU (bf16 is 4-60x slower there) and bfloat16 on CUDA. ``dtype`` sets the unquantized
-weights: float32 on CPU and bfloat16 on CUDA by default; ``dtype="bfloat16"`` on a CPU with
-AVX512-BF16 / AMX runs the matmuls natively (several times float32's rate), and peftkit warns
-when the CPU would only emulate it. The returned :class:`Base` carries a
+Quantization goes through ``transformers.BitsAndBytesConfig``. ``dtype`` sets the
+unquantized weights and the 4-bit layers' compute dtype: float32 on CPU (bf16 is emulated,
+and slow, on CPUs without AVX512-BF16 / AMX) and bfloat16 on CUDA by default;
+``dtype="bfloat16"`` on a CPU with AVX512-BF16 / AMX runs the matmuls natively (several
+times float32's rate), and peftkit warns when the CPU would only emulate it. The returned :class:`Base` carries a
 :class:`~peftkit.fingerprint.Fingerprint` that adapters record, so that an adapter is never
 loaded onto a base it was not trained on.
 """
@@ -201,12 +201,16 @@ def load_base(
     name = str(source)
     folder, load_kwargs = _resolve_source(name)
     on_cuda = torch.cuda.is_available() and device_map not in ("cpu", {"": "cpu"})
-    qconfig = quantization_config(quantization, double_quant=double_quant, on_cuda=on_cuda)
+    dtype = resolve_dtype(dtype, on_cuda=on_cuda)
+    # 4-bit layers compute in the weights' dtype: float32 on CPU and bfloat16 on CUDA unless
+    # asked otherwise (a 4-bit forward in bfloat16 on an AMX CPU: 2.5x float32's speed)
+    qconfig = quantization_config(
+        quantization, double_quant=double_quant, compute_dtype=dtype, on_cuda=on_cuda
+    )
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **load_kwargs)
     if kind == "auto":
         kind = infer_kind(config)
-    dtype = resolve_dtype(dtype, on_cuda=on_cuda)
     if device_map is None:
         device_map = default_device_map()
     if qconfig is not None and offload_folder is not None and quantization == "4bit":

@@ -76,6 +76,33 @@ def test_4bit_config_uses_float32_compute_on_cpu():
     assert quantization_config("4bit", on_cuda=True).bnb_4bit_compute_dtype == torch.bfloat16
 
 
+def test_4bit_layers_compute_in_the_dtype_asked_for(tiny_models):
+    """``dtype`` sets the 4-bit layers' compute dtype too (bf16 on an AMX CPU is the fast
+    way); unset, a CPU computes in float32. A QLoRA classifier trains on the bf16 one."""
+    import bitsandbytes as bnb
+
+    from peftkit.adapters import AdapterSpec, build_task_model
+
+    def compute_dtypes(base):
+        layers = [m for m in base.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert layers
+        return {m.compute_dtype for m in layers}
+
+    assert compute_dtypes(load_base(tiny_models["llama"], quantization="4bit")) == {torch.float32}
+    half = load_base(tiny_models["llama"], quantization="4bit", dtype="bfloat16")
+    assert compute_dtypes(half) == {torch.bfloat16}
+    batch = half.tokenizer(["the movie was great", "bad"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = half.model(**batch).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    model = build_task_model(half.model, AdapterSpec(method="qlora", source="test"), 2)
+    out = model(batch["input_ids"], batch["attention_mask"])
+    loss = torch.nn.functional.cross_entropy(out.float(), torch.tensor([1, 0]))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
 def test_unknown_source_lists_packaged_names():
     with pytest.raises(ModelError, match="minilm.*smollm2-135m") as err:
         load_base("minlm")
