@@ -16,6 +16,9 @@ same order, so the same prompt strings: the predictions must all agree), and run
 tokens once, not once per query. ``ag_news_instruct`` is AG News with the template
 ``classify-article`` (an instruction, then the article) and the dataset's label names
 (" Sci/Tech" three tokens): the instruction starts every prompt, and peftkit runs it once.
+It is the shape of lm-eval's own AG News task (``tasks/unitxt/ag_news.yaml``: unitxt's
+``templates.classification.multi_class.title``, "Classify the topic of the following sentence
+to one of these options: ...", then the text; a generation task there, so not timed here).
 ``banking77`` is 77 intents whose label words are all several tokens (every 15th test row:
 the file is sorted by label): lm-eval runs one forward per (example, label), peftkit one per
 example, the labels' words after the prompt as a tree.
