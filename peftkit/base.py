@@ -12,9 +12,9 @@ Quantization goes through ``transformers.BitsAndBytesConfig``. ``dtype`` sets th
 unquantized weights and the 4-bit layers' compute dtype: float32 on CPU (bf16 is emulated,
 and slow, on CPUs without AVX512-BF16 / AMX) and bfloat16 on CUDA by default;
 ``dtype="bfloat16"`` on a CPU with AVX512-BF16 / AMX runs the matmuls natively (several
-times float32's rate), and peftkit warns when the CPU would only emulate it. The returned :class:`Base` carries a
-:class:`~peftkit.fingerprint.Fingerprint` that adapters record, so that an adapter is never
-loaded onto a base it was not trained on.
+times float32's rate), and peftkit warns when the CPU would only emulate it. The returned
+:class:`Base` carries a :class:`~peftkit.fingerprint.Fingerprint` that adapters record, so
+that an adapter is never loaded onto a base it was not trained on.
 """
 
 from __future__ import annotations
@@ -203,7 +203,8 @@ def load_base(
     on_cuda = torch.cuda.is_available() and device_map not in ("cpu", {"": "cpu"})
     dtype = resolve_dtype(dtype, on_cuda=on_cuda)
     # 4-bit layers compute in the weights' dtype: float32 on CPU and bfloat16 on CUDA unless
-    # asked otherwise (a 4-bit forward in bfloat16 on an AMX CPU: 2.5x float32's speed)
+    # asked otherwise (bfloat16 on an AMX CPU: a 4-bit forward 2.6x, a QLoRA step 1.7-1.9x
+    # float32's speed; bench/probe_qlora_dtype.py)
     qconfig = quantization_config(
         quantization, double_quant=double_quant, compute_dtype=dtype, on_cuda=on_cuda
     )
