@@ -35,10 +35,13 @@ then the timed rows in ``--chunks`` (8) consecutive chunks, the two sides taking
 each (lm-eval first on even chunks, peftkit first on odd ones): drift in this shared
 machine's speed, which moved whole runs by 10-20% against each other, weighs on both sides
 alike. The speedup is total rows over total time per side; each chunk's is kept too.
-FLOPs per example are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the first
-32 rows (what each implementation really executes, padding and full-vocabulary logits
-included), scaled by the mean prompt length of all rows over that of those 32; achieved
-GFLOP/s = FLOPs/example × examples/s, set against a plain fp32 matmul's GFLOP/s (2048²,
+FLOPs are counted over the timed rows themselves, from the shape of every forward each side
+makes (a hook records batch x tokens fed and the positions given logits): 2 x tokens x the
+weights of every linear layer, plus 2 x positions x vocabulary x hidden for the LM head, the
+same count ``torch.utils.flop_counter.FlopCounterMode`` gives (checked at the start of each
+run, ``flop_formula_check``). Padding and full-vocabulary logits are included, attention's
+own products are not (as in the counter's count for SDPA; a few percent at these lengths).
+Achieved GFLOP/s = FLOPs/example × examples/s, set against a plain fp32 matmul's GFLOP/s (2048²,
 ``torch.mm``; the median of one measurement at the start and one after each task): how
 close to this CPU's limit each scorer runs.
 
@@ -255,14 +258,6 @@ def chunks(n: int, k: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
-def prompt_text(spec: dict, data) -> str:
-    """The template's own words and the demonstrations (the prompt with an empty input)."""
-    from peftkit.prompts import load_prompt_set
-
-    prompt = load_prompt_set(spec["prompts"]).get(spec["template"])
-    return demo_block(spec, data, prompt) + prompt.template.render({"text": ""})
-
-
 DTYPE_TAG = {"float32": "fp32", "bfloat16": "bf16"}
 
 
@@ -270,13 +265,47 @@ def _agree(a: list[int], b: list[int]) -> float:
     return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
 
 
-def flops_per_example(fn, rows: int) -> float:
+class FlopLog:
+    """Matmul FLOPs of every forward of ``model`` while active, from the shapes alone (a
+    forward hook: no cost to the timing): 2 x rows x tokens x the linear layers' weights,
+    plus 2 x rows x positions with logits x the LM head's weights."""
+
+    def __init__(self, model):
+        import torch
+
+        head = model.get_output_embeddings()
+        self.linear = sum(
+            m.weight.numel()
+            for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and m is not head
+        )
+        self.head = head.weight.numel()
+        self.model, self.flops = model, 0
+
+    def _hook(self, _module, args, kwargs, output) -> None:
+        ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
+        rows, tokens = ids.shape
+        self.flops += 2 * rows * (tokens * self.linear + output.logits.shape[1] * self.head)
+
+    def __enter__(self) -> FlopLog:
+        self._handle = self.model.register_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def flop_formula_check(model) -> float:
+    """FlopLog's count over FlopCounterMode's for two forwards (all logits; three kept)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    ids = torch.randint(100, 1000, (3, 40))
     counter = FlopCounterMode(display=False)
-    with counter:
-        fn(rows)
-    return counter.get_total_flops() / rows
+    with FlopLog(model) as log, counter, torch.inference_mode():
+        model(ids)
+        model(input_ids=ids, logits_to_keep=torch.arange(-3, 0))
+    return log.flops / counter.get_total_flops()
 
 
 def main() -> None:
@@ -309,6 +338,8 @@ def main() -> None:
           flush=True)  # fmt: skip
     base = load_base("smollm2-135m", dtype=ns.dtype)
     reference = None if ns.dtype == "float32" else load_base("smollm2-135m")
+    formula_check = flop_formula_check(base.model)
+    print(f"FLOPs from shapes / FlopCounterMode's: {formula_check:.4f}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="peftkit-lmeval-"))
     lm_b = [int(b) for b in ns.lm_eval_batches.split(",")]
     our_b = [int(b) for b in ns.peftkit_batches.split(",")]
@@ -361,6 +392,7 @@ def main() -> None:
         # that speeds up or slows down during the run weighs on both sides alike
         test = data.split("test")
         timed: dict[str, list[dict]] = {"lm_eval": [], "peftkit": []}
+        flops = {side: FlopLog(base.model) for side in timed}
         for c, (a, b) in enumerate(chunks(n, ns.chunks)):
             splits = {"test": test.subset(range(a, b))}
             if spec.get("demos"):  # the demonstrations' pool
@@ -368,13 +400,14 @@ def main() -> None:
             part = TextDataset(data.name, data.labels, splits)
             sides = [("lm_eval", best_lm), ("peftkit", best_our)]
             for side, bs in sides if c % 2 == 0 else sides[::-1]:
-                if side == "lm_eval":
-                    res = harness.run(f"{task}_{c}", b - a, bs)
-                else:
-                    res = ours(
-                        base, part, spec["prompts"], spec["template"], b - a, bs,
-                        spec.get("demos", 0),
-                    )  # fmt: skip
+                with flops[side]:
+                    if side == "lm_eval":
+                        res = harness.run(f"{task}_{c}", b - a, bs)
+                    else:
+                        res = ours(
+                            base, part, spec["prompts"], spec["template"], b - a, bs,
+                            spec.get("demos", 0),
+                        )  # fmt: skip
                 timed[side].append(res)
             ratio = timed["peftkit"][-1]["examples_per_s"] / timed["lm_eval"][-1]["examples_per_s"]
             print(f"[{key}] chunk {c + 1}/{ns.chunks} rows {a}-{b}: speedup {ratio:.2f}x",
@@ -397,15 +430,7 @@ def main() -> None:
         print(f"[{key}] lm-eval b{best_lm}: acc {lm['accuracy']:.4f} {lm['examples_per_s']:.2f} "
               f"ex/s; peftkit b{best_our}: acc {us['accuracy']:.4f} "
               f"{us['examples_per_s']:.2f} ex/s", flush=True)  # fmt: skip
-        flop_rows = min(32, n)
-        # FLOPs grow with prompt length: the first rows' count is scaled to the mean length
-        lengths = [len(base.tokenizer(t)["input_ids"]) for t in data.split("test").texts[:n]]
-        extra = len(base.tokenizer(prompt_text(spec, data))["input_ids"])
-        scale = (statistics.fmean(lengths) + extra) / (
-            statistics.fmean(lengths[:flop_rows]) + extra
-        )
-        lm_flops = scale * flops_per_example(lambda r, b=best_lm: lm_run(r, b), flop_rows)
-        our_flops = scale * flops_per_example(lambda r, b=best_our: our_run(r, b), flop_rows)
+        lm_flops, our_flops = (flops[side].flops / n for side in ("lm_eval", "peftkit"))
         agree = _agree(lm["preds"], us["preds"])
         row = {
             "task": key,
@@ -441,7 +466,6 @@ def main() -> None:
                 a / b
                 for a, b in zip(us["chunk_examples_per_s"], lm["chunk_examples_per_s"], strict=True)
             ],
-            "flop_token_scale": scale,
         }
         if reference is not None:  # the same rows scored in float32, untimed
             ref = ours(reference, data, spec["prompts"], spec["template"], n, best_our,
@@ -479,6 +503,7 @@ def main() -> None:
         f"matmul_{DTYPE_TAG[ns.dtype]}_gflop_per_s": peak,
         f"matmul_{DTYPE_TAG[ns.dtype]}_gflop_per_s_each": peaks,
         "chunks": ns.chunks,
+        "flop_formula_check": formula_check,
         "rows": results,
         "goals": goals,
     }
