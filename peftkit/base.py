@@ -98,8 +98,8 @@ def quantization_config(
 
     if on_cuda is None:
         on_cuda = torch.cuda.is_available()
-    if compute_dtype is None:
-        compute_dtype = torch.bfloat16 if on_cuda else torch.float32
+    if compute_dtype is None:  # the device's default dtype
+        compute_dtype = resolve_dtype(None, on_cuda=on_cuda)
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(SKIP_MODULES))
     return BitsAndBytesConfig(

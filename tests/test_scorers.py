@@ -192,6 +192,15 @@ CONTINUATIONS = {
 # --- the key test: shared prefix == one forward per (prompt, label) ----------------------
 
 
+def _refuse(what: str):
+    """A stand-in for a scorer path that must not be taken: calling it fails the test."""
+
+    def refuse(*_a, **_k):
+        raise AssertionError(what)
+
+    return refuse
+
+
 @pytest.fixture(params=["tree", "cache"])
 def multi_way(request, monkeypatch):
     """Several multi-token labels: one forward with the label tree (a 4-D mask), or, for an
@@ -227,11 +236,8 @@ def test_the_label_tree_scores_every_label_in_one_forward(causal, kind, monkeypa
     conts = CONTINUATIONS[kind]
     expected = _by_hand(model, tok, PROMPTS, conts)
 
-    def refuse(*_a, **_k):
-        raise AssertionError("continued the cache")
-
     real_continue = module._continue
-    monkeypatch.setattr(module, "_continue", refuse)
+    monkeypatch.setattr(module, "_continue", _refuse("continued the cache"))
     calls = []
     hook = model.register_forward_pre_hook(lambda _m, _a: calls.append(1))
     try:
@@ -316,12 +322,9 @@ def test_a_sliding_window_model_scores_as_its_own_forward(kind, monkeypatch):
     wide, tok = make_causal("mistral", sliding_window=CONTEXT)
     prompts = [SHARED + p for p in PROMPTS]
 
-    def refuse(*_a, **_k):
-        raise AssertionError("took the one-forward-per-label path")
-
-    monkeypatch.setattr(module, "_naive_logprobs", refuse)
+    monkeypatch.setattr(module, "_naive_logprobs", _refuse("took the one-forward-per-label path"))
     if sum(len(c) > 1 for c in module.continuation_ids(tok, conts)) > 1:
-        monkeypatch.setattr(module, "_continue", refuse)
+        monkeypatch.setattr(module, "_continue", _refuse("continued the cache"))
     got = continuation_logprobs(wide, tok, prompts, conts, batch_size=2)
     np.testing.assert_allclose(got, _by_hand(wide, tok, prompts, conts), atol=1e-4, rtol=0)
     assert module._attention_window(make_causal("llama")[0]) is None
@@ -350,10 +353,7 @@ def test_a_label_tree_longer_than_the_context_at_the_context_edge(causal, monkey
     lengths = [len(p) for p in encode(prompts)]
     assert max(lengths) == room and max(lengths) + len(tree.tokens) > CONTEXT
 
-    def refuse(*_a, **_k):
-        raise AssertionError("continued the cache: the tree did not go in the prompt's forward")
-
-    monkeypatch.setattr(module, "_continue", refuse)
+    monkeypatch.setattr(module, "_continue", _refuse("continued the cache"))
     got = continuation_logprobs(model, tok, prompts, conts, batch_size=3)
     np.testing.assert_allclose(got, _by_hand(model, tok, prompts, conts), atol=1e-4, rtol=0)
 
