@@ -8,7 +8,8 @@
     peftkit compare runs/*
 
 Exit status: 0 when it worked; 1 with one line ``peftkit: error: ...`` on stderr for bad input
-or a refused operation; 2 for bad command-line usage; 130 when interrupted (Ctrl-C).
+or a refused operation; 2 for bad command-line usage; 130 when interrupted (Ctrl-C, or the
+SIGTERM a job scheduler sends: a training run then says where its checkpoint is, as for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.func(args) or 0)
     except PeftkitError as exc:
@@ -52,6 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `peftkit ... | head`
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM (a scheduler's stop, ``kill``) ends a command as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 def _one_line(exc: BaseException) -> str:

@@ -153,6 +153,27 @@ def test_ctrl_c_exits_130_with_resume_hint(capsys, monkeypatch, tmp_path):
     assert f"run 'peftkit run {recipe} --run-dir '{folder}' --registry reg' again" in err
 
 
+def test_sigterm_ends_a_run_as_ctrl_c_does(capsys, monkeypatch, tmp_path):
+    """A scheduler's SIGTERM: exit 130 with the resume hint, and the handler is put back."""
+    import signal
+    import time
+
+    import peftkit.pipeline
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not interrupt the run")
+
+    monkeypatch.setattr(peftkit.pipeline, "run_recipe", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    recipe = write_recipe(tmp_path, GOOD)
+    code, _, err = run_cli(["run", recipe], capsys)
+    assert code == 130
+    assert f"run 'peftkit run {recipe}' again to resume" in err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_offline_by_default_unless_set(capsys, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     run_cli(["presets", "list"], capsys)
