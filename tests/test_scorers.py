@@ -6,6 +6,8 @@ every label continuation) gives the same log-probs as one forward per (prompt, l
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -201,10 +203,11 @@ def _refuse(what: str):
     return refuse
 
 
-@pytest.fixture(params=["tree", "cache"])
+@pytest.fixture(params=["packed", "cache"])
 def multi_way(request, monkeypatch):
-    """Several multi-token labels: one forward with the label tree (a 4-D mask), or, for an
-    attention that takes no custom mask, the other labels continuing the prompt's cache."""
+    """Prompts packed into rows with the label tree after each (a 4-D mask), or, for an
+    attention that takes no custom mask, left-padded rows, the longest label inline and the
+    other multi-token labels continuing the prompt's cache."""
     from peftkit.scorers import causal as module
 
     if request.param == "cache":
@@ -228,8 +231,8 @@ def test_shared_prefix_matches_naive(causal, kind, batch_size, max_rows, multi_w
 
 @pytest.mark.parametrize("kind", ["multi", "mixed", "shared-words"])
 def test_the_label_tree_scores_every_label_in_one_forward(causal, kind, monkeypatch):
-    """With several multi-token labels the prompt's forward is the only one: no cache is
-    continued, every batch is one call; a small logits budget splits batches, same scores."""
+    """With several multi-token labels the prompts' packed forwards are the only ones: no
+    cache is continued; a small logits budget splits forwards, same scores."""
     from peftkit.scorers import causal as module
 
     model, tok = causal
@@ -242,11 +245,13 @@ def test_the_label_tree_scores_every_label_in_one_forward(causal, kind, monkeypa
     hook = model.register_forward_pre_hook(lambda _m, _a: calls.append(1))
     try:
         got = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=2)
-        assert len(calls) == 3  # 5 prompts, 2 per batch: one forward each
-        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
-        vocab = model.get_output_embeddings().weight.shape[0]
         ids = module.continuation_ids(tok, conts)
         tree = module._LabelTree(ids, [j for j, c in enumerate(ids) if len(c) > 1], "cpu")
+        lengths = [len(p) + len(tree.tokens) for p in module._causal_encoder(tok)(PROMPTS)]
+        plan = module._pack(lengths, 2, len(PROMPTS))
+        assert len(calls) == len(plan) <= 3  # 5 prompts, 2 rows a forward: no other forward
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+        vocab = model.get_output_embeddings().weight.shape[0]
         monkeypatch.setattr(module, "TREE_LOGITS", (len(tree.tokens) + 1) * vocab)  # one row
         calls.clear()
         got = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=4)
@@ -265,6 +270,61 @@ def test_the_label_tree_scores_every_label_in_one_forward(causal, kind, monkeypa
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     if kind == "shared-words":  # " not" and " very" fed once each: 5 tokens, not 1+3+1+2
         assert len(tree.tokens) == 5
+
+
+@pytest.mark.parametrize(
+    "lengths, rows, most",
+    [([10, 5, 5, 4], 2, 100), ([9, 9, 9], 2, 100), ([3, 7, 1, 1, 1, 6, 2], 1, 2), ([4], 8, 1)],
+)
+def test_the_packing_plan_places_every_prompt_once_within_its_forward(lengths, rows, most):
+    from peftkit.scorers.causal import _pack
+
+    plan = _pack(lengths, rows, most)
+    placed = [i for forward in plan for row in forward for i in row]
+    assert sorted(placed) == list(range(len(lengths)))
+    for forward in plan:
+        width = max(lengths[i] for row in forward for i in row)
+        assert 1 <= len(forward) <= rows and sum(map(len, forward)) <= most
+        assert all(sum(lengths[i] for i in row) <= width for row in forward)
+    if lengths == [10, 5, 5, 4]:  # the two 5s share the second row of the first forward
+        assert plan == [[[0], [1, 2]], [[3]]]
+
+
+@pytest.mark.parametrize("kind", ["single", "shared-words"])
+def test_short_prompts_share_a_row_and_score_as_alone(causal, kind, monkeypatch):
+    """Prompts much shorter than the longest are packed end to end in one row: fewer rows
+    than prompts are fed, and every score is still that prompt's own. The LM head runs only
+    at the kept positions; if it ran at every one, the kept ones are picked out after."""
+    from peftkit.scorers import causal as module
+
+    model, tok = causal
+    prompts = [PROMPTS[1], "it", "the movie", "a film", "good"]
+    conts = CONTINUATIONS[kind]
+    expected = _by_hand(model, tok, prompts, conts)
+    fed = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: fed.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        got = continuation_logprobs(model, tok, prompts, conts, batch_size=2)
+        assert sum(rows for rows, _ in fed) < len(prompts)
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+        head = []
+        handle = model.get_output_embeddings().register_forward_hook(
+            lambda _m, _a, out: head.append(out.shape[:2])
+        )
+        fed.clear()
+        continuation_logprobs(model, tok, prompts, conts, batch_size=2)
+        handle.remove()
+        ids = module.continuation_ids(tok, conts)
+        tree = module._LabelTree(ids, [j for j, c in enumerate(ids) if len(c) > 1], "cpu")
+        n_tree = len(tree.tokens)
+        assert sum(kept for _, kept in head) == len(prompts) * (1 + n_tree)
+        monkeypatch.setattr(module, "_head_at", lambda *_a: contextlib.nullcontext())
+        got = continuation_logprobs(model, tok, prompts, conts, batch_size=2)
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    finally:
+        hook.remove()
 
 
 SHARED = "review : this movie was good and the plot was fun . "  # 12 tokens before each prompt

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -201,27 +202,30 @@ def _shared_prefix_logprobs(
     rebuild = window is None or longest <= window
     device = device_of(model)
     multi = [j for j, c in enumerate(cont_ids) if len(c) > 1]
-    longest_label = sorted(multi, key=lambda j: -len(cont_ids[j]))[:1]
+    first = torch.tensor([c[0] for c in cont_ids], device=device)
     # Multi-token labels ride along: their words but the last, fed after every prompt as a
     # tree (labels with the same first words share those tokens), so the prompt's forward
-    # scores them too. Several branches need a 4-D mask (each sees the prompt and its own
-    # words) and must fit the logits budget; the mask replaces a sliding window's own, so
-    # only where every prompt and label fit in it. Else only the longest label rides (one
-    # branch: the plain causal mask serves) and the others continue the cache, cut back to
-    # the prompt.
-    tree = _LabelTree(cont_ids, longest_label, device)
-    if len(multi) > 1 and rebuild and _takes_custom_masks(model):
-        full = _LabelTree(cont_ids, multi, device)
+    # scores them too. Where the attention takes a 4-D mask, prompts and their trees are
+    # packed into rows with no padding (each sees the shared start, its own tokens and its
+    # own branch); the mask replaces a sliding window's own, so only where every prompt and
+    # label fit in it, and the tree must fit the logits budget.
+    if rebuild and _takes_custom_masks(model):
+        tree = _LabelTree(cont_ids, multi, device)
         vocab = model.get_output_embeddings().weight.shape[0]
-        fits = TREE_LOGITS // ((len(full.tokens) + 1) * vocab)
-        if fits:
-            tree, batch_size = full, min(batch_size, fits)
-    branched = len(tree.riding) > 1
+        most = TREE_LOGITS // ((len(tree.tokens) + 1) * vocab)
+        if most:
+            with eval_mode(model), torch.inference_mode():
+                shared, lead_cache, own = _run_shared(model, prompt_ids)
+                return _packed_logprobs(
+                    model, own, tree, first, batch_size, most, shared, lead_cache
+                )
+    # Else only the longest label rides (one branch: the plain causal mask serves), in
+    # left-padded batches, and the others continue the cache, cut back to the prompt.
+    tree = _LabelTree(cont_ids, sorted(multi, key=lambda j: -len(cont_ids[j]))[:1], device)
     rest = [j for j in multi if j not in tree.riding]
     if rest and not rebuild:
         return _naive_logprobs(model, prompt_ids, cont_ids, batch_size)
     extra = tree.tokens
-    first = torch.tensor([c[0] for c in cont_ids], device=device)
     tail = torch.tensor(extra, device=device, dtype=torch.long)
     # Positions kept as indices, not ``logits_to_keep=1``: a slice leaves the hidden states
     # non-contiguous, and PyTorch's matmul then runs the vocabulary projection as a bmm over
@@ -229,19 +233,11 @@ def _shared_prefix_logprobs(
     keep = torch.arange(-len(extra) - 1, 0, device=device)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # less padding
     out = np.zeros((len(prompt_ids), len(cont_ids)))
-    cache_key, dtype = _cache_kwarg(model), _dtype_of(model)
+    cache_key = _cache_kwarg(model)
     with eval_mode(model), torch.inference_mode():
-        # Tokens every prompt starts with (shared demonstrations, an instruction) run once;
-        # each batch then runs only its own tokens on that cache, broadcast to its rows.
-        shared = _shared_length(model, prompt_ids) if rebuild else 0
-        if shared:
-            first_ids = torch.tensor([prompt_ids[0][:shared]], device=device)
-            lead = model(input_ids=first_ids, use_cache=True, logits_to_keep=1)
-            lead_cache = _cache_of(lead)
-            if hasattr(lead_cache, "layers"):
-                prompt_ids = [p[shared:] for p in prompt_ids]
-            else:  # a model without a transformers Cache: every prompt runs whole
-                shared = 0
+        shared, lead_cache, prompt_ids = (
+            _run_shared(model, prompt_ids) if rebuild else (0, None, prompt_ids)
+        )
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             ids, prompt_mask = pad_rows([prompt_ids[i] for i in rows], device, left=True)
@@ -256,8 +252,6 @@ def _shared_prefix_logprobs(
                 mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=-1)
                 prompt_mask = torch.cat([mask[:, :shared], prompt_mask], dim=-1)
                 prefix[cache_key] = _broadcast_cache(lead_cache, len(rows))
-            if branched:
-                mask = tree.attention_mask(prompt_mask, shared, dtype)
             res = model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -278,6 +272,155 @@ def _shared_prefix_logprobs(
     return out
 
 
+def _run_shared(model, prompt_ids: list[list[int]]):
+    """Run the tokens every prompt starts with (shared demonstrations, an instruction) once:
+    ``(shared, cache, prompt_ids)``, the prompts less those ``shared`` tokens, whose keys and
+    values are in ``cache`` (one row). ``(0, None, prompt_ids)`` when not worth it."""
+    shared = _shared_length(model, prompt_ids)
+    if not shared:
+        return 0, None, prompt_ids
+    first_ids = torch.tensor([prompt_ids[0][:shared]], device=device_of(model))
+    cache = _cache_of(model(input_ids=first_ids, use_cache=True, logits_to_keep=1))
+    if not hasattr(cache, "layers"):  # a model without a transformers Cache: prompts run whole
+        return 0, None, prompt_ids
+    return shared, cache, [p[shared:] for p in prompt_ids]
+
+
+def _packed_logprobs(
+    model, own, tree: _LabelTree, first, batch_size: int, most: int, shared: int, lead_cache
+) -> np.ndarray:
+    """Summed log-probs of every prompt (``own``: its tokens after the ``shared`` start,
+    whose keys and values ``lead_cache`` holds) and label, prompts packed into rows.
+
+    Each prompt is a segment: its tokens, then the label tree's. A forward holds up to
+    ``batch_size`` rows as wide as its longest segment and ``most`` segments (the logits
+    budget); shorter segments fill the rows' room, so no token fed is padding but a row's
+    end. A 4-D mask lets each segment see the shared start and itself only; positions
+    restart at each segment. The LM head runs only at the positions that score a label.
+    """
+    device, dtype = first.device, _dtype_of(model)
+    n = len(tree.tokens)
+    cache_key = _cache_kwarg(model)
+    out = np.zeros((len(own), len(first)))
+    for rows in _pack([len(p) + n for p in own], batch_size, most):
+        batch = _PackedRows(rows, own, tree, shared, dtype, device)
+        prefix = {cache_key: _broadcast_cache(lead_cache, len(rows))} if shared else {}
+        with _head_at(model, batch.kept):
+            res = model(
+                input_ids=batch.ids,
+                attention_mask=batch.mask,
+                position_ids=batch.positions,
+                use_cache=bool(shared),
+                logits_to_keep=0,
+                **prefix,
+            )
+        logits = res.logits
+        if logits.shape[1] != len(batch.kept):  # the head ran at every position
+            logits = logits.reshape(-1, logits.shape[-1])[batch.kept][None]
+        logp = logits[0].float().log_softmax(-1).view(len(batch.order), n + 1, -1)
+        out[batch.order] = tree.score(logp, first).cpu().numpy()
+    return out
+
+
+def _pack(lengths: Sequence[int], rows: int, most: int) -> list[list[list[int]]]:
+    """Plan forwards for segments of these ``lengths``: each forward a list of rows, each
+    row the indices of the segments put in it end to end. A forward has at most ``rows``
+    rows, as wide as its longest segment, and at most ``most`` segments: the longest
+    segments left open its rows, then every shorter one goes in the first row with room
+    (first-fit decreasing)."""
+    todo = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    plan = []
+    while todo:
+        width = lengths[todo[0]]
+        room: list[int] = []
+        placed: list[list[int]] = []
+        left, count = [], 0
+        for k, i in enumerate(todo):
+            if count == most:
+                left.extend(todo[k:])
+                break
+            need = lengths[i]
+            r = next((r for r, free in enumerate(room) if free >= need), None)
+            if r is None and len(room) < rows:
+                r = len(room)
+                room.append(width)
+                placed.append([])
+            if r is None:
+                left.append(i)
+                continue
+            room[r] -= need
+            placed[r].append(i)
+            count += 1
+        plan.append(placed)
+        todo = left
+    return plan
+
+
+class _PackedRows:
+    """The inputs of one packed forward (see :func:`_packed_logprobs`): ``ids``,
+    ``positions``, the additive ``mask`` ``(rows, 1, width, shared + width)``, and ``kept``,
+    the flat indices (row x width + column) of each segment's last prompt token and tree
+    nodes, segment by segment in ``order`` (the prompts' indices)."""
+
+    def __init__(self, rows, own, tree: _LabelTree, shared: int, dtype, device):
+        n = len(tree.tokens)
+        width = max(sum(len(own[i]) + n for i in row) for row in rows)
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        segs = np.full((len(rows), width), -1, dtype=np.int64)  # segment id; -1: the row's end
+        locs = np.zeros((len(rows), width), dtype=np.int64)  # place within the segment
+        sizes = np.zeros((len(rows), width), dtype=np.int64)  # the segment's prompt tokens
+        kept: list[int] = []
+        self.order: list[int] = []
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                span, m = slice(at, at + len(own[i]) + n), len(own[i])
+                ids[r, span] = own[i] + tree.tokens
+                segs[r, span] = len(self.order)
+                locs[r, span] = np.arange(m + n)
+                sizes[r, span] = m
+                kept.extend(r * width + at + m - 1 + k for k in range(n + 1))
+                self.order.append(i)
+                at += m + n
+        self.ids = torch.from_numpy(ids).to(device)
+        self.kept = torch.tensor(kept, device=device)
+        seg, loc, size = (torch.from_numpy(a).to(device) for a in (segs, locs, sizes))
+        node = (loc >= size) & (seg >= 0)
+        nid = (loc - size).clamp(0, max(n - 1, 0))
+        depth = tree.depth[nid] if n else torch.zeros_like(loc)
+        self.positions = shared + torch.where(node, size + depth - 1, loc)
+        # query q sees key k of its own segment: a prompt token causally, a tree node the
+        # whole prompt and its own branch; every query sees itself (no row is empty)
+        same = (seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, :, None]
+        branch = tree.seen[nid[:, :, None], nid[:, None, :]] if n else torch.zeros_like(same)
+        before = loc[:, None, :] <= loc[:, :, None]
+        seen = same & torch.where(node[:, :, None], ~node[:, None, :] | branch, before)
+        seen |= torch.eye(width, dtype=torch.bool, device=device)
+        if shared:
+            seen = torch.cat([seen.new_ones(len(rows), width, shared), seen], dim=-1)
+        bias = torch.zeros(seen.shape, dtype=dtype, device=device)
+        self.mask = bias.masked_fill_(~seen, torch.finfo(dtype).min)[:, None]
+
+
+@contextmanager
+def _head_at(model, kept: torch.Tensor):
+    """While open, the LM head runs only at ``kept`` (flat indices into its input's rows x
+    positions): its input ``(rows, width, hidden)`` becomes ``(1, len(kept), hidden)``.
+    A pre-hook on the head, so what the model does after it (a logit soft-cap) still runs."""
+
+    def gather(_module, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
+            hidden = args[0]
+            return (hidden.reshape(-1, hidden.shape[-1])[kept][None], *args[1:])
+        return None
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class _LabelTree:
     """The ``riding`` labels' words but the last, as a prefix tree of tokens to feed after a
     prompt (labels that start with the same words share them); every label's first word is
@@ -285,7 +428,7 @@ class _LabelTree:
 
     Node ``n`` is ``tokens[n]`` at ``depth[n]`` (1: a label's first word); its logits (kept
     position ``1 + n``; position 0 is the prompt's last token) score the next word of every
-    riding label through it.
+    riding label through it; ``seen[a, b]``: node ``a`` attends to node ``b`` (its branch).
     """
 
     def __init__(self, cont_ids: list[list[int]], riding: list[int], device):
@@ -299,7 +442,7 @@ class _LabelTree:
                     parent.append(index.get(tuple(c[: i - 1]), -1))
         self.tokens = [key[-1] for key in index]
         n = len(parent)
-        seen = torch.eye(n, dtype=torch.bool)  # seen[a, b]: node a attends to node b
+        seen = torch.eye(n, dtype=torch.bool)
         for a in range(n):
             b = parent[a]
             while b >= 0:
@@ -318,23 +461,6 @@ class _LabelTree:
         self.label, self.at, self.word = (
             torch.tensor(v, device=device, dtype=torch.long) for v in (label, at, word)
         )
-
-    def attention_mask(self, prompt_mask: torch.Tensor, shared: int, dtype) -> torch.Tensor:
-        """Additive ``(rows, 1, queries, keys)`` mask: the prompts causal over their own
-        tokens (``prompt_mask``, the shared start included), each node over the whole prompt
-        and its own branch. Every query sees itself, so no row is empty."""
-        rows, width = prompt_mask.shape
-        n, q = len(self.tokens), width - shared + len(self.tokens)
-        real = prompt_mask.bool()[:, None, :]
-        causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
-        seen = torch.zeros(rows, q, width + n, dtype=torch.bool, device=real.device)
-        seen[:, : q - n, :width] = causal[shared:] & real
-        seen[:, q - n :, :width] = real
-        seen[:, q - n :, width:] = self.seen
-        own = torch.arange(q, device=real.device)
-        seen[:, own, shared + own] = True
-        bias = torch.zeros(seen.shape, dtype=dtype, device=real.device)
-        return bias.masked_fill_(~seen, torch.finfo(dtype).min)[:, None]
 
     def score(self, logp: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         """Summed log-probs ``(rows, labels)`` from the kept positions' log-softmax."""
