@@ -285,7 +285,9 @@ class FlopLog:
     def _hook(self, _module, args, kwargs, output) -> None:
         ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
         rows, tokens = ids.shape
-        self.flops += 2 * rows * (tokens * self.linear + output.logits.shape[1] * self.head)
+        # the logits' own rows: peftkit's packed forwards give (1, kept positions, vocabulary)
+        logits = output.logits.shape[0] * output.logits.shape[1]
+        self.flops += 2 * (rows * tokens * self.linear + logits * self.head)
 
     def __enter__(self) -> FlopLog:
         self._handle = self.model.register_forward_hook(self._hook, with_kwargs=True)
@@ -295,16 +297,24 @@ class FlopLog:
         self._handle.remove()
 
 
-def flop_formula_check(model) -> float:
-    """FlopLog's count over FlopCounterMode's for two forwards (all logits; three kept)."""
+def flop_formula_check(base) -> float:
+    """FlopLog's count over FlopCounterMode's: two plain forwards (all logits; three kept)
+    and peftkit's packed scoring of prompts of several lengths sharing an instruction, with
+    a three-token label (its tree rides after each prompt; the head runs at kept positions)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from peftkit.scorers import continuation_logprobs
+
+    model = base.model
     ids = torch.randint(100, 1000, (3, 40))
+    lead = "Classify the news article as World, Sports, Business, or Sci/Tech.\n\nArticle: "
+    prompts = [lead + " ".join(["word"] * n) + "\nTopic:" for n in (3, 30, 7, 12, 60)]
     counter = FlopCounterMode(display=False)
     with FlopLog(model) as log, counter, torch.inference_mode():
         model(ids)
         model(input_ids=ids, logits_to_keep=torch.arange(-3, 0))
+        continuation_logprobs(model, base.tokenizer, prompts, [" World", " Sci/Tech"], batch_size=4)
     return log.flops / counter.get_total_flops()
 
 
@@ -338,7 +348,7 @@ def main() -> None:
           flush=True)  # fmt: skip
     base = load_base("smollm2-135m", dtype=ns.dtype)
     reference = None if ns.dtype == "float32" else load_base("smollm2-135m")
-    formula_check = flop_formula_check(base.model)
+    formula_check = flop_formula_check(base)
     print(f"FLOPs from shapes / FlopCounterMode's: {formula_check:.4f}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="peftkit-lmeval-"))
     lm_b = [int(b) for b in ns.lm_eval_batches.split(",")]

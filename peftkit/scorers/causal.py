@@ -132,12 +132,14 @@ def continuation_logprobs(
 ) -> np.ndarray:
     """``(len(prompts), len(continuations))`` array of log P(continuation | prompt).
 
-    One forward pass per prompt (batched, left-padded) that also carries the multi-token
-    continuations' words: as a prefix tree after the prompt (continuations that start with
-    the same words share them; a 4-D attention mask keeps each branch to the prompt and its
-    own words), or, where the attention takes no custom mask (flash attention, prefix tuning,
-    a sliding window shorter than a prompt), the longest one inline and the others in one
-    batched pass on the cached prompt. Logits only where they are needed.
+    One forward pass per prompt that also carries the multi-token continuations' words as a
+    prefix tree after the prompt (continuations that start with the same words share them).
+    Prompts are packed end to end into rows of at most ``batch_size`` per forward, with no
+    padding but at a row's end; a 4-D attention mask keeps each prompt to itself and each
+    branch to its prompt and its own words. Where the attention takes no custom mask (flash
+    attention, prefix tuning, a sliding window shorter than a prompt): left-padded batches,
+    the longest continuation inline and the others in one batched pass on the cached prompt.
+    Logits only where they are needed.
     """
     cont_ids = continuation_ids(tokenizer, continuations)
     ids = _causal_encoder(tokenizer)(list(prompts))
