@@ -290,6 +290,18 @@ def test_the_packing_plan_places_every_prompt_once_within_its_forward(lengths, r
         assert plan == [[[0], [1, 2]], [[3]]]
 
 
+def test_the_packing_plan_keeps_each_mask_within_its_budget(monkeypatch):
+    """Long prompts get fewer rows a forward: the mask's (query, key) cells, the shared
+    start's keys counted, stay within MASK_CELLS (one row at the least)."""
+    from peftkit.scorers import causal as module
+
+    monkeypatch.setattr(module, "MASK_CELLS", 10 * (10 + 5) * 2)  # two rows of 10, 5 shared
+    assert module._pack([10, 10, 10, 3], 8, 100, shared=5) == [[[0], [1]], [[2], [3]]]
+    assert module._pack([10, 10, 10], 8, 100, shared=0) == [[[0], [1], [2]]]
+    monkeypatch.setattr(module, "MASK_CELLS", 1)
+    assert module._pack([10, 10], 8, 100) == [[[0]], [[1]]]
+
+
 @pytest.mark.parametrize("kind", ["single", "shared-words"])
 def test_short_prompts_share_a_row_and_score_as_alone(causal, kind, monkeypatch):
     """Prompts much shorter than the longest are packed end to end in one row: fewer rows

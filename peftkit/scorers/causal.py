@@ -38,6 +38,10 @@ TREE_LOGITS = 2**26
 """At most this many logits (rows x kept positions x vocabulary) per forward of the label
 tree (256 MB in float32): a batch that would hold more runs in smaller pieces."""
 
+MASK_CELLS = 2**26
+"""At most this many (query, key) cells in a packed forward's attention mask (256 MB in
+float32): a forward of long prompts has fewer rows than ``batch_size``, down to one."""
+
 
 def score_causal(
     model,
@@ -295,16 +299,17 @@ def _packed_logprobs(
     whose keys and values ``lead_cache`` holds) and label, prompts packed into rows.
 
     Each prompt is a segment: its tokens, then the label tree's. A forward holds up to
-    ``batch_size`` rows as wide as its longest segment and ``most`` segments (the logits
-    budget); shorter segments fill the rows' room, so no token fed is padding but a row's
-    end. A 4-D mask lets each segment see the shared start and itself only; positions
-    restart at each segment. The LM head runs only at the positions that score a label.
+    ``batch_size`` rows as wide as its longest segment (fewer where the mask would exceed
+    ``MASK_CELLS``) and ``most`` segments (the logits budget); shorter segments fill the
+    rows' room, so no token fed is padding but a row's end. A 4-D mask lets each segment
+    see the shared start and itself only; positions restart at each segment. The LM head
+    runs only at the positions that score a label.
     """
     device, dtype = first.device, _dtype_of(model)
     n = len(tree.tokens)
     cache_key = _cache_kwarg(model)
     out = np.zeros((len(own), len(first)))
-    for rows in _pack([len(p) + n for p in own], batch_size, most):
+    for rows in _pack([len(p) + n for p in own], batch_size, most, shared):
         batch = _PackedRows(rows, own, tree, shared, dtype, device)
         prefix = {cache_key: _broadcast_cache(lead_cache, len(rows))} if shared else {}
         with _head_at(model, batch.kept):
@@ -324,16 +329,17 @@ def _packed_logprobs(
     return out
 
 
-def _pack(lengths: Sequence[int], rows: int, most: int) -> list[list[list[int]]]:
+def _pack(lengths: Sequence[int], rows: int, most: int, shared: int = 0) -> list[list[list[int]]]:
     """Plan forwards for segments of these ``lengths``: each forward a list of rows, each
     row the indices of the segments put in it end to end. A forward has at most ``rows``
-    rows, as wide as its longest segment, and at most ``most`` segments: the longest
-    segments left open its rows, then every shorter one goes in the first row with room
-    (first-fit decreasing)."""
+    rows, as wide as its longest segment, whose mask (``shared`` more keys) fits
+    ``MASK_CELLS``, and at most ``most`` segments: the longest segments left open its rows,
+    then every shorter one goes in the first row with room (first-fit decreasing)."""
     todo = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     plan = []
     while todo:
         width = lengths[todo[0]]
+        most_rows = max(1, min(rows, MASK_CELLS // (width * (shared + width))))
         room: list[int] = []
         placed: list[list[int]] = []
         left, count = [], 0
@@ -343,7 +349,7 @@ def _pack(lengths: Sequence[int], rows: int, most: int) -> list[list[list[int]]]
                 break
             need = lengths[i]
             r = next((r for r, free in enumerate(room) if free >= need), None)
-            if r is None and len(room) < rows:
+            if r is None and len(room) < most_rows:
                 r = len(room)
                 room.append(width)
                 placed.append([])
