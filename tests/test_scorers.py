@@ -332,7 +332,7 @@ def test_short_prompts_share_a_row_and_score_as_alone(causal, kind, monkeypatch)
         tree = module._LabelTree(ids, [j for j, c in enumerate(ids) if len(c) > 1], "cpu")
         n_tree = len(tree.tokens)
         assert sum(kept for _, kept in head) == len(prompts) * (1 + n_tree)
-        monkeypatch.setattr(module, "_head_at", lambda *_a: contextlib.nullcontext())
+        monkeypatch.setattr(module, "_head_at", lambda *_a: contextlib.nullcontext([]))
         got = continuation_logprobs(model, tok, prompts, conts, batch_size=2)
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     finally:

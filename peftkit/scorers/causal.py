@@ -312,7 +312,7 @@ def _packed_logprobs(
     for rows in _pack([len(p) + n for p in own], batch_size, most, shared):
         batch = _PackedRows(rows, own, tree, shared, dtype, device)
         prefix = {cache_key: _broadcast_cache(lead_cache, len(rows))} if shared else {}
-        with _head_at(model, batch.kept):
+        with _head_at(model, batch.kept) as gathered:
             res = model(
                 input_ids=batch.ids,
                 attention_mask=batch.mask,
@@ -322,7 +322,7 @@ def _packed_logprobs(
                 **prefix,
             )
         logits = res.logits
-        if logits.shape[1] != len(batch.kept):  # the head ran at every position
+        if not gathered:  # the head ran at every position: the kept ones picked out after
             logits = logits.reshape(-1, logits.shape[-1])[batch.kept][None]
         logp = logits[0].float().log_softmax(-1).view(len(batch.order), n + 1, -1)
         out[batch.order] = tree.score(logp, first).cpu().numpy()
@@ -414,17 +414,20 @@ class _PackedRows:
 def _head_at(model, kept: torch.Tensor):
     """While open, the LM head runs only at ``kept`` (flat indices into its input's rows x
     positions): its input ``(rows, width, hidden)`` becomes ``(1, len(kept), hidden)``.
-    A pre-hook on the head, so what the model does after it (a logit soft-cap) still runs."""
+    A pre-hook on the head, so what the model does after it (a logit soft-cap) still runs.
+    Yields a list that holds True once the head's input was gathered."""
+    gathered: list[bool] = []
 
     def gather(_module, args):
         if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
             hidden = args[0]
+            gathered.append(True)
             return (hidden.reshape(-1, hidden.shape[-1])[kept][None], *args[1:])
         return None
 
     handle = model.get_output_embeddings().register_forward_pre_hook(gather)
     try:
-        yield
+        yield gathered
     finally:
         handle.remove()
 
