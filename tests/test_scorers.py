@@ -113,9 +113,16 @@ def make_tokenizer(style: str) -> tf.PreTrainedTokenizerFast:
 
 
 def make_causal(family: str, sliding_window: int | None = None):
-    """A tiny llama or GPT-2, or a Mistral attending to a ``sliding_window`` of the past."""
+    """A tiny llama or GPT-2, a Mistral attending to a ``sliding_window`` of the past, or a
+    Bloom or MPT (ALiBi: positions from the mask, no ``position_ids``)."""
     torch.manual_seed(0)
     n = len(SPECIALS) + len(set(WORDS))
+    if family == "bloom":
+        config = tf.BloomConfig(vocab_size=n, hidden_size=32, n_layer=2, n_head=2)
+        return tf.BloomForCausalLM(config).eval(), make_tokenizer("plain")
+    if family == "mpt":
+        config = tf.MptConfig(vocab_size=n, d_model=32, n_layers=2, n_heads=2, max_seq_len=CONTEXT)
+        return tf.MptForCausalLM(config).eval(), make_tokenizer("plain")
     if family in ("llama", "mistral"):
         shape = dict(
             vocab_size=n,
@@ -400,6 +407,22 @@ def test_a_sliding_window_model_scores_as_its_own_forward(kind, monkeypatch):
     got = continuation_logprobs(wide, tok, prompts, conts, batch_size=2)
     np.testing.assert_allclose(got, _by_hand(wide, tok, prompts, conts), atol=1e-4, rtol=0)
     assert module._attention_window(make_causal("llama")[0]) is None
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+@pytest.mark.parametrize("kind", sorted(CONTINUATIONS))
+def test_alibi_models_without_position_ids_score_as_their_own_forward(family, kind):
+    """Bloom and MPT take no ``position_ids`` (ALiBi, from the mask): packed rows and label
+    trees would misplace their tokens (Bloom raised, MPT scored 1e-3 off), so they take the
+    left-padded way, the labels contiguous after each prompt."""
+    from peftkit.scorers import causal as module
+
+    model, tok = make_causal(family)
+    assert not module._takes_custom_masks(model)
+    for prompts in (PROMPTS, [SHARED + p for p in PROMPTS]):
+        got = continuation_logprobs(model, tok, prompts, CONTINUATIONS[kind], batch_size=2)
+        expected = _by_hand(model, tok, prompts, CONTINUATIONS[kind])
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
 def test_a_label_tree_longer_than_the_context_at_the_context_edge(causal, monkeypatch):

@@ -240,9 +240,13 @@ def _shared_prefix_logprobs(
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # less padding
     out = np.zeros((len(prompt_ids), len(cont_ids)))
     cache_key = _cache_kwarg(model)
+    # A shared start cached before each prompt's left padding: only models that place
+    # tokens by position ids (ALiBi models measure distance by index: the padding between
+    # would count)
+    share = rebuild and _takes_position_ids(model)
     with eval_mode(model), torch.inference_mode():
         shared, lead_cache, prompt_ids = (
-            _run_shared(model, prompt_ids) if rebuild else (0, None, prompt_ids)
+            _run_shared(model, prompt_ids) if share else (0, None, prompt_ids)
         )
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -609,14 +613,25 @@ def _check_fits(model, tokenizer, ids, cont_ids) -> None:
 
 
 def _takes_custom_masks(model) -> bool:
-    """Whether the model's attention takes a 4-D mask as given (transformers' sdpa, eager)."""
+    """Whether the model's attention takes a 4-D mask as given (transformers' sdpa, eager)
+    and its positions from ``position_ids`` (not ALiBi models such as Bloom and MPT, which
+    place tokens by the mask and take no position ids)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if _prompt_learning(model) is not None or not has_lm_head(inner):
+        return False
+    if not _takes_position_ids(model):
         return False
     return getattr(getattr(inner, "config", None), "_attn_implementation", None) in (
         "sdpa",
         "eager",
     )
+
+
+def _takes_position_ids(model) -> bool:
+    """Whether the model's forward places tokens by ``position_ids`` (not so ALiBi models
+    such as Bloom and MPT, whose biases come from the mask or the token's index)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "position_ids" in inspect.signature(type(inner).forward).parameters
 
 
 def _dtype_of(model) -> torch.dtype:
