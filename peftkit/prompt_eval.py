@@ -235,6 +235,10 @@ def evaluate_prompts(
         raise ConfigError(f"demo_selection must be 'random' or 'nearest'; got {demo_selection!r}")
     if demonstrations < 0:
         raise ConfigError(f"demonstrations must be >= 0 (k per class); got {demonstrations}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
+    if max_rows is not None and max_rows < 1:
+        raise ConfigError(f"max_rows must be >= 1 (or None: every row); got {max_rows}")
     if demo_selection == "nearest" and calibration != "none" and demonstrations:
         raise ConfigError(
             "content-free calibration needs demonstrations shared by every query; "

@@ -138,6 +138,12 @@ class EvaluationSpec:
     batch_size: int = 64
     max_rows: int | None = None  # prompt runs: first N rows of the split
 
+    def __post_init__(self) -> None:
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"evaluation.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_rows is not None and int(self.max_rows) < 1:
+            raise ConfigError(f"evaluation.max_rows must be >= 1, got {self.max_rows}")
+
 
 @dataclass(frozen=True)
 class RegistrySpec:

@@ -161,6 +161,10 @@ def test_bad_arguments_are_named(llama, prompt_file):
         evaluate_prompts(llama, data, prompt_file, calibration="platt")
     with pytest.raises(ConfigError, match="no template 'nope'"):
         evaluate_prompts(llama, data, prompt_file, templates=["nope"])
+    with pytest.raises(ConfigError, match="batch_size must be >= 1; got 0"):
+        evaluate_prompts(llama, data, prompt_file, batch_size=0)
+    with pytest.raises(ConfigError, match="max_rows must be >= 1"):
+        evaluate_prompts(llama, data, prompt_file, max_rows=0)
     with pytest.raises(ConfigError, match="only the masked-lm scorer"):
         evaluate_prompts(llama, data, prompt_file, templates=["masked"])
     with pytest.raises(ConfigError, match="shared by every query"):

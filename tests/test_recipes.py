@@ -152,6 +152,8 @@ def test_overrides_parse_yaml_scalars_and_shorthands(tmp_path):
         ("training.epochs=fast", "(override 'training.epochs=fast'): training.epochs: must be"),
         ("training.epochs", "write key.path=value"),
         ("training.max_minutes=-1", "training.max_minutes must be > 0"),
+        ("evaluation.batch_size=0", "evaluation.batch_size must be >= 1, got 0"),
+        ("evaluation.max_rows=0", "evaluation.max_rows must be >= 1, got 0"),
         ("base.source.x=1", "single value"),
     ],
 )

@@ -598,6 +598,8 @@ def test_bad_options(causal):
     model, tok = causal
     with pytest.raises(ConfigError, match="normalize"):
         score_causal(model, tok, PROMPT, ["good"], normalize="softmax")
+    with pytest.raises(ConfigError, match="batch_size must be >= 1; got 0"):
+        score_causal(model, tok, PROMPT, ["good"], batch_size=0)
     mlm = Prompt(Template("{text} it was {mask}", name="m"), VERB)
     with pytest.raises(ConfigError, match="score_masked_lm"):
         score_causal(model, tok, mlm, ["good"])

@@ -71,6 +71,8 @@ def score_causal(
     """
     check_choice("normalize", normalize, NORMALIZATIONS)
     check_choice("aggregate", aggregate, AGGREGATIONS)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
     if not has_lm_head(model):
         raise ModelError(
             f"score_causal needs a causal LM (AutoModelForCausalLM); this "
