@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import os
 from collections.abc import Sequence
@@ -346,27 +347,27 @@ def _pack(lengths: Sequence[int], rows: int, most: int, shared: int = 0) -> list
     while todo:
         width = lengths[todo[0]]
         most_rows = max(1, min(rows, MASK_CELLS // (width * (shared + width))))
+        longer = [-lengths[i] for i in todo]  # ascending: bisect finds what fits a room
         room: list[int] = []
         placed: list[list[int]] = []
-        left, count = [], 0
-        for k, i in enumerate(todo):
-            if count == most:
-                left.extend(todo[k:])
-                break
-            need = lengths[i]
-            r = next((r for r, free in enumerate(room) if free >= need), None)
+        taken = [False] * len(todo)
+        k, count = 0, 0
+        while k < len(todo) and count < most:
+            r = next((r for r, free in enumerate(room) if free >= -longer[k]), None)
             if r is None and len(room) < most_rows:
                 r = len(room)
                 room.append(width)
                 placed.append([])
-            if r is None:
-                left.append(i)
+            if r is None:  # every row open and none has room: on to the first that fits
+                k = bisect.bisect_left(longer, -max(room), lo=k + 1)
                 continue
-            room[r] -= need
-            placed[r].append(i)
+            room[r] += longer[k]
+            placed[r].append(todo[k])
+            taken[k] = True
             count += 1
+            k += 1
         plan.append(placed)
-        todo = left
+        todo = [i for i, t in zip(todo, taken, strict=True) if not t]
     return plan
 
 
