@@ -332,9 +332,10 @@ def test_short_prompts_share_a_row_and_score_as_alone(causal, kind, monkeypatch)
         handle = model.get_output_embeddings().register_forward_hook(
             lambda _m, _a, out: head.append(out.shape[:2])
         )
-        fed.clear()
-        continuation_logprobs(model, tok, prompts, conts, batch_size=2)
-        handle.remove()
+        try:
+            continuation_logprobs(model, tok, prompts, conts, batch_size=2)
+        finally:
+            handle.remove()
         ids = module.continuation_ids(tok, conts)
         tree = module._LabelTree(ids, [j for j, c in enumerate(ids) if len(c) > 1], "cpu")
         n_tree = len(tree.tokens)
