@@ -268,7 +268,7 @@ def _agree(a: list[int], b: list[int]) -> float:
 class FlopLog:
     """Matmul FLOPs of every forward of ``model`` while active, from the shapes alone (a
     forward hook: no cost to the timing): 2 x rows x tokens x the linear layers' weights,
-    plus 2 x rows x positions with logits x the LM head's weights."""
+    plus 2 x the logits' rows x positions x the LM head's weights."""
 
     def __init__(self, model):
         import torch

@@ -501,7 +501,7 @@ def _shared_length(model, prompt_ids: list[list[int]]) -> int:
 def _attention_window(model) -> int | None:
     """The shortest past any layer attends to (a sliding window, a chunk), or None when
     every layer sees the whole sequence; 0 for layers whose cache is not keys and values."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _unwrapped(model)
     config = inner.config.get_text_config(decoder=True)
     try:
         from transformers.cache_utils import get_layer_types_and_kwargs
@@ -619,7 +619,7 @@ def _takes_custom_masks(model) -> bool:
     """Whether the model's attention takes a 4-D mask as given (transformers' sdpa, eager)
     and its positions from ``position_ids`` (not ALiBi models such as Bloom and MPT, which
     place tokens by the mask and take no position ids)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _unwrapped(model)
     if _prompt_learning(model) is not None or not has_lm_head(inner):
         return False
     if not _takes_position_ids(model):
@@ -633,8 +633,7 @@ def _takes_custom_masks(model) -> bool:
 def _takes_position_ids(model) -> bool:
     """Whether the model's forward places tokens by ``position_ids`` (not so ALiBi models
     such as Bloom and MPT, whose biases come from the mask or the token's index)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "position_ids" in inspect.signature(type(inner).forward).parameters
+    return "position_ids" in _forward_params(model)
 
 
 def _dtype_of(model) -> torch.dtype:
@@ -664,6 +663,14 @@ def _prepends_virtual_tokens(model) -> bool:
 
 
 def _cache_kwarg(model) -> str:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(type(inner).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+
+
+def _unwrapped(model):
+    """The transformers model inside a peft wrapper (the model itself when not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _forward_params(model):
+    """The parameters the (unwrapped) model's ``forward`` names."""
+    return inspect.signature(type(_unwrapped(model)).forward).parameters
