@@ -56,11 +56,17 @@ RawRows = tuple[list[str], list[str]]
 
 @dataclass(frozen=True)
 class Fields:
-    """Which fields (JSONL keys, CSV columns) hold the text, the label, the optional pair."""
+    """Which fields (JSONL keys, CSV columns) hold the text, the label, the optional pair.
+
+    ``pair_optional``: read ``pair`` from the rows that have it, and ``None`` for the others,
+    instead of refusing a row without it (how :func:`peftkit.data.load_data` finds out whether
+    the rows carry pairs).
+    """
 
     text: str
     label: str
     pair: str | None
+    pair_optional: bool = False
 
 
 @dataclass
@@ -69,7 +75,7 @@ class RawTable:
 
     where: str  # file path (or hub split) for messages
     texts: list[str]
-    pairs: list[str] | None
+    pairs: list[str | None] | None  # None for a row without the pair (Fields.pair_optional)
     raw: list[Any]
     lines: list[int]
 
@@ -227,8 +233,9 @@ def read_corpus(name: str) -> tuple[RawTable, tuple[str, ...]]:
 # ---------------------------------------------------------------------------- folders, files
 
 
-def split_files(folder: Path) -> dict[str, Path]:
-    """``{split: file}`` for the train/validation/test files in ``folder`` (train required)."""
+def split_files(folder: Path, need_train: bool = True) -> dict[str, Path]:
+    """``{split: file}`` for the train/validation/test files in ``folder``: the train file is
+    required, or with ``need_train=False`` any one of them."""
     found: dict[str, Path] = {}
     for split, stems in FILE_NAMES.items():
         hits = [
@@ -241,19 +248,27 @@ def split_files(folder: Path) -> dict[str, Path]:
             )
         if hits:
             found[split] = hits[0]
-    if "train" not in found:
-        have = sorted(p.name for p in folder.iterdir())
+    have = sorted(p.name for p in folder.iterdir())
+    holds = f"it holds: {preview(have) if have else 'nothing'}"
+    if need_train and "train" not in found:
         raise DataError(
             f"{folder} has no training file: expected train.jsonl, train.csv or train.tsv "
-            f"(with validation.* and test.*); it holds: {preview(have) if have else 'nothing'}"
+            f"(with validation.* and test.*); {holds} (scoring alone, as zero-shot and "
+            "prediction do, takes a folder without one: need_train=False)"
+        )
+    if not found:
+        raise DataError(
+            f"{folder} has no data file: expected train, validation (or valid, dev) or test, "
+            f"each .jsonl, .csv or .tsv; {holds}"
         )
     return found
 
 
 def read_labels_json(path: Path) -> tuple[str, ...]:
     """The label names in ``labels.json``: a JSON list whose order gives the ids."""
+    raw = path.read_bytes()
     try:
-        names = json.loads(path.read_bytes())
+        names = json.loads(_decode(path, raw))
     except ValueError as e:
         raise DataError(f"{path} is not valid JSON ({e})") from None
     if isinstance(names, list) and all(isinstance(n, str) for n in names):
@@ -278,21 +293,65 @@ def read_table(path: Path, fields: Fields) -> RawTable:
     if not path.is_file():
         raise DataError(f"data file does not exist: {path}")
     if path.suffix == ".jsonl":
-        return _read_jsonl(path, fields)
-    if path.suffix in (".csv", ".tsv"):
-        return _read_csv(path, fields, "\t" if path.suffix == ".tsv" else ",")
-    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .csv or .tsv")
+        table = _read_jsonl(path, fields)
+    elif path.suffix in (".csv", ".tsv"):
+        table = _read_csv(path, fields, "\t" if path.suffix == ".tsv" else ",")
+    else:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .csv or .tsv")
+    refuse_blank_texts(table, fields)
+    return table
+
+
+def refuse_blank_texts(table: RawTable, fields: Fields, unit: str = "line") -> None:
+    """Refuse a table with an empty or whitespace-only text (or pair), naming where.
+
+    Refused rather than dropped: the rows a run uses stay the rows of the file, and a blank
+    text is most often a sign of a wrong field or a broken export, not of data to skip.
+    """
+    columns = [(fields.text, table.texts)]
+    if fields.pair and table.pairs is not None:
+        columns.append((fields.pair, table.pairs))
+    for name, values in columns:
+        lines = zip(values, table.lines, strict=True)
+        blank = [n for v, n in lines if isinstance(v, str) and not v.strip()]
+        if blank:
+            hint = " or text_pair_field='' to leave the pairs out" if name == fields.pair else ""
+            raise DataError(
+                f"{table.where}, {unit} {blank[0]}: field {name!r} is empty "
+                f"({len(blank)} of {len(values)} rows: {unit}s {preview(blank, 5)}); "
+                f"remove those rows or fill them in (is the field the right one?{hint})"
+            )
+
+
+def _decode(path: Path, raw: bytes, offset: int = 0, lineno: int = 1) -> str:
+    """``raw`` as UTF-8 text (a leading BOM dropped); a DataError naming the line and byte
+    offset of the first byte that is not UTF-8. ``offset``/``lineno``: where ``raw`` starts."""
+    try:
+        return raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+    except UnicodeDecodeError as e:
+        line = lineno + raw.count(b"\n", 0, e.start)
+        raise DataError(
+            f"{path}, line {line} (byte {offset + e.start}): not UTF-8 text "
+            f"(byte {raw[e.start]:#04x}: {e.reason}); re-save the file as UTF-8"
+        ) from None
+
+
+def _new_table(path: Path, fields: Fields) -> RawTable:
+    return RawTable(str(path), [], [] if fields.pair else None, [], [])
 
 
 def _read_jsonl(path: Path, fields: Fields) -> RawTable:
-    table = RawTable(str(path), [], [] if fields.pair else None, [], [])
+    table = _new_table(path, fields)
+    offset = 0
     with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
+        for lineno, raw in enumerate(fh, 1):
+            line = _decode(path, raw, offset, lineno)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            except ValueError as e:
                 raise DataError(f"{path}, line {lineno}: not valid JSON ({e})") from None
             if not isinstance(row, dict):
                 raise DataError(
@@ -304,8 +363,8 @@ def _read_jsonl(path: Path, fields: Fields) -> RawTable:
 
 
 def _read_csv(path: Path, fields: Fields, delimiter: str) -> RawTable:
-    table = RawTable(str(path), [], [] if fields.pair else None, [], [])
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    table = _new_table(path, fields)
+    with io.StringIO(_decode(path, path.read_bytes()), newline="") as fh:
         reader = csv.reader(fh, delimiter=delimiter, strict=True)
         try:
             header = [h.strip() for h in next(reader, [])]
@@ -323,26 +382,27 @@ def _read_csv(path: Path, fields: Fields, delimiter: str) -> RawTable:
                 _add_row(table, dict(zip(header, row, strict=True)), fields, reader.line_num)
         except csv.Error as e:
             raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
-        except UnicodeDecodeError as e:
-            raise DataError(
-                f"{path}, after line {reader.line_num}: not UTF-8 text ({e.reason}); "
-                "re-save it as UTF-8"
-            ) from None
     return table
 
 
 def _add_row(table: RawTable, row: dict, fields: Fields, lineno: int) -> None:
     try:
         text, label = row[fields.text], row[fields.label]
-        pair = row[fields.pair] if fields.pair else ""
+        pair = None
+        if fields.pair:
+            pair = row.get(fields.pair) if fields.pair_optional else row[fields.pair]
     except KeyError:
         _require_fields(table.where, lineno, row, fields)
         raise
-    for name, value in ((fields.text, text), (fields.pair, pair)):
-        if type(value) is not str:
+    values = [(fields.text, text)] + ([(fields.pair, pair)] if fields.pair else [])
+    for name, value in values:
+        if type(value) is not str and not (value is None and fields.pair_optional):
+            optional = (
+                " (or text_pair_field='' to leave the pairs out)" if name == fields.pair else ""
+            )
             raise DataError(
                 f"{table.where}, line {lineno}: field {name!r} is {type(value).__name__} "
-                f"{value!r}; expected a string"
+                f"{value!r}; expected a string{optional}"
             )
     table.texts.append(text)
     if table.pairs is not None:
@@ -352,28 +412,38 @@ def _add_row(table: RawTable, row: dict, fields: Fields, lineno: int) -> None:
 
 
 def _require_fields(where: str, lineno: int, present: Iterable[str], fields: Fields) -> None:
-    present = list(present)
+    """Refuse a row (or header) without a field ``fields`` names: the fields it has, the
+    closest one, and the option that names it."""
+    present = [str(p) for p in present]
+    pair = None if fields.pair_optional else fields.pair
     for name, arg in (
         (fields.text, "text_field"),
         (fields.label, "label_field"),
-        (fields.pair, "text_pair_field"),
+        (pair, "text_pair_field"),
     ):
         if name is not None and name not in present:
             raise DataError(
                 f"{where}, line {lineno}: no field {name!r}; fields present: "
-                f"{', '.join(map(repr, present)) or 'none'}{did_you_mean(name, present)}; "
+                f"{', '.join(map(repr, present)) or 'none'}{_closest_field(name, present)}; "
                 f"name yours with {arg}="
             )
+
+
+def _closest_field(name: str, present: list[str]) -> str:
+    """``did_you_mean``, trying a case-insensitive match first (``Text`` for ``text``)."""
+    same = [p for p in present if p.casefold() == name.casefold()]
+    return f" (did you mean {same[0]!r}?)" if same else did_you_mean(name, present)
 
 
 # ---------------------------------------------------------------------------- hub
 
 
 def read_hub(
-    hub_id: str, fields: Fields, not_local: str
+    hub_id: str, fields: Fields, not_local: str, need_train: bool = True
 ) -> tuple[dict[str, RawTable], tuple[str, ...] | None]:
     """The splits of hub dataset ``hub_id`` (needs ``datasets`` and a network) and, when its
-    label column is a ``ClassLabel``, the label names. ``not_local`` starts every error."""
+    label column is a ``ClassLabel``, the label names. ``not_local`` starts every error.
+    The train split is required unless ``need_train`` is False."""
     try:
         import datasets
     except ImportError:
@@ -401,10 +471,15 @@ def read_hub(
             log.info("%s has no labels (all -1); leaving the split out", where)
             continue
         names = names or tuple(getattr(ds.features[fields.label], "names", None) or ()) or None
-        pairs = list(ds[fields.pair]) if fields.pair else None
+        pairs = None
+        if fields.pair and fields.pair in ds.column_names:
+            pairs = list(ds[fields.pair])
+        elif fields.pair_optional:
+            pairs = [None] * len(raw)
         rows = list(range(1, len(raw) + 1))
         tables[split] = RawTable(where, list(ds[fields.text]), pairs, raw, rows)
-    if "train" not in tables:
+        refuse_blank_texts(tables[split], fields, unit="row")
+    if not tables or (need_train and "train" not in tables):
         raise DataError(f"hub:{hub_id} has no train split; it has: {', '.join(loaded)}")
     return tables, names
 

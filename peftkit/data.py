@@ -15,6 +15,28 @@ carved where a source has none, stratified by label and seeded; the order is dec
 sha256 keys, not by ``hash()`` or global random state, so the same seed gives the same
 rows on every machine and Python version. Nothing is written anywhere.
 
+Rules for data that would otherwise give a silently wrong result (each a
+:class:`~peftkit.errors.DataError` naming the file and line, unless said otherwise):
+
+- **ids and names.** With a label list (``labels.json``, the ``labels`` argument, a corpus's
+  or hub dataset's own names) an integer label is an index into it (or, where the names are
+  numbers, that number), so ids and names may mix. Without one, the labels of a source
+  (all its files) must be all ids (integers, or numbers written as text) or all names:
+  ``0, 1, "neg", "pos"`` would otherwise be four classes, and is refused.
+- **declared labels no split has.** A label list naming labels no row has is a warning
+  naming them (the head still gets one output per declared label: the list is the user's
+  label set); more than half of them absent is refused. Data whose rows all have one label
+  is refused (no classifier to train); both refusals apply only to data to train on
+  (``need_train=True``).
+- **empty texts.** A text (or text pair) that is empty or only whitespace is refused, with
+  its line and the count, not dropped: the rows used stay the rows of the file, and a blank
+  text most often means a wrong field or a broken export.
+- **pairs.** With ``text_pair_field`` unset, the rows are pairs when every row of the first
+  file (train, else the first one with rows) has ``text_pair``; then every file must have it.
+  Some rows with it and some without is a warning, and no pairs are used.
+- **encoding.** Files are UTF-8 (a BOM is dropped); other bytes are refused with the line
+  and byte offset of the first one.
+
     >>> data = load_data("sms-spam", seed=0)
     >>> data.labels, len(data.split("train"))
     (('ham', 'spam'), 3628)
@@ -26,9 +48,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn
@@ -50,20 +73,33 @@ from peftkit.corpora import (
 )
 from peftkit.errors import ConfigError, DataError, did_you_mean
 
-__all__ = ["Split", "TextDataset", "load_data", "few_shot", "packaged_corpora", "SPLITS"]
+__all__ = [
+    "SAMPLES",
+    "SPLITS",
+    "Split",
+    "TextDataset",
+    "few_shot",
+    "load_data",
+    "packaged_corpora",
+    "stratified_rows",
+]
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+SAMPLES = ("stratified", "first")  # how max_rows chooses its rows
 
 
 @dataclass(frozen=True)
 class Split:
-    """One split: texts, label ids (into :attr:`TextDataset.labels`), optional second texts."""
+    """One split: texts, label ids (into :attr:`TextDataset.labels`), optional second texts.
+
+    ``origin`` says where the rows came from, for messages (not compared)."""
 
     texts: tuple[str, ...]
     labels: tuple[int, ...]
     text_pairs: tuple[str, ...] | None = None
+    origin: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "texts", tuple(self.texts))
@@ -91,12 +127,15 @@ class Split:
         """The rows at ``indices``, in that order: ``split.subset(range(100))``."""
         idx = list(indices)
         pairs = None if self.text_pairs is None else tuple(self.text_pairs[i] for i in idx)
-        return Split(tuple(self.texts[i] for i in idx), tuple(self.labels[i] for i in idx), pairs)
+        texts, labels = tuple(self.texts[i] for i in idx), tuple(self.labels[i] for i in idx)
+        return Split(texts, labels, pairs, origin=self.origin)
 
 
 @dataclass(frozen=True)
 class TextDataset:
-    """A named dataset: label names (index == label id) and its splits."""
+    """A named dataset: label names (index == label id) and its splits.
+
+    Every split that has rows has text pairs, or none does (:attr:`pairs`)."""
 
     name: str
     labels: tuple[str, ...]
@@ -112,6 +151,18 @@ class TextDataset:
                     f"dataset {self.name!r}, split {split_name!r}: label ids {sorted(bad)} "
                     f"are outside 0..{len(self.labels) - 1} ({len(self.labels)} labels)"
                 )
+        paired = {k: s.text_pairs is not None for k, s in self.splits.items() if len(s)}
+        if len(set(paired.values())) > 1:
+            raise DataError(
+                f"dataset {self.name!r}: splits {[k for k, v in paired.items() if v]} have text "
+                f"pairs and {[k for k, v in paired.items() if not v]} do not; give every split "
+                "its pairs or none"
+            )
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the rows are text pairs (``text_pairs`` set on the splits)."""
+        return any(s.text_pairs is not None for s in self.splits.values())
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
@@ -140,6 +191,17 @@ class TextDataset:
 # ---------------------------------------------------------------------------- loading
 
 
+@dataclass(frozen=True)
+class _Options:
+    """What every reader and the assembly of splits share."""
+
+    fields: Fields
+    given: tuple[str, ...] | None  # the labels argument
+    ratios: tuple[float, float, float]
+    seed: int
+    need_train: bool
+
+
 def _loadable(path: Path) -> bool:
     """A data file, or a folder holding one (what a mistyped data path may have meant)."""
     data = (*SUFFIXES, ".json")
@@ -161,6 +223,8 @@ def load_data(
     split_ratios: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     max_rows: int | None = None,
+    sample: str = "stratified",
+    need_train: bool = True,
 ) -> TextDataset:
     """Load ``source`` as a :class:`TextDataset`.
 
@@ -168,52 +232,73 @@ def load_data(
     corpus's own order, or the sorted names found in the training rows. ``split_ratios``
     (train, validation, test) and ``seed`` carve the splits a source lacks: all three for a
     single file or packaged corpus, validation alone (from train) for a folder without one.
-    ``max_rows`` keeps the first N rows of each split (deterministic; for benchmarks).
+    ``text_pair_field``: None reads ``text_pair`` when every row of the first file has it,
+    ``""`` never reads pairs, a name requires that field in every row. ``max_rows`` keeps N
+    rows of each split: a seeded sample stratified by label (``sample="stratified"``) or the
+    first N (``sample="first"``). ``need_train=False`` (scoring only: zero-shot, prediction)
+    takes a folder without a train file and puts a single file whole into the test split;
+    the splits a source lacks are then empty, not carved.
 
         >>> load_data("rows.jsonl", text_field="sentence")             # doctest: +SKIP
         >>> load_data("my_task/", labels=["negative", "positive"])     # doctest: +SKIP
+        >>> load_data("test_only/", need_train=False).split("train")   # doctest: +SKIP
+        Split(0 rows, 0 labels)
     """
-    ratios = _check_ratios(split_ratios)
-    if max_rows is not None and (type(max_rows) is not int or max_rows < 1):
-        raise ConfigError(f"max_rows must be a positive integer or None; got {max_rows!r}")
-    fields = Fields(text_field, label_field, text_pair_field)
-    given = check_label_names(labels)
-    if isinstance(source, str) and source.startswith("hub:"):
-        data = _load_hub(source[4:], fields, given, ratios, seed, explicit=True)
-    elif isinstance(source, str) and source in CORPORA:
-        data = _load_corpus(source, fields, given, ratios, seed)
+    _check_sampling(max_rows, sample)
+    if not isinstance(need_train, bool):
+        raise ConfigError(f"need_train must be True or False; got {need_train!r}")
+    if text_pair_field is None:  # found out from the rows
+        fields = Fields(text_field, label_field, "text_pair", pair_optional=True)
     else:
-        data = _load_path(source, fields, given, ratios, seed)
+        fields = Fields(text_field, label_field, text_pair_field or None)
+    opts = _Options(
+        fields, check_label_names(labels), _check_ratios(split_ratios), seed, need_train
+    )
+    if isinstance(source, str) and source.startswith("hub:"):
+        data = _load_hub(source[4:], opts, explicit=True)
+    elif isinstance(source, str) and source in CORPORA:
+        data = _load_corpus(source, opts)
+    else:
+        data = _load_path(source, opts)
     if max_rows is None:
         return data
-    cut = {k: s.subset(range(min(max_rows, len(s)))) for k, s in data.splits.items()}
-    return TextDataset(data.name, data.labels, cut)
+    return _sample(data, max_rows, sample, seed)
 
 
-def _load_corpus(name, fields, given, ratios, seed) -> TextDataset:
-    if fields != Fields("text", "label", None):
+def _load_corpus(name: str, opts: _Options) -> TextDataset:
+    if opts.fields.text != "text" or opts.fields.label != "label" or not opts.fields.pair_optional:
         raise DataError(
             f"packaged corpus {name!r} has fixed fields; text_field, label_field and "
             "text_pair_field apply to files only"
         )
     table, order = read_corpus(name)
-    origin = "the labels argument" if given else f"packaged corpus {name!r}"
-    return _assemble(name, {"train": table}, given or order, origin, ratios, seed, True)
+    origin = "the labels argument" if opts.given else f"packaged corpus {name!r}"
+    return _assemble(name, {"train": table}, opts.given or order, origin, opts, carve=True)
 
 
-def _load_path(source, fields, given, ratios, seed) -> TextDataset:
+def _load_path(source: str | Path, opts: _Options) -> TextDataset:
     path = Path(source).expanduser()
     if path.is_dir():
-        tables = {s: read_table(f, fields) for s, f in split_files(path).items()}
-        names, origin = given, "the labels argument"
+        files = split_files(path, opts.need_train)
+        tables = {s: read_table(f, opts.fields) for s, f in files.items()}
+        names, origin = opts.given, "the labels argument"
         if names is None and (path / "labels.json").is_file():
             names, origin = read_labels_json(path / "labels.json"), str(path / "labels.json")
-        return _assemble(path.name, tables, names, origin, ratios, seed, False)
+        return _assemble(path.name, tables, names, origin, opts, carve=False)
     if path.is_file():
-        table = read_table(path, fields)
+        table = read_table(path, opts.fields)
+        if not opts.need_train:  # scored whole: nothing is held back for training
+            log.info("%s: need_train=False: all %d rows are the test split", path, len(table.texts))
+            return _assemble(path.stem, {"test": table}, opts.given, "the labels argument", opts)
         return _assemble(
-            path.stem, {"train": table}, given, "the labels argument", ratios, seed, True
+            path.stem, {"train": table}, opts.given, "the labels argument", opts, carve=True
         )
+    _refuse_missing(source, path)
+    return _load_hub(str(source), opts, explicit=False)
+
+
+def _refuse_missing(source: str | Path, path: Path) -> None:
+    """A DataError for a local-looking ``source`` that does not exist (hub ids pass)."""
     text = str(source)
     looks_local = (
         path.suffix in (*SUFFIXES, ".json", ".txt")
@@ -227,75 +312,214 @@ def _load_path(source, fields, given, ratios, seed) -> TextDataset:
         raise DataError(f"data file or folder does not exist: {path.resolve()}{near}")
     if did_you_mean(text, CORPORA) and "/" not in text:
         corpus_spec(text)  # raises: unknown packaged corpus, with the valid names
-    return _load_hub(text, fields, given, ratios, seed, explicit=False)
 
 
-def _load_hub(hub_id, fields, given, ratios, seed, *, explicit: bool) -> TextDataset:
+def _load_hub(hub_id: str, opts: _Options, *, explicit: bool) -> TextDataset:
     not_local = (
         f"hub dataset {hub_id!r}"
         if explicit
         else f"{hub_id!r} is not a packaged corpus ({', '.join(packaged_corpora())}) nor an "
         f"existing file or folder ({Path(hub_id).resolve()})"
     )
-    tables, names = read_hub(hub_id, fields, not_local)
-    origin = "the labels argument" if given else f"hub:{hub_id} features"
-    return _assemble(hub_id, tables, given or names, origin, ratios, seed, len(tables) == 1)
+    tables, names = read_hub(hub_id, opts.fields, not_local, opts.need_train)
+    origin = "the labels argument" if opts.given else f"hub:{hub_id} features"
+    carve = set(tables) == {"train"}
+    return _assemble(hub_id, tables, opts.given or names, origin, opts, carve=carve)
 
 
 def _check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
-    ok = len(ratios) == 3 and all(isinstance(r, (int, float)) and r >= 0 for r in ratios)
-    if not ok or ratios[0] <= 0 or abs(sum(ratios) - 1.0) > 1e-6:
+    """``ratios`` as (train, validation, test): three numbers >= 0 summing to 1, train > 0."""
+    valid = "three numbers >= 0 summing to 1 with train > 0, e.g. (0.8, 0.1, 0.1)"
+    try:
+        values = tuple(ratios)
+    except TypeError:
+        values = None
+    if values is None or isinstance(ratios, str) or len(values) != 3:
+        count = "" if values is None or isinstance(ratios, str) else f" ({len(values)} given)"
         raise ConfigError(
-            "split_ratios must be (train, validation, test): three numbers >= 0 summing to 1, "
-            f"train > 0; got {tuple(ratios)!r}"
+            f"split_ratios (data.split_ratios in a recipe) needs three numbers, (train, "
+            f"validation, test){count}: {valid}; got {ratios!r}"
         )
-    return float(ratios[0]), float(ratios[1]), float(ratios[2])
+    numbers = all(type(r) in (int, float) and math.isfinite(r) for r in values)
+    if not numbers or min(values) < 0 or values[0] <= 0 or abs(sum(values) - 1.0) > 1e-6:
+        total = f" (they sum to {sum(values):g})" if numbers else ""
+        raise ConfigError(
+            f"split_ratios (data.split_ratios in a recipe) must be (train, validation, test): "
+            f"{valid}; got {values!r}{total}"
+        )
+    return float(values[0]), float(values[1]), float(values[2])
+
+
+def _check_sampling(max_rows: int | None, sample: str) -> None:
+    if max_rows is not None and (type(max_rows) is not int or max_rows < 1):
+        raise ConfigError(
+            "max_rows (data.max_rows in a recipe) must be a positive integer (rows kept per "
+            f"split) or None for every row; got {max_rows!r}"
+        )
+    if sample not in SAMPLES:
+        raise ConfigError(
+            f"sample (data.sample in a recipe) must be one of {', '.join(SAMPLES)}; "
+            f"got {sample!r}" + did_you_mean(str(sample), SAMPLES)
+        )
 
 
 # ---------------------------------------------------------------------------- labels, splits
 
 
-def _assemble(name, tables, names, origin, ratios, seed, carve_all) -> TextDataset:
-    """Label ids for every table, then the splits a source lacks, carved from train."""
-    if not tables["train"].texts:
-        raise DataError(f"{tables['train'].where} has no rows")
-    if names is None:
-        names, origin = _infer_labels(tables["train"]), f"training ({tables['train'].where})"
-    splits = {
-        s: Split(tuple(t.texts), _label_ids(t, names, origin), t.pairs) for s, t in tables.items()
-    }
-    if carve_all:
-        splits = _carve(splits["train"], ratios, seed)
-    elif "validation" not in splits:
-        frac = ratios[1] / (ratios[0] + ratios[1])
-        carved = _carve(splits["train"], (1 - frac, frac, 0.0), seed)
-        splits["train"], splits["validation"] = carved["train"], carved["validation"]
-        log.info(
-            "%s: no validation file; carved %d of %d training rows as validation (seed %d)",
-            name,
-            len(carved["validation"]),
-            len(tables["train"].texts),
-            seed,
-        )
-    empty = [s for s in SPLITS if s in splits and not len(splits[s])]
-    for s in empty:
+def _assemble(name, tables, names, origin, opts: _Options, carve=False) -> TextDataset:
+    """Label ids for every table, then the splits a source lacks: carved from train, or
+    (``need_train=False``, no train) left empty."""
+    if not _first(tables).texts:
+        raise DataError(f"{_first(tables).where} has no rows")
+    tables = _resolve_pairs(tables, opts.fields)
+    inferred = names is None
+    if inferred:
+        _refuse_mixed_label_kinds(tables)
+        names, origin = _infer_labels(tables)
+    splits = {s: _split_of(name, s, t, names, origin, inferred) for s, t in tables.items()}
+    _check_label_coverage(splits, names, origin, inferred, opts.need_train)
+    if carve:
+        splits = _carve(splits["train"], opts.ratios, opts.seed)
+    elif "validation" not in splits and "train" in splits:
+        splits.update(_carve_validation(name, splits["train"], opts))
+    if not opts.need_train:  # every split present, the missing ones empty
+        pairs = () if any(s.text_pairs is not None for s in splits.values()) else None
+        missing = f"of {name!r}: the source has none"
+        for s in SPLITS:
+            splits.setdefault(s, Split((), (), pairs, origin=f"the {s} split {missing}"))
+    for s in [s for s in SPLITS if s in splits and not len(splits[s]) and opts.need_train]:
         log.info("%s: the %s split is empty; leaving it out", name, s)
         del splits[s]
     return TextDataset(name, names, {s: splits[s] for s in SPLITS if s in splits})
 
 
-def _infer_labels(train: RawTable) -> tuple[str, ...]:
+def _first(tables: Mapping[str, RawTable]) -> RawTable:
+    """The table that decides (pairs, inferred labels): train, else the first with rows."""
+    if "train" in tables:
+        return tables["train"]
+    return next((t for t in tables.values() if t.texts), next(iter(tables.values())))
+
+
+def _split_of(name, split: str, table: RawTable, names, origin, inferred: bool) -> Split:
+    ids = _label_ids(table, names, origin, inferred)
+    where = f"the {split} split of {name!r} ({table.where})"
+    return Split(tuple(table.texts), ids, table.pairs, origin=where)
+
+
+def _carve_validation(name: str, train: Split, opts: _Options) -> dict[str, Split]:
+    frac = opts.ratios[1] / (opts.ratios[0] + opts.ratios[1])
+    carved = _carve(train, (1 - frac, frac, 0.0), opts.seed)
+    log.info(
+        "%s: no validation file; carved %d of %d training rows as validation (seed %d)",
+        name,
+        len(carved["validation"]),
+        len(train),
+        opts.seed,
+    )
+    return {"train": carved["train"], "validation": carved["validation"]}
+
+
+def _resolve_pairs(tables: dict[str, RawTable], fields: Fields) -> dict[str, RawTable]:
+    """With ``text_pair_field`` unset: pairs for every split when every row of the first
+    table has one, no pairs otherwise."""
+    if not fields.pair_optional:
+        return tables
+    first = _first(tables)
+    pairs = first.pairs or []
+    have = sum(p is not None for p in pairs)
+    if not pairs or have < len(pairs):
+        if have:
+            line = next(n for p, n in zip(pairs, first.lines, strict=True) if p is None)
+            log.warning(
+                "%s: %d of %d rows carry %r (line %d has none): not using pairs; set "
+                "text_pair_field=%r to require them, or text_pair_field='' to ignore them",
+                first.where, have, len(pairs), fields.pair, line, fields.pair,
+            )  # fmt: skip
+        return {s: replace(t, pairs=None) for s, t in tables.items()}
+    log.info(
+        "%s: rows carry %r: training on text pairs (text_pair_field='' leaves them out)",
+        first.where,
+        fields.pair,
+    )
+    for table in tables.values():
+        gap = next((n for p, n in zip(table.pairs or [], table.lines, strict=True) if p is None), 0)
+        if gap:
+            raise DataError(
+                f"{table.where}, line {gap}: no field {fields.pair!r}, though every row of "
+                f"{first.where} has one and pairs are used for every split; add it, or set "
+                "text_pair_field='' to leave the pairs out"
+            )
+    return tables
+
+
+def _infer_labels(tables: Mapping[str, RawTable]) -> tuple[tuple[str, ...], str]:
+    """The sorted labels of the train table (else of every table), and where they came from."""
+    chosen = [tables["train"]] if "train" in tables else list(tables.values())
     values = set()
-    for raw, lineno in zip(train.raw, train.lines, strict=True):
-        if not isinstance(raw, (str, int)) or isinstance(raw, bool):
-            raise DataError(_bad_label_type(train.where, lineno, raw))
-        values.add(raw)
+    for table in chosen:
+        for raw, lineno in zip(table.raw, table.lines, strict=True):
+            if not isinstance(raw, (str, int)) or isinstance(raw, bool):
+                raise DataError(_bad_label_type(table.where, lineno, raw))
+            values.add(raw)
     if all(isinstance(v, int) for v in values):
-        return tuple(str(v) for v in sorted(values))
-    return tuple(sorted({str(v) for v in values}))
+        names = tuple(str(v) for v in sorted(values))
+    else:
+        names = tuple(sorted({str(v) for v in values}))
+    where = ", ".join(t.where for t in chosen)
+    return names, (f"training ({where})" if "train" in tables else f"the rows of {where}")
 
 
-def _label_ids(table: RawTable, names: tuple[str, ...], origin: str) -> tuple[int, ...]:
+def _label_kind(raw: Any) -> str | None:
+    if type(raw) is int or (type(raw) is str and raw.lstrip("-").isdecimal()):
+        return "an id"
+    return "a name" if type(raw) is str else None
+
+
+def _refuse_mixed_label_kinds(tables: Mapping[str, RawTable]) -> None:
+    """Refuse labels that mix ids (integers, or numbers as text) and names across a source's
+    files when no label list is given: ``0, 1, "neg", "pos"`` would become four classes."""
+    seen: dict[str, tuple[str, int, Any]] = {}
+    for table in tables.values():
+        for raw, lineno in zip(table.raw, table.lines, strict=True):
+            kind = _label_kind(raw)
+            if kind is not None and kind not in seen:
+                seen[kind] = (table.where, lineno, raw)
+        if len(seen) == 2:
+            (w1, l1, r1), (w2, l2, r2) = seen["an id"], seen["a name"]
+            raise DataError(
+                f"labels mix ids and names: {w1}, line {l1} has {r1!r} (an id) and {w2}, line "
+                f"{l2} has {r2!r} (a name); without a label list each would be a class of its "
+                "own. Write every label as a name, or give the names (labels.json next to the "
+                "files, or the labels argument): an integer label is then an index into them"
+            )
+
+
+def _check_label_coverage(splits, names, origin, inferred: bool, need_train: bool) -> None:
+    """Declared labels that no split has: a warning, refused when more than half are absent
+    (or the data holds one label) and the data is to train on. See the module docstring."""
+    present = {y for s in splits.values() for y in s.labels}
+    absent = [n for i, n in enumerate(names) if i not in present]
+    if need_train and len(present) == 1:
+        where = "; ".join(s.origin for s in splits.values())
+        raise DataError(
+            f"every row has the same label, {names[next(iter(present))]!r} ({where}); a "
+            "classifier needs rows of two labels or more (is label_field the right field?)"
+        )
+    if inferred or not absent:
+        return
+    message = (
+        f"{origin} names {len(absent)} of its {len(names)} labels that no split has: "
+        f"{preview(absent)}"
+    )
+    if need_train and 2 * len(absent) > len(names):
+        raise DataError(
+            f"{message}; with more than half absent this is not the data's label set: fix the "
+            "label list or the label field"
+        )
+    log.warning("%s; the head still gets %d outputs, one per declared label", message, len(names))
+
+
+def _label_ids(table: RawTable, names, origin: str, inferred: bool) -> tuple[int, ...]:
     index: dict[Any, int] = {n: i for i, n in enumerate(names)}
     for i, n in enumerate(names):
         if n.lstrip("-").isdecimal():  # names that are numbers: the file's ints mean them
@@ -307,15 +531,15 @@ def _label_ids(table: RawTable, names: tuple[str, ...], origin: str) -> tuple[in
     for raw, lineno in zip(table.raw, table.lines, strict=True):
         found = index.get(raw) if type(raw) in (str, int) else None
         if found is None:
-            _unknown_label(table, raw, lineno, names, origin)
+            _unknown_label(table, raw, lineno, names, origin, inferred)
         ids.append(found)
     return tuple(ids)
 
 
-def _unknown_label(table, raw, lineno, names, origin) -> NoReturn:
+def _unknown_label(table, raw, lineno, names, origin, inferred: bool) -> NoReturn:
     if not isinstance(raw, (str, int)) or isinstance(raw, bool):
         raise DataError(_bad_label_type(table.where, lineno, raw))
-    kind = "does not occur in" if origin.startswith("training") else "is not among the labels of"
+    kind = "does not occur in" if inferred else "is not among the labels of"
     raise DataError(
         f"{table.where}, line {lineno}: label {raw!r} {kind} {origin}; known labels: "
         f"{preview(names)}{did_you_mean(str(raw), names)}"
@@ -350,9 +574,71 @@ def _carve(split: Split, ratios: Sequence[float], seed: int) -> dict[str, Split]
         parts["validation"] += rows[n_test : n_test + n_val]
         parts["train"] += rows[n_test + n_val :]
     return {
-        s: split.subset(sorted(rows, key=lambda i: _key(seed, "order", i)))
+        s: replace(
+            split.subset(sorted(rows, key=lambda i: _key(seed, "order", i))),
+            origin=f"the {s} split carved from {split.origin or 'the rows'}",
+        )
         for s, rows in parts.items()
     }
+
+
+# ---------------------------------------------------------------------------- max_rows
+
+
+def _sample(data: TextDataset, n: int, how: str, seed: int) -> TextDataset:
+    """``n`` rows of each split (``how``: "stratified" or "first"), and a log line per split
+    saying what was kept."""
+    kept = {}
+    for name, split in data.splits.items():
+        if len(split) <= n:
+            kept[name] = split
+            continue
+        rows = range(n) if how == "first" else stratified_rows(split.labels, n, seed)
+        kept[name] = split.subset(rows)
+        before, after = set(split.labels), set(kept[name].labels)
+        lost = [data.labels[y] for y in sorted(before - after)]
+        log.info(
+            "%s: max_rows=%d (%s, seed %d): kept %d of %d %s rows, %d of the %d labels present%s",
+            data.name, n, how, seed, n, len(split), name, len(after), len(before),
+            f" (left out: {preview(lost)})" if lost else "",
+        )  # fmt: skip
+    return TextDataset(data.name, data.labels, kept)
+
+
+def stratified_rows(labels: Sequence[int], n: int, seed: int) -> list[int]:
+    """Indices of ``n`` of ``labels``' rows, in their order, stratified by label and chosen by
+    ``seed`` (sha256-keyed): one row of each label first when ``n`` allows, the rest in
+    proportion to each label's remaining rows (largest remainders; ties by the seed).
+
+        >>> stratified_rows([0, 0, 0, 0, 1, 1, 2], 3, seed=0)   # one of each label
+        [1, 4, 6]
+    """
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, y in enumerate(labels):
+        by_class[y].append(i)
+    if n >= len(labels):
+        return list(range(len(labels)))
+    quota = _quota({y: len(rows) for y, rows in by_class.items()}, n, seed)
+    chosen = [
+        i
+        for y, rows in by_class.items()
+        for i in sorted(rows, key=lambda i: _key(seed, "sample", i))[: quota[y]]
+    ]
+    return sorted(chosen)
+
+
+def _quota(counts: Mapping[int, int], n: int, seed: int) -> dict[int, int]:
+    """Rows to keep per label, ``n`` in all (``n`` < the rows counted)."""
+    floor = 1 if n >= len(counts) else 0  # every label kept where n allows
+    left = {y: c - floor for y, c in counts.items()}
+    room, total = n - floor * len(counts), sum(left.values())
+    quota = {y: room * c // total for y, c in left.items()}
+    remainder = {y: room * c % total for y, c in left.items()}
+    extra = room - sum(quota.values())  # < the labels with a remainder: each gets at most one
+    ranked = sorted(counts, key=lambda y: (-remainder[y], _key(seed, "quota", y)))
+    for y in ranked[:extra]:
+        quota[y] += 1
+    return {y: q + floor for y, q in quota.items()}
 
 
 def few_shot(
@@ -371,6 +657,12 @@ def few_shot(
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise DataError(f"few_shot: k must be a positive integer (examples per class); got {k!r}")
+    if not len(split):
+        raise DataError(
+            f"few_shot: {split.origin or 'the split given'} is empty, so there are no rows to "
+            f"draw k={k} examples per class from; use a source with training rows (a train "
+            "file), or ask for no demonstrations"
+        )
     by_class: dict[int, list[int]] = defaultdict(list)
     for i, y in enumerate(split.labels):
         by_class[y].append(i)

@@ -155,7 +155,7 @@ def test_missing_validation_is_carved_from_train(tmp_path: Path, caplog):
 
 def test_dev_alias_and_max_rows(folder: Path):
     (folder / "validation.jsonl").rename(folder / "dev.jsonl")
-    data = load_data(folder, max_rows=3)
+    data = load_data(folder, max_rows=3, sample="first")
     assert {k: len(v) for k, v in data.splits.items()} == {"train": 3, "validation": 3, "test": 3}
     assert data.split("train").texts == ("row 0", "row 1", "row 2")
 
@@ -263,7 +263,7 @@ def test_invalid_jsonl_names_file_and_line(tmp_path: Path):
     with pytest.raises(DataError, match=r"line 2: expected one JSON object per line, got list"):
         load_data(f)
     f.write_bytes(b'{"text": "a", "label": "x"}\n{"text": "\xff", "label": "x"}\n')
-    with pytest.raises(DataError, match=r"line 2: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2 \(byte 38\): not UTF-8 text"):
         load_data(f)
 
 
@@ -279,7 +279,7 @@ def test_invalid_csv_names_file_and_line(tmp_path: Path):
     with pytest.raises(DataError, match="is empty"):
         load_data(f)
     f.write_bytes(b"text,label\na,x\n\xff\xfe,x\n")
-    with pytest.raises(DataError, match="not UTF-8"):
+    with pytest.raises(DataError, match=r"bad\.csv, line 3 \(byte 15\): not UTF-8 text"):
         load_data(f)
 
 
