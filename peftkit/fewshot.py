@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from peftkit.adapters import Head, TaskModel, body_of
+from peftkit.corpora import preview
 from peftkit.data import Split
 from peftkit.errors import ConfigError, DataError
 from peftkit.prompts import PromptSet, Verbalizer
@@ -48,29 +49,49 @@ Descriptions = PromptSet | Verbalizer | Mapping[str, str | Sequence[str]] | None
 __all__ = [
     "Prototypes",
     "check_mean_pooling",
+    "describe_labels",
     "label_embeddings",
     "prototype_head",
     "prototype_probe",
 ]
 
 
-def _descriptions(descriptions: Descriptions, labels: Sequence[str]) -> dict[str, list[str]]:
+def describe_labels(
+    descriptions: Descriptions, labels: Sequence[str], *, where: str | None = None
+) -> dict[str, list[str]]:
+    """Each label's description texts, checked against ``labels`` (no model needed: call it
+    before loading one). A DataError names where the descriptions came from (``where``, e.g.
+    ``"adapter.head_init.prompt: 'sentiment'"``; else the prompt set), the labels they lack,
+    and the fallback: the label names themselves (``descriptions=None``).
+
+        >>> describe_labels({"neg": "bad", "pos": ["good", "fun"]}, ["neg", "pos"])
+        {'neg': ['bad'], 'pos': ['good', 'fun']}
+    """
     if descriptions is None:
         return {lab: [lab] for lab in labels}
     if isinstance(descriptions, PromptSet):
+        where = where or f"prompt set {descriptions.family!r} ({descriptions.source or 'built-in'})"
         descriptions = descriptions.describe()
-    if isinstance(descriptions, Verbalizer):
-        verbalizer = descriptions.for_labels(labels, where="descriptions")
-        return {lab: [p.strip() for p in verbalizer.phrases(lab)] for lab in labels}
-    missing = [lab for lab in labels if lab not in descriptions]
+    where = where or "the descriptions given"
+    covered = descriptions.labels if isinstance(descriptions, Verbalizer) else list(descriptions)
+    missing = [lab for lab in labels if lab not in covered]
     if missing:
-        raise DataError(f"descriptions have no entry for label(s) {', '.join(map(repr, missing))}")
+        raise DataError(
+            f"the label descriptions from {where} have no entry for label(s) "
+            f"{preview([repr(m) for m in missing])} ({len(missing)} of the data's {len(labels)} "
+            f"labels; they describe: {preview(list(covered))}); describe the labels by their "
+            "names instead (descriptions=None; in a recipe adapter.head_init.prompt=null), or "
+            "give descriptions of these labels"
+        )
+    if isinstance(descriptions, Verbalizer):
+        verbalizer = descriptions.for_labels(labels, where=where)
+        return {lab: [p.strip() for p in verbalizer.phrases(lab)] for lab in labels}
     out = {}
     for lab in labels:
         value = descriptions[lab]
         out[lab] = [value] if isinstance(value, str) else list(value)
         if not out[lab] or not all(isinstance(v, str) and v.strip() for v in out[lab]):
-            raise DataError(f"descriptions of label {lab!r} must be non-empty strings")
+            raise DataError(f"{where}: descriptions of label {lab!r} must be non-empty strings")
     return out
 
 
@@ -78,16 +99,19 @@ def label_embeddings(
     base: Any,
     labels: Sequence[str],
     descriptions: Descriptions = None,
+    *,
+    where: str | None = None,
 ) -> np.ndarray:
     """``(n_labels, hidden)``: each label's descriptions embedded, averaged, normalized.
 
     ``descriptions``: a prompt set (its ``describe()``: the file's descriptions, else its
     first template's words), a verbalizer (its words), a mapping label -> text(s), or None
-    (the label names themselves).
+    (the label names themselves). ``where`` names their origin in errors (see
+    :func:`describe_labels`).
     """
     from peftkit.scorers import embed_texts
 
-    texts = _descriptions(descriptions, labels)
+    texts = describe_labels(descriptions, labels, where=where)
     rows = [embed_texts(base.model, base.tokenizer, texts[lab]).mean(0) for lab in labels]
     out = np.stack(rows)
     return out / np.linalg.norm(out, axis=1, keepdims=True)
@@ -103,6 +127,7 @@ def prototype_head(
     temperature: float = 0.05,
     template: str | None = None,
     batch_size: int = 32,
+    where: str | None = None,
 ) -> Head:
     """A cosine head whose rows are class prototypes of ``support`` (+ the label prior).
 
@@ -110,11 +135,14 @@ def prototype_head(
     unless ``prior`` > 0 (then a label with none is its description alone). The examples
     are embedded as the classifier will see them: formatted by ``template`` (the one
     ``train`` is given), else with ``text_pairs`` as the tokenizer's second sequence.
+    ``where`` names the descriptions' origin in errors (see :func:`describe_labels`).
     """
     from peftkit.batching import apply_template
     from peftkit.scorers import embed_texts
 
     _check_weights(prior, temperature)
+    if prior > 0:  # before any embedding: a label without a description fails fast
+        describe_labels(descriptions, labels, where=where)
     ys = np.asarray(support.labels)
     if len(ys) and (ys.min() < 0 or ys.max() >= len(labels)):
         raise DataError(f"support labels must be ids into the {len(labels)} labels")
@@ -125,7 +153,7 @@ def prototype_head(
     hidden = _hidden(base)
     protos = np.zeros((len(labels), hidden))
     if prior > 0:
-        protos += prior * label_embeddings(base, labels, descriptions)
+        protos += prior * label_embeddings(base, labels, descriptions, where=where)
     for c in range(len(labels)):
         rows = feats[ys == c]
         if len(rows):
@@ -147,7 +175,8 @@ class Prototypes:
     """A prototype head to be built (and rebuilt) on a body: ``prototype_head``'s arguments
     but the base. ``train(..., head_init=Prototypes(...))`` builds it on the base to start
     from; with ``training.objective: contrastive``, which trains the body and not the
-    head, it is rebuilt on the trained body at every evaluation and at the end."""
+    head, it is rebuilt on the trained body at every evaluation and at the end. The
+    descriptions are checked against the labels when it is made (no model needed)."""
 
     support: Split
     labels: tuple[str, ...]
@@ -155,10 +184,13 @@ class Prototypes:
     prior: float = 2.0
     temperature: float = 0.05
     template: str | None = None  # train() sets its own template here
+    where: str | None = None  # where the descriptions came from, for errors
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
         _check_weights(self.prior, self.temperature)
+        if self.prior > 0:
+            describe_labels(self.descriptions, self.labels, where=self.where)
 
     def head(self, model: Any, tokenizer: Any) -> Head:
         """The head on ``model``'s body as it is now (a base model or a ``TaskModel``)."""
@@ -172,6 +204,7 @@ class Prototypes:
             prior=self.prior,
             temperature=self.temperature,
             template=self.template,
+            where=self.where,
         )
 
 

@@ -308,3 +308,38 @@ def test_a_single_file_is_scored_whole(tmp_path: Path, caplog):
     assert [data.labels[y] for y in test.labels] == [r["label"] for r in rows]
     assert len(data.split("train")) == len(data.split("validation")) == 0
     assert len(load_data(f).split("test")) == 3  # for training, a carved tenth
+
+
+# ---------------------------------------------------------------------------- prototype descriptions
+
+
+INTENTS = tuple(f"intent_{i:03d}" for i in range(151))
+
+
+def test_descriptions_missing_labels_name_their_origin_and_the_fallback():
+    from peftkit.fewshot import Prototypes, describe_labels
+    from peftkit.prompts import load_prompt_set
+
+    support = Split(INTENTS[:4], (0, 1, 2, 3))
+    where = "adapter.head_init.prompt: 'sentiment'"
+    with pytest.raises(DataError) as err:
+        Prototypes(support, INTENTS, load_prompt_set("sentiment").describe(), where=where)
+    message = str(err.value)
+    assert message.startswith(f"the label descriptions from {where} have no entry for label(s)")
+    assert "(151 of the data's 151 labels; they describe: negative, positive)" in message
+    assert "adapter.head_init.prompt=null" in message
+    assert "intent_150" not in message and "151 in all" in message  # a preview, not 151 names
+    with pytest.raises(DataError, match=r"from prompt set 'sentiment' \("):
+        describe_labels(load_prompt_set("sentiment"), ["negative", "neutral"])
+    # no descriptions: the label names describe themselves; no prior: none are needed
+    assert describe_labels(None, INTENTS[:2]) == {lab: [lab] for lab in INTENTS[:2]}
+    assert Prototypes(support, INTENTS, {"x": "y"}, prior=0.0).labels == INTENTS
+
+
+def test_prototype_head_checks_descriptions_before_embedding():
+    from peftkit.fewshot import prototype_head
+
+    support = Split(("a", "b"), (0, 1))
+    # base=None: the check must come before anything touches a model
+    with pytest.raises(DataError, match=r"from my descriptions have no entry for label\(s\) 'b'"):
+        prototype_head(None, support, ("a", "b"), {"a": "first"}, where="my descriptions")
