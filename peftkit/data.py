@@ -236,8 +236,9 @@ def load_data(
     ``""`` never reads pairs, a name requires that field in every row. ``max_rows`` keeps N
     rows of each split: a seeded sample stratified by label (``sample="stratified"``) or the
     first N (``sample="first"``). ``need_train=False`` (scoring only: zero-shot, prediction)
-    takes a folder without a train file and puts a single file whole into the test split;
-    the splits a source lacks are then empty, not carved.
+    takes a folder without a train file and puts a single file whole into the test split
+    (validation stays empty); every split is then present, those the source lacks empty. A
+    packaged corpus is carved either way.
 
         >>> load_data("rows.jsonl", text_field="sentence")             # doctest: +SKIP
         >>> load_data("my_task/", labels=["negative", "positive"])     # doctest: +SKIP
@@ -384,9 +385,9 @@ def _assemble(name, tables, names, origin, opts: _Options, carve=False) -> TextD
         splits.update(_carve_validation(name, splits["train"], opts))
     if not opts.need_train:  # every split present, the missing ones empty
         pairs = () if any(s.text_pairs is not None for s in splits.values()) else None
-        missing = f"of {name!r}: the source has none"
         for s in SPLITS:
-            splits.setdefault(s, Split((), (), pairs, origin=f"the {s} split {missing}"))
+            origin = f"the {s} split of {name!r} (the source has none)"
+            splits.setdefault(s, Split((), (), pairs, origin=origin))
     for s in [s for s in SPLITS if s in splits and not len(splits[s]) and opts.need_train]:
         log.info("%s: the %s split is empty; leaving it out", name, s)
         del splits[s]

@@ -281,7 +281,10 @@ def test_a_test_only_folder_loads_for_scoring(tmp_path: Path):
     assert data.labels == ("a", "b")
     assert {k: len(v) for k, v in data.splits.items()} == {"train": 0, "validation": 0, "test": 7}
     assert data.split("test").texts == tuple(f"t{i}" for i in range(7))
-    with pytest.raises(DataError, match=r"few_shot: the train split of 'only_test'.*is empty"):
+    with pytest.raises(
+        DataError,
+        match=r"few_shot: the train split of 'only_test' \(the source has none\) is empty",
+    ):
         few_shot(data.split("train"), 2, label_names=data.labels)
     write_jsonl(d / "test.jsonl", [])
     write_jsonl(d / "dev.jsonl", [{"text": "v", "label": "x"}, {"text": "w", "label": "y"}])
@@ -310,7 +313,7 @@ def test_a_single_file_is_scored_whole(tmp_path: Path, caplog):
     assert len(load_data(f).split("test")) == 3  # for training, a carved tenth
 
 
-# ---------------------------------------------------------------------------- prototype descriptions
+# ---------------------------------------------------------------------------- descriptions
 
 
 INTENTS = tuple(f"intent_{i:03d}" for i in range(151))
