@@ -1,6 +1,13 @@
 """Resumable training checkpoints: the trainable weights, optimizer, scheduler and RNG
 state, written to a temporary folder and renamed into place, so a killed run always finds
-a whole checkpoint (the new one, or the one before it)."""
+a whole checkpoint (the new one, or the one before it).
+
+Nothing in a checkpoint is a pickle: tensors go into safetensors files, everything else
+(step counts, param groups, the schedule's fields, numpy's RNG state) into JSON. A run
+resumes from whatever checkpoint its folder holds, and ``peftkit run`` picks that folder by
+itself, so loading must not be able to run code: a folder holding anything else (an older
+``optim.pt``, a planted file, a symlink) is refused, never read.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +21,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from peftkit.errors import TrainingError
 from peftkit.paths import atomic_write_text
+
+WEIGHTS, TENSORS, EXTRA, STATE = (
+    "trainable.safetensors",
+    "optim.safetensors",
+    "optim.json",
+    "state.json",
+)
+CHECKPOINT_FILES = (WEIGHTS, TENSORS, EXTRA, STATE)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -36,6 +51,9 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+# -- writing --------------------------------------------------------------------------------
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
@@ -59,28 +77,160 @@ def _replacing(folder: Path) -> Iterator[Path]:
 
 def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict[str, Any]) -> None:
     """Write a resumable checkpoint atomically (temp folder, then rename)."""
+    tensors: dict[str, torch.Tensor] = {}
+    extra = {
+        "optimizer": to_json(optimizer.state_dict(), "optimizer", tensors),
+        "scheduler": to_json(scheduler.state_dict(), "scheduler", tensors),
+        "torch_rng": to_json(torch.get_rng_state(), "torch_rng", tensors),
+        "numpy_rng": to_json(np.random.get_state(), "numpy_rng", tensors),
+    }
     with _replacing(folder) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "numpy_rng": np.random.get_state(),
-            },
-            tmp / "optim.pt",
-        )
-        atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
+        save_file(trainable_state(model), str(tmp / WEIGHTS))
+        save_file(tensors, str(tmp / TENSORS))
+        atomic_write_text(tmp / EXTRA, json.dumps(extra))
+        atomic_write_text(tmp / STATE, json.dumps(state, indent=1))
 
 
 def save_best(folder: Path, model) -> None:
     """Keep the trainable weights of the best evaluation so far (temp folder, then rename)."""
     with _replacing(folder) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(trainable_state(model), str(tmp / WEIGHTS))
+
+
+# -- plain containers <-> JSON + tensors -----------------------------------------------------
+
+
+def to_json(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` as JSON, its tensors moved into ``tensors`` under dotted keys (``key.…``).
+
+    Tuples, arrays, tensors and dicts with non-string keys are tagged (``{"@tuple": …}``) so
+    that :func:`from_json` gives back the same containers; anything else is a TypeError.
+    """
+    if isinstance(value, torch.Tensor):
+        if key in tensors:
+            raise TypeError(f"{key}: two tensors would share this checkpoint key")
+        tensors[key] = value.detach().to("cpu").contiguous().clone()
+        return {"@tensor": key}
+    if isinstance(value, np.ndarray):
+        return {"@ndarray": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, tuple):
+        return {"@tuple": [to_json(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [to_json(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        items = [[k, to_json(v, f"{key}.{k}", tensors)] for k, v in value.items()]
+        if all(isinstance(k, str) and not k.startswith("@") for k in value):
+            return dict(items)
+        if not all(isinstance(k, (str, int)) for k in value):
+            raise TypeError(f"{key}: a checkpoint keeps str or int keys, not {list(value)[:3]}")
+        return {"@items": items}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{key}: a checkpoint keeps no {type(value).__name__} (only plain data)")
+
+
+def from_json(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`to_json`; a tag it does not know raises ValueError."""
+    if isinstance(value, list):
+        return [from_json(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    tags = [k for k in value if k.startswith("@")]
+    if not tags:
+        return {k: from_json(v, tensors) for k, v in value.items()}
+    if tags == ["@tensor"]:
+        return tensors[value["@tensor"]]
+    if tags == ["@ndarray"]:
+        return np.asarray(value["@ndarray"], dtype=np.dtype(value["dtype"]))
+    if tags == ["@tuple"]:
+        return tuple(from_json(v, tensors) for v in value["@tuple"])
+    if tags == ["@items"]:
+        return {k: from_json(v, tensors) for k, v in value["@items"]}
+    raise ValueError(f"unknown entry {tags}")
+
+
+# -- reading --------------------------------------------------------------------------------
 
 
 def find_checkpoint(folder: Path) -> Path | None:
+    """The newest whole checkpoint: ``folder``, else the ``.old`` one a kill left behind.
+
+    Raises TrainingError when either holds anything but :data:`CHECKPOINT_FILES` as
+    regular files: such a folder is not read at all.
+    """
     for candidate in (folder, folder.with_name(folder.name + ".old")):
-        if (candidate / "state.json").is_file() and (candidate / "optim.pt").is_file():
-            return candidate
+        if candidate.is_symlink() or (candidate.exists() and not candidate.is_dir()):
+            _refuse(candidate, candidate.name, folder.parent)
+        if candidate.is_dir():
+            for entry in sorted(candidate.iterdir()):
+                if entry.name not in CHECKPOINT_FILES or not _regular(entry):
+                    _refuse(candidate, entry.name, folder.parent)
+            if all((candidate / name).is_file() for name in CHECKPOINT_FILES):
+                return candidate
     return None
+
+
+def _regular(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _refuse(candidate: Path, name: str, root: Path) -> None:
+    why = (
+        "an older, pickled checkpoint format that peftkit no longer loads, since loading it "
+        "could run code"
+        if name.endswith((".pt", ".pth", ".bin", ".pkl"))
+        else f"not part of a checkpoint ({', '.join(CHECKPOINT_FILES)}, regular files)"
+    )
+    raise TrainingError(
+        f"refusing to resume from {candidate}: it holds {name!r}, {why}; delete {root} to "
+        "train this run again from the start, or start a new run (another --run-dir)"
+    )
+
+
+def restore_checkpoint(found: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    """Load checkpoint ``found`` (from :func:`find_checkpoint`) into ``model``, ``optimizer``,
+    ``scheduler`` and the torch / numpy RNGs; returns the loop's saved ``state``."""
+    try:
+        state = json.loads((found / STATE).read_text())
+        extra = json.loads((found / EXTRA).read_text())
+        tensors = load_file(str(found / TENSORS))
+        weights = load_file(str(found / WEIGHTS))
+        parts = {key: from_json(extra[key], tensors) for key in _PARTS}
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # JSON and safetensors errors
+        raise TrainingError(
+            f"checkpoint {found} is damaged ({type(exc).__name__}: {exc}); delete "
+            f"{found.parent} to train this run again from the start"
+        ) from None
+    load_trainable(model, weights)
+    _check_schedule(parts["scheduler"], scheduler, found)
+    try:
+        optimizer.load_state_dict(parts["optimizer"])
+        scheduler.load_state_dict(parts["scheduler"])
+        torch.set_rng_state(parts["torch_rng"])
+        np.random.set_state(parts["numpy_rng"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise TrainingError(
+            f"checkpoint {found} does not fit this run ({exc}); was the adapter or optimizer "
+            f"setting changed? Delete {found.parent} to train again from the start, or start "
+            "a new run"
+        ) from None
+    return state
+
+
+_PARTS = ("optimizer", "scheduler", "torch_rng", "numpy_rng")
+
+
+def _check_schedule(saved: Any, scheduler, found: Path) -> None:
+    """A schedule comes back as its fields only (LambdaLR sets them on the live object)."""
+    live = [vars(fn) for fn in scheduler.lr_lambdas]
+    lambdas = saved.get("lr_lambdas") if isinstance(saved, dict) else None
+    if not isinstance(lambdas, list) or len(lambdas) != len(live):
+        raise TrainingError(f"checkpoint {found}: its schedule does not fit this run")
+    for fields, now in zip(lambdas, live, strict=True):
+        if not isinstance(fields, dict) or set(fields) != set(now):
+            raise TrainingError(
+                f"checkpoint {found}: its schedule has fields {sorted(fields or {})}, this "
+                f"run's has {sorted(now)}; delete {found.parent} or start a new run"
+            )

@@ -6,7 +6,6 @@ must not lose, the time budget. ``train`` builds the model, runs the loop and re
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -21,16 +20,23 @@ from safetensors.torch import load_file
 
 from peftkit.adapters import AdapterSpec, TaskModel, eval_mode, trainable_parameters
 from peftkit.batching import Encoded, collate, length_batches
-from peftkit.checkpoints import find_checkpoint, load_trainable, save_best, save_checkpoint
+from peftkit.checkpoints import (
+    find_checkpoint,
+    load_trainable,
+    restore_checkpoint,
+    save_best,
+    save_checkpoint,
+)
 from peftkit.contrastive import cosine_pair_loss
 from peftkit.errors import ConfigError, TrainingError
 from peftkit.evaluation import compute_metrics
-from peftkit.schedule import budget_horizon, make_optimizer, make_scheduler
+from peftkit.schedule import budget_horizon, final_eval_reserve, make_optimizer, make_scheduler
 
 if TYPE_CHECKING:
     from peftkit.train import TrainConfig
 
 log = logging.getLogger(__name__)
+budget_log = logging.getLogger("peftkit.train")  # the budget's lines go with the run's own
 
 
 def _now() -> float:  # the training clock (tests replace it)
@@ -98,12 +104,14 @@ class TrainLoop:
         *,
         pairs: list[tuple[int, int, float]] | None = None,
         refit: Callable[[TaskModel], None] | None = None,
+        test_rows: int = 0,
     ) -> None:
         """``pairs`` (``contrastive.contrastive_pairs`` over ``enc_train``'s rows): train the
         body on them with the cosine pair loss instead of the head on the rows; ``refit``
-        rebuilds the head on the current body before every evaluation and at the end."""
+        rebuilds the head on the current body before every evaluation and at the end.
+        ``test_rows``: the rows of the final test evaluation, whose time a budget keeps."""
         self.acc, self.config, self.labels, self.pad = acc, config, labels, pad
-        self.pairs, self.refit = pairs, refit
+        self.pairs, self.refit, self.test_rows = pairs, refit, test_rows
         self.enc_train, self.enc_val = enc_train, enc_val
         self.main = acc.is_main_process
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
@@ -143,6 +151,7 @@ class TrainLoop:
         self.resumed_from = self._resume()
         self.budget_s = None if config.max_minutes is None else 60.0 * config.max_minutes
         self.eval_s = 0.0  # the last evaluation's cost, for the budget
+        self.reserve_s = 0.0  # the final test evaluation's expected cost, kept out of it
         self.step_times: list[float] = []
         self.running: list[float] = []
         self.seconds = 0.0
@@ -158,18 +167,13 @@ class TrainLoop:
         if found is None:
             torch.manual_seed(self.config.seed)
             return 0
-        self.state = json.loads((found / "state.json").read_text())
-        self.state.setdefault("elapsed_s", 0.0)
         unwrapped = self.acc.unwrap_model(self.model)
-        load_trainable(unwrapped, load_file(str(found / "trainable.safetensors")))
-        extra = torch.load(found / "optim.pt", weights_only=False)
-        self.optimizer.load_state_dict(extra["optimizer"])
-        self.scheduler.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["torch_rng"])
-        np.random.set_state(extra["numpy_rng"])
+        self.state = restore_checkpoint(found, unwrapped, self.optimizer, self.scheduler)
+        self.state.setdefault("elapsed_s", 0.0)
         sched = self.scheduler.lr_lambdas[0]  # its horizon came back with the checkpoint
         budgeted = self.config.max_minutes is not None
-        sched.total = min(sched.total, self.cap_steps) if budgeted else self.cap_steps
+        end = min(sched.total, self.cap_steps) if budgeted else self.cap_steps
+        sched.replan(int(self.state["step"]), end)
         if self.main:
             print(
                 f"peftkit: resuming {self.run_dir} from step {self.state['step']}", file=sys.stderr
@@ -192,6 +196,7 @@ class TrainLoop:
         )
         start = time.perf_counter()
         self.clock = _now()
+        self._log_budget()
         self.model.train()
         stop = False
         try:
@@ -285,8 +290,15 @@ class TrainLoop:
         self.bar.update(1)
         if len(self.step_times) == 10:
             self._replan(first=True)
-        if self.budget_s is not None and state["elapsed_s"] + self.eval_s >= self.budget_s:
-            self.scheduler.lr_lambdas[0].total = step  # no time for more: evaluate, stop
+        if self.budget_s is not None and self._out_of_time() and step < self.horizon:
+            self.scheduler.lr_lambdas[0].replan(step, step)  # no time for more: evaluate, stop
+            if self.main:
+                budget_log.info(
+                    "time budget: stopping at step %d (%.0f of %.0f s used)",
+                    step,
+                    state["elapsed_s"],
+                    self.budget_s,
+                )
         if step % config.log_every == 0 or step == self.horizon:
             row = {
                 "step": step,
@@ -297,11 +309,15 @@ class TrainLoop:
             state["history"].append(row)
             self.bar.set_postfix(loss=f"{row['loss']:.4f}")
             self.running = []
+            if self.main:
+                log.info(
+                    "step %d/%d: loss %.4f, lr %.3g", step, self.horizon, row["loss"], row["lr"]
+                )
         stop = False
         if step % self.eval_every == 0 or step >= self.horizon:
             e0 = _now()
             stop = self._evaluate()
-            self.eval_s = _now() - e0
+            self._measured_eval(_now() - e0)
             self._tick()
             if step < self.horizon:
                 self._replan()
@@ -325,6 +341,45 @@ class TrainLoop:
         self.state["elapsed_s"] += now - self.clock
         self.clock = now
 
+    def _out_of_time(self) -> bool:
+        """No room for another step, the final validation and the test evaluation."""
+        assert self.budget_s is not None
+        return self.state["elapsed_s"] + self.eval_s + self.reserve_s >= self.budget_s
+
+    def _measured_eval(self, seconds: float) -> None:
+        """Record an evaluation's cost and, from it, the final test evaluation's."""
+        first = self.eval_s == 0.0
+        self.eval_s = seconds
+        self.reserve_s = final_eval_reserve(seconds, len(self.enc_val), self.test_rows)
+        if first and self.main and self.budget_s is not None and self.test_rows:
+            budget_log.info(
+                "time budget: the final test evaluation (%d rows) is expected to take %.1f s "
+                "(%.4f s a row, as validation took); kept out of the training budget",
+                self.test_rows,
+                self.reserve_s,
+                seconds / max(1, len(self.enc_val)),
+            )
+
+    def _log_budget(self) -> None:
+        """Say what ``training.max_minutes`` bounds, once, as the loop starts."""
+        if self.budget_s is None or not self.main:
+            return
+        final = (
+            f"and keeps room for the final test evaluation ({self.test_rows} rows, its time "
+            "estimated from the first validation evaluation)"
+            if self.test_rows
+            else "(no test split to evaluate after it)"
+        )
+        budget_log.info(
+            "time budget: training.max_minutes=%g (%.0f s; %.0f s already spent) covers training "
+            "steps, validation evaluations and checkpoints, %s; loading the model and data "
+            "before it and writing reports after it are not counted",
+            self.config.max_minutes,
+            self.budget_s,
+            self.state["elapsed_s"],
+            final,
+        )
+
     def _replan(self, first: bool = False) -> None:
         """Move the horizon to the steps that fit in the budget left (no budget: no-op)."""
         if self.budget_s is None or not self.step_times:
@@ -333,15 +388,22 @@ class TrainLoop:
         horizon = budget_horizon(
             self.state["step"],
             self.cap_steps,
-            self.budget_s - self.state["elapsed_s"],
+            self.budget_s - self.state["elapsed_s"] - self.reserve_s,
             float(np.mean(self.step_times[-500:])),
             self.eval_s,
             self.eval_every,
         )
         sched = self.scheduler.lr_lambdas[0]
-        if first and self.state["step"] < sched.warmup:
-            sched.warmup = min(sched.warmup, int(self.config.warmup_ratio * horizon))
-        sched.total = horizon
+        warmup = int(self.config.warmup_ratio * horizon) if first else None
+        before = sched.total
+        sched.replan(self.state["step"], horizon, warmup)
+        if self.main and horizon != before:
+            budget_log.info(
+                "time budget: step %d, training now ends at step %d (was %d)",
+                self.state["step"],
+                horizon,
+                before,
+            )
         self.bar.total = horizon
         self.bar.refresh()
 
@@ -365,12 +427,24 @@ class TrainLoop:
         state["history"].append(
             {"step": state["step"], **{f"eval_{k}": v for k, v in metrics.items()}}
         )
-        if state["best_metric"] is None or value > state["best_metric"]:
+        improved = state["best_metric"] is None or value > state["best_metric"]
+        if improved:
             state["best_metric"], state["best_step"], state["bad_evals"] = value, state["step"], 0
             if self.main:
                 save_best(self.ckpt_dir / "best", acc.unwrap_model(self.model))
+        else:
+            state["bad_evals"] += 1
+        if self.main:
+            log.info(
+                "step %d: validation %s; best %s %.4f at step %d",
+                state["step"],
+                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                config.metric,
+                state["best_metric"],
+                state["best_step"],
+            )
+        if improved:
             return False
-        state["bad_evals"] += 1
         return config.patience is not None and state["bad_evals"] >= config.patience
 
     def load_best(self) -> TaskModel:

@@ -10,10 +10,13 @@ renamed), from which a killed run resumes to the same steps; a NaN loss stops th
 the last good checkpoint intact. Under ``accelerate launch`` each process takes its share of
 every batch list; only the main process writes.
 
-``max_minutes`` gives the run a wall-clock budget (training steps, evaluations and
-checkpoints; carried over a resume): after the first steps and after every evaluation the
-loop re-estimates how many steps fit in what is left, and the learning-rate schedule decays
-to that horizon, so a budgeted run ends annealed rather than cut off mid-schedule.
+``max_minutes`` gives the training loop a wall-clock budget, carried over a resume. It
+covers training steps, validation evaluations and checkpoints, and keeps room for the final
+test evaluation (its time estimated from the validation evaluation's time per row × the
+test rows); loading the model, encoding the data and writing reports are outside it. After
+the first steps and after every evaluation the loop re-estimates how many steps fit in what
+is left and the learning-rate schedule decays to that horizon, never rising when it moves,
+so a budgeted run ends annealed rather than cut off mid-schedule.
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ class TrainConfig:
 
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs when set; 0: no training (see untrained)
-    max_minutes: float | None = None  # wall-clock budget; epochs/max_steps stay the cap
+    # wall-clock budget of the training loop: steps, validation evaluations, checkpoints and
+    # room for the final test evaluation (not model loading); epochs/max_steps stay the cap
+    max_minutes: float | None = None
     batch_size: int = 16
     eval_batch_size: int = 64
     grad_accum: int = 1
@@ -229,9 +234,10 @@ def train(
             pairs = contrastive_pairs(enc_train.labels, config.seed)
             model.head.requires_grad_(False)  # rebuilt, not trained
             refit = _refit(prototypes, tokenizer)
+        test_rows = len(data.split("test")) if "test" in data.splits else 0
         loop = TrainLoop(
             acc, model, spec, config, enc_train, enc_val, data.labels, pad, run_dir,
-            pairs=pairs, refit=refit,
+            pairs=pairs, refit=refit, test_rows=test_rows,
         )  # fmt: skip
         loop.run()
         state = loop.state

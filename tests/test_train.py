@@ -497,3 +497,121 @@ def test_resume_without_budget_takes_the_configured_length(tiny_models, tmp_path
     result = train(base, spec, synthetic("sentiment"), longer, tmp_path / "run")
     assert result.resumed_from == 5 and result.steps == 12
     assert [r["lr"] for r in result.history if "lr" in r][-1] == 0.0  # decayed to the new end
+
+
+def test_replanning_never_raises_the_schedule_factor():
+    from peftkit.schedule import Schedule
+
+    for kind in ("linear", "cosine"):
+        sched = Schedule(kind, total=100, warmup=10)
+        factors = [sched(step) for step in range(10)]  # warmup: rising
+        plan = {20: 200, 40: 60, 50: 120, 70: 80, 79: 79}  # later, earlier, later, earlier
+        for step in range(10, 81):
+            if step in plan:
+                sched.replan(step, plan[step])
+            factors.append(sched(step))
+        after = factors[10:]
+        assert all(b <= a + 1e-12 for a, b in zip(after, after[1:], strict=False)), kind
+        assert after[0] == 1.0 and factors[80] == pytest.approx(0.0, abs=1e-9)
+    sched = Schedule("linear", total=100, warmup=10)
+    sched.replan(5, 40, warmup=4)  # in warmup: the warmup shortens, nothing is anchored
+    assert (sched.warmup, sched.total, sched.anchor_step) == (4, 40, None)
+
+
+def _eval_costs(monkeypatch, clock, seconds: float):
+    """Each validation evaluation in the loop costs ``seconds`` on the fake clock."""
+    real = loop_module.evaluate_split
+
+    def costly(*args, **kwargs):
+        clock["t"] += seconds
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "evaluate_split", costly)
+
+
+def test_budget_replans_keep_the_learning_rate_annealing(
+    tiny_models, tmp_path, monkeypatch, caplog
+):
+    base, spec = _base(tiny_models, "bert")
+    clock = _fake_clock(monkeypatch)
+    real = torch.nn.functional.cross_entropy
+
+    def faster_after_20(*args, **kwargs):  # the horizon moves earlier, then later
+        loss = real(*args, **kwargs)
+        if torch.is_grad_enabled() and clock["steps"] > 20:
+            clock["t"] -= 0.75
+        return loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", faster_after_20)
+    _eval_costs(monkeypatch, clock, 2.0)
+    config = TrainConfig(
+        max_steps=1000, max_minutes=1.0, warmup_ratio=0.0, log_every=1,
+        **{**QUICK, "eval_every": 10},
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="peftkit.train"):
+        result = train(base, spec, synthetic("sentiment"), config, tmp_path / "run")
+    release(result.model)
+    ends = [r.getMessage() for r in caplog.records if "training now ends at step" in r.getMessage()]
+    horizons = [int(m.split("ends at step ")[1].split(" ")[0]) for m in ends]
+    assert any(b < a for a, b in zip(horizons, horizons[1:], strict=False)), horizons
+    assert any(b > a for a, b in zip(horizons, horizons[1:], strict=False)), horizons
+    lrs = [r["lr"] for r in result.history if "lr" in r]
+    assert all(b <= a for a, b in zip(lrs, lrs[1:], strict=False)), lrs
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[0] > 0
+
+
+def test_budget_keeps_room_for_the_final_test_evaluation(
+    tiny_models, tmp_path, monkeypatch, caplog
+):
+    from peftkit.data import TextDataset
+    from peftkit.schedule import budget_horizon, final_eval_reserve
+
+    assert final_eval_reserve(3.0, 30, 90) == pytest.approx(9.0)
+    assert final_eval_reserve(0.0, 30, 90) == 0.0  # not measured yet
+    assert final_eval_reserve(3.0, 30, 0) == 0.0  # no test split
+
+    base, spec = _base(tiny_models, "bert")
+    clock = _fake_clock(monkeypatch)
+    _eval_costs(monkeypatch, clock, 3.0)
+    small = synthetic("sentiment", n=96)
+    data = TextDataset(
+        small.name,
+        small.labels,
+        {**small.splits, "test": synthetic("sentiment", n=192, seed=1).split("test")},
+    )
+    val_rows, test_rows = len(data.split("validation")), len(data.split("test"))
+    assert test_rows == 2 * val_rows
+    config = TrainConfig(max_steps=1000, max_minutes=0.5, **{**QUICK, "eval_every": 10})
+    with caplog.at_level("INFO", logger="peftkit.train"):
+        result = train(base, spec, data, config, tmp_path / "run")
+    release(result.model)
+    reserve = final_eval_reserve(3.0, val_rows, test_rows)  # 6 s
+    # at step 10: 10 s of steps + 3 s of evaluation spent, the test evaluation's 6 s kept
+    assert result.steps == budget_horizon(10, 1000, 30.0 - 13.0 - reserve, 1.0, 3.0, 10)
+    assert result.steps < budget_horizon(10, 1000, 30.0 - 13.0, 1.0, 3.0, 10)
+    messages = [r.getMessage() for r in caplog.records if r.name == "peftkit.train"]
+    start = next(m for m in messages if "training.max_minutes=0.5" in m)
+    assert "covers training steps, validation evaluations and checkpoints" in start
+    assert f"final test evaluation ({test_rows} rows" in start
+    expected = next(m for m in messages if "is expected to take" in m)
+    assert f"({test_rows} rows) is expected to take {reserve:.1f} s" in expected
+
+
+def test_run_log_hears_of_steps_and_evaluations(tiny_models, tmp_path, caplog):
+    base, spec = _base(tiny_models, "bert")
+    config = TrainConfig(max_steps=6, log_every=2, **{**QUICK, "eval_every": 3})
+    with caplog.at_level("INFO", logger="peftkit.loop"):
+        result = train(base, spec, synthetic("sentiment", n=48), config, tmp_path / "run")
+    release(result.model)
+    messages = [
+        r.getMessage() for r in caplog.records if r.name == "peftkit.loop" and r.levelname == "INFO"
+    ]
+    steps = [m for m in messages if ": loss " in m]
+    assert [m.split(":")[0] for m in steps] == ["step 2/6", "step 4/6", "step 6/6"]
+    logged = {row["step"]: row for row in result.history if "loss" in row}
+    assert f"loss {logged[4]['loss']:.4f}, lr {logged[4]['lr']:.3g}" in steps[1]
+    evals = [m for m in messages if "validation" in m]
+    assert [m.split(":")[0] for m in evals] == ["step 3", "step 6"]
+    scores = [row for row in result.history if "eval_accuracy" in row]
+    assert f"accuracy {scores[1]['eval_accuracy']:.4f}" in evals[1]
+    assert f"best accuracy {result.best['accuracy']:.4f} at step {result.best['step']}" in evals[1]
