@@ -1,8 +1,9 @@
 """What a registry entry holds, and the checks on names, references and metadata.
 
 An :class:`Entry` is one adapter version as the index records it; ``check_metadata``
-validates what a caller registers (each bad field named with its valid form) and
-``parse_ref`` reads ``"name"``, ``"name@latest"`` and ``"name@3"``.
+validates what a caller registers (each bad field named with its valid form),
+``check_agrees`` compares it with what the folder's own files say (``task.json``, the head's
+shape), and ``parse_ref`` reads ``"name"``, ``"name@latest"`` and ``"name@3"``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, IntegrityError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 COLUMNS = tuple(
     "name version method task labels base_fingerprint base quantization template verbalizer"  # noqa: SIM905
-    " metrics files tags created".split()
+    " metrics files tags created run_id".split()
 )
 META_FIELDS = COLUMNS[2:11] + ("tags",)  # what a caller gives besides name and files
 JSON_COLUMNS = frozenset({"labels", "base", "verbalizer", "metrics", "files", "tags"})
@@ -43,6 +44,7 @@ class Entry:
     files: dict[str, str]  # relative path -> sha256
     tags: tuple[str, ...]
     created: str  # ISO 8601, UTC
+    run_id: str | None  # the run that registered it (see Registry.find_run)
     path: Path
 
     @property
@@ -59,6 +61,7 @@ class Entry:
 
 
 def check_name(name: object) -> str:
+    """``name`` if it is a valid adapter name (it becomes a folder), else ConfigError."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ConfigError(
             f"invalid adapter name {name!r}: use letters, digits, '.', '_' and "
@@ -108,6 +111,46 @@ def check_metadata(given: Mapping[str, Any]) -> dict[str, Any]:
         if meta[field] is not None or field != "verbalizer":
             meta[field] = check_json_mapping(field, meta[field] or {})
     return meta
+
+
+def check_run_id(run_id: object) -> str | None:
+    if run_id is None:
+        return None
+    if not isinstance(run_id, str) or not run_id or len(run_id) > 512:
+        raise ConfigError(
+            f"run_id must be None or a non-empty string of at most 512 characters, got {run_id!r}"
+        )
+    return run_id
+
+
+def check_agrees(
+    meta: Mapping[str, Any],
+    task: Mapping[str, Any] | None,
+    head_rows: int | None,
+    where: str,
+) -> None:
+    """IntegrityError when ``meta`` (what an index row or peftkit.json says) disagrees with
+    the folder's ``task.json`` (``task``) or its head's number of rows, naming both values."""
+    labels = list(meta["labels"])
+    if task is not None:
+        for field, given in (("labels", labels), ("method", meta["method"])):
+            found = list(task[field]) if field == "labels" else task.get(field)
+            if field in task and found != given:
+                raise IntegrityError(
+                    f"{where}: the metadata gives {field} {given!r} but task.json gives "
+                    f"{found!r}; fix the metadata (or pass {field}=...) to match the files"
+                )
+        recorded = task.get("base_fingerprint")
+        if recorded is not None and recorded != meta["base_fingerprint"]:
+            raise IntegrityError(
+                f"{where}: the metadata gives base_fingerprint {meta['base_fingerprint']!r} "
+                f"but task.json records {recorded!r}; the adapter was trained on that base"
+            )
+    if head_rows is not None and head_rows != len(labels):
+        raise IntegrityError(
+            f"{where}: head.safetensors has {head_rows} output rows but the metadata gives "
+            f"{len(labels)} labels {labels!r}; the labels must be the head's classes, in order"
+        )
 
 
 def _strings(field: str, value: Any) -> tuple[str, ...]:

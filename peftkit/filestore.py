@@ -1,25 +1,33 @@
 """Files of the registry: staged, hashed, fsynced copies and their checks.
 
-A registration copies an adapter folder into a staging folder that it locks (``flock``) for
-as long as it lives, hashing and fsyncing every file; the staged folder is then renamed into
-place. A staging folder whose lock is free and whose process is gone belongs to a dead
-registration and is removed (``remove_if_orphan_stage``).
+A registration copies an adapter folder's files (regular files only, never through a link,
+and only the files an adapter folder consists of: :data:`ADAPTER_FILES`) into a staging
+folder that it locks (``flock``) for as long as it lives, hashing and fsyncing every file;
+the staged folder is then renamed into place.
+
+Nothing here deletes a folder it cannot prove the registry wrote: every staging folder gets
+a marker file (:data:`PENDING_FILE`, naming the registry's id and the process) when it is
+created, and keeps it until the registration commits. Only a folder carrying this
+registry's marker may be removed by a clean-up (``remove_if_orphan_stage``, and the
+registry's own check of version folders); anything else unknown is reported.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Container, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, RegistryError
 
 try:
     import fcntl
@@ -28,6 +36,37 @@ except ImportError:  # Windows: staging folders are then cleaned by age only
 
 STALE_STAGE_S = 3600.0  # a staging folder this old is dead even if its pid was reused
 CHUNK = 1 << 20
+META_FILE = "peftkit.json"  # an entry's metadata, in each version folder and each export
+PENDING_FILE = ".peftkit-pending"  # marks a folder this registry staged and has not committed
+OWN_FILES = frozenset({META_FILE, PENDING_FILE})  # written by the registry, not hashed
+# What an adapter folder consists of (see peftkit.artifacts): peft's files, the head and
+# task description, a full fine-tune's body, peft's model card, and tokenizer files.
+# Anything else (notes, pickles such as adapter_model.bin, a stale peftkit.json) is left out.
+ADAPTER_FILES = frozenset(
+    {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "head.safetensors",
+        "task.json",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "README.md",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+    }
+)
+_SHARD = re.compile(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors")
 
 
 def walk(folder: Path) -> Iterator[tuple[str, Path]]:
@@ -40,25 +79,121 @@ def walk(folder: Path) -> Iterator[tuple[str, Path]]:
             yield path.relative_to(folder).as_posix(), path
 
 
-def source_files(folder: Path, exclude: Container[str]) -> list[tuple[str, Path]]:
+def is_adapter_file(rel: str) -> bool:
+    """Whether ``rel`` (a path relative to the folder) is part of an adapter folder."""
+    return rel in ADAPTER_FILES or _SHARD.fullmatch(rel) is not None
+
+
+def links_in(folder: Path) -> list[str]:
+    """Relative paths of every symbolic link under ``folder`` (found with lstat, never
+    followed)."""
+    return [rel for rel, p in walk(folder) if os.path.islink(p)]
+
+
+def refuse_links(folder: Path) -> None:
+    """ConfigError unless ``folder`` is a folder with no symbolic link anywhere inside."""
     if not folder.is_dir():
         raise ConfigError(f"adapter folder {folder} does not exist or is not a folder")
-    files = [(rel, p) for rel, p in walk(folder) if rel not in exclude]
-    odd = [rel for rel, p in files if not p.is_file()]
+    links = links_in(folder)
+    if links:
+        raise ConfigError(
+            f"adapter folder {folder} holds symbolic links: {_some(links)}; the registry "
+            f"copies regular files only (replace each link by the file itself, or remove it)"
+        )
+
+
+def source_files(
+    folder: Path, exclude: Container[str] = ()
+) -> tuple[list[tuple[str, Path]], list[str]]:
+    """The adapter files of ``folder`` to copy, and the relative paths left out.
+
+    A symbolic link anywhere in the folder, or an adapter file that is not a regular file,
+    is refused (ConfigError naming them): a registration copies bytes it can vouch for.
+    """
+    refuse_links(folder)
+    found = [(rel, p) for rel, p in walk(folder) if rel not in exclude]
+    files = [(rel, p) for rel, p in found if is_adapter_file(rel)]
+    left_out = [rel for rel, _ in found if not is_adapter_file(rel)]
+    odd = [rel for rel, p in files if not stat.S_ISREG(os.lstat(p).st_mode)]
     if odd:
         raise ConfigError(
             f"adapter folder {folder} holds entries that are not regular files: {', '.join(odd)}"
         )
     if not files:
+        what = f" (it holds only {_some(left_out)})" if left_out else ""
         raise ConfigError(
-            f"adapter folder {folder} is empty; give the folder save_pretrained wrote"
+            f"adapter folder {folder} is empty{what}; give the folder save_pretrained wrote "
+            f"(adapter_config.json, adapter_model.safetensors, head.safetensors, task.json...)"
         )
-    return files
+    return files, left_out
 
 
-def new_stage(tmp: Path) -> tuple[Path, int | None]:
-    """A new staging folder under ``tmp`` and the fd of its lock (held while we live)."""
+def _some(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def write_marker(folder: Path, owner: str) -> None:
+    """Mark ``folder`` as staged by the registry ``owner`` (its id) in this process."""
+    payload = {"registry": owner, "pid": os.getpid(), "time": time.time()}
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(folder / PENDING_FILE, flags, 0o644), "w", encoding="utf-8") as fh:
+        json.dump(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def marked_by(folder: Path, owner: str) -> bool:
+    """Whether ``folder`` carries the pending marker of the registry ``owner``."""
+    path = folder / PENDING_FILE
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("registry") == owner
+
+
+def clear_marker(folder: Path) -> None:
+    """Take the pending marker out (the folder becomes an ordinary version folder)."""
+    (folder / PENDING_FILE).unlink()
+    fsync_dir(folder)
+
+
+def is_inside(path: Path, within: Path) -> bool:
+    """Whether ``path`` is a real folder strictly inside ``within``, reached without a
+    link that leads out of it."""
+    real, root = os.path.realpath(path), os.path.realpath(within)
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(within))
+    return (
+        os.path.isdir(path)
+        and not os.path.islink(path)
+        and real == os.path.join(root, rel)
+        and not rel.startswith(os.pardir)
+        and rel != os.curdir
+    )
+
+
+def remove_tree(path: Path, within: Path) -> None:
+    """``shutil.rmtree(path)``, only when ``path`` is a real folder inside ``within``
+    (no link on the way out of it); otherwise RegistryError, and nothing is removed."""
+    if not os.path.lexists(path):
+        return
+    if not is_inside(path, within):
+        real = os.path.realpath(path)
+        raise RegistryError(
+            f"refusing to remove {path}: it resolves to {real}, which is not a folder inside "
+            f"{os.path.realpath(within)} (a symbolic link on the way?); remove it by hand if "
+            "it is yours"
+        )
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def new_stage(tmp: Path, owner: str) -> tuple[Path, int | None]:
+    """A new staging folder under ``tmp``, marked as ``owner``'s, and the fd of its lock
+    (held while we live)."""
     stage = new_dir(tmp, f"stage-{os.getpid()}-")
+    write_marker(stage, owner)
     if fcntl is None:
         return stage, None
     lock = os.open(stage, os.O_RDONLY)
@@ -92,10 +227,21 @@ def copy_files(sources: Iterable[tuple[str, Path]], dst: Path) -> dict[str, str]
     return hashes
 
 
+def open_regular(path: Path):
+    """``open(path, "rb")`` that never follows a link and refuses anything but a regular
+    file (OSError), so a file swapped for a link after a check is not read through."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
 def copy_hashed(src: Path, dst: Path) -> str:
+    """Copy ``src`` to the new file ``dst`` (``"xb"``: never written through a link)."""
     digest, buf = hashlib.sha256(), bytearray(CHUNK)
     view = memoryview(buf)
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
+    with open_regular(src) as fin, open(dst, "xb") as fout:
         while n := fin.readinto(buf):
             digest.update(view[:n])
             fout.write(view[:n])
@@ -105,7 +251,7 @@ def copy_hashed(src: Path, dst: Path) -> str:
 
 
 def sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         if hasattr(hashlib, "file_digest"):  # Python 3.11+
             return hashlib.file_digest(fh, "sha256").hexdigest()
         digest = hashlib.sha256()
@@ -125,7 +271,8 @@ def compare_hashes(expected: Mapping[str, str], actual: Mapping[str, Any]) -> li
         try:
             got = value if isinstance(value, str) else sha256(value)
         except OSError as exc:
-            problems.append(f"file {rel!r} cannot be read ({exc.strerror})")
+            why = "a symbolic link" if os.path.islink(value) else (exc.strerror or str(exc))
+            problems.append(f"file {rel!r} cannot be read ({why})")
             continue
         if got != want:
             problems.append(f"file {rel!r} has sha256 {got}, expected {want}")
@@ -153,10 +300,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def remove_if_orphan_stage(stage: Path) -> None:
-    """Remove a staging folder whose registration died: its lock is free and its process
-    is gone, or it is older than an hour (the only test where flock is missing)."""
+def remove_if_orphan_stage(stage: Path, owner: str) -> None:
+    """Remove a staging folder whose registration died: it carries ``owner``'s marker, its
+    lock is free and its process is gone, or it is older than an hour (the only test where
+    flock is missing). A folder without the marker is left alone."""
     match = re.match(r"stage-(\d+)-", stage.name)
+    if os.path.islink(stage) or not marked_by(stage, owner):
+        return
     try:
         age = time.time() - stage.stat().st_mtime
         fd = os.open(stage, os.O_RDONLY) if fcntl is not None else None
@@ -184,3 +334,36 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def version_folders(adapters: Path) -> Iterator[tuple[str, int, Path]]:
+    """(name, version, path) of every ``adapters/<name>/<number>`` folder, links included
+    (a link is listed, never entered)."""
+    if not adapters.is_dir():
+        return
+    for named in sorted(adapters.iterdir()):
+        if named.is_symlink() or not named.is_dir():
+            continue
+        for folder in sorted(named.iterdir()):
+            if folder.name.isdigit():
+                yield named.name, int(folder.name), folder
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header (no tensor is read).
+
+    The format is an 8-byte little-endian header length, then a JSON header mapping each
+    tensor name to its dtype, shape and offsets.
+    """
+    with open_regular(path) as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if not 0 < size <= 100 << 20:
+            raise ValueError(f"header length {size} is not that of a safetensors file")
+        header = json.loads(fh.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return {
+        k: tuple(int(n) for n in v["shape"])
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("shape"), list)
+    }

@@ -88,9 +88,10 @@ def test_register_get_list_and_version_refs(reg, src, tmp_path):
     assert got.base["source"] == "tiny" and got.metrics == {"accuracy": 0.5}
     assert got.path == reg.root / "adapters" / "sst2" / "1"
     assert got.files == {p.name: _sha(p) for p in src.iterdir()}
-    assert {p.name: p.read_bytes() for p in got.path.iterdir()} == {
-        p.name: p.read_bytes() for p in src.iterdir()
-    }
+    stored = {p.name: p.read_bytes() for p in got.path.iterdir()}
+    own = json.loads(stored.pop("peftkit.json"))  # the folder carries its own metadata
+    assert stored == {p.name: p.read_bytes() for p in src.iterdir()}
+    assert own["files"] == got.files and own["ref"] == "sst2@1" and own["labels"] == ["neg", "pos"]
     assert got.created.endswith("+00:00")
     assert [e.ref for e in reg.list()] == ["ag_news@1", "sst2@1", "sst2@2"]
     assert [e.ref for e in reg.list("sst2")] == ["sst2@1", "sst2@2"]
@@ -172,7 +173,7 @@ def test_linked_folders_are_refused_and_modes_follow_the_umask(reg, src, tmp_pat
     (tmp_path / "plain").mkdir()
     assert entry.path.stat().st_mode == (tmp_path / "plain").stat().st_mode  # not mkdtemp's 0700
     (src / "linked").symlink_to(tmp_path / "plain")
-    with pytest.raises(ConfigError, match="not regular files: linked"):
+    with pytest.raises(ConfigError, match="holds symbolic links: linked"):
         reg.register("sst2", src, **META)
 
 
@@ -187,8 +188,9 @@ def test_names_differing_only_in_case_are_refused(reg, src):
 def test_corrupt_index_is_a_registry_error(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "index.sqlite").write_bytes(b"not a database" * 100)
-    with pytest.raises(RegistryError, match="cannot open the adapter registry"):
-        Registry(tmp_path / "r")
+    reg = Registry(tmp_path / "r")  # opens, so that doctor() and rebuild_index() can run
+    with pytest.raises(RegistryError, match=r"index .*index.sqlite is damaged .* rebuild"):
+        reg.list()
 
 
 # -- integrity and fingerprints -------------------------------------------------------------
