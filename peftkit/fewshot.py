@@ -76,10 +76,11 @@ def describe_labels(
     covered = descriptions.labels if isinstance(descriptions, Verbalizer) else list(descriptions)
     missing = [lab for lab in labels if lab not in covered]
     if missing:
+        shown = ", ".join(map(repr, missing[:10])) + (", ..." if len(missing) > 10 else "")
         raise DataError(
-            f"the label descriptions from {where} have no entry for label(s) "
-            f"{preview([repr(m) for m in missing])} ({len(missing)} of the data's {len(labels)} "
-            f"labels; they describe: {preview(list(covered))}); describe the labels by their "
+            f"the label descriptions from {where} have no entry for label(s) {shown} "
+            f"({len(missing)} of the data's {len(labels)} labels; they describe: "
+            f"{preview(list(covered))}); describe the labels by their "
             "names instead (descriptions=None; in a recipe adapter.head_init.prompt=null), or "
             "give descriptions of these labels"
         )
