@@ -267,7 +267,8 @@ def load_data(
 
 
 def _load_corpus(name: str, opts: _Options) -> TextDataset:
-    if opts.fields.text != "text" or opts.fields.label != "label" or not opts.fields.pair_optional:
+    named_pair = opts.fields.pair is not None and not opts.fields.pair_optional  # "" is none
+    if opts.fields.text != "text" or opts.fields.label != "label" or named_pair:
         raise DataError(
             f"packaged corpus {name!r} has fixed fields; text_field, label_field and "
             "text_pair_field apply to files only"

@@ -411,6 +411,9 @@ def test_packaged_corpus_options():
         load_data("sms-spam", labels=["spam"])
     with pytest.raises(DataError, match="fixed fields"):
         load_data("sms-spam", text_field="sentence")
+    with pytest.raises(DataError, match="fixed fields"):
+        load_data("sms-spam", text_pair_field="hypothesis")
+    assert not load_data("sms-spam", text_pair_field="").pairs  # no pairs: what it has
 
 
 def test_unknown_corpus_lists_valid_ones():
