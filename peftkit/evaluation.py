@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # importing evaluate costs seconds (it pulls in transformers)
     import evaluate
 
 METRIC_NAMES = ("accuracy", "f1", "precision", "recall")
+# what compute_metrics returns for a split: the names training.metric may select
+METRICS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,8 @@ from peftkit.artifacts import release
 from peftkit.batching import Encoded, apply_template, encode, pad_id
 from peftkit.contrastive import contrastive_pairs
 from peftkit.data import Split, TextDataset
-from peftkit.errors import ConfigError
-from peftkit.evaluation import classification_report
+from peftkit.errors import ConfigError, did_you_mean
+from peftkit.evaluation import METRICS, classification_report
 from peftkit.fewshot import Prototypes, check_mean_pooling
 from peftkit.loop import TrainLoop, evaluate_split, predict_logits
 from peftkit.paths import atomic_write_text
@@ -45,6 +46,16 @@ from peftkit.paths import atomic_write_text
 __all__ = ["TrainConfig", "TrainResult", "config_dict", "evaluate_split", "predict_logits", "train"]
 log = logging.getLogger(__name__)
 SCHEDULERS = ("linear", "cosine", "constant")
+FLOAT_FIELDS = (
+    "epochs",
+    "max_minutes",
+    "learning_rate",
+    "weight_decay",
+    "loraplus_lr_ratio",
+    "warmup_ratio",
+    "max_grad_norm",
+    "label_smoothing",
+)
 OBJECTIVES = ("classify", "contrastive")
 
 
@@ -68,7 +79,7 @@ class TrainConfig:
     max_length: int = 128
     eval_every: int | None = None  # steps; None: once per epoch
     patience: int | None = 3  # evaluations without improvement; None: never stop
-    metric: str = "accuracy"  # accuracy | macro_f1 | weighted_f1 | ...
+    metric: str = "accuracy"  # one of evaluation.METRICS: accuracy | macro_f1 | weighted_f1 | ...
     seed: int = 0
     checkpoint_every: int = 50
     log_every: int = 10
@@ -78,6 +89,12 @@ class TrainConfig:
     progress: bool | None = None  # None: a bar only on a terminal
 
     def __post_init__(self) -> None:
+        self._check_numbers()
+        if self.metric not in METRICS:
+            raise ConfigError(
+                f"training.metric must be one of {', '.join(METRICS)}, got {self.metric!r}"
+                + did_you_mean(str(self.metric), METRICS)
+            )
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler={self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
         if self.objective not in OBJECTIVES:
@@ -108,6 +125,26 @@ class TrainConfig:
             raise ConfigError(
                 f"training.loraplus_lr_ratio must be >= 1, got {self.loraplus_lr_ratio}"
             )
+
+    def _check_numbers(self) -> None:
+        """Every float setting is a finite number within its range (inf and nan are not:
+        they fail deep inside the loop, or train forever)."""
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"training.{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"training.{name} must be a finite number, got {value}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ConfigError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"training.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"training.max_grad_norm must be > 0, got {self.max_grad_norm}")
 
 
 @dataclass

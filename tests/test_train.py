@@ -153,9 +153,9 @@ def test_a_trained_model_comes_back_ready_to_predict(tiny_models, tmp_path, monk
 
 def test_early_stopping_keeps_the_best(tiny_models, tmp_path):
     base, spec = _base(tiny_models, "bert")
-    # A zero learning rate never improves: stop after 1 + patience evaluations.
+    # A negligible learning rate never improves: stop after 1 + patience evaluations.
     config = TrainConfig(
-        max_steps=50, batch_size=8, learning_rate=0.0, eval_every=2, patience=2, progress=False
+        max_steps=50, batch_size=8, learning_rate=1e-12, eval_every=2, patience=2, progress=False
     )
     result = train(base, spec, synthetic("sentiment"), config, tmp_path / "run")
     assert result.steps == 6
@@ -317,7 +317,7 @@ def test_a_run_collapsed_to_one_label_is_reported(tiny_models, tmp_path, caplog)
     with torch.no_grad():
         stuck.linear.weight.zero_()
         stuck.linear.bias.copy_(torch.tensor([0.0, 50.0]))  # always the second label
-    config = TrainConfig(max_steps=2, learning_rate=0.0, **{**QUICK, "eval_every": 1})
+    config = TrainConfig(max_steps=2, learning_rate=1e-12, **{**QUICK, "eval_every": 1})
     data = synthetic("sentiment", n=32)
     with caplog.at_level("WARNING", logger="peftkit.loop"):
         result = train(base, spec, data, config, tmp_path / "run", head_init=stuck)
