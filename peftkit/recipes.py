@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,10 @@ from typing import Any
 
 import yaml
 
+from peftkit.entries import check_name
 from peftkit.errors import ConfigError, did_you_mean
 from peftkit.paths import library_dir
-from peftkit.schema import Ctx, hints, parse, read_yaml, unwrap
+from peftkit.schema import Ctx, hints, parse, read_text, read_yaml, unwrap
 from peftkit.train import TrainConfig
 
 __all__ = [
@@ -124,19 +126,38 @@ class DataSpec:
     source: str
     text_field: str = "text"
     label_field: str = "label"
-    text_pair_field: str | None = None
+    text_pair_field: str | None = None  # None: 'text_pair' when the rows have it; "": never
     labels: tuple[str, ...] | None = None
     split_ratios: tuple[float, ...] = (0.8, 0.1, 0.1)
     seed: int = 0
-    max_rows: int | None = None  # first N rows of each split
+    max_rows: int | None = None  # at most N rows of each split, sampled as `sample` says
+    sample: str = field(default="stratified", metadata={"choices": ("stratified", "first")})
     few_shot_k: int | None = None  # train on k examples per class
+
+    def __post_init__(self) -> None:
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ConfigError(f"data.max_rows must be >= 1 (or null for all), got {self.max_rows}")
+        if self.few_shot_k is not None and self.few_shot_k < 1:
+            raise ConfigError(f"data.few_shot_k must be >= 1 (or null), got {self.few_shot_k}")
+        ratios = self.split_ratios
+        if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6:
+            raise ConfigError(
+                "data.split_ratios must be three numbers >= 0 summing to 1 (train, validation, "
+                f"test), e.g. [0.8, 0.1, 0.1]; got {list(ratios)}"
+            )
+        if self.labels is not None and not all(x.strip() for x in self.labels):
+            raise ConfigError(f"data.labels must be non-empty names, got {list(self.labels)}")
+        for key in ("text_field", "label_field"):
+            if not getattr(self, key).strip():
+                raise ConfigError(f"data.{key} must name a field of the rows, got ''")
 
 
 @dataclass(frozen=True)
 class EvaluationSpec:
     split: str = field(default="test", metadata={"choices": ("test", "validation")})
     batch_size: int = 64
-    max_rows: int | None = None  # prompt runs: first N rows of the split
+    max_rows: int | None = None  # prompt runs: N rows of the split, sampled as `sample` says
+    sample: str = field(default="stratified", metadata={"choices": ("stratified", "first")})
 
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1:
@@ -236,7 +257,7 @@ def find_recipe(name_or_path: str | Path) -> Path:
 def load_recipe(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Read, override and validate a recipe (built-in name or path)."""
     path = find_recipe(name_or_path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "recipe")
     raw, lines = read_yaml(text, str(path))
     if raw is None:
         raise ConfigError(f"{path}: the recipe is empty; it needs at least 'base' and 'data'")
@@ -267,8 +288,39 @@ def parse_recipe(
         merged = {**dataclasses.asdict(recipe.training), **task.training}
         parse(TrainConfig, merged, ("then", str(i), "training"), ctx)
     if not recipe.name:
-        recipe = dataclasses.replace(recipe, name=Path(source).stem)
+        recipe = dataclasses.replace(recipe, name=_name_from_stem(Path(source).stem))
+    _check_names(recipe, ctx)
     return dataclasses.replace(recipe, source=source)
+
+
+def _name_from_stem(stem: str) -> str:
+    """A file's stem as a run name: characters a folder name may not hold become '-'."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "recipe"
+    return name if name[0].isalnum() else f"r{name}"
+
+
+def _check_names(recipe: Recipe, ctx: Ctx) -> None:
+    """Every name that becomes a folder (run folder, registry entry, task folder) is one
+    plain path component: checked here, once, before anything is loaded or written."""
+    named = [(("name",), recipe.name), (("registry", "name"), recipe.registry.name)]
+    named += [(("then", str(i), "name"), t.name) for i, t in enumerate(recipe.then)]
+    for path, value in named:
+        if value is None:
+            continue
+        try:
+            check_name(value)
+        except ConfigError as exc:
+            raise ctx.error(
+                path, str(exc).replace("invalid adapter name", "invalid name")
+            ) from None
+    seen = [recipe.registry_name, *(t.name for t in recipe.then)]
+    dupes = sorted({n for n in seen if seen.count(n) > 1})
+    if dupes:
+        raise ctx.error(
+            ("then",),
+            f"task names must differ from each other and from the "
+            f"registry name; repeated: {', '.join(dupes)}",
+        )
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -8,11 +8,15 @@ valid key. Field metadata: ``choices`` (allowed values), ``internal`` (not a YAM
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -40,7 +44,9 @@ class Ctx:
             if path[:n] in self.lines:
                 where += f", line {self.lines[path[:n]]}"
                 break
-        key = f" {'.'.join(path)}:" if path else ""
+        dotted = ".".join(path)
+        # a message that starts with the key path already says where
+        key = f" {dotted}:" if path and not message.startswith(dotted + " ") else ""
         return ConfigError(f"{where}:{key} {message}")
 
 
@@ -105,12 +111,12 @@ def parse(tp: Any, value: Any, path: tuple[str, ...], ctx: Ctx) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):
-            try:  # YAML reads 1e-3 (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):  # YAML reads 1e-3 (no dot) as a string
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ctx.error(path, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ctx.error(path, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -152,10 +158,20 @@ def parse_dataclass(cls: type, value: Any, path: tuple[str, ...], ctx: Ctx) -> A
         kwargs[name] = parsed
     try:
         return cls(**kwargs)
-    except ConfigError as exc:
-        raise ctx.error(path, str(exc)) from None
-    except (TypeError, ValueError) as exc:
-        raise ctx.error(path, str(exc)) from None
+    except (TypeError, ValueError) as exc:  # ConfigError too: a check in __post_init__
+        raise ctx.error(_blamed(path, value, str(exc)), str(exc)) from None
+
+
+def _blamed(path: tuple[str, ...], value: dict, message: str) -> tuple[str, ...]:
+    """The key a dataclass's own check complains about (the first key of ``value`` that its
+    message names, as in ``training.epochs must be > 0``): the error then points at that
+    key's line or override, not at the mapping's first line."""
+    found = []
+    for key in value:
+        hit = re.search(rf"(?:^|\W){re.escape(str(key))}(?!\w)", message)
+        if hit:
+            found.append((hit.start(), str(key)))
+    return (*path, min(found)[1]) if found else path
 
 
 def yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
@@ -166,13 +182,74 @@ def yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
     return ConfigError(f"{where}: invalid YAML: {problem}")
 
 
-def read_yaml(text: str, source: str) -> tuple[Any, dict[tuple[str, ...], int]]:
-    """The YAML document and the line of every key path in it (``("training", "epochs")``)."""
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter in two ways that matter for configuration files:
+
+    - a key given twice in one mapping is an error naming both lines (PyYAML keeps the last
+      one silently, so ``epochs: 1`` further down would quietly win);
+    - aliases (``*name``) are refused: a configuration never needs them, and a kilobyte of
+      nested aliases expands to gigabytes (the "billion laughs" document).
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"aliases (*{event.anchor}) are not allowed in peftkit's YAML files; "
+                "write the value out where it is used",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                line = first.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class gives its own error
+                continue
+            if line != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (first on line {line}); keep one",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``text`` parsed by :class:`StrictLoader`; a bad document is a one-line ConfigError."""
+    return read_yaml(text, source)[0]
+
+
+def read_text(path: Any, what: str = "file") -> str:
+    """A UTF-8 file's text; unreadable or not UTF-8 is a one-line ConfigError naming it."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: the {what} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+            "save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+
+
+def read_yaml(text: str, source: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+    """The YAML document and the line of every key path in it (``("training", "epochs")``),
+    read by :class:`StrictLoader` (no duplicate keys, no aliases)."""
+    loader = StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise yaml_error(exc, source) from None
+    finally:
+        loader.dispose()
     lines: dict[tuple[str, ...], int] = {}
     walk_lines(node, (), lines)
     return data, lines
