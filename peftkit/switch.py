@@ -5,6 +5,13 @@
     model.use("sst2")                      # loads once (hash and base checked), then O(1)
     model.predict(["a gripping film"])     # -> [Prediction(label='positive', ...)]
     model.predict_mixed(["a gripping film", "stocks fell"], adapters=["sst2", "agnews"])
+    model.predict(["a man sleeps"], adapter="nli", text_pairs=["nobody sleeps"])  # pairs
+
+A name (``"sst2"``) means its latest version each time it is asked: a version registered
+or removed meanwhile is seen on the next call (checked cheaply: the registry's generation
+counter is read, and names are resolved again only when it changed). ``"sst2@1"`` stays
+pinned while it exists; an adapter removed from the registry is evicted and no longer
+served.
 
 LoRA adapters (and head-only probes) share one peft model: switching only changes which
 adapter the next forward applies, so ``use()`` touches no module; a batch may mix
@@ -28,7 +35,8 @@ import torch
 
 from peftkit.adapters import Head, body_of, peft_quiet, pool
 from peftkit.artifacts import TaskInfo, load_head, read_task
-from peftkit.batching import apply_template, collate, pad_id, padding_batches
+from peftkit.batching import apply_template, collate, encode, pad_id, padding_batches
+from peftkit.entries import parse_ref
 from peftkit.errors import ConfigError, RegistryError
 from peftkit.mixed import MixedLoRA
 from peftkit.registry import Entry, Registry
@@ -39,14 +47,18 @@ PROMPT_FAMILY = ("prefix", "prompt-tuning")
 
 @dataclass(frozen=True)
 class Prediction:
+    """One row's result: ``adapter`` as it was asked for, ``ref`` the version served."""
+
     label: str
     score: float
     probs: dict[str, float]
     adapter: str
+    ref: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "adapter": self.adapter,
+            "ref": self.ref,
             "label": self.label,
             "score": self.score,
             "probs": self.probs,
@@ -95,36 +107,40 @@ class AdaptedModel:
         self._free: dict[str, tuple] = {}
         self._shape: dict[str, tuple] = {}
         self._mixed: MixedLoRA | None = None  # rebuilt lazily after adapters change
+        self._generation: int | None = None  # the registry's, when names were resolved
+        self._latest: dict[str, str] = {}  # name -> its latest "name@N" at that generation
 
     # -- residency ------------------------------------------------------------------------
 
     @property
     def current(self) -> str | None:
+        """The adapter ``use`` chose, as it was given (a name follows its latest version)."""
         return self._current
 
     @property
     def resident(self) -> list[str]:
+        """The resident versions (``name@N``), least recently used first."""
         return list(self._resident)
 
     def use(self, ref: str) -> AdaptedModel:
-        """Make ``ref`` (``name`` or ``name@N``) the adapter that ``predict`` uses."""
+        """Make ``ref`` (``name``: its latest version at each call, or ``name@N``) the
+        adapter that ``predict`` uses."""
         with self._lock:
-            if ref in self._resident:
-                self._resident.move_to_end(ref)
-            else:
-                self.load(ref)
+            self.load(ref)
             self._current = ref
         return self
 
     def load(self, ref: str) -> str:
-        """Make ``ref`` resident (fingerprint and hashes checked); returns ``ref``."""
+        """Make ``ref``'s version resident (fingerprint and hashes checked); returns it
+        as ``name@N``."""
         with self._lock:
-            if ref in self._resident:
-                self._resident.move_to_end(ref)
-                return ref
+            key = self._resolve(ref)
+            if key in self._resident:
+                self._resident.move_to_end(key)
+                return key
             fp = self.base.fingerprint
             entry = self.registry.load_path(
-                ref, expected_fingerprint=fp.id, expected_base=fp.to_dict(), verify=self.verify
+                key, expected_fingerprint=fp.id, expected_base=fp.to_dict(), verify=self.verify
             )
             info = read_task(entry.path)
             if info.method == "full":
@@ -133,26 +149,50 @@ class AdaptedModel:
                     "adapter); load its export with load_base(folder) instead"
                 )
             head = load_head(entry.path, info, self._device)
-            key = self._attach(entry, info)
+            slot = self._attach(entry, info)
             self._invalidate()
             while len(self._resident) >= self.max_resident:
                 self._evict_lru()
-            self._resident[ref] = _Resident(entry=entry, info=info, head=head, key=key)
-            return ref
+            self._resident[key] = _Resident(entry=entry, info=info, head=head, key=slot)
+            return key
 
     def evict(self, ref: str) -> None:
+        """Take ``name@N`` (or every resident version of ``name``) out of memory."""
         with self._lock:
-            slot = self._resident.pop(ref, None)
-            if slot is not None:
-                self._detach(slot)
+            name, version = parse_ref(ref)
+            for key in [k for k in self._resident if parse_ref(k)[0] == name]:
+                if version is None or key == f"{name}@{version}":
+                    self._detach(self._resident.pop(key))
             if self._current == ref:
                 self._current = None
 
+    def _resolve(self, ref: str) -> str:
+        """``ref`` as the version to serve now (``name@N``); RegistryError (naming it)
+        once it is no longer registered. Lock held."""
+        self._refresh()
+        name, version = parse_ref(ref)
+        if version is not None:
+            key = f"{name}@{version}"
+            return key if key in self._resident else self.registry.get(key).ref
+        if name not in self._latest:
+            self._latest[name] = self.registry.get(name).ref
+        return self._latest[name]
+
+    def _refresh(self) -> None:
+        """When the registry changed since names were resolved: forget the resolutions and
+        evict resident versions that are no longer registered."""
+        generation = self.registry.generation()
+        if generation == self._generation:
+            return
+        self._latest.clear()
+        registered = {e.ref for e in self.registry.list()}
+        for key in [k for k in self._resident if k not in registered]:
+            self._detach(self._resident.pop(key))
+        self._generation = generation
+
     def _evict_lru(self) -> None:
-        ref, slot = self._resident.popitem(last=False)
-        self._detach(slot)
-        if self._current == ref:
-            self._current = None
+        _, slot = self._resident.popitem(last=False)
+        self._detach(slot)  # a name in use() is loaded again when next asked for
 
     def _attach(self, entry: Entry, info: TaskInfo) -> str:
         import peft
@@ -194,6 +234,8 @@ class AdaptedModel:
             self._free.clear()
             self._shape.clear()
             self._current = None
+            self._latest.clear()
+            self._generation = None
             self._invalidate()
             if self._peft is not None:
                 if self._family == "lora" or self._family == "ia3":
@@ -236,33 +278,54 @@ class AdaptedModel:
 
     # -- prediction -----------------------------------------------------------------------
 
-    def predict_proba(self, texts: Sequence[str], adapter: str | None = None) -> np.ndarray:
-        """Class probabilities (rows × the adapter's labels)."""
+    def predict_proba(
+        self,
+        texts: Sequence[str],
+        adapter: str | None = None,
+        *,
+        text_pairs: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """Class probabilities (rows × the adapter's labels); ``text_pairs`` gives each
+        row its second text, encoded as the tokenizer's pair (as training does)."""
         ref = self._ref(adapter)
-        return self._probs(list(texts), [ref] * len(texts))[0][0]
+        probs, _, _ = self._row_probs(list(texts), [ref] * len(texts), text_pairs)
+        return np.stack(probs) if probs else np.empty((0, 0))
 
-    def predict(self, texts: Sequence[str], adapter: str | None = None) -> list[Prediction]:
+    def predict(
+        self,
+        texts: Sequence[str],
+        adapter: str | None = None,
+        *,
+        text_pairs: Sequence[str] | None = None,
+    ) -> list[Prediction]:
         ref = self._ref(adapter)
-        return self.predict_mixed(texts, [ref] * len(texts))
+        return self.predict_mixed(texts, [ref] * len(texts), text_pairs)
 
-    def predict_mixed(self, texts: Sequence[str], adapters: Sequence[str]) -> list[Prediction]:
-        """One batch where row ``i`` goes through adapter ``adapters[i]`` and its own head."""
+    def predict_mixed(
+        self,
+        texts: Sequence[str],
+        adapters: Sequence[str],
+        text_pairs: Sequence[str] | None = None,
+    ) -> list[Prediction]:
+        """One batch where row ``i`` goes through adapter ``adapters[i]`` and its own head
+        (with ``text_pairs[i]`` as its second text when given)."""
         if len(texts) != len(adapters):
             raise ConfigError(f"{len(texts)} texts but {len(adapters)} adapter names")
-        groups, order, label_sets = self._probs(list(texts), list(adapters))
-        out: list[Prediction | None] = [None] * len(texts)
-        for probs, rows, ref, labels in zip(
-            groups, order, self._unique(adapters), label_sets, strict=True
-        ):
-            for p, i in zip(probs, rows, strict=True):
-                k = int(p.argmax())
-                out[i] = Prediction(
+        probs, keys, label_sets = self._row_probs(list(texts), list(adapters), text_pairs)
+        out = []
+        for p, asked, key in zip(probs, adapters, keys, strict=True):
+            labels = label_sets[key]
+            k = int(p.argmax())
+            out.append(
+                Prediction(
                     label=labels[k],
                     score=float(p[k]),
                     probs={lab: float(v) for lab, v in zip(labels, p, strict=True)},
-                    adapter=ref,
+                    adapter=asked,
+                    ref=key,
                 )
-        return [p for p in out if p is not None]
+            )
+        return out
 
     def _ref(self, adapter: str | None) -> str:
         ref = adapter or self._current
@@ -274,62 +337,71 @@ class AdaptedModel:
     def _unique(adapters: Sequence[str]) -> list[str]:
         return list(dict.fromkeys(adapters))
 
-    def _probs(
-        self, texts: list[str], adapters: list[str]
-    ) -> tuple[list[np.ndarray], list[list[int]], list[tuple[str, ...]]]:
-        """Probabilities per distinct adapter (in first-seen order), their row indices and
-        label sets."""
-        refs = self._unique(adapters)
-        if len(refs) > self.max_resident:
-            raise ConfigError(
-                f"this batch names {len(refs)} adapters but max_resident={self.max_resident}; "
-                "create the AdaptedModel with a larger max_resident or split the batch"
-            )
+    def _row_probs(
+        self, texts: list[str], adapters: list[str], text_pairs: Sequence[str] | None
+    ) -> tuple[list[np.ndarray], list[str], dict[str, tuple[str, ...]]]:
+        """Probabilities per row, the version (``name@N``) each row was served by, and
+        each version's labels."""
+        pairs = None if text_pairs is None else list(text_pairs)
+        if pairs is not None and len(pairs) != len(texts):
+            raise ConfigError(f"{len(texts)} texts but {len(pairs)} text_pairs")
         with self._lock:
-            for ref in refs:
-                self.load(ref)
-            groups, rows = self._probs_loaded(texts, adapters)
-            return groups, rows, [self._resident[ref].info.labels for ref in refs]
+            keys = [self._resolve(a) for a in adapters]
+            unique = self._unique(keys)
+            if len(unique) > self.max_resident:
+                raise ConfigError(
+                    f"this batch names {len(unique)} adapters but max_resident="
+                    f"{self.max_resident}; create the AdaptedModel with a larger max_resident "
+                    "or split the batch"
+                )
+            for key in unique:
+                self.load(key)
+            labels = {k: self._resident[k].info.labels for k in unique}
+            return self._probs_loaded(texts, keys, pairs), keys, labels
 
     @torch.inference_mode()
     def _probs_loaded(
-        self, texts: list[str], adapters: list[str]
-    ) -> tuple[list[np.ndarray], list[list[int]]]:
-        """Probabilities per distinct adapter for resident adapters (lock held)."""
-        slots = [self._resident[a] for a in adapters]
-        enc = self._encode(texts, slots)
-        refs = self._unique(adapters)
-        rows = [[i for i, a in enumerate(adapters) if a == ref] for ref in refs]
+        self, texts: list[str], keys: list[str], pairs: list[str] | None
+    ) -> list[np.ndarray]:
+        """Probabilities per row for resident versions ``keys`` (lock held)."""
+        slots = [self._resident[k] for k in keys]
+        enc = self._encode(texts, slots, pairs)
         probs: list[np.ndarray] = [np.empty(0)] * len(texts)
         # rows sorted by length and cut where padding would pile up (any adapter mix)
         for idx in padding_batches([len(e) for e in enc], self.batch_size):
             tensors = collate([enc[i] for i in idx], self._pad)
             pooled = self._features(tensors, [slots[i] for i in idx])
-            for ref in dict.fromkeys(adapters[i] for i in idx):
-                local = [j for j, i in enumerate(idx) if adapters[i] == ref]
-                head = self._resident[ref].head
+            for key in dict.fromkeys(keys[i] for i in idx):
+                local = [j for j, i in enumerate(idx) if keys[i] == key]
+                head = self._resident[key].head
                 logits = head(pooled[local].to(head.linear.weight.dtype))
                 for j, p in zip(local, torch.softmax(logits.float(), -1).numpy(), strict=True):
                     probs[idx[j]] = p
-        out = [np.stack([probs[i] for i in r]) for r in rows]
-        return out, rows
+        return probs
 
-    def _encode(self, texts: list[str], slots: list[_Resident]) -> list[list[int]]:
-        """Token ids per row: the row's adapter template applied, cut to its max length
-        (from the left for templates, so the prompt's answer cue survives)."""
-        formatted = [
-            apply_template(s.info.template, [t])[0] for t, s in zip(texts, slots, strict=True)
-        ]
-        tok = self.base.tokenizer
-        enc = list(tok(formatted, truncation=False, verbose=False)["input_ids"])
+    def _encode(
+        self, texts: list[str], slots: list[_Resident], pairs: list[str] | None
+    ) -> list[list[int]]:
+        """Token ids per row as training encodes them (``batching.encode``): the row's
+        adapter template applied (pairs filling ``{text_pair}``) and cut from the left to
+        keep the prompt's answer cue, or else text and pair as the tokenizer's pair."""
+        groups: dict[tuple[str | None, int], list[int]] = {}
         for i, slot in enumerate(slots):
-            limit = slot.info.max_length
-            if len(enc[i]) <= limit:
-                continue
-            if slot.info.template is not None:
-                enc[i] = enc[i][-limit:]
+            groups.setdefault((slot.info.template, slot.info.max_length), []).append(i)
+        enc: list[list[int]] = [[] for _ in texts]
+        tok = self.base.tokenizer
+        for (template, limit), rows in groups.items():
+            part = [texts[i] for i in rows]
+            second = None if pairs is None else [pairs[i] for i in rows]
+            zeros = [0] * len(rows)
+            if template is None:
+                done = encode(tok, part, zeros, limit, second)
             else:
-                enc[i] = tok(formatted[i], truncation=True, max_length=limit)["input_ids"]
+                done = encode(
+                    tok, apply_template(template, part, second), zeros, limit, keep_end=True
+                )
+            for i, ids in zip(rows, done.ids, strict=True):
+                enc[i] = list(ids)
         return enc
 
     def _features(self, tensors: dict[str, torch.Tensor], slots: list[_Resident]) -> torch.Tensor:

@@ -12,6 +12,7 @@ from helpers import synthetic
 from peftkit.adapters import load_preset
 from peftkit.artifacts import release, save_adapter
 from peftkit.base import load_base
+from peftkit.data import Split, TextDataset
 from peftkit.errors import ConfigError, FingerprintMismatch, IntegrityError, RegistryError
 from peftkit.registry import Registry
 from peftkit.switch import AdaptedModel
@@ -116,14 +117,15 @@ def test_use_switches_and_lru_evicts(served):
     am = AdaptedModel(base, registry, max_resident=2)
     try:
         am.use("sentiment").use("topic")
-        assert am.resident == ["sentiment", "topic"]
+        assert am.resident == ["sentiment@1", "topic@1"]
         am.use("sentiment")  # touch: topic is now least recent
         am.use("spam")
-        assert am.resident == ["sentiment", "spam"]
+        assert am.resident == ["sentiment@1", "spam@1"]
         assert am.current == "spam"
         assert am.predict(["free prize now"])[0].adapter == "spam"
+        assert am.predict(["free prize now"])[0].ref == "spam@1"
         am.use("topic")  # reloads after eviction
-        assert am.resident == ["spam", "topic"]
+        assert am.resident == ["spam@1", "topic@1"]
     finally:
         am.close()
 
@@ -335,5 +337,139 @@ def test_batch_naming_more_adapters_than_resident_is_refused(served):
     try:
         with pytest.raises(ConfigError, match="names 3 adapters but max_resident=2"):
             am.predict_mixed(PROBE_TEXTS[:3], ["sentiment", "topic", "spam"])
+    finally:
+        am.close()
+
+
+# -- the registry changing under a running AdaptedModel -------------------------------------
+
+
+def _register_copy(served, registry, name, task):
+    """Register the adapter the module's fixture trained for ``task`` under ``name``."""
+    base, _, _, root = served
+    return registry.register(
+        name,
+        root / f"run-{task}" / "adapter",
+        method=TASKS[task],
+        labels=synthetic(task).labels,
+        base_fingerprint=base.fingerprint.id,
+    )
+
+
+def test_names_follow_the_registry_and_removed_adapters_stop_serving(served, tmp_path):
+    base, _, expected, _ = served
+    registry = Registry(tmp_path / "registry")
+    _register_copy(served, registry, "live", "sentiment")
+    am = AdaptedModel(base, registry, max_resident=4)
+    try:
+        first = am.use("live").predict(PROBE_TEXTS)
+        assert {p.ref for p in first} == {"live@1"} and len(first[0].probs) == 2
+        _register_copy(served, registry, "live", "topic")  # live@2: another task, 4 labels
+        now = am.predict(PROBE_TEXTS)
+        assert {p.ref for p in now} == {"live@2"} and {p.adapter for p in now} == {"live"}
+        np.testing.assert_allclose(am.predict_proba(PROBE_TEXTS), expected["topic"], atol=1e-5)
+        pinned = am.predict_proba(PROBE_TEXTS, adapter="live@1")  # still served
+        np.testing.assert_allclose(pinned, expected["sentiment"], atol=1e-5)
+        assert am.resident == ["live@2", "live@1"]
+        registry.remove("live@2")  # the name falls back to version 1; @2 is evicted
+        assert am.predict(PROBE_TEXTS[:1])[0].ref == "live@1"
+        assert am.resident == ["live@1"]
+        with pytest.raises(RegistryError, match="no version 2"):
+            am.predict(PROBE_TEXTS[:1], adapter="live@2")
+        registry.remove("live", all_versions=True)
+        with pytest.raises(RegistryError, match="no adapter named 'live'"):
+            am.predict(PROBE_TEXTS[:1])
+        with pytest.raises(RegistryError, match="'live'"):
+            am.predict_proba(PROBE_TEXTS[:1], adapter="live@1")
+        assert am.resident == []
+    finally:
+        am.close()
+
+
+def test_names_are_resolved_again_only_when_the_registry_changed(served, tmp_path, monkeypatch):
+    base = served[0]
+    registry = Registry(tmp_path / "registry")
+    _register_copy(served, registry, "live", "sentiment")
+    am = AdaptedModel(base, registry)
+    try:
+        am.use("live").predict(["good"])
+        lookups = []
+        original = registry.get
+        monkeypatch.setattr(registry, "get", lambda ref: lookups.append(ref) or original(ref))
+        for _ in range(5):
+            am.predict(["good"])
+            am.predict_mixed(["good", "bad"], ["live", "live@1"])
+        assert lookups == []  # the generation did not change: nothing looked up
+        registry.set_metrics("live", {"f1": 1.0})  # a write: the generation moves
+        lookups.clear()
+        am.predict(["good"])
+        assert lookups == ["live"]
+    finally:
+        am.close()
+
+
+# -- sentence pairs -----------------------------------------------------------------------
+
+
+def _pairs(n: int, seed: int) -> Split:
+    """Rows whose label is carried by the second text only (the first is filler)."""
+    rng = __import__("random").Random(seed)
+    cues = {0: ["bad", "awful", "boring"], 1: ["good", "great", "fun"]}
+    texts, pairs, labels = [], [], []
+    for i in range(n):
+        y = i % 2
+        texts.append(" ".join(rng.choice(["the", "a", "movie", "news"]) for _ in range(3)))
+        pairs.append(f"it was {rng.choice(cues[y])}")
+        labels.append(y)
+    return Split(tuple(texts), tuple(labels), tuple(pairs))
+
+
+def test_a_pair_adapter_serves_its_pairs_as_training_encoded_them(tiny_models, tmp_path):
+    base = load_base(tiny_models["bert"])
+    data = TextDataset(
+        "pairs",
+        ("negative", "positive"),
+        {"train": _pairs(64, 0), "validation": _pairs(16, 1), "test": _pairs(16, 2)},
+    )
+    config = TrainConfig(
+        max_steps=16,
+        batch_size=8,
+        learning_rate=5e-2,
+        progress=False,
+        patience=None,
+        eval_every=1000,
+    )
+    spec = load_preset("lora")
+    result = train(base, spec, data, config, tmp_path / "run")
+    result.model.eval()
+    probe = _pairs(6, 3)
+    tensors = base.tokenizer(
+        list(probe.texts), list(probe.text_pairs), padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        logits = result.model(tensors["input_ids"], tensors["attention_mask"])
+    expected = torch.softmax(logits, -1).numpy()
+    folder = save_adapter(
+        result.model,
+        tmp_path / "adapter",
+        method="lora",
+        labels=data.labels,
+        max_length=config.max_length,
+    )
+    release(result.model)
+    registry = Registry(tmp_path / "registry")
+    registry.register(
+        "nli", folder, method="lora", labels=data.labels, base_fingerprint=base.fingerprint.id
+    )
+    am = AdaptedModel(base, registry)
+    try:
+        got = am.predict_proba(probe.texts, adapter="nli", text_pairs=probe.text_pairs)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        alone = am.predict_proba(probe.texts, adapter="nli")  # the pairs really count
+        assert np.abs(alone - expected).max() > 1e-4
+        rows = am.predict_mixed(probe.texts, ["nli"] * 6, text_pairs=probe.text_pairs)
+        np.testing.assert_allclose([list(r.probs.values()) for r in rows], expected, atol=1e-5)
+        with pytest.raises(ConfigError, match="6 texts but 2 text_pairs"):
+            am.predict(probe.texts, adapter="nli", text_pairs=probe.text_pairs[:2])
     finally:
         am.close()
