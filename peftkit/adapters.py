@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +37,23 @@ from peftkit.schema import yaml_error
 METHODS = ("lora", "qlora", "prefix", "prompt-tuning", "ia3", "full", "probe")
 PEFT_METHODS = ("lora", "qlora", "prefix", "prompt-tuning", "ia3")
 PRESET_KEYS = ("method", "peft", "head", "learning_rate", "quantization", "pooling")
+# the peft config class each method builds, and the fields peftkit sets itself
+PEFT_CONFIGS = {
+    "lora": "LoraConfig",
+    "qlora": "LoraConfig",
+    "ia3": "IA3Config",
+    "prefix": "PrefixTuningConfig",
+    "prompt-tuning": "PromptTuningConfig",
+}
+SET_BY_PEFTKIT = (
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+)
 
 
 @dataclass(frozen=True)
@@ -49,9 +68,25 @@ class AdapterSpec:
     pooling: str = "auto"  # auto | mean | last | cls
     source: str = "<dict>"
 
+    def __post_init__(self) -> None:
+        lr = self.learning_rate
+        if not (_is_number(lr) and math.isfinite(lr) and lr > 0):
+            raise ConfigError(
+                f"{self.source}: adapter.learning_rate must be a finite number > 0, got {lr!r}"
+            )
+        drop = self.head_dropout
+        if not (_is_number(drop) and 0 <= drop < 1):
+            raise ConfigError(
+                f"{self.source}: adapter.head.dropout must be in [0, 1), got {drop!r}"
+            )
+
     @property
     def uses_peft(self) -> bool:
         return self.method in PEFT_METHODS
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def available_presets(folder: Path | None = None) -> list[str]:
@@ -108,14 +143,17 @@ def spec_from_dict(data: dict[str, Any], source: str = "<dict>") -> AdapterSpec:
         raise ConfigError(f"{source}: quantization={quant!r}; use '4bit' or '8bit'")
     if method in ("lora", "qlora"):
         residual.check_init(peft_opts, quantized=quant is not None, where=source)
+    if method in PEFT_CONFIGS:
+        check_peft_options(method, peft_opts, source)
     pooling = data.get("pooling", "auto")
     if pooling not in ("auto", "mean", "last", "cls"):
         raise ConfigError(f"{source}: pooling={pooling!r}; use auto, mean, last or cls")
-    try:
-        lr = float(data.get("learning_rate", 1e-3))
-        dropout = float(head.get("dropout", 0.1))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: learning_rate and head.dropout must be numbers") from exc
+    lr, dropout = data.get("learning_rate", 1e-3), head.get("dropout", 0.1)
+    if not (_is_number(lr) and _is_number(dropout)):
+        raise ConfigError(
+            f"{source}: adapter.learning_rate and adapter.head.dropout must be numbers, got "
+            f"{lr!r} and {dropout!r}"
+        )
     return AdapterSpec(
         method=method,
         peft=peft_opts,
@@ -138,6 +176,78 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- peft configs -------------------------------------------------------------------------
+
+
+def check_peft_options(method: str, opts: dict[str, Any], source: str) -> None:
+    """Refuse ``adapter.peft`` options peft would refuse, or fail on only once it wraps a
+    model: the names against the config class's fields, a few ranges peft checks late,
+    then the config object itself, built without a model (``auto`` targets left out)."""
+    import peft
+
+    cls = getattr(peft, PEFT_CONFIGS[method])
+    valid = [f.name for f in dataclasses.fields(cls) if f.name not in SET_BY_PEFTKIT]
+    for key in opts:
+        if key not in valid:
+            alias = COMMON_NAMES.get(str(key))
+            raise ConfigError(
+                f"{source}: adapter.peft.{key} is not a {method} option"
+                + (
+                    f" (did you mean {alias!r}?)"
+                    if alias in valid
+                    else did_you_mean(str(key), valid)
+                )
+                + f"; valid keys: {', '.join(valid)}"
+            )
+    _check_ranges(opts, source)
+    trial = {k: v for k, v in opts.items() if not (k.endswith("_modules") and v == "auto")}
+    error = _build_error(cls, trial)
+    if error is not None:
+        # name the option that fails on its own, where one does
+        culprit = next((k for k in trial if _build_error(cls, {k: trial[k]})), None)
+        where = f"adapter.peft.{culprit}={trial[culprit]!r}" if culprit else "adapter.peft"
+        raise ConfigError(f"{source}: {where} is refused by peft's {cls.__name__}: {error}")
+
+
+def _build_error(cls: Any, opts: dict[str, Any]) -> str | None:
+    """Why peft will not build ``cls`` from ``opts`` (None: it builds)."""
+    import peft
+
+    try:
+        with warnings.catch_warnings():  # the real build warns again, with the model
+            warnings.simplefilter("ignore")
+            cls(task_type=peft.TaskType.FEATURE_EXTRACTION, **opts)
+    except (TypeError, ValueError) as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+# names users reach for that peft spells otherwise (too far apart for difflib)
+COMMON_NAMES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+# peft accepts these when the config is made and fails (or trains nothing) only on a model
+_POSITIVE_INTS = ("r", "num_virtual_tokens")
+LORA_BIAS = ("none", "all", "lora_only")
+
+
+def _check_ranges(opts: dict[str, Any], source: str) -> None:
+    for key in _POSITIVE_INTS:
+        value = opts.get(key)
+        if key in opts and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ConfigError(
+                f"{source}: adapter.peft.{key} must be a whole number >= 1, got {value!r}"
+            )
+        if key in opts and value < 1:
+            raise ConfigError(f"{source}: adapter.peft.{key} must be >= 1, got {value}")
+    alpha = opts.get("lora_alpha", 1)
+    if not (_is_number(alpha) and math.isfinite(alpha) and alpha > 0):
+        raise ConfigError(f"{source}: adapter.peft.lora_alpha must be a number > 0, got {alpha!r}")
+    if opts.get("bias", "none") not in LORA_BIAS:
+        raise ConfigError(
+            f"{source}: adapter.peft.bias must be one of {', '.join(LORA_BIAS)}, got "
+            f"{opts['bias']!r}"
+        )
+    drop = opts.get("lora_dropout", 0.0)
+    if not (_is_number(drop) and 0 <= drop < 1):
+        raise ConfigError(f"{source}: adapter.peft.lora_dropout must be in [0, 1), got {drop!r}")
 
 
 def target_modules(body: nn.Module, method: str) -> tuple[list[str], list[str] | None]:

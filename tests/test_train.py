@@ -352,11 +352,8 @@ def test_bad_presets_are_named(tmp_path, tiny_models):
     with pytest.raises(ConfigError, match=r"mine.yaml: unknown key 'pef'.*did you mean 'peft'"):
         load_preset(bad)
     bad.write_text("method: lora\npeft: {rank: 4}\n")
-    spec = load_preset(bad)
-    with pytest.raises(ConfigError, match="bad peft option"):
-        from peftkit.adapters import peft_config
-
-        peft_config(spec, load_base(tiny_models["bert"]).model)
+    with pytest.raises(ConfigError, match=r"mine.yaml: adapter.peft.rank is not a lora option"):
+        load_preset(bad)  # refused as it loads, not when the model is wrapped
     bad.write_text("method: lora\n  peft: [\n")
     with pytest.raises(ConfigError, match=r"mine.yaml, line \d+: invalid YAML"):
         load_preset(bad)
@@ -615,3 +612,59 @@ def test_run_log_hears_of_steps_and_evaluations(tiny_models, tmp_path, caplog):
     scores = [row for row in result.history if "eval_accuracy" in row]
     assert f"accuracy {scores[1]['eval_accuracy']:.4f}" in evals[1]
     assert f"best accuracy {result.best['accuracy']:.4f} at step {result.best['step']}" in evals[1]
+
+
+@pytest.mark.parametrize(
+    "preset,overrides,message",
+    [
+        ("lora", {"learning_rate": float("nan")}, "adapter.learning_rate must be a finite"),
+        ("lora", {"learning_rate": -1}, "adapter.learning_rate must be a finite number > 0"),
+        ("lora", {"learning_rate": float("inf")}, "got inf"),
+        ("lora", {"learning_rate": "fast"}, "must be numbers, got 'fast'"),
+        ("lora", {"head": {"dropout": 1.0}}, "adapter.head.dropout must be in [0, 1)"),
+        ("lora", {"peft": {"r": 0}}, "adapter.peft.r must be >= 1, got 0"),
+        ("qlora", {"peft": {"r": 2.5}}, "adapter.peft.r must be a whole number >= 1, got 2.5"),
+        ("lora", {"peft": {"lora_alpha": 0}}, "adapter.peft.lora_alpha must be a number > 0"),
+        ("lora", {"peft": {"lora_dropout": 1.5}}, "adapter.peft.lora_dropout must be in [0, 1)"),
+        ("lora", {"peft": {"bias": "every"}}, "adapter.peft.bias must be one of none, all"),
+        ("lora", {"peft": {"rank": 8}}, "adapter.peft.rank is not a lora option (did you mean 'r'?)"),
+        ("lora", {"peft": {"lora_alfa": 8}}, "(did you mean 'lora_alpha'"),
+        ("lora", {"peft": {"task_type": "SEQ_CLS"}}, "adapter.peft.task_type is not a lora option"),
+        ("prefix", {"peft": {"num_virtual_tokens": 0}}, "adapter.peft.num_virtual_tokens must be"),
+        ("prefix", {"peft": {"r": 8}}, "adapter.peft.r is not a prefix option"),
+        ("ia3", {"peft": {"target_modules": ["query"], "feedforward_modules": ["value"]}},
+         "adapter.peft is refused by peft's IA3Config: `feedforward_modules` should be a subset"),
+        ("lora", {"peft": {"layers_pattern": "layer"}},
+         "adapter.peft.layers_pattern='layer' is refused by peft's LoraConfig: When"),
+        ("prompt-tuning", {"peft": {"prompt_tuning_init": "TEXT"}},
+         "adapter.peft.prompt_tuning_init='TEXT' is refused by peft's PromptTuningConfig"),
+    ],
+)  # fmt: skip
+def test_bad_preset_values_are_refused_without_a_model(monkeypatch, preset, overrides, message):
+    import transformers
+
+    import peftkit.base as base_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded to check a preset")
+
+    monkeypatch.setattr(base_module, "load_base", no_model)
+    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", no_model)
+    with pytest.raises(ConfigError) as caught:
+        load_preset(preset, overrides=overrides)
+    text = str(caught.value)
+    assert message in text and "\n" not in text
+    assert f"{preset}.yaml: " in text  # where: the preset file
+    if "not a" in message:
+        assert "; valid keys: " in text
+
+
+def test_every_built_in_preset_passes_its_own_checks():
+    from peftkit.adapters import available_presets
+
+    for name in available_presets():
+        spec = load_preset(name)
+        assert spec.learning_rate > 0
+    # in-range values pass: the checks are of ranges, not of the presets' own values
+    spec = load_preset("lora", overrides={"peft": {"r": 1, "lora_dropout": 0.0, "bias": "all"}})
+    assert spec.peft["r"] == 1 and spec.peft["bias"] == "all"
