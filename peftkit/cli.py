@@ -110,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("folder")
     a.add_argument("--name")
     a.set_defaults(func=cmd_adapters_import)
+    a = asub.add_parser("verify", help="re-hash one entry's files (REF) or every entry's")
+    a.add_argument("ref", nargs="?")
+    a.add_argument("--json", action="store_true", help="the report as JSON")
+    a.set_defaults(func=cmd_adapters_verify)
+    a = asub.add_parser(
+        "doctor", help="check the index and every folder; report what disagrees (exit 1)"
+    )
+    a.add_argument("--json", action="store_true", help="the report as JSON")
+    a.set_defaults(func=cmd_adapters_doctor)
+    a = asub.add_parser(
+        "rebuild", help="re-index version folders from their peftkit.json (a lost or damaged index)"
+    )
+    a.add_argument("--json", action="store_true", help="the report as JSON")
+    a.set_defaults(func=cmd_adapters_rebuild)
 
     p = sub.add_parser("predict", help="classify texts with a registered adapter (JSONL out)")
     p.add_argument("texts", nargs="*", help="texts (default: --file, else one per stdin line)")
@@ -234,6 +248,27 @@ def cmd_adapters_import(args: argparse.Namespace) -> int:
     entry = Registry(args.registry).import_folder(args.folder, args.name)
     print(f"imported {args.folder} as {entry.ref}")
     return 0
+
+
+def cmd_adapters_verify(args: argparse.Namespace) -> int:
+    return _print_report(_registry(args).check(args.ref), args.json)
+
+
+def cmd_adapters_doctor(args: argparse.Namespace) -> int:
+    return _print_report(_registry(args).doctor(), args.json)
+
+
+def cmd_adapters_rebuild(args: argparse.Namespace) -> int:
+    return _print_report(_registry(args).rebuild_index(), args.json)
+
+
+def _print_report(report, as_json: bool) -> int:
+    """Print a registry check's report; the exit status is 1 when it found problems."""
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print("\n".join(report.lines()))
+    return 0 if report.healthy else 1
 
 
 # --- predict --------------------------------------------------------------------------------------

@@ -139,13 +139,14 @@ class Problem:
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """What a check found: the refs that passed, the problems, and (for a rebuild) the
-    refs that were re-indexed."""
+    """What a check found: the refs that passed, the problems, and for a rebuild the refs
+    it re-indexed and where it moved a damaged index."""
 
     root: str
     ok: tuple[str, ...] = ()
     problems: tuple[Problem, ...] = ()
     added: tuple[str, ...] = ()
+    moved_aside: str | None = None
 
     @property
     def healthy(self) -> bool:
@@ -157,15 +158,19 @@ class Report:
             "healthy": self.healthy,
             "ok": list(self.ok),
             "added": list(self.added),
+            "moved_aside": self.moved_aside,
             "problems": [dataclasses.asdict(p) for p in self.problems],
         }
 
     def lines(self) -> list[str]:
         """The report as lines a person reads (one per problem)."""
-        out = [f"{p.kind}: {p.where}: {p.detail}" for p in self.problems]
+        out = [] if self.moved_aside is None else [f"moved the damaged index to {self.moved_aside}"]
+        out += [f"{p.kind}: {p.where}: {p.detail}" for p in self.problems]
         out += [f"re-indexed {ref}" for ref in self.added]
+        rebuilt = self.added or self.moved_aside is not None
+        done = f"{len(self.added)} re-indexed" if rebuilt else f"{len(self.ok)} checked"
         verdict = "healthy" if self.healthy else f"{len(self.problems)} problem(s)"
-        return [*out, f"{self.root}: {len(self.ok)} adapter(s) checked, {verdict}"]
+        return [*out, f"{self.root}: {done}, {verdict}"]
 
 
 def _index_errors(method: Callable[..., _T]) -> Callable[..., _T]:
@@ -470,7 +475,7 @@ class Registry:
         as they are. Version counters are kept above every folder found."""
         self._refuse_read_only()
         aside = self._move_damaged_aside()
-        problems = [] if aside is None else [Problem("damaged-index", str(aside), "moved aside")]
+        problems: builtins.list[Problem] = []
         added = []
         try:
             with self._write() as conn:
@@ -490,7 +495,12 @@ class Registry:
             if entry.path.is_dir() and not (entry.path / META_FILE).exists():
                 with contextlib.suppress(OSError):
                     _write_meta_file(entry.path, entry)
-        return Report(str(self.root), problems=tuple(problems), added=tuple(added))
+        return Report(
+            str(self.root),
+            problems=tuple(problems),
+            added=tuple(added),
+            moved_aside=None if aside is None else str(aside),
+        )
 
     # -- exchange with plain peft --------------------------------------------------------
 
