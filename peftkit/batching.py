@@ -58,6 +58,43 @@ def encode(
     return Encoded(ids=ids, labels=tuple(int(y) for y in labels), truncated=truncated)
 
 
+# position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids),
+# so pad_token_id + 1 rows of the position table are never a token's
+PADDING_OFFSET_TYPES = (
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "longformer",
+    "data2vec-text",
+    "roberta-prelayernorm",
+    "xmod",
+    "mpnet",
+    "ibert",
+)
+
+
+def position_limit(config: Any) -> int | None:
+    """The most tokens one row can have on a model of ``config``: its position table
+    (``max_position_embeddings``, GPT-2's ``n_positions``, MPT's ``max_seq_len``) less what
+    RoBERTa-style models reserve; None when the config names no limit (ALiBi, relative).
+
+    >>> from transformers import BertConfig, RobertaConfig
+    >>> position_limit(BertConfig()), position_limit(RobertaConfig(max_position_embeddings=514))
+    (512, 512)
+    """
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        limit = getattr(config, key, None)
+        if isinstance(limit, int) and limit > 0:
+            break
+    else:
+        return None
+    if getattr(config, "model_type", None) in PADDING_OFFSET_TYPES:
+        pad = getattr(config, "pad_token_id", None)
+        limit -= (1 if pad is None else int(pad)) + 1
+    return limit
+
+
 def apply_template(
     template: str | None, texts: Sequence[str], text_pairs: Sequence[str] | None = None
 ) -> list[str]:

@@ -34,7 +34,7 @@ import torch
 
 from peftkit.adapters import AdapterSpec, TaskModel, build_task_model, verbalizer_token_ids
 from peftkit.artifacts import release
-from peftkit.batching import Encoded, apply_template, encode, pad_id
+from peftkit.batching import Encoded, apply_template, encode, pad_id, position_limit
 from peftkit.contrastive import contrastive_pairs
 from peftkit.data import Split, TextDataset
 from peftkit.errors import ConfigError, did_you_mean
@@ -43,7 +43,15 @@ from peftkit.fewshot import Prototypes, check_mean_pooling
 from peftkit.loop import TrainLoop, evaluate_split, predict_logits
 from peftkit.paths import atomic_write_text
 
-__all__ = ["TrainConfig", "TrainResult", "config_dict", "evaluate_split", "predict_logits", "train"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "config_dict",
+    "evaluate_split",
+    "model_max_length",
+    "predict_logits",
+    "train",
+]
 log = logging.getLogger(__name__)
 SCHEDULERS = ("linear", "cosine", "constant")
 FLOAT_FIELDS = (
@@ -230,7 +238,8 @@ def train(
     train_rows = train_split or data.split("train")
     val_name = "validation" if "validation" in data.splits else "test"
 
-    enc = _encoder(tokenizer, config.max_length, template)
+    max_length = model_max_length(config.max_length, base.model)
+    enc = _encoder(tokenizer, max_length, template)
     enc_train = enc(train_rows)
     enc_val = enc(data.split(val_name))
     if enc_train.truncated:
@@ -238,7 +247,7 @@ def train(
             "%d of %d training rows cut to %d tokens",
             enc_train.truncated,
             len(enc_train),
-            config.max_length,
+            max_length,
         )
     if config.loraplus_lr_ratio is not None and spec.method not in ("lora", "qlora"):
         raise ConfigError(
@@ -299,6 +308,22 @@ def train(
         raise
 
 
+def model_max_length(requested: int, model: Any) -> int:
+    """``requested`` (``training.max_length``), capped at the positions ``model`` has, with
+    a warning when it is: longer rows would index past its position table."""
+    limit = position_limit(getattr(model, "config", None))
+    if limit is None or requested <= limit:
+        return requested
+    log.warning(
+        "training.max_length=%d is more than this model's %d positions; rows are cut to %d "
+        "tokens for training and evaluation",
+        requested,
+        limit,
+        limit,
+    )
+    return limit
+
+
 def _encoder(tokenizer: Any, max_length: int, template: str | None):
     """Split -> token ids as training and evaluation see them (``template`` formats texts)."""
 
@@ -341,7 +366,7 @@ def untrained(
         model=model, steps=0, history=[], best={}, trainable=trainable, total=total
     )
 
-    enc = _encoder(base.tokenizer, config.max_length, None)
+    enc = _encoder(base.tokenizer, model_max_length(config.max_length, base.model), None)
     _test(result, data, enc, pad_id(base.tokenizer), config, acc)
     return result
 

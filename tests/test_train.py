@@ -668,3 +668,41 @@ def test_every_built_in_preset_passes_its_own_checks():
     # in-range values pass: the checks are of ranges, not of the presets' own values
     spec = load_preset("lora", overrides={"peft": {"r": 1, "lora_dropout": 0.0, "bias": "all"}})
     assert spec.peft["r"] == 1 and spec.peft["bias"] == "all"
+
+
+def _long_texts(data, words: int):
+    from peftkit.data import Split, TextDataset
+
+    def longer(split):
+        return Split(tuple(" ".join([t] * words) for t in split.texts), split.labels)
+
+    return TextDataset(data.name, data.labels, {k: longer(v) for k, v in data.splits.items()})
+
+
+def test_max_length_beyond_the_model_is_capped_once_with_a_warning(tiny_models, tmp_path, caplog):
+    base, spec = _base(tiny_models, "bert")
+    positions = base.model.config.max_position_embeddings  # 64 in the tiny BERT
+    data = _long_texts(synthetic("sentiment", n=32), words=30)  # rows of 60-200 tokens
+    assert max(len(t.split()) for t in data.split("train").texts) > positions
+    config = TrainConfig(max_steps=2, max_length=100_000, **QUICK)
+    with caplog.at_level("WARNING", logger="peftkit.train"):
+        result = train(base, spec, data, config, tmp_path / "run")
+    release(result.model)
+    assert result.steps == 2 and set(result.test_metrics) >= {"accuracy"}
+    capped = [r.getMessage() for r in caplog.records if "positions" in r.getMessage()]
+    assert capped == [
+        f"training.max_length=100000 is more than this model's {positions} positions; rows are "
+        f"cut to {positions} tokens for training and evaluation"
+    ]
+
+
+def test_position_limits_follow_the_architecture():
+    import transformers as tf
+
+    from peftkit.batching import position_limit
+
+    assert position_limit(tf.BertConfig(max_position_embeddings=96)) == 96
+    assert position_limit(tf.RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert position_limit(tf.XLMRobertaConfig(max_position_embeddings=40, pad_token_id=1)) == 38
+    assert position_limit(tf.GPT2Config(n_positions=80)) == 80
+    assert position_limit(tf.BloomConfig()) is None  # ALiBi: no position table
