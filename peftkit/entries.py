@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +188,50 @@ def describe_base(fingerprint: str, base: Mapping[str, Any]) -> str:
     keys = [k for k in ("architecture", "source", "quantization") if base.get(k) is not None]
     details = ", ".join(f"{k}={base[k]!r}" for k in keys)
     return f"{fingerprint!r}" + (f" ({details})" if details else "")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing :meth:`Registry.doctor` found: ``kind`` (``damaged-index``,
+    ``unindexed-folder``, ``missing-folder``, ``files-differ``, ``unfinished``, ``link``,
+    ``no-metadata``), ``where`` (a ref or a path) and what to do in ``detail``."""
+
+    kind: str
+    where: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a check found: the refs that passed, the problems, and for a rebuild the refs
+    it re-indexed and where it moved a damaged index."""
+
+    root: str
+    ok: tuple[str, ...] = ()
+    problems: tuple[Problem, ...] = ()
+    added: tuple[str, ...] = ()
+    moved_aside: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root": self.root,
+            "healthy": self.healthy,
+            "ok": list(self.ok),
+            "added": list(self.added),
+            "moved_aside": self.moved_aside,
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+    def lines(self) -> list[str]:
+        """The report as lines a person reads (one per problem)."""
+        out = [] if self.moved_aside is None else [f"moved the damaged index to {self.moved_aside}"]
+        out += [f"{p.kind}: {p.where}: {p.detail}" for p in self.problems]
+        out += [f"re-indexed {ref}" for ref in self.added]
+        rebuilt = self.added or self.moved_aside is not None
+        done = f"{len(self.added)} re-indexed" if rebuilt else f"{len(self.ok)} checked"
+        verdict = "healthy" if self.healthy else f"{len(self.problems)} problem(s)"
+        return [*out, f"{self.root}: {done}, {verdict}"]

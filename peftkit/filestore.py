@@ -23,11 +23,12 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Container, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import ConfigError, RegistryError
+from peftkit.entries import Entry, check_agrees
+from peftkit.errors import ConfigError, IntegrityError, RegistryError
 
 try:
     import fcntl
@@ -36,6 +37,7 @@ except ImportError:  # Windows: staging folders are then cleaned by age only
 
 STALE_STAGE_S = 3600.0  # a staging folder this old is dead even if its pid was reused
 CHUNK = 1 << 20
+FORMAT = "peftkit-adapter/1"  # what an export's and a version folder's peftkit.json is
 META_FILE = "peftkit.json"  # an entry's metadata, in each version folder and each export
 PENDING_FILE = ".peftkit-pending"  # marks a folder this registry staged and has not committed
 OWN_FILES = frozenset({META_FILE, PENDING_FILE})  # written by the registry, not hashed
@@ -367,3 +369,69 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         for k, v in header.items()
         if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("shape"), list)
     }
+
+
+def meta_dict(entry: Entry) -> dict[str, Any]:
+    meta = {"format": FORMAT, **entry.to_dict()}
+    del meta["path"]
+    return meta
+
+
+def write_meta_file(folder: Path, entry: Entry) -> None:
+    """``folder/peftkit.json``: the entry's metadata with its files' hashes, fsynced."""
+    with open(folder / META_FILE, "x", encoding="utf-8") as fh:
+        json.dump(meta_dict(entry), fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def export_files(entry: Entry, dest: Path, recheck: Callable[[], Entry]) -> None:
+    """Copy the entry's files and its peftkit.json into ``dest`` through a new staging
+    folder beside it, renamed into place once complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = new_dir(dest.parent, f".{dest.name}.export-")
+    try:
+        copied = copy_files(((r, entry.path / r) for r in entry.files), stage)
+        if copied != entry.files:  # changed since the check a moment ago
+            recheck()
+        write_meta_file(stage, entry)
+        fsync_tree(stage)
+        if dest.exists():
+            dest.rmdir()
+        os.rename(stage, dest)
+    except BaseException:
+        remove_tree(stage, dest.parent)
+        raise
+
+
+def check_files_agree(folder: Path, meta: Mapping[str, Any], where: str) -> None:
+    """IntegrityError when ``meta`` disagrees with the folder's task.json or head shape."""
+    task = head_rows = None
+    if (folder / "task.json").is_file():
+        try:
+            task = json.loads((folder / "task.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise IntegrityError(f"{where}: task.json cannot be read: {exc}") from None
+        if not isinstance(task, dict):
+            raise IntegrityError(f"{where}: task.json must hold a JSON object")
+    if (folder / "head.safetensors").is_file():
+        try:
+            weight = safetensors_shapes(folder / "head.safetensors").get("weight")
+        except (OSError, ValueError) as exc:
+            raise IntegrityError(
+                f"{where}: head.safetensors is not a readable safetensors file ({exc})"
+            ) from None
+        head_rows = weight[0] if weight else None
+    check_agrees(meta, task, head_rows, where)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if path.is_symlink():
+        raise ConfigError(f"{path} is a symbolic link; give the file itself")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data

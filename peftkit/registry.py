@@ -56,7 +56,8 @@ from peftkit.entries import (
     JSON_COLUMNS,
     META_FIELDS,
     Entry,
-    check_agrees,
+    Problem,
+    Report,
     check_json_mapping,
     check_metadata,
     check_name,
@@ -77,24 +78,24 @@ from peftkit.filestore import (
     META_FILE,
     OWN_FILES,
     PENDING_FILE,
+    check_files_agree,
     clear_marker,
     compare_hashes,
-    copy_files,
+    export_files,
     fill_stage,
-    fsync_tree,
     is_inside,
     marked_by,
     move_into_place,
-    new_dir,
     new_stage,
+    read_json,
     refuse_links,
     remove_if_orphan_stage,
     remove_tree,
-    safetensors_shapes,
     source_files,
     version_folders,
     walk,
     write_marker,
+    write_meta_file,
 )
 
 __all__ = ["Entry", "Problem", "Registry", "Report"]
@@ -103,7 +104,6 @@ log = logging.getLogger(__name__)
 
 _SCHEMA_VERSION = 2
 _BUSY_TIMEOUT_S = 30.0
-_FORMAT = "peftkit-adapter/1"
 _PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _SCHEMA = (
     # One counter per name (case-insensitive, as many file systems are): versions are
@@ -124,53 +124,6 @@ _V2 = (
 )
 _DAMAGE_WORDS = ("malformed", "not a database", "corrupt", "disk image")
 _T = TypeVar("_T")
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """One thing :meth:`Registry.doctor` found: ``kind`` (``damaged-index``,
-    ``unindexed-folder``, ``missing-folder``, ``files-differ``, ``unfinished``, ``link``,
-    ``no-metadata``), ``where`` (a ref or a path) and what to do in ``detail``."""
-
-    kind: str
-    where: str
-    detail: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Report:
-    """What a check found: the refs that passed, the problems, and for a rebuild the refs
-    it re-indexed and where it moved a damaged index."""
-
-    root: str
-    ok: tuple[str, ...] = ()
-    problems: tuple[Problem, ...] = ()
-    added: tuple[str, ...] = ()
-    moved_aside: str | None = None
-
-    @property
-    def healthy(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "root": self.root,
-            "healthy": self.healthy,
-            "ok": list(self.ok),
-            "added": list(self.added),
-            "moved_aside": self.moved_aside,
-            "problems": [dataclasses.asdict(p) for p in self.problems],
-        }
-
-    def lines(self) -> list[str]:
-        """The report as lines a person reads (one per problem)."""
-        out = [] if self.moved_aside is None else [f"moved the damaged index to {self.moved_aside}"]
-        out += [f"{p.kind}: {p.where}: {p.detail}" for p in self.problems]
-        out += [f"re-indexed {ref}" for ref in self.added]
-        rebuilt = self.added or self.moved_aside is not None
-        done = f"{len(self.added)} re-indexed" if rebuilt else f"{len(self.ok)} checked"
-        verdict = "healthy" if self.healthy else f"{len(self.problems)} problem(s)"
-        return [*out, f"{self.root}: {done}, {verdict}"]
 
 
 def _index_errors(method: Callable[..., _T]) -> Callable[..., _T]:
@@ -494,7 +447,7 @@ class Registry:
         for entry in self.list():
             if entry.path.is_dir() and not (entry.path / META_FILE).exists():
                 with contextlib.suppress(OSError):
-                    _write_meta_file(entry.path, entry)
+                    write_meta_file(entry.path, entry)
         return Report(
             str(self.root),
             problems=tuple(problems),
@@ -529,7 +482,7 @@ class Registry:
             )
         self._verify_entry(entry)
         try:
-            _export_files(entry, dest, lambda: self._verify_entry(entry))
+            export_files(entry, dest, lambda: self._verify_entry(entry))
         except OSError as exc:
             raise RegistryError(
                 f"cannot export {entry.ref} to {dest}: {exc.strerror or exc}; give a folder "
@@ -570,7 +523,7 @@ class Registry:
                 f"{folder} is not a peft adapter folder: no {' or '.join(missing)}"
                 f" (save it with save_pretrained(..., safe_serialization=True))"
             )
-        saved = _read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
+        saved = read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
         given = {k: v for k, v in locals().items() if k in META_FIELDS or k == "name"}
         args = {k: saved.get(k) if v is None else v for k, v in given.items()}
         if args["method"] is None:
@@ -624,7 +577,7 @@ class Registry:
                         f"{META_FILE}: " + "; ".join(problems)
                     )
             if imported or "task.json" in files:
-                _check_files_agree(stage, meta, f"adapter folder {folder}")
+                check_files_agree(stage, meta, f"adapter folder {folder}")
             try:
                 return self._publish(name, stage, files, meta, run_id)
             except sqlite3.DatabaseError as exc:
@@ -652,7 +605,7 @@ class Registry:
                 row = {**meta, "name": name, "version": version, "files": files}
                 row.update(created=created, run_id=run_id)
                 entry = self._entry(encode_row(row))
-                _write_meta_file(stage, entry)
+                write_meta_file(stage, entry)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 moved = final
                 move_into_place(stage, final)
@@ -674,9 +627,9 @@ class Registry:
         """The highest version folder of ``name`` on disk (any case), indexed or not: new
         versions go above it, so a folder the index lost is never overwritten."""
         lower = name.lower()
-        return max(
-            (v for n, v, _ in version_folders(self._adapters) if n.lower() == lower), default=0
-        )
+        folders = (p for p in self._adapters.iterdir() if p.name.lower() == lower)
+        numbers = (v.name for p in folders if p.is_dir() for v in p.iterdir())
+        return max((int(n) for n in numbers if n.isdigit()), default=0)
 
     def _reindex(
         self, conn: sqlite3.Connection, name: str, version: int, folder: Path
@@ -687,7 +640,7 @@ class Registry:
             return self._unindexed_problem(folder)
         where = f"{name}@{version}"
         try:
-            saved = _read_json(folder / META_FILE)
+            saved = read_json(folder / META_FILE)
             meta = check_metadata({k: saved.get(k) for k in META_FIELDS})
             files = saved.get("files")
             if (saved.get("name"), saved.get("version")) != (name, version):
@@ -1019,60 +972,6 @@ def _raise_counter(conn: sqlite3.Connection, name: str, version: int) -> None:
     )
 
 
-def _meta_dict(entry: Entry) -> dict[str, Any]:
-    meta = {"format": _FORMAT, **entry.to_dict()}
-    del meta["path"]
-    return meta
-
-
-def _write_meta_file(folder: Path, entry: Entry) -> None:
-    """``folder/peftkit.json``: the entry's metadata with its files' hashes, fsynced."""
-    with open(folder / META_FILE, "x", encoding="utf-8") as fh:
-        json.dump(_meta_dict(entry), fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _export_files(entry: Entry, dest: Path, recheck: Callable[[], Entry]) -> None:
-    """Copy the entry's files and its peftkit.json into ``dest`` through a new staging
-    folder beside it, renamed into place once complete."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    stage = new_dir(dest.parent, f".{dest.name}.export-")
-    try:
-        copied = copy_files(((r, entry.path / r) for r in entry.files), stage)
-        if copied != entry.files:  # changed since the check a moment ago
-            recheck()
-        _write_meta_file(stage, entry)
-        fsync_tree(stage)
-        if dest.exists():
-            dest.rmdir()
-        os.rename(stage, dest)
-    except BaseException:
-        remove_tree(stage, dest.parent)
-        raise
-
-
-def _check_files_agree(folder: Path, meta: Mapping[str, Any], where: str) -> None:
-    """IntegrityError when ``meta`` disagrees with the folder's task.json or head shape."""
-    task = head_rows = None
-    if (folder / "task.json").is_file():
-        try:
-            task = json.loads((folder / "task.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise IntegrityError(f"{where}: task.json cannot be read: {exc}") from None
-        if not isinstance(task, dict):
-            raise IntegrityError(f"{where}: task.json must hold a JSON object")
-    if (folder / "head.safetensors").is_file():
-        try:
-            weight = safetensors_shapes(folder / "head.safetensors").get("weight")
-        except (OSError, ValueError) as exc:
-            raise IntegrityError(
-                f"{where}: head.safetensors is not a readable safetensors file ({exc})"
-            ) from None
-        head_rows = weight[0] if weight else None
-    check_agrees(meta, task, head_rows, where)
-
-
 def _writable(root: Path, index: Path) -> bool:
     """Whether the registry can be written: its folder (or the nearest existing parent,
     for a new one) and its index, if there is one."""
@@ -1084,20 +983,8 @@ def _writable(root: Path, index: Path) -> bool:
     return os.access(existing, os.W_OK)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if path.is_symlink():
-        raise ConfigError(f"{path} is a symbolic link; give the file itself")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _peft_type(config_path: Path) -> str:
-    peft_type = _read_json(config_path).get("peft_type")
+    peft_type = read_json(config_path).get("peft_type")
     if not isinstance(peft_type, str) or not peft_type:
         raise ConfigError(f"{config_path} has no peft_type; pass method= (e.g. method='lora')")
     return peft_type.lower()
