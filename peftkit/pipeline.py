@@ -13,7 +13,9 @@ main process writes the run folder and the registry.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import statistics
 import sys
 import time
@@ -21,16 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, PeftkitError
 from peftkit.recipes import Recipe, TaskSpec, recipe_to_dict, task_training
 from peftkit.runs import (
     ENVIRONMENT_FILE,
     METRICS_FILE,
+    check_run_dir,
     default_run_dir,
     environment,
     interrupted_run,
+    lock_run_dir,
     peak_rss_mb,
     prepare_run_dir,
+    run_id,
     run_log,
     write_json,
     write_report,
@@ -52,11 +57,24 @@ class RunOutcome:
 @dataclass
 class _Task:
     name: str
-    data: Any
-    spec: Any
-    config: Any
+    data: Any  # the loaded TextDataset
+    train_split: Any
+    spec: Any  # AdapterSpec
+    config: Any  # TrainConfig
     folder: Path
     head_init: Any = None  # recipes.HeadInitSpec
+    head: Any = None  # fewshot.Prototypes, when head_init is set
+
+
+@dataclass
+class _Plan:
+    """Everything a recipe is checked for before a model is loaded or a folder written."""
+
+    name: str  # the run folder's name
+    quantization: str | None
+    tasks: list[_Task] = field(default_factory=list)  # training recipes
+    data: Any = None  # prompt recipes: the dataset and its training split (demonstrations)
+    train_split: Any = None
 
 
 def run_recipe(
@@ -72,48 +90,78 @@ def run_recipe(
 
     ``run_dir`` defaults to ``runs_root/<name>-<timestamp>`` (or the newest unfinished run of
     the same recipe there, which is resumed); ``registry`` overrides ``recipe.registry.path``.
+    Everything that can be checked without a model (presets, data, prompt, the model's
+    config, the run folder) is checked first: a refused run loads nothing and writes nothing.
     """
     import torch
     from accelerate import PartialState
 
     out = out or sys.stdout
+    plan = plan_run(recipe)
     # cpu=True on a machine without CUDA: under torchrun/accelerate launch that makes the
     # process group gloo (MULTI_CPU), the same state train()'s Accelerator then joins.
     state = PartialState(cpu=not torch.cuda.is_available())
     main = state.is_main_process
     resolved = recipe_to_dict(recipe)
-    path: Path | None = None
-    resumed = False
-    if main:
-        if run_dir is None:
-            found = interrupted_run(runs_root, recipe.name, resolved)
-            run_dir = found or default_run_dir(recipe.name, runs_root)
-        path, resumed = prepare_run_dir(run_dir, resolved, overwrite=overwrite)
-        if resumed:
-            print(f"peftkit: resuming the unfinished run in {path}", file=sys.stderr)
-        write_json(path / ENVIRONMENT_FILE, environment(state.num_processes))
-    path = Path(_broadcast(state, str(path) if path else None))
-    say = _Say(out if main else None)
     reg_root = Path(registry or recipe.registry.path)
-    if main:
-        with run_log(path):
-            return _run(recipe, path, reg_root, resumed, say, state)
-    return _run(recipe, path, reg_root, resumed, say, state)
+    with contextlib.ExitStack() as stack:
+        path: Path | None = None
+        resumed = False
+        reg = None
+        if main:
+            if run_dir is None:
+                found = interrupted_run(runs_root, plan.name, resolved)
+                run_dir = found or default_run_dir(plan.name, runs_root)
+            check_run_dir(run_dir, resolved, overwrite=overwrite)
+            reg = _open_registry(recipe, reg_root)
+            stack.enter_context(lock_run_dir(run_dir))
+            path, resumed = prepare_run_dir(run_dir, resolved, overwrite=overwrite)
+            if resumed:
+                print(f"peftkit: resuming the unfinished run in {path}", file=sys.stderr)
+            write_json(path / ENVIRONMENT_FILE, environment(state.num_processes))
+            stack.enter_context(run_log(path))
+        path = Path(_broadcast(state, str(path) if path else None))
+        say = _Say(out if main else None)
+        if recipe.prompt is not None:
+            return _run_prompt(recipe, plan, path, say)
+        return _train_all(recipe, plan, path, reg, resumed, say, state)
 
 
-def _run(recipe: Recipe, path: Path, reg_root: Path, resumed: bool, say, state) -> RunOutcome:
+def plan_run(recipe: Recipe) -> _Plan:
+    """Check everything ``recipe`` can be checked for without loading a model: adapter
+    presets and their peft options, the data of every task (fields, labels, sizes), the
+    prompt set and its labels, the head's start, and that the base model can be found."""
+    from peftkit.base import model_config
+
     if recipe.prompt is not None:
-        metrics = _run_prompt(recipe, path, say)
-        metrics["peak_rss_mb"] = peak_rss_mb()
-        write_json(path / METRICS_FILE, metrics)
-        say(f"\nrun folder: {path}")
-        return RunOutcome(path, metrics, [], resumed)
-    return _train_all(recipe, path, reg_root, resumed, say, state)
+        data, train_split = load_task_data(recipe.data, need_train=recipe.prompt.demonstrations > 0)
+        check_prompt(recipe, data)
+        name = _run_name(recipe.name, data.name)
+        plan = _Plan(name, recipe.base.quantization, data=data, train_split=train_split)
+    else:
+        tasks = [_main_task(recipe)] + [_then_task(recipe, t) for t in recipe.then]
+        plan = _Plan(_training_run_name(recipe, tasks[0]), _quantization(recipe, tasks), tasks)
+    model_config(recipe.base.source)
+    return plan
 
 
-def _train_all(recipe, path: Path, reg_root: Path, resumed: bool, say, state) -> RunOutcome:
-    main = state.is_main_process
-    tasks = [_main_task(recipe, path)] + [_then_task(recipe, t, path) for t in recipe.then]
+def _run_name(name: str, data_name: str) -> str:
+    """A run folder's name: the recipe's, and the data's when the recipe's does not say it
+    (``zero-shot-sst2`` on AG News runs as ``zero-shot-sst2-ag_news``)."""
+    plain = re.sub(r"[^A-Za-z0-9]+", "", data_name.lower())
+    if not plain or plain in re.sub(r"[^A-Za-z0-9]+", "", name.lower()):
+        return name
+    return f"{name}-{re.sub(r'[^A-Za-z0-9._-]+', '-', data_name).strip('-.')}"[:128]
+
+
+def _training_run_name(recipe: Recipe, first: _Task) -> str:
+    if recipe.registry.name:  # the user named what the run makes
+        return recipe.registry.name
+    return _run_name(recipe.name, first.data.name)
+
+
+def _quantization(recipe: Recipe, tasks: list[_Task]) -> str | None:
+    """The one quantization every task's base shares; a PiSSA start is refused on it."""
     quant = {t.spec.quantization for t in tasks} - {None}
     if len(quant) > 1 or (recipe.base.quantization and quant - {recipe.base.quantization}):
         raise ConfigError(
@@ -121,27 +169,42 @@ def _train_all(recipe, path: Path, reg_root: Path, resumed: bool, say, state) ->
             f"quantization {sorted(quant | {recipe.base.quantization} - {None})}"
         )
     quantization = recipe.base.quantization or (quant.pop() if quant else None)
-    if quantization:  # before loading anything: a PiSSA start cannot run on it
+    if quantization:
         from peftkit.residual import check_init
 
         for t in tasks:
             check_init(t.spec.peft, quantized=True, where=f"{recipe.source}: task {t.name!r}")
-    base = load_recipe_base(recipe.base, quantization, say)
-    if (recipe.revisit or recipe.hotswap) and not recipe.registry.enabled:
-        raise ConfigError(
-            f"{recipe.source}: 'revisit' and 'hotswap' load the adapters from the registry; "
-            "set registry.enabled: true"
-        )
-    registry = None
-    if main and recipe.registry.enabled:
-        from peftkit.registry import Registry
+    return quantization
 
-        registry = Registry(reg_root)
+
+def _open_registry(recipe: Recipe, reg_root: Path):
+    """The registry a training recipe registers into (opened before training, so a damaged
+    or read-only one is refused before the work, not after it)."""
+    if recipe.prompt is not None or not recipe.registry.enabled:
+        if recipe.revisit or recipe.hotswap:
+            raise ConfigError(
+                f"{recipe.source}: 'revisit' and 'hotswap' load the adapters from the "
+                "registry; set registry.enabled: true"
+            )
+        return None
+    from peftkit.registry import Registry
+
+    if reg_root.exists() and not reg_root.is_dir():
+        raise ConfigError(f"registry {reg_root} is a file, not a folder; give another --registry")
+    return Registry(reg_root)
+
+
+def _train_all(recipe, plan: _Plan, path: Path, registry, resumed: bool, say, state):
+    main = state.is_main_process
+    tasks = plan.tasks
+    base = load_recipe_base(recipe.base, plan.quantization, say)
+    run = run_id(path) if main else ""
     metrics: dict[str, Any] = {}
     entries: list[str] = []
     matrix: dict[str, dict[str, float]] = {}
     for i, task in enumerate(tasks):
-        task_metrics, ref = _train_one(recipe, base, task, path, registry, say, state, i == 0)
+        ctx = _Ctx(recipe, base, path, registry, say, state, run, first=i == 0)
+        task_metrics, ref = _train_one(ctx, task)
         if i == 0:
             metrics = task_metrics
         else:
@@ -160,9 +223,23 @@ def _train_all(recipe, path: Path, reg_root: Path, resumed: bool, say, state) ->
         write_json(path / METRICS_FILE, metrics)  # last: marks the run finished
         say(f"\nrun folder: {path}")
         if entries:
-            say(f"registered in {reg_root}: {', '.join(entries)}")
+            say(f"registered in {registry.root}: {', '.join(entries)}")
     state.wait_for_everyone()
     return RunOutcome(path, metrics, entries, resumed)
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """What every task of one run shares."""
+
+    recipe: Recipe
+    base: Any
+    path: Path
+    registry: Any
+    say: Any
+    state: Any
+    run_id: str
+    first: bool
 
 
 def _preset(recipe: Recipe, ref, where: str):
@@ -176,33 +253,48 @@ def _preset(recipe: Recipe, ref, where: str):
         raise ConfigError(f"{recipe.source}, {where}: {exc}") from None
 
 
-def _main_task(recipe: Recipe, path: Path) -> _Task:
+def _main_task(recipe: Recipe) -> _Task:
     assert recipe.adapter is not None
     spec = _preset(recipe, recipe.adapter, "adapter")
-    return _Task(
-        recipe.registry_name, recipe.data, spec, recipe.training, path, recipe.adapter.head_init
-    )
+    return _task(recipe, recipe.registry_name, recipe.data, spec, recipe.training,
+                 Path(), recipe.adapter.head_init, "adapter.head_init")  # fmt: skip
 
 
-def _then_task(recipe: Recipe, task: TaskSpec, path: Path) -> _Task:
+def _then_task(recipe: Recipe, task: TaskSpec) -> _Task:
     ref = task.adapter or recipe.adapter
     assert ref is not None
     spec = _preset(recipe, ref, f"then: {task.name}: adapter")
-    folder = path / "tasks" / task.name
+    where = f"then: {task.name}: adapter.head_init"
     config = task_training(recipe, task)
-    return _Task(task.name, task.data, spec, config, folder, ref.head_init)
+    return _task(recipe, task.name, task.data, spec, config, Path("tasks", task.name),
+                 ref.head_init, where)  # fmt: skip
 
 
-def prototypes_of(base, init, spec, data, train_split):
+def _task(recipe, name, data_spec, spec, config, folder, head_init, where) -> _Task:
+    """One task with its data loaded and its head's start checked (no model needed)."""
+    as_is = config.max_steps == 0  # no training: register the start head as it stands
+    if as_is and (head_init is None or spec.method != "probe"):
+        raise ConfigError(
+            f"{recipe.source}: training.max_steps: 0 registers the prototype head untrained; "
+            f"it needs adapter.preset: probe and adapter.head_init: prototypes (this task: "
+            f"{spec.method}, head_init {'set' if head_init else 'unset'})"
+        )
+    data, train_split = load_task_data(data_spec)
+    head = None
+    if head_init is not None:
+        head = prototypes_of(head_init, data, train_split, where=f"{recipe.source}: {where}")
+    return _Task(name, data, train_split, spec, config, folder, head_init, head)
+
+
+def prototypes_of(init, data, train_split, where: str = "adapter.head_init"):
     """A recipe's ``adapter.head_init: prototypes`` as a ``fewshot.Prototypes`` (built on the
-    base to start from; rebuilt on the trained body by a contrastive objective)."""
-    from peftkit.errors import ConfigError
-    from peftkit.fewshot import Prototypes, check_mean_pooling
+    base to start from; rebuilt on the trained body by a contrastive objective). The label
+    descriptions are checked against the data's labels here, before any model is loaded."""
+    from peftkit.fewshot import Prototypes
     from peftkit.prompts import load_prompt_set
 
-    check_mean_pooling(base, spec)
     if init.prompt and init.descriptions:
-        raise ConfigError("adapter.head_init: give prompt or descriptions, not both")
+        raise ConfigError(f"{where}: give prompt or descriptions, not both")
     descriptions: Any = init.descriptions or None
     if init.prompt:  # "SET/TEMPLATE", "SET", or a prompt file's path (+ "/TEMPLATE")
         family, template = init.prompt, None
@@ -210,10 +302,12 @@ def prototypes_of(base, init, spec, data, train_split):
             family, _, template = family.rpartition("/")
         prompts = load_prompt_set(family)
         descriptions = prompts.get(template).verbalizer if template else prompts.describe()
-    return Prototypes(train_split, data.labels, descriptions, prior=init.prior)
+        where = f"{where}.prompt: {init.prompt!r}"
+    # Prototypes checks that the descriptions cover every label, naming ``where``
+    return Prototypes(train_split, data.labels, descriptions, prior=init.prior, where=where)
 
 
-def load_task_data(spec) -> tuple[Any, Any]:
+def load_task_data(spec, *, need_train: bool = True) -> tuple[Any, Any]:
     """The dataset of a recipe's ``data:`` and its training split (few-shot when asked)."""
     from peftkit.data import few_shot, load_data
 
@@ -226,6 +320,8 @@ def load_task_data(spec) -> tuple[Any, Any]:
         split_ratios=spec.split_ratios,
         seed=spec.seed,
         max_rows=spec.max_rows,
+        sample=spec.sample,
+        need_train=need_train,
     )
     train_split = data.split("train")
     if spec.few_shot_k:
@@ -233,41 +329,37 @@ def load_task_data(spec) -> tuple[Any, Any]:
     return data, train_split
 
 
-def _train_one(recipe, base, task: _Task, path: Path, registry, say, state, first: bool):
+def _pairs_note(data) -> str:
+    return ", text pairs" if any(s.text_pairs is not None for s in data.splits.values()) else ""
+
+
+def _train_one(ctx: _Ctx, task: _Task):
     from peftkit.artifacts import release
+    from peftkit.fewshot import check_mean_pooling
     from peftkit.train import train, untrained
 
-    as_is = task.config.max_steps == 0  # no training: register the start head as it stands
-    if as_is and (task.head_init is None or task.spec.method != "probe"):
-        raise ConfigError(
-            "training.max_steps: 0 registers the prototype head untrained; it needs "
-            f"adapter.preset: probe and adapter.head_init: prototypes (this task: "
-            f"{task.spec.method}, head_init {'set' if task.head_init else 'unset'})"
-        )
-    data, train_split = load_task_data(task.data)
+    base, say, data, train_split = ctx.base, ctx.say, task.data, task.train_split
     say(
         f"\n== {task.name}: {task.spec.method} on {data.name} "
-        f"({len(train_split)} training rows, {len(data.labels)} labels)"
+        f"({len(train_split)} training rows, {len(data.labels)} labels{_pairs_note(data)})"
     )
-    folder = task.folder
-    head = None
-    if task.head_init is not None:
-        head = prototypes_of(base, task.head_init, task.spec, data, train_split)
+    folder = ctx.path / task.folder
+    if task.head is not None:
+        check_mean_pooling(base, task.spec)
         say(f"head starts from the prototypes of {len(train_split)} rows")
     if task.config.objective == "contrastive":
         say("training.objective: contrastive - pairs of the rows train the body; the head is "
             "rebuilt on it")  # fmt: skip
-    if as_is:
+    if task.config.max_steps == 0:
         say("training.max_steps: 0 - the prototype head is the classifier, untrained")
-        assert head is not None  # as_is needs head_init (checked above)
-        result = untrained(base, data, head.head(base.model, base.tokenizer), task.config)
+        result = untrained(base, data, task.head.head(base.model, base.tokenizer), task.config)
     else:
         result = train(
-            base, task.spec, data, task.config, folder, train_split=train_split, head_init=head
-        )
-    prefix = "" if first else f"{task.name}-"
+            base, task.spec, data, task.config, folder, train_split=train_split,
+            head_init=task.head,
+        )  # fmt: skip
     metrics: dict[str, Any] = {
-        "recipe": recipe.name,
+        "recipe": ctx.recipe.name,
         "task": task.name,
         "method": task.spec.method,
         "data": data.name,
@@ -280,12 +372,12 @@ def _train_one(recipe, base, task: _Task, path: Path, registry, say, state, firs
         "step_seconds": round(result.step_seconds, 4),
         "best": result.best,
         "resumed_from": result.resumed_from,
-        "processes": state.num_processes,
+        "processes": ctx.state.num_processes,
     }
     ref = None
     try:
-        if state.is_main_process:
-            ref = _publish(recipe, base, task, data, result, path, registry, say, prefix)
+        if ctx.state.is_main_process:
+            ref = _publish(ctx, task, result, folder)
             if ref is not None:
                 metrics["registered"] = ref
     finally:
@@ -294,12 +386,14 @@ def _train_one(recipe, base, task: _Task, path: Path, registry, say, state, firs
     return metrics, ref
 
 
-def _publish(recipe, base, task: _Task, data, result, path: Path, registry, say, prefix: str):
-    """Save the trained adapter, write its report and curves, and register it (once: a
-    resumed run finds its earlier registration). Returns the registry ref, if any."""
+def _publish(ctx: _Ctx, task: _Task, result, folder: Path):
+    """Save the trained adapter, write its report and curves, and register it (once: the
+    entry carries the run's id, so a resumed run finds its registration even when it was
+    killed before recording it). Returns the registry ref, if any."""
     from peftkit.artifacts import save_adapter
 
-    folder = task.folder
+    say, data, registry = ctx.say, task.data, ctx.registry
+    prefix = "" if ctx.first else f"{task.name}-"
     adapter = save_adapter(
         result.model,
         folder / "adapter",
@@ -308,51 +402,40 @@ def _publish(recipe, base, task: _Task, data, result, path: Path, registry, say,
         max_length=task.config.max_length,
     )
     if result.report is not None:
-        write_report(path, result.report, title=f"{task.name} · {task.spec.method}", prefix=prefix)
+        title = f"{task.name} · {task.spec.method}"
+        write_report(ctx.path, result.report, title=title, prefix=prefix)
         say(f"\ntest report ({task.name}):\n{result.report.to_text()}")
     if result.history:
         from peftkit.plots import plot_history
 
         contrastive = task.config.objective == "contrastive"
         loss_label = "train (pair loss)" if contrastive else "train (cross-entropy)"
-        plot_history(result.history, path / f"{prefix}curves.png", loss_label=loss_label)
-    done = folder / "registered.json"
-    previous = _previous_registration(done, registry)
-    if previous is not None:
-        say(f"already registered as {previous} (resumed run); not registering again")
-        return previous
+        plot_history(result.history, ctx.path / f"{prefix}curves.png", loss_label=loss_label)
     if registry is None:
         return None
+    run = f"{ctx.run_id}/{task.name}"
+    done = folder / "registered.json"
+    previous = registry.find_run(run)
+    if previous is not None:
+        write_json(done, {"ref": previous.ref, "run_id": run})
+        say(f"already registered as {previous.ref} (resumed run); not registering again")
+        return previous.ref
     entry = registry.register(
         task.name,
         adapter,
         method=task.spec.method,
         labels=data.labels,
-        base_fingerprint=base.fingerprint.id,
-        base=base.fingerprint.to_dict(),
-        quantization=base.quantization,
-        task=recipe.registry.task or data.name,
+        base_fingerprint=ctx.base.fingerprint.id,
+        base=ctx.base.fingerprint.to_dict(),
+        quantization=ctx.base.quantization,
+        task=ctx.recipe.registry.task or data.name,
         metrics=result.test_metrics,
-        tags=recipe.registry.tags,
+        tags=ctx.recipe.registry.tags,
+        run_id=run,
     )
-    write_json(done, {"ref": entry.ref})
+    write_json(done, {"ref": entry.ref, "run_id": run})
     say(f"registered {entry.ref}")
     return entry.ref
-
-
-def _previous_registration(done: Path, registry) -> str | None:
-    """The ref a resumed run already registered, if the registry still has it."""
-    import json
-
-    from peftkit.errors import RegistryError
-
-    if registry is None or not done.is_file():
-        return None
-    try:
-        ref = json.loads(done.read_text())["ref"]
-        return registry.get(ref).ref
-    except (OSError, ValueError, KeyError, RegistryError):
-        return None
 
 
 def _revisit(base, registry, tasks: list[_Task], refs: list[str], say) -> dict[str, float]:
@@ -364,7 +447,7 @@ def _revisit(base, registry, tasks: list[_Task], refs: list[str], say) -> dict[s
     scores = {}
     try:
         for task, ref in zip(tasks, refs, strict=False):
-            data, _ = load_task_data(task.data)
+            data = task.data
             test = data.split("test")
             preds = model.predict(list(test.texts), adapter=ref)
             ids = [data.labels.index(p.label) for p in preds]
@@ -416,14 +499,29 @@ def _hotswap(base, registry, refs: list[str], spec, say) -> dict[str, Any]:
 # --- prompt recipes: zero-/few-shot scoring, no training -------------------------------------
 
 
-def _run_prompt(recipe: Recipe, path: Path, say) -> dict[str, Any]:
+def check_prompt(recipe: Recipe, data) -> None:
+    """The prompt set exists, has the template named, and describes every label of the data."""
+    from peftkit.prompts import load_prompt_set
+
+    ref = recipe.prompt
+    assert ref is not None
+    try:
+        prompts = load_prompt_set(ref.set)
+        chosen = [prompts.get(ref.template)] if ref.template else list(prompts)
+        for prompt in chosen:
+            prompt.verbalizer.for_labels(data.labels, where=f"prompt {prompt.name!r}")
+    except PeftkitError as exc:
+        raise type(exc)(f"{recipe.source}: prompt: {exc}") from None
+
+
+def _run_prompt(recipe: Recipe, plan: _Plan, path: Path, say) -> RunOutcome:
     """Score every template of the prompt (or the one named) on the evaluation split."""
     from peftkit.evaluation import classification_report
     from peftkit.prompt_eval import evaluate_prompts
 
     ref = recipe.prompt
     assert ref is not None
-    data, train_split = load_task_data(recipe.data)
+    data = plan.data
     base = load_recipe_base(recipe.base, recipe.base.quantization, say)
     run = evaluate_prompts(
         base,
@@ -437,17 +535,18 @@ def _run_prompt(recipe: Recipe, path: Path, say) -> dict[str, Any]:
         demonstrations=ref.demonstrations,
         demo_selection=ref.demo_selection,
         max_rows=recipe.evaluation.max_rows,
-        demo_pool=train_split,
+        sample=recipe.evaluation.sample,
+        demo_pool=plan.train_split,
         batch_size=recipe.evaluation.batch_size,
         say=say,
     )
-    say(f"\n== {recipe.name}\n{run.table()}")
+    say(f"\n== {plan.name}\n{run.table()}")
     run.save(path)
     head = run.results[0]  # the first template: not picked on the test split
     report = classification_report(list(run.gold), head.probs.argmax(1).tolist(), run.labels)
-    write_report(path, report, title=f"{recipe.name} · {head.template}")
+    write_report(path, report, title=f"{plan.name} · {head.template}")
     say(f"\nreport ({head.template}):\n{report.to_text()}")
-    return {
+    metrics = {
         "recipe": recipe.name,
         "method": run.config["method"],
         "data": data.name,
@@ -455,7 +554,11 @@ def _run_prompt(recipe: Recipe, path: Path, say) -> dict[str, Any]:
         "calibration": ref.calibration,
         "templates": [r.to_dict() for r in run.results],
         "summary": run.summary(),
+        "peak_rss_mb": peak_rss_mb(),
     }
+    write_json(path / METRICS_FILE, metrics)
+    say(f"\nrun folder: {path}")
+    return RunOutcome(path, metrics, [], False)
 
 
 class _Say:

@@ -25,6 +25,7 @@ import resource
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,14 +36,22 @@ import yaml
 from peftkit.errors import ConfigError
 from peftkit.paths import atomic_write_text
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock; a second run is not detected
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "COMPARE_COLUMNS",
     "compare",
     "default_run_dir",
+    "check_run_dir",
     "environment",
     "format_table",
+    "lock_run_dir",
     "peak_rss_mb",
     "prepare_run_dir",
+    "run_id",
     "run_log",
     "write_json",
     "write_report",
@@ -80,7 +89,8 @@ def default_run_dir(name: str, root: str | Path = "runs") -> Path:
 
 def interrupted_run(root: str | Path, name: str, resolved: dict[str, Any]) -> Path | None:
     """The newest ``root/<name>-*`` folder that holds this same recipe and never finished."""
-    candidates = sorted(Path(root).glob(f"{name}-*"), key=lambda p: p.stat().st_mtime)
+    found = [p for p in Path(root).glob(f"{name}-*") if p.is_dir() and not p.is_symlink()]
+    candidates = sorted(found, key=lambda p: p.stat().st_mtime)
     for path in reversed(candidates):
         if _is_interrupted(path, resolved):
             return path
@@ -89,12 +99,77 @@ def interrupted_run(root: str | Path, name: str, resolved: dict[str, Any]) -> Pa
 
 def _is_interrupted(path: Path, resolved: dict[str, Any]) -> bool:
     recipe = path / RECIPE_FILE
-    if not recipe.is_file() or (path / METRICS_FILE).is_file():
+    if recipe.is_symlink() or not recipe.is_file() or (path / METRICS_FILE).is_file():
         return False
+    from peftkit.schema import load_yaml, read_text
+
     try:
-        return yaml.safe_load(recipe.read_text()) == resolved
-    except yaml.YAMLError:
+        return load_yaml(read_text(recipe, "recipe"), str(recipe)) == resolved
+    except ConfigError:  # unreadable, not UTF-8, or not peftkit's YAML: not this run's
         return False
+
+
+RUN_FILE = "run.json"  # written first: marks a folder as a peftkit run, holds the run id
+LOCK_FILE = "run.lock"
+# What a run writes at the top of its folder; --overwrite removes these and nothing else.
+RUN_ENTRIES = frozenset(
+    {RECIPE_FILE, METRICS_FILE, ENVIRONMENT_FILE, LOG_FILE, RUN_FILE, LOCK_FILE}
+    | {"history.json", "results.json", "predictions.jsonl", "checkpoints", "tasks"}
+    | {"adapter", "registered.json"}
+)
+RUN_SUFFIXES = ("report.txt", "report.json", "confusion.png", "curves.png")
+
+
+def is_run_entry(name: str) -> bool:
+    """Whether a top-level entry of a run folder is one a run writes."""
+    return name in RUN_ENTRIES or name.endswith(RUN_SUFFIXES) or name.startswith(f".{RECIPE_FILE}")
+
+
+def check_run_dir(path: str | Path, resolved: dict[str, Any], *, overwrite: bool = False) -> bool:
+    """Check, without writing anything, that ``path`` can take this run; True when it holds
+    an unfinished run of this same recipe (to resume). A ConfigError says what is in the way.
+
+    A folder may be replaced (``overwrite``) only when peftkit recognises it as one of its
+    run folders and everything in it is what a run writes; a folder with anything else in it
+    is refused with what was found, so ``--overwrite`` never deletes a user's files.
+    """
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        kind = "a link" if path.is_symlink() else "a file"
+        raise ConfigError(f"run folder {path} is {kind}, not a folder; give another --run-dir")
+    if not path.exists():
+        return False
+    entries = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE)
+    if not entries:
+        return False
+    foreign = [n for n in entries if not is_run_entry(n)]
+    recognised = not foreign and ((path / RUN_FILE).is_file() or (path / RECIPE_FILE).is_file())
+    if overwrite:
+        if not recognised:
+            shown = ", ".join(foreign[:8] or entries[:8]) + (", ..." if len(entries) > 8 else "")
+            raise ConfigError(
+                f"--overwrite replaces only a peftkit run folder, and {path} is not one "
+                f"(it holds {shown}); nothing was deleted. Give another --run-dir"
+            )
+        return False
+    if _is_interrupted(path, resolved):
+        return True
+    if recognised and not _holds_results(path):
+        return False  # a run that failed before its first result: reused
+    if foreign:
+        raise ConfigError(
+            f"run folder {path} already exists and is not a peftkit run folder (it holds "
+            f"{', '.join(foreign[:8])}); give another --run-dir"
+        )
+    why = (
+        "holds a finished run"
+        if (path / METRICS_FILE).is_file()
+        else "is not an unfinished run of this same recipe"
+    )
+    raise ConfigError(
+        f"run folder {path} already exists and {why}; give another --run-dir, or "
+        "--overwrite to replace it"
+    )
 
 
 def prepare_run_dir(
@@ -102,36 +177,81 @@ def prepare_run_dir(
 ) -> tuple[Path, bool]:
     """Create the run folder (or reuse an interrupted run of the same recipe).
 
-    Returns ``(path, resuming)``. An existing folder is an error unless ``overwrite`` (it is
-    emptied), it holds an unfinished run of this very recipe (training resumes from its
-    last checkpoint), or it holds no result at all (empty, or only the recipe, environment
-    and log of a run that failed before training: reused, the log appended to).
+    Returns ``(path, resuming)``. An existing folder is an error (see :func:`check_run_dir`)
+    unless ``overwrite`` (the entries a run writes are removed), it holds an unfinished run
+    of this very recipe (training resumes from its last checkpoint), or it holds no result
+    at all (empty, or what a run that failed before training left: reused, the log
+    appended to). Call it while holding the folder's lock (:func:`lock_run_dir`).
     """
     path = Path(path)
-    resuming = False
-    if path.exists():
-        if overwrite:
-            shutil.rmtree(path)
-        elif _is_interrupted(path, resolved):
-            resuming = True
-        elif _holds_results(path):  # else: empty, or a run that failed before any result
-            why = (
-                "holds a finished run"
-                if (path / METRICS_FILE).is_file()
-                else "is not an unfinished run of this same recipe"
-            )
-            raise ConfigError(
-                f"run folder {path} already exists and {why}; give another --run-dir, or "
-                "--overwrite to replace it"
-            )
+    resuming = check_run_dir(path, resolved, overwrite=overwrite)
+    if overwrite and path.is_dir():
+        for entry in path.iterdir():
+            if entry.name == LOCK_FILE:
+                continue  # held by this run
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     path.mkdir(parents=True, exist_ok=True)
+    if not (path / RUN_FILE).is_file():
+        write_json(path / RUN_FILE, {"run_id": uuid.uuid4().hex, "created": _now_iso()})
     atomic_write_text(path / RECIPE_FILE, yaml.safe_dump(resolved, sort_keys=False))
     return path, resuming
 
 
+def run_id(path: str | Path) -> str:
+    """The id a run folder was given when it was made (kept across resumes)."""
+    try:
+        return str(json.loads((Path(path) / RUN_FILE).read_text())["run_id"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{Path(path) / RUN_FILE}: cannot read the run id ({exc})") from None
+
+
+@contextmanager
+def lock_run_dir(path: str | Path) -> Iterator[Path]:
+    """Hold ``path``'s lock for the duration: a second run into the same folder is refused,
+    naming the process that holds it. The folder is created if needed (and removed again
+    if it is still empty when the run is refused before writing anything)."""
+    path = Path(path)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown"
+                raise ConfigError(
+                    f"run folder {path} is in use by another run ({holder}); wait for it to "
+                    "finish, or give another --run-dir"
+                ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()} since {_now_iso()}".encode(), 0)
+        yield path
+    except BaseException:
+        _drop_if_bare(path, created)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _drop_if_bare(path: Path, created: bool) -> None:
+    """Remove a folder this call created when it holds nothing but its lock."""
+    if created and [p.name for p in path.iterdir()] == [LOCK_FILE]:
+        (path / LOCK_FILE).unlink()
+        path.rmdir()
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def _holds_results(path: Path) -> bool:
     """Anything in the folder besides what every run writes before its first result."""
-    return any(p.name not in (RECIPE_FILE, ENVIRONMENT_FILE, LOG_FILE) for p in path.iterdir())
+    before = (RECIPE_FILE, ENVIRONMENT_FILE, LOG_FILE, RUN_FILE, LOCK_FILE)
+    return any(p.name not in before for p in path.iterdir())
 
 
 def environment(num_processes: int = 1) -> dict[str, Any]:

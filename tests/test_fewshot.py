@@ -195,26 +195,23 @@ def test_prototypes_embed_pairs_and_templates_as_the_classifier_sees_them(bert, 
 
 
 def test_a_recipes_prompt_set_describes_the_labels_by_its_descriptions(bert):
-    from peftkit.adapters import load_preset
     from peftkit.pipeline import prototypes_of
     from peftkit.prompts import load_prompt, load_prompt_set
     from peftkit.recipes import HeadInitSpec
 
     data = synthetic("sentiment", n=20)
     support = few_shot(data.split("train"), 2, label_names=data.labels)
-    spec = load_preset("lora")
-
     def rows(head):
         return head.linear.weight.detach().numpy()
 
-    def prototype_start(*args):
-        return prototypes_of(*args).head(bert.model, bert.tokenizer)
+    def prototype_start(init):
+        return prototypes_of(init, data, support).head(bert.model, bert.tokenizer)
 
-    start = prototype_start(bert, HeadInitSpec(prompt="sentiment"), spec, data, support)
+    start = prototype_start(HeadInitSpec(prompt="sentiment"))
     want = prototype_head(bert, support, data.labels, load_prompt_set("sentiment"), prior=2.0)
     np.testing.assert_allclose(rows(start), rows(want), atol=1e-6)
     words = load_prompt("sentiment", "it-was").verbalizer
-    start = prototype_start(bert, HeadInitSpec(prompt="sentiment/it-was"), spec, data, support)
+    start = prototype_start(HeadInitSpec(prompt="sentiment/it-was"))
     np.testing.assert_allclose(
         rows(start), rows(prototype_head(bert, support, data.labels, words)), atol=1e-6
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -314,20 +315,30 @@ def test_existing_run_folder_is_an_error_unless_overwrite(tmp_path, tiny_models,
 
 
 def test_run_folder_without_results_is_reused(tmp_path, tiny_models, reset_accelerate):
-    """An empty folder, or one a run left when it failed before training, takes a new run."""
+    """An empty folder, or one a run left when it failed before its first result, takes a
+    new run; a run refused by its checks leaves no folder at all."""
     (tmp_path / "empty").mkdir()
     recipe = _tiny(tmp_path, tiny_models)
     assert run_recipe(recipe, run_dir=tmp_path / "empty", registry=tmp_path / "reg").entries
     bad = _tiny(tmp_path, tiny_models, ["adapter=lora-typo"])
     with pytest.raises(ConfigError, match="lora-typo"):
         run_recipe(bad, run_dir=tmp_path / "run", registry=tmp_path / "reg")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "environment.json", "recipe.yaml", "run.log"
-    ]  # fmt: skip
+    assert not (tmp_path / "run").exists()
+    # a failure after the checks (here: the model's weights are gone) keeps what it wrote
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_models["bert"], broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    failing = _tiny(tmp_path, tiny_models, [f"base={broken}"])
+    with pytest.raises(Exception):  # noqa: B017  (transformers' own error for missing weights)
+        run_recipe(failing, run_dir=tmp_path / "run", registry=tmp_path / "reg")
+    assert {"environment.json", "recipe.yaml", "run.log"} <= {
+        p.name for p in (tmp_path / "run").iterdir()
+    }
     other = _tiny(tmp_path, tiny_models, ["training.max_steps=1"])
     done = run_recipe(other, run_dir=tmp_path / "run", registry=tmp_path / "reg")
     assert done.entries == ["r@2"] and not done.resumed
-    assert "lora-typo" in (tmp_path / "run" / "run.log").read_text()  # the failure's log kept
+    assert "the run failed" in (tmp_path / "run" / "run.log").read_text()  # its log kept
     assert (
         yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["training"]["max_steps"] == 1
     )
