@@ -6,7 +6,21 @@ bitsandbytes and evaluate; a registry that ties every adapter to its base; hot-s
 mixed-adapter batches in a running program.
 """
 
+import logging as _logging
+
 __version__ = "0.1.0"
+
+
+class _NoKernelsHubNotice(_logging.Filter):
+    """bitsandbytes warns on import, on every CPU with AVX512-BF16, that it could not fetch
+    an optional kernel from the hub (offline here, and not needed: its own CPU kernel
+    runs). peftkit cannot act on it, and it printed on every run, quantized or not."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "from kernels-community" not in str(record.msg)
+
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHubNotice())
 
 
 def __getattr__(name: str):

@@ -20,6 +20,7 @@ that an adapter is never loaded onto a base it was not trained on.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +192,7 @@ def load_base(
         device_map / max_memory / offload_folder: Accelerate placement (default: ``"auto"``
             on CUDA, everything on CPU otherwise; CPU/disk offload where it applies).
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if kind not in (*KINDS, "auto"):
         raise ConfigError(
@@ -209,7 +210,7 @@ def load_base(
         quantization, double_quant=double_quant, compute_dtype=dtype, on_cuda=on_cuda
     )
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **load_kwargs)
+    config = model_config(name, trust_remote_code=trust_remote_code)
     if kind == "auto":
         kind = infer_kind(config)
     if device_map is None:
@@ -260,6 +261,36 @@ def load_base(
         quantization=quantization,
         fingerprint=fp,
     )
+
+
+def model_config(source: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """The transformers config of ``source`` (a packaged name, folder or hub id), read
+    without the weights: a cheap check that the model can be found, before any work.
+    ModelError when it cannot (not installed, no such folder, offline and not cached)."""
+    from transformers import AutoConfig
+
+    name = str(source)
+    folder, load_kwargs = _resolve_source(name)
+    try:
+        return AutoConfig.from_pretrained(
+            folder, trust_remote_code=trust_remote_code, **load_kwargs
+        )
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+        hint = (
+            " (HF_HUB_OFFLINE is set: a hub id loads only from the local cache; set "
+            "HF_HUB_OFFLINE=0 when online, or give a local folder)"
+            if offline and folder == name
+            else ""
+        )
+        raise ModelError(
+            f"cannot load the model config of {name!r}: {_first_line(exc)}{hint}"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _resolve_source(name: str) -> tuple[str, dict[str, Any]]:

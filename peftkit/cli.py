@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import ConfigError, PeftkitError
+from peftkit.errors import ConfigError, DataError, PeftkitError
 
 DEFAULT_REGISTRY = "registry"
 
@@ -55,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `peftkit ... | head`
         return 0
+    except OSError as exc:  # a file or folder the command was pointed at: one line, no trace
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"peftkit: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -129,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="*", help="texts (default: --file, else one per stdin line)")
     p.add_argument("--adapter", required=True, help="NAME or NAME@VERSION")
     p.add_argument("--registry", default=DEFAULT_REGISTRY, help="registry folder")
-    p.add_argument("--file", help="a text file (one text per line) or JSONL with a 'text' field")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--file", help="a text file (one text per line), or JSONL with 'text' (and 'text_pair')"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="rows a forward")
     p.set_defaults(func=cmd_predict)
 
     for kind, help_text in (
@@ -275,53 +281,98 @@ def _print_report(report, as_json: bool) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from peftkit.base import load_base
-    from peftkit.switch import AdaptedModel
-
-    texts = _read_texts(args)
+    texts, pairs = _read_texts(args)  # before the model loads: bad input costs nothing
     registry = _registry(args)
     entry = registry.get(args.adapter)
     source = (entry.base or {}).get("source")
     if not source:
         raise ConfigError(f"{entry.ref} does not record its base model's source; cannot load it")
+    from peftkit.base import load_base
+    from peftkit.switch import AdaptedModel
+
     base = load_base(source, quantization=entry.quantization)
     model = AdaptedModel(base, registry, batch_size=args.batch_size)
-    for text, pred in zip(texts, model.use(args.adapter).predict(texts), strict=True):
-        print(json.dumps({"text": text, **pred.to_dict()}, ensure_ascii=False))
+    preds = model.use(args.adapter).predict(texts, text_pairs=pairs)
+    for i, (text, pred) in enumerate(zip(texts, preds, strict=True)):
+        row = {"text": text} if pairs is None else {"text": text, "text_pair": pairs[i]}
+        print(json.dumps({**row, **pred.to_dict()}, ensure_ascii=False))
     return 0
 
 
-def _read_texts(args: argparse.Namespace) -> list[str]:
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _read_texts(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+    """The texts to classify (and their second texts, when JSONL rows carry ``text_pair``)."""
     if args.texts and args.file:
         raise ConfigError("give texts as arguments or --file, not both")
     if args.texts:
-        return list(args.texts)
+        return list(args.texts), None
     if args.file:
+        where = f"--file {args.file}"
         path = Path(args.file)
         if not path.is_file():
-            raise ConfigError(f"--file {path}: no such file")
-        lines = path.read_text(encoding="utf-8").splitlines()
-    elif not sys.stdin.isatty():
-        lines = sys.stdin.read().splitlines()
+            raise ConfigError(f"{where}: no such file")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{where}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read it ({exc.strerror or exc})") from None
     else:
-        raise ConfigError("no texts: give them as arguments, with --file, or on stdin")
-    texts = [_text_of(line, i + 1) for i, line in enumerate(lines) if line.strip()]
-    if not texts:
-        raise ConfigError("no texts in the input (empty lines only)")
-    return texts
+        lines, where = _stdin_lines(), "standard input"
+    rows = [_row_of(line, i + 1, where) for i, line in enumerate(lines) if line.strip()]
+    if not rows:
+        raise ConfigError(f"no texts in {where} (empty lines only)")
+    with_pair = [r[1] is not None for r in rows]
+    if any(with_pair) and not all(with_pair):
+        line = with_pair.index(False) + 1 if with_pair[0] else with_pair.index(True) + 1
+        raise DataError(
+            f"{where}: some rows carry a 'text_pair' and some do not (non-empty row {line} "
+            "differs from the first); give a pair for every row or for none"
+        )
+    texts = [r[0] for r in rows]
+    return texts, ([str(r[1]) for r in rows] if all(with_pair) else None)
 
 
-def _text_of(line: str, lineno: int) -> str:
+def _stdin_lines() -> list[str]:
+    stdin = sys.stdin
+    try:
+        if stdin is None or getattr(stdin, "closed", False) or stdin.isatty():
+            raise ConfigError("no texts: give them as arguments, with --file, or on stdin")
+        return stdin.read().splitlines()
+    except (OSError, ValueError) as exc:  # closed underneath us, or not decodable
+        if isinstance(exc, UnicodeDecodeError):
+            raise DataError(f"standard input is not UTF-8 text ({exc.reason})") from None
+        raise ConfigError(
+            f"no texts: standard input cannot be read ({exc}); give texts as arguments or --file"
+        ) from None
+
+
+def _row_of(line: str, lineno: int, where: str) -> tuple[str, str | None]:
+    """A line as (text, text_pair): a JSON object's fields, else the line itself."""
     if line.lstrip().startswith("{"):
         try:
             row: Any = json.loads(line)
         except ValueError:
-            return line
+            return line, None
         if isinstance(row, dict):
-            if "text" not in row:
-                raise ConfigError(f"input line {lineno}: a JSON row needs a 'text' field")
-            return str(row["text"])
-    return line
+            if not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise DataError(f"{where}, line {lineno}: a JSON row needs a non-empty 'text'")
+            pair = row.get("text_pair")
+            if pair is not None and not isinstance(pair, str):
+                raise DataError(f"{where}, line {lineno}: 'text_pair' must be a string")
+            return row["text"], pair
+    return line, None
 
 
 # --- libraries and compare ------------------------------------------------------------------------
