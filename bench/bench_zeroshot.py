@@ -210,7 +210,7 @@ def ours(base, data, prompts, template, rows: int, batch: int, demos: int = 0) -
     from peftkit.prompt_eval import evaluate_prompts
 
     run = evaluate_prompts(
-        base, data, prompts, templates=[template], max_rows=rows, batch_size=batch,
+        base, data, prompts, templates=[template], max_rows=rows, sample="first", batch_size=batch,
         demonstrations=demos, demo_pool=data.split("train") if demos else None,
     )  # fmt: skip
     r = run.results[0]

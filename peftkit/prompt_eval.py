@@ -204,6 +204,7 @@ def evaluate_prompts(
     demo_selection: str = "random",
     seed: int = 0,
     max_rows: int | None = None,
+    sample: str = "stratified",
     demo_pool: Any = None,
     batch_size: int = 16,
     skip_mask_templates: bool = True,
@@ -217,8 +218,9 @@ def evaluate_prompts(
     them; ``templates`` picks some by name. ``demonstrations``: k in-context examples per
     class from the train split, ``demo_selection`` ``"random"`` (seeded, shared by every
     query) or ``"nearest"`` (per query, by the base's embeddings), drawn from ``demo_pool``
-    (a ``Split``; default the train split). ``max_rows``: the first
-    N rows of the split. Templates with a ``{mask}`` are skipped (and said) unless the
+    (a ``Split``; default the train split). ``max_rows``: N rows of the split, a seeded
+    sample stratified by label (``sample="stratified"``, every label kept where N allows) or
+    the first N (``sample="first"``). Templates with a ``{mask}`` are skipped (and said) unless the
     scorer is a masked LM. The embedding scorer over a whole set that has ``descriptions``
     also scores those (a first row named ``descriptions``; pick it alone with
     ``templates=["descriptions"]``).
@@ -239,6 +241,8 @@ def evaluate_prompts(
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
     if max_rows is not None and max_rows < 1:
         raise ConfigError(f"max_rows must be >= 1 (or None: every row); got {max_rows}")
+    if sample not in ("stratified", "first"):
+        raise ConfigError(f"sample must be 'stratified' or 'first'; got {sample!r}")
     if demo_selection == "nearest" and calibration != "none" and demonstrations:
         raise ConfigError(
             "content-free calibration needs demonstrations shared by every query; "
@@ -251,8 +255,14 @@ def evaluate_prompts(
         data = load_data(data)
     chosen = _prompts(prompts, templates, pick_scorer(scorer, base.kind, False) == "embedding")
     rows = data.split(split)
-    if max_rows is not None:
-        rows = rows.subset(range(min(max_rows, len(rows))))
+    if max_rows is not None and max_rows < len(rows):
+        from peftkit.data import stratified_rows
+
+        kept = (
+            range(max_rows) if sample == "first" else stratified_rows(rows.labels, max_rows, seed)
+        )
+        rows = rows.subset(kept)
+        say(f"scoring {max_rows} of the {len(data.split(split))} {split} rows ({sample})")
     state = _state()
     mine = list(range(state.process_index, len(rows), state.num_processes))
     shard = rows.subset(mine)
