@@ -4,6 +4,7 @@
     peftkit run recipes/sst2-lora.yaml data.source=../shared/data/sst2 training.epochs=1
     peftkit eval zero-shot-sst2 data.source=../shared/data/sst2
     peftkit adapters list | show NAME | rm NAME | export NAME DEST | import FOLDER
+    peftkit adapters verify [NAME] | doctor | rebuild
     echo "stocks fell" | peftkit predict --adapter quickstart
     peftkit compare runs/*
 

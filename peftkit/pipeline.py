@@ -391,6 +391,7 @@ def _publish(ctx: _Ctx, task: _Task, result, folder: Path):
     entry carries the run's id, so a resumed run finds its registration even when it was
     killed before recording it). Returns the registry ref, if any."""
     from peftkit.artifacts import save_adapter
+    from peftkit.train import model_max_length
 
     say, data, registry = ctx.say, task.data, ctx.registry
     prefix = "" if ctx.first else f"{task.name}-"
@@ -399,7 +400,8 @@ def _publish(ctx: _Ctx, task: _Task, result, folder: Path):
         folder / "adapter",
         method=task.spec.method,
         labels=data.labels,
-        max_length=task.config.max_length,
+        # what training used: capped at the base's positions (train warned when it cut)
+        max_length=model_max_length(task.config.max_length, ctx.base.model, warn=False),
     )
     if result.report is not None:
         title = f"{task.name} · {task.spec.method}"

@@ -35,7 +35,14 @@ import torch
 
 from peftkit.adapters import Head, body_of, peft_quiet, pool
 from peftkit.artifacts import TaskInfo, load_head, read_task
-from peftkit.batching import apply_template, collate, encode, pad_id, padding_batches
+from peftkit.batching import (
+    apply_template,
+    collate,
+    encode,
+    pad_id,
+    padding_batches,
+    position_limit,
+)
 from peftkit.entries import parse_ref
 from peftkit.errors import ConfigError, RegistryError
 from peftkit.mixed import MixedLoRA
@@ -390,7 +397,11 @@ class AdaptedModel:
             groups.setdefault((slot.info.template, slot.info.max_length), []).append(i)
         enc: list[list[int]] = [[] for _ in texts]
         tok = self.base.tokenizer
-        for (template, limit), rows in groups.items():
+        # an adapter folder may ask for more positions than the base has (an import, or
+        # one saved before training capped it): never index past the position table
+        cap = position_limit(getattr(self.base.model, "config", None))
+        for (template, asked), rows in groups.items():
+            limit = asked if cap is None else min(asked, cap)
             part = [texts[i] for i in rows]
             second = None if pairs is None else [pairs[i] for i in rows]
             zeros = [0] * len(rows)

@@ -308,12 +308,14 @@ def train(
         raise
 
 
-def model_max_length(requested: int, model: Any) -> int:
+def model_max_length(requested: int, model: Any, *, warn: bool = True) -> int:
     """``requested`` (``training.max_length``), capped at the positions ``model`` has, with
     a warning when it is: longer rows would index past its position table."""
     limit = position_limit(getattr(model, "config", None))
     if limit is None or requested <= limit:
         return requested
+    if not warn:
+        return limit
     log.warning(
         "training.max_length=%d is more than this model's %d positions; rows are cut to %d "
         "tokens for training and evaluation",

@@ -289,3 +289,20 @@ def test_rows_with_pairs_train_on_pairs_and_say_so(recipe, capsys, reset_acceler
     code, out, err = run_cli(run_args(recipe), capsys)
     assert code == 0, err
     assert "labels, text pairs)" in out
+
+
+def test_max_length_beyond_the_model_trains_registers_and_serves_long_texts(
+    recipe, tiny_models, capsys, reset_accelerate
+):
+    from transformers import AutoConfig
+
+    positions = AutoConfig.from_pretrained(tiny_models["bert"]).max_position_embeddings
+    code, out, err = run_cli(run_args(recipe, "training.max_length=100000"), capsys)
+    assert code == 0, err
+    task = json.loads((recipe["reg"] / "adapters" / "r" / "1" / "task.json").read_text())
+    assert task["max_length"] == positions
+    long_text = " ".join(["good movie"] * (4 * positions))
+    argv = ["predict", "--adapter", "r", "--registry", recipe["reg"], long_text]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert json.loads(out)["label"] in ("negative", "positive")
