@@ -235,7 +235,7 @@ def _check_ranges(opts: dict[str, Any], source: str) -> None:
             raise ConfigError(
                 f"{source}: adapter.peft.{key} must be a whole number >= 1, got {value!r}"
             )
-        if key in opts and value < 1:
+        if key in opts and isinstance(value, int) and value < 1:
             raise ConfigError(f"{source}: adapter.peft.{key} must be >= 1, got {value}")
     alpha = opts.get("lora_alpha", 1)
     if not (_is_number(alpha) and math.isfinite(alpha) and alpha > 0):

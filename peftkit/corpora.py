@@ -308,7 +308,7 @@ def refuse_blank_texts(table: RawTable, fields: Fields, unit: str = "line") -> N
     Refused rather than dropped: the rows a run uses stay the rows of the file, and a blank
     text is most often a sign of a wrong field or a broken export, not of data to skip.
     """
-    columns = [(fields.text, table.texts)]
+    columns: list[tuple[str, list[Any]]] = [(fields.text, table.texts)]
     if fields.pair and table.pairs is not None:
         columns.append((fields.pair, table.pairs))
     for name, values in columns:
@@ -318,7 +318,7 @@ def refuse_blank_texts(table: RawTable, fields: Fields, unit: str = "line") -> N
             hint = " or text_pair_field='' to leave the pairs out" if name == fields.pair else ""
             raise DataError(
                 f"{table.where}, {unit} {blank[0]}: field {name!r} is empty "
-                f"({len(blank)} of {len(values)} rows: {unit}s {preview(blank, 5)}); "
+                f"({len(blank)} of {len(values)} rows: {unit}s {preview([str(n) for n in blank], 5)}); "
                 f"remove those rows or fill them in (is the field the right one?{hint})"
             )
 

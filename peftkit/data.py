@@ -405,7 +405,8 @@ def _first(tables: Mapping[str, RawTable]) -> RawTable:
 def _split_of(name, split: str, table: RawTable, names, origin, inferred: bool) -> Split:
     ids = _label_ids(table, names, origin, inferred)
     where = f"the {split} split of {name!r} ({table.where})"
-    return Split(tuple(table.texts), ids, table.pairs, origin=where)
+    pairs = None if table.pairs is None else tuple(str(p) for p in table.pairs)
+    return Split(tuple(table.texts), ids, pairs, origin=where)
 
 
 def _carve_validation(name: str, train: Split, opts: _Options) -> dict[str, Split]:

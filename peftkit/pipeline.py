@@ -166,7 +166,7 @@ def _quantization(recipe: Recipe, tasks: list[_Task]) -> str | None:
     if len(quant) > 1 or (recipe.base.quantization and quant - {recipe.base.quantization}):
         raise ConfigError(
             f"{recipe.source}: every task of a recipe shares one base, but they ask for "
-            f"quantization {sorted(quant | {recipe.base.quantization} - {None})}"
+            f"quantization {sorted(str(q) for q in quant | {recipe.base.quantization} - {None})}"
         )
     quantization = recipe.base.quantization or (quant.pop() if quant else None)
     if quantization:

@@ -201,6 +201,7 @@ def test_a_recipes_prompt_set_describes_the_labels_by_its_descriptions(bert):
 
     data = synthetic("sentiment", n=20)
     support = few_shot(data.split("train"), 2, label_names=data.labels)
+
     def rows(head):
         return head.linear.weight.detach().numpy()
 
