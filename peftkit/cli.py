@@ -204,9 +204,10 @@ def _registry(args: argparse.Namespace):
 def cmd_adapters_list(args: argparse.Namespace) -> int:
     from peftkit.runs import format_table
 
-    entries = _registry(args).list(args.name, tag=args.tag)
+    registry = _registry(args)
+    entries = registry.list(args.name, tag=args.tag)
     if not entries:
-        print(f"no adapters in {args.registry}", file=sys.stderr)
+        print(f"no adapters in {args.registry}{_unindexed_hint(registry)}", file=sys.stderr)
         return 0
     rows = [
         {
@@ -224,6 +225,22 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
     columns = [(k, k) for k in rows[0]]
     print(format_table(rows, columns))
     return 0
+
+
+def _unindexed_hint(registry) -> str:
+    """Say so when version folders exist that the index does not list (a lost index)."""
+    from peftkit.filestore import version_folders
+
+    indexed = {(e.name, e.version) for e in registry.list()}
+    found = [(n, v) for n, v, _ in version_folders(registry.root / "adapters")]
+    lost = [f"{n}@{v}" for n, v in found if (n, v) not in indexed]
+    if not lost:
+        return ""
+    shown = ", ".join(lost[:5]) + (", ..." if len(lost) > 5 else "")
+    return (
+        f"; but {len(lost)} version folder(s) are not in its index ({shown}): see "
+        "'peftkit adapters doctor', and 'peftkit adapters rebuild' to index them again"
+    )
 
 
 def cmd_adapters_show(args: argparse.Namespace) -> int:
@@ -320,7 +337,9 @@ def _read_texts(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
         where = f"--file {args.file}"
         path = Path(args.file)
         if not path.is_file():
-            raise ConfigError(f"{where}: no such file")
+            raise ConfigError(
+                f"{where}: {'a folder, not a file' if path.is_dir() else 'no such file'}"
+            )
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:
@@ -348,15 +367,16 @@ def _read_texts(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
 def _stdin_lines() -> list[str]:
     stdin = sys.stdin
     try:
-        if stdin is None or getattr(stdin, "closed", False) or stdin.isatty():
-            raise ConfigError("no texts: give them as arguments, with --file, or on stdin")
-        return stdin.read().splitlines()
+        interactive = stdin is None or getattr(stdin, "closed", False) or stdin.isatty()
+        if not interactive:
+            return stdin.read().splitlines()
     except (OSError, ValueError) as exc:  # closed underneath us, or not decodable
         if isinstance(exc, UnicodeDecodeError):
             raise DataError(f"standard input is not UTF-8 text ({exc.reason})") from None
         raise ConfigError(
             f"no texts: standard input cannot be read ({exc}); give texts as arguments or --file"
         ) from None
+    raise ConfigError("no texts: give them as arguments, with --file, or on stdin")
 
 
 def _row_of(line: str, lineno: int, where: str) -> tuple[str, str | None]:

@@ -114,6 +114,8 @@ def run_recipe(
                 run_dir = found or default_run_dir(plan.name, runs_root)
             check_run_dir(run_dir, resolved, overwrite=overwrite)
             reg = _open_registry(recipe, reg_root)
+            if reg is not None:
+                stack.callback(reg.close)
             stack.enter_context(lock_run_dir(run_dir))
             path, resumed = prepare_run_dir(run_dir, resolved, overwrite=overwrite)
             if resumed:

@@ -121,7 +121,7 @@ class TrainConfig:
                 raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ConfigError(f"training.max_steps must be >= 0, got {self.max_steps}")
-        if self.epochs <= 0 and not self.max_steps:
+        if self.epochs < 0 or (self.epochs == 0 and not self.max_steps):
             raise ConfigError("training.epochs must be > 0 (or set training.max_steps)")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(

@@ -77,6 +77,7 @@ def run_args(paths, *overrides) -> list:
         ("training.epochs=.inf", "(override 'training.epochs=.inf'): training.epochs"),
         ("training.epochs=.nan", "must be a finite number"),
         ("training.batch_size=0", "(override 'training.batch_size=0')"),
+        ("training.epochs=-1", "training.epochs must be > 0"),
         ("base=no-such-model", "unknown model source 'no-such-model'"),
         ("base=/no/such/folder", "/no/such/folder"),
     ],
@@ -161,6 +162,22 @@ def test_overwrite_replaces_only_what_a_run_wrote(recipe, capsys, reset_accelera
     code, out, err = run_cli([*run_args(recipe), "--overwrite"], capsys)
     assert code == 0, err
     assert (recipe["run"] / "metrics.json").is_file()
+
+
+def test_listing_a_lost_index_deletes_nothing_and_says_how_to_recover(
+    recipe, capsys, reset_accelerate
+):
+    assert run_cli(run_args(recipe), capsys)[0] == 0
+    (recipe["reg"] / "index.sqlite").write_bytes(b"")  # a backup without its -wal
+    for extra in ("index.sqlite-wal", "index.sqlite-shm"):
+        (recipe["reg"] / extra).unlink(missing_ok=True)
+    weights = sorted(recipe["reg"].rglob("*.safetensors"))
+    code, out, err = run_cli(["adapters", "--registry", recipe["reg"], "list"], capsys)
+    assert code == 0 and "not in its index (r@1)" in err and "adapters rebuild" in err, err
+    assert sorted(recipe["reg"].rglob("*.safetensors")) == weights
+    assert run_cli(["adapters", "--registry", recipe["reg"], "rebuild"], capsys)[0] == 0
+    code, out, err = run_cli(["adapters", "--registry", recipe["reg"], "list"], capsys)
+    assert code == 0 and "r@1" in out
 
 
 def test_run_dir_that_is_a_file_is_refused(recipe, capsys):
