@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from peftkit import residual
 from peftkit.errors import ConfigError, did_you_mean
 from peftkit.paths import library_dir
-from peftkit.schema import yaml_error
+from peftkit.schema import load_yaml, read_text
 
 METHODS = ("lora", "qlora", "prefix", "prompt-tuning", "ia3", "full", "probe")
 PEFT_METHODS = ("lora", "qlora", "prefix", "prompt-tuning", "ia3")
@@ -107,10 +106,7 @@ def load_preset(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
                 + did_you_mean(str(name_or_path), names)
             )
         path = candidate
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise yaml_error(exc, str(path)) from None
+    data = load_yaml(read_text(path, "adapter preset"), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: an adapter preset must be a mapping with a 'method' key")
     return spec_from_dict(_merge(data, overrides or {}), source=str(path))

@@ -252,7 +252,21 @@ def _preset(recipe: Recipe, ref, where: str):
     try:
         return load_preset(ref.preset, ref.overrides())
     except ConfigError as exc:
-        raise ConfigError(f"{recipe.source}, {where}: {exc}") from None
+        raise ConfigError(
+            f"{recipe.source}, {where}: {exc}{_override_named(recipe, exc)}"
+        ) from None
+
+
+def _override_named(recipe: Recipe, exc: Exception) -> str:
+    """`` (override 'adapter.peft.r=0')`` when the preset's error is about a key that a
+    command-line override set (the preset file alone cannot say where a value came from)."""
+    for item in recipe.overrides:
+        key = item.partition("=")[0].strip()
+        tail = key.split(".adapter.", 1)[-1] if ".adapter." in key else key
+        named = f"{tail} " in f"{exc} " or f"{tail}=" in str(exc)
+        if tail.startswith("adapter.") and named:
+            return f" (override {item!r})"
+    return ""
 
 
 def _main_task(recipe: Recipe) -> _Task:

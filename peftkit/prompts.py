@@ -41,11 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from peftkit.errors import ConfigError, DataError, did_you_mean
 from peftkit.paths import library_dir
-from peftkit.schema import yaml_error
+from peftkit.schema import load_yaml, read_text
 
 __all__ = [
     "DATA_FIELDS",
@@ -353,7 +351,7 @@ def load_prompt_set(source: str | Path) -> PromptSet:
             )
     if not path.is_file():
         raise ConfigError(f"prompt file {str(path)!r} does not exist")
-    return parse_prompt_set(path.read_text(encoding="utf-8"), source=str(path))
+    return parse_prompt_set(read_text(path, "prompt file"), source=str(path))
 
 
 def load_prompt(source: str | Path, template: str | None = None) -> Prompt:
@@ -364,10 +362,7 @@ def load_prompt(source: str | Path, template: str | None = None) -> Prompt:
 
 def parse_prompt_set(text: str, source: str = "<string>") -> PromptSet:
     """Parse and validate the YAML ``text`` of a prompt file (errors name ``source``)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise yaml_error(exc, source) from None
+    data = load_yaml(text, source)  # no duplicate keys, no aliases
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a prompt file must be a mapping with keys {_FILE_KEYS}")
     _check_keys(data, _FILE_KEYS, source)

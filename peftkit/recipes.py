@@ -210,6 +210,7 @@ class Recipe:
     revisit: bool = False  # continual learning: re-evaluate earlier tasks after each one
     hotswap: HotswapSpec | None = None
     source: str = field(default="<dict>", metadata={"internal": True})
+    overrides: tuple[str, ...] = field(default=(), metadata={"internal": True})  # as given
 
     @property
     def mode(self) -> str:
@@ -265,7 +266,8 @@ def load_recipe(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) 
         raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides, source=str(path))
     raw.setdefault("name", path.stem)
-    return parse_recipe(raw, source=str(path), lines=lines, overridden=_override_keys(overrides))
+    recipe = parse_recipe(raw, source=str(path), lines=lines, overridden=_override_keys(overrides))
+    return dataclasses.replace(recipe, overrides=tuple(overrides))
 
 
 def parse_recipe(

@@ -90,6 +90,24 @@ def test_bad_recipe_input_is_refused_before_work(
     assert not recipe["run"].exists()  # a refused run leaves no run folder
 
 
+@pytest.mark.parametrize("override", ["adapter.peft.r=0", "adapter.learning_rate=-1"])
+def test_a_preset_error_names_the_override_that_set_the_value(recipe, capsys, override):
+    code, out, err = run_cli(run_args(recipe, override), capsys)
+    assert_one_line_error(code, out, err, "lora.yaml", f"(override {override!r})")
+
+
+def test_a_preset_or_prompt_file_with_a_key_given_twice_is_refused(recipe, tmp_path, capsys):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("method: lora\nlearning_rate: 1e-3\nlearning_rate: 1e-1\n")
+    code, out, err = run_cli(run_args(recipe, f"adapter={preset}"), capsys)
+    assert_one_line_error(code, out, err, "mine.yaml, line 3", "'learning_rate' is given twice")
+    from peftkit.errors import ConfigError
+    from peftkit.prompts import parse_prompt_set
+
+    with pytest.raises(ConfigError, match="'family' is given twice"):
+        parse_prompt_set("family: a\nfamily: b\n", "p.yaml")
+
+
 def test_an_override_error_names_the_override_not_the_file_line(recipe, capsys):
     code, out, err = run_cli(run_args(recipe, "training.batch_size=0"), capsys)
     assert_one_line_error(code, out, err, "(override 'training.batch_size=0')")
