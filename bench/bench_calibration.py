@@ -51,12 +51,12 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     ns = parser.parse_args()
 
-    from peftkit.base import load_base
-    from peftkit.calibration import content_free_probs, contextual_calibration
-    from peftkit.data import load_data
-    from peftkit.evaluation import compute_metrics, expected_calibration_error
-    from peftkit.prompts import load_prompt_set
-    from peftkit.scorers import domain_logprobs, score_causal
+    from peftkit.data.load import load_data
+    from peftkit.metrics.report import compute_metrics, expected_calibration_error
+    from peftkit.models.base import load_base
+    from peftkit.prompting.calibration import content_free_probs, contextual_calibration
+    from peftkit.prompting.scorers import domain_logprobs, score_causal
+    from peftkit.prompting.templates import load_prompt_set
 
     env = environment()
     base = load_base("smollm2-135m")

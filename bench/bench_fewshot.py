@@ -9,7 +9,7 @@
 Needs the bench extra (``pip install -e .[bench]``: setfit 1.2).
 
 SST-2 (test = GLUE dev, 872 rows) and AG News (first 1,000 test rows), k = 8 and 16 examples
-per class drawn by ``peftkit.data.few_shot`` from the train split with seeds 0-4; both
+per class drawn by ``peftkit.data.load.few_shot`` from the train split with seeds 0-4; both
 sides get exactly those rows.
 
 - ``setfit``: ``SetFitModel.from_pretrained(<packaged MiniLM folder>)`` and ``Trainer`` with
@@ -67,7 +67,7 @@ TASKS = {  # key -> (folder, test rows, prompt set, template whose words describ
 
 def scored_rows(key: str, split: str = "test"):
     """A task's dataset and the rows of ``split`` it is scored on (its row limit applied)."""
-    from peftkit.data import load_data
+    from peftkit.data.load import load_data
 
     folder, limit = TASKS[key][:2]
     data = load_data(DATA / folder)
@@ -86,7 +86,7 @@ def head_predictions(body, tokenizer, head, texts) -> np.ndarray:
     """Label ids a cosine ``head`` gives ``texts`` embedded by ``body`` (mean-pooled)."""
     import torch
 
-    from peftkit.scorers import embed_texts
+    from peftkit.prompting.scorers import embed_texts
 
     x = torch.as_tensor(embed_texts(body, tokenizer, list(texts), batch_size=64))
     with torch.no_grad():
@@ -114,7 +114,7 @@ def run_setfit(model_dir: str, support, test, seed: int, keep: dict | None = Non
 def run_setfit_body_prototypes(setfit_run: dict, support, test, labels, describe, prior):
     """``fewshot.prototype_head`` (the label-description prior) on SetFit's contrastively
     fine-tuned body, in place of SetFit's logistic-regression head: same fit, other head."""
-    from peftkit.fewshot import Prototypes
+    from peftkit.training.prototypes import Prototypes
 
     t0 = time.perf_counter()
     st = setfit_run["model"].model_body[0]  # sentence-transformers' Transformer module
@@ -128,7 +128,7 @@ def run_setfit_body_prototypes(setfit_run: dict, support, test, labels, describe
 def run_prototypes(
     base, support, test, labels, describe, prior: float = 1.0
 ) -> tuple[np.ndarray, float, float]:
-    from peftkit.fewshot import prototype_head
+    from peftkit.training.prototypes import prototype_head
 
     t0 = time.perf_counter()
     head = prototype_head(base, support, labels, describe, prior=prior)
@@ -157,13 +157,13 @@ def run_prototypes_ft(
 
     import torch
 
-    from peftkit.adapters import load_preset
-    from peftkit.artifacts import release
-    from peftkit.batching import collate, encode, pad_id
-    from peftkit.data import TextDataset
-    from peftkit.fewshot import prototype_head
-    from peftkit.scorers import embed_texts
-    from peftkit.train import TrainConfig, train
+    from peftkit.adapters.folder import release
+    from peftkit.config.presets import load_preset
+    from peftkit.data.batching import collate, encode, pad_id
+    from peftkit.data.load import TextDataset
+    from peftkit.prompting.scorers import embed_texts
+    from peftkit.training.prototypes import prototype_head
+    from peftkit.training.train import TrainConfig, train
 
     preset, lr = FINETUNE[method]
     t0 = time.perf_counter()
@@ -209,11 +209,11 @@ def run_contrastive(base, support, test, labels, describe, seed: int, method: st
     body; the prototype head (``prior``) is rebuilt on it. Predictions, fit and total s."""
     import tempfile
 
-    from peftkit.adapters import load_preset
-    from peftkit.artifacts import release
-    from peftkit.data import TextDataset
-    from peftkit.fewshot import Prototypes
-    from peftkit.train import TrainConfig, train
+    from peftkit.adapters.folder import release
+    from peftkit.config.presets import load_preset
+    from peftkit.data.load import TextDataset
+    from peftkit.training.prototypes import Prototypes
+    from peftkit.training.train import TrainConfig, train
 
     preset, lr = CONTRASTIVE[method]
     t0 = time.perf_counter()
@@ -269,10 +269,10 @@ def main() -> None:
     )
     ns = parser.parse_args()
 
-    from peftkit.assets import resolve_packaged
-    from peftkit.base import load_base
-    from peftkit.data import few_shot
-    from peftkit.prompts import load_prompt, load_prompt_set
+    from peftkit.data.load import few_shot
+    from peftkit.models.assets import resolve_packaged
+    from peftkit.models.base import load_base
+    from peftkit.prompting.templates import load_prompt, load_prompt_set
 
     env = environment()
     base = load_base("minilm")

@@ -41,19 +41,19 @@ def worker(args: dict) -> dict:
     import torch  # noqa: F401  (imports are not part of the load time)
     import transformers  # noqa: F401
 
-    import peftkit.base  # noqa: F401
+    import peftkit.models.base  # noqa: F401
 
     before = proc_status()
     t0 = time.perf_counter()
     if args["route"] == "peftkit":
-        from peftkit.base import load_base
+        from peftkit.models.base import load_base
 
         base = load_base(args["model"], quantization=args["quant"])
         model = base.model
     else:  # plain transformers reading the GGUF file directly
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from peftkit.assets import PACKAGED_MODELS, package_folder
+        from peftkit.models.assets import PACKAGED_MODELS, package_folder
 
         spec = PACKAGED_MODELS[args["model"]]
         folder = package_folder(spec)

@@ -6,7 +6,7 @@
 
 Four rank-8 LoRA adapters (``--preset``: ``lora``, q/v; ``lora-all-linear``, every linear
 layer), each with its own head and label set (SST-2: 2 labels, AG News:
-4, TREC: 6, Banking77: 77), are trained for a few steps with ``peftkit.train`` on the first
+4, TREC: 6, Banking77: 77), are trained for a few steps with ``peftkit.training.train`` on the first
 rows of each corpus in /work/shared/data and registered in a temporary registry. Then:
 
 1. switching between resident adapters: ``AdaptedModel.use()`` vs peft ``set_adapter``
@@ -56,11 +56,11 @@ def timings(values_s: list[float]) -> dict:
 
 
 def make_adapters(base, registry, work: Path, steps: int, preset: str = "lora") -> dict:
-    """Train a few LoRA steps per task with peftkit.train; register each adapter."""
-    from peftkit.adapters import load_preset
-    from peftkit.artifacts import release, save_adapter
-    from peftkit.data import load_data
-    from peftkit.train import TrainConfig, train
+    """Train a few LoRA steps per task with peftkit.training.train; register each adapter."""
+    from peftkit.adapters.folder import release, save_adapter
+    from peftkit.config.presets import load_preset
+    from peftkit.data.load import load_data
+    from peftkit.training.train import TrainConfig, train
 
     spec = load_preset(preset)
     cfg = TrainConfig(
@@ -113,7 +113,7 @@ def plain_peft(folders: dict[str, str]):
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
-    from peftkit.assets import PACKAGED_MODELS, package_folder
+    from peftkit.models.assets import PACKAGED_MODELS, package_folder
 
     path = package_folder(PACKAGED_MODELS["minilm"])
     body = AutoModel.from_pretrained(path).eval()
@@ -204,7 +204,7 @@ def bench_load(am, peft_model, folders: dict, names: list[str], repeats: int, sc
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from peftkit.base import load_base
+    from peftkit.models.base import load_base
 
     target = names[0]
     cpu: dict[str, list[float]] = {"peftkit": [], "peft": []}
@@ -267,7 +267,7 @@ def bench_load(am, peft_model, folders: dict, names: list[str], repeats: int, sc
 
 
 def test_texts() -> tuple[list[str], list[str]]:
-    from peftkit.data import load_data
+    from peftkit.data.load import load_data
 
     texts, refs = [], []
     per_task = {n: load_data(DATA / f, max_rows=64).split("test").texts for n, f in TASKS}
@@ -364,7 +364,7 @@ def bench_hotswap(folders: dict, work: Path) -> dict:
     from peft.utils.hotswap import hotswap_adapter
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    from peftkit.assets import PACKAGED_MODELS, package_folder
+    from peftkit.models.assets import PACKAGED_MODELS, package_folder
 
     path = package_folder(PACKAGED_MODELS["minilm"])
     out: dict = {}
@@ -435,9 +435,9 @@ def main() -> None:
     ns = parser.parse_args()
     import torch
 
-    from peftkit.base import load_base
-    from peftkit.registry import Registry
-    from peftkit.switch import AdaptedModel
+    from peftkit.models.base import load_base
+    from peftkit.registry.store import Registry
+    from peftkit.serving.adapted import AdaptedModel
 
     torch.manual_seed(0)
     q = ns.quick

@@ -8,7 +8,7 @@
         --minutes 30 --out bench_train_30min      # the same 30-minute budget for each
 
 Each method trains in its own subprocess (so peak RSS is its own) through
-``peftkit.train`` on the first ``--rows`` rows of /work/shared/data/sst2 train, batch 32,
+``peftkit.training.train`` on the first ``--rows`` rows of /work/shared/data/sst2 train, batch 32,
 max_length 64, ``--epochs`` epochs, evaluating on validation every half epoch (best
 checkpoint kept), then on the test split (the official GLUE dev set, 872 rows).
 
@@ -102,10 +102,10 @@ class PeakAnon:
 
 
 def worker_peftkit(args: dict) -> dict:
-    from peftkit.adapters import load_preset
-    from peftkit.base import load_base
-    from peftkit.data import load_data
-    from peftkit.train import TrainConfig, train
+    from peftkit.config.presets import load_preset
+    from peftkit.data.load import load_data
+    from peftkit.models.base import load_base
+    from peftkit.training.train import TrainConfig, train
 
     sampler = PeakAnon()
     t_all = time.perf_counter()
@@ -167,7 +167,7 @@ def worker_anchor(args: dict) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from peftkit.assets import PACKAGED_MODELS, package_folder
+    from peftkit.models.assets import PACKAGED_MODELS, package_folder
 
     sampler = PeakAnon()
     t_all = time.perf_counter()

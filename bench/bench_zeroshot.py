@@ -113,7 +113,7 @@ TASKS = {
 
 def demo_block(spec: dict, data, prompt) -> str:
     """The task's in-context demonstrations as peftkit writes them before each query."""
-    from peftkit.demos import sample_demos
+    from peftkit.prompting.demonstrations import sample_demos
 
     if not spec.get("demos"):
         return ""
@@ -207,7 +207,7 @@ class LmEval:
 
 
 def ours(base, data, prompts, template, rows: int, batch: int, demos: int = 0) -> dict:
-    from peftkit.prompt_eval import evaluate_prompts
+    from peftkit.prompting.evaluation import evaluate_prompts
 
     run = evaluate_prompts(
         base, data, prompts, templates=[template], max_rows=rows, sample="first", batch_size=batch,
@@ -230,7 +230,7 @@ def ours(base, data, prompts, template, rows: int, batch: int, demos: int = 0) -
 def task_data(spec: dict, tmp: Path):
     """The task's dataset and its test rows' jsonl file (every ``stride``-th row when the
     task has one, written to ``tmp``: both sides then read its first rows)."""
-    from peftkit.data import TextDataset, load_data
+    from peftkit.data.load import TextDataset, load_data
 
     data = load_data(DATA / spec["folder"])
     source = DATA / spec["folder"] / "test.jsonl"
@@ -304,7 +304,7 @@ def flop_formula_check(base) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from peftkit.scorers import continuation_logprobs
+    from peftkit.prompting.scorers import continuation_logprobs
 
     model = base.model
     ids = torch.randint(100, 1000, (3, 40))
@@ -337,10 +337,10 @@ def main() -> None:
     ns = parser.parse_args()
     import torch
 
-    from peftkit.base import load_base
-    from peftkit.data import TextDataset
-    from peftkit.evaluation import probability_metrics
-    from peftkit.prompts import load_prompt_set
+    from peftkit.data.load import TextDataset
+    from peftkit.metrics.report import probability_metrics
+    from peftkit.models.base import load_base
+    from peftkit.prompting.templates import load_prompt_set
 
     env = environment()
     peaks = [matmul_gflops(dtype=ns.dtype)]  # again after each task's timed rows; median kept

@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import RESULTS  # noqa: E402
 from bench_fewshot import TASKS, scored_rows  # noqa: E402
 
-from peftkit.base import load_base
-from peftkit.data import few_shot
-from peftkit.fewshot import label_embeddings, prototype_head
-from peftkit.prompts import load_prompt
-from peftkit.scorers import embed_texts
+from peftkit.data.load import few_shot
+from peftkit.models.base import load_base
+from peftkit.prompting.scorers import embed_texts
+from peftkit.prompting.templates import load_prompt
+from peftkit.training.prototypes import label_embeddings, prototype_head
 
 base = load_base("minilm")
 out = {}

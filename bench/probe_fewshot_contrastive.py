@@ -23,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import RESULTS, seed_summary  # noqa: E402
 from bench_fewshot import TASKS, scored_rows  # noqa: E402
 
-from peftkit.adapters import load_preset
-from peftkit.artifacts import release
-from peftkit.base import load_base
-from peftkit.data import TextDataset, few_shot
-from peftkit.fewshot import Prototypes
-from peftkit.prompts import load_prompt_set
-from peftkit.scorers import embed_texts
-from peftkit.train import TrainConfig, train
+from peftkit.adapters.folder import release
+from peftkit.config.presets import load_preset
+from peftkit.data.load import TextDataset, few_shot
+from peftkit.models.base import load_base
+from peftkit.prompting.scorers import embed_texts
+from peftkit.prompting.templates import load_prompt_set
+from peftkit.training.prototypes import Prototypes
+from peftkit.training.train import TrainConfig, train
 
 
 def main() -> None:

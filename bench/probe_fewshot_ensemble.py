@@ -29,15 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import RESULTS  # noqa: E402
 from bench_fewshot import FINETUNE, TASKS, scored_rows  # noqa: E402
 
-from peftkit.adapters import TaskModel, body_of, load_preset
-from peftkit.artifacts import release
-from peftkit.base import load_base
-from peftkit.batching import collate, encode, pad_id
-from peftkit.data import TextDataset, few_shot
-from peftkit.fewshot import prototype_head
-from peftkit.prompts import load_prompt
-from peftkit.scorers import embed_texts
-from peftkit.train import TrainConfig, train
+from peftkit.adapters.folder import release
+from peftkit.adapters.model import TaskModel, body_of
+from peftkit.config.presets import load_preset
+from peftkit.data.batching import collate, encode, pad_id
+from peftkit.data.load import TextDataset, few_shot
+from peftkit.models.base import load_base
+from peftkit.prompting.scorers import embed_texts
+from peftkit.prompting.templates import load_prompt
+from peftkit.training.prototypes import prototype_head
+from peftkit.training.train import TrainConfig, train
 
 MEMBERS = 3
 

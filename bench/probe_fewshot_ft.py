@@ -25,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import RESULTS, seed_summary  # noqa: E402
 from bench_fewshot import TASKS, scored_rows  # noqa: E402
 
-from peftkit.adapters import load_preset
-from peftkit.artifacts import release
-from peftkit.base import load_base
-from peftkit.data import TextDataset, few_shot
-from peftkit.fewshot import prototype_head
-from peftkit.prompts import load_prompt_set
-from peftkit.scorers import embed_texts
-from peftkit.train import TrainConfig, train
+from peftkit.adapters.folder import release
+from peftkit.config.presets import load_preset
+from peftkit.data.load import TextDataset, few_shot
+from peftkit.models.base import load_base
+from peftkit.prompting.scorers import embed_texts
+from peftkit.prompting.templates import load_prompt_set
+from peftkit.training.prototypes import prototype_head
+from peftkit.training.train import TrainConfig, train
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--settings", default="sst2:8,sst2:16,ag_news:8")
@@ -54,7 +54,7 @@ def fine_tune(support, data, head, seed, epochs):
 
 
 def probs_of(model, texts):
-    from peftkit.batching import collate, encode, pad_id
+    from peftkit.data.batching import collate, encode, pad_id
 
     enc = encode(base.tokenizer, texts, [0] * len(texts), 64)
     chunks = []

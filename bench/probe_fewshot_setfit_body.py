@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import RESULTS, seed_summary  # noqa: E402
 from bench_fewshot import TASKS, scored_rows  # noqa: E402
 
-from peftkit.assets import resolve_packaged
-from peftkit.data import few_shot
-from peftkit.prompts import load_prompt_set
+from peftkit.data.load import few_shot
+from peftkit.models.assets import resolve_packaged
+from peftkit.prompting.templates import load_prompt_set
 
 
 def unit(x):

@@ -33,14 +33,14 @@ from _util import RESULTS, seed_summary  # noqa: E402
 from bench_fewshot import TASKS, scored_rows  # noqa: E402
 from probe_fewshot_ensemble import probs_of  # noqa: E402
 
-from peftkit.adapters import load_preset
-from peftkit.artifacts import release
-from peftkit.base import load_base
-from peftkit.data import Split, TextDataset, few_shot
-from peftkit.fewshot import prototype_head
-from peftkit.prompts import load_prompt_set
-from peftkit.scorers import embed_texts
-from peftkit.train import TrainConfig, train
+from peftkit.adapters.folder import release
+from peftkit.config.presets import load_preset
+from peftkit.data.load import Split, TextDataset, few_shot
+from peftkit.models.base import load_base
+from peftkit.prompting.scorers import embed_texts
+from peftkit.prompting.templates import load_prompt_set
+from peftkit.training.prototypes import prototype_head
+from peftkit.training.train import TrainConfig, train
 
 SMOOTHING = {"ls0.1": 0.1, "ls0.3": 0.3}
 

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import DATA, environment, write_results  # noqa: E402
 
-from peftkit.base import load_base
-from peftkit.data import load_data
+from peftkit.data.load import load_data
+from peftkit.models.base import load_base
 
 ROWS = 128
 TEMPLATE = "{text}\nQuestion: Is this sentence positive or negative?\nAnswer:"

@@ -24,10 +24,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import DATA, environment, proc_status, write_results  # noqa: E402
 
-from peftkit.base import load_base
-from peftkit.data import load_data
-from peftkit.prompts import load_prompt
-from peftkit.scorers import causal, score_causal
+from peftkit.data.load import load_data
+from peftkit.models.base import load_base
+from peftkit.prompting.scorers import causal, score_causal
+from peftkit.prompting.templates import load_prompt
 
 CASES = [  # data folder, prompt set, template, rows (every `stride`-th test row)
     ("banking77", "intent_banking", "customer-intent", 32),

@@ -19,8 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import environment, write_results  # noqa: E402
 
-from peftkit.adapters import AdapterSpec, build_task_model
-from peftkit.base import load_base
+from peftkit.adapters.model import build_task_model
+from peftkit.config.presets import AdapterSpec
+from peftkit.models.base import load_base
 
 DTYPES = ("float32", "bfloat16")
 

@@ -26,11 +26,11 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHubNotic
 def __getattr__(name: str):
     # the main entry points, imported on first use (torch and transformers load slowly)
     lazy = {
-        "AdaptedModel": "peftkit.switch",
-        "Registry": "peftkit.registry",
-        "evaluate_prompts": "peftkit.prompt_eval",
-        "load_base": "peftkit.base",
-        "load_data": "peftkit.data",
+        "AdaptedModel": "peftkit.serving.adapted",
+        "Registry": "peftkit.registry.store",
+        "evaluate_prompts": "peftkit.prompting.evaluation",
+        "load_base": "peftkit.models.base",
+        "load_data": "peftkit.data.load",
     }
     if name in lazy:
         import importlib

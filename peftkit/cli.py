@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from peftkit.pipeline import run_recipe
-    from peftkit.recipes import load_recipe
+    from peftkit.config.recipes import load_recipe
+    from peftkit.run.pipeline import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "eval" and recipe.prompt is None:
@@ -193,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace):
-    from peftkit.registry import Registry
+    from peftkit.registry.store import Registry
 
     root = Path(args.registry)
     if not root.is_dir():
@@ -202,7 +202,7 @@ def _registry(args: argparse.Namespace):
 
 
 def cmd_adapters_list(args: argparse.Namespace) -> int:
-    from peftkit.runs import format_table
+    from peftkit.metrics.table import format_table
 
     registry = _registry(args)
     entries = registry.list(args.name, tag=args.tag)
@@ -229,7 +229,7 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
 
 def _unindexed_hint(registry) -> str:
     """Say so when version folders exist that the index does not list (a lost index)."""
-    from peftkit.filestore import version_folders
+    from peftkit.registry.files import version_folders
 
     indexed = {(e.name, e.version) for e in registry.list()}
     found = [(n, v) for n, v, _ in version_folders(registry.root / "adapters")]
@@ -244,7 +244,7 @@ def _unindexed_hint(registry) -> str:
 
 
 def cmd_adapters_show(args: argparse.Namespace) -> int:
-    from peftkit.artifacts import read_task
+    from peftkit.adapters.folder import read_task
 
     entry = _registry(args).get(args.ref)
     # with how its files are read: pooling, max length, head, a rewriting start it came from
@@ -266,7 +266,7 @@ def cmd_adapters_export(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_import(args: argparse.Namespace) -> int:
-    from peftkit.registry import Registry
+    from peftkit.registry.store import Registry
 
     Path(args.registry).mkdir(parents=True, exist_ok=True)
     entry = Registry(args.registry).import_folder(args.folder, args.name)
@@ -305,8 +305,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     source = (entry.base or {}).get("source")
     if not source:
         raise ConfigError(f"{entry.ref} does not record its base model's source; cannot load it")
-    from peftkit.base import load_base
-    from peftkit.switch import AdaptedModel
+    from peftkit.models.base import load_base
+    from peftkit.serving.adapted import AdaptedModel
 
     base = load_base(source, quantization=entry.quantization)
     model = AdaptedModel(base, registry, batch_size=args.batch_size)
@@ -399,47 +399,22 @@ def _row_of(line: str, lineno: int, where: str) -> tuple[str, str | None]:
 # --- libraries and compare ------------------------------------------------------------------------
 
 
-def _library(kind: str) -> tuple[list[str], Any]:
-    if kind == "recipes":
-        from peftkit.recipes import available_recipes, find_recipe
-
-        return available_recipes(), find_recipe
-    if kind == "presets":
-        from peftkit.adapters import available_presets
-        from peftkit.paths import library_dir
-
-        return available_presets(), lambda n: _builtin(
-            library_dir("adapters"), n, available_presets()
-        )
-    from peftkit.paths import library_dir
-    from peftkit.prompts import available_prompt_sets
-
-    return available_prompt_sets(), lambda n: _builtin(
-        library_dir("prompts"), n, available_prompt_sets()
-    )
-
-
-def _builtin(folder: Path, name: str, names: list[str]) -> Path:
-    from peftkit.errors import did_you_mean
-
-    path = folder / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(
-            f"no built-in {name!r}; available: {', '.join(names)}" + did_you_mean(name, names)
-        )
-    return path
+_KINDS = {"recipes": "recipes", "presets": "adapters", "prompts": "prompts"}  # CLI word -> library
 
 
 def cmd_library_list(args: argparse.Namespace) -> int:
-    names, find = _library(args.kind)
-    for name in names:
-        print(f"{name:<28} {_summary(find(name))}")
+    from peftkit.config.library import available, library_dir
+
+    folder = library_dir(_KINDS[args.kind])
+    for name in available(_KINDS[args.kind]):
+        print(f"{name:<28} {_summary(folder / f'{name}.yaml')}")
     return 0
 
 
 def cmd_library_show(args: argparse.Namespace) -> int:
-    _, find = _library(args.kind)
-    print(find(args.name).read_text(encoding="utf-8"), end="")
+    from peftkit.config.library import find
+
+    print(find(_KINDS[args.kind], args.name).read_text(encoding="utf-8"), end="")
     return 0
 
 
@@ -455,10 +430,11 @@ def _summary(path: Path) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from peftkit.runs import compare, format_table
+    from peftkit.metrics.table import format_table
+    from peftkit.run.folders import COMPARE_COLUMNS, compare
 
     rows = compare(args.runs)
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows, COMPARE_COLUMNS))
     return 0
 
 

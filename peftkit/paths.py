@@ -1,25 +1,9 @@
-"""Where peftkit finds its YAML libraries and keeps its caches."""
+"""Where peftkit keeps its caches, and writing a file so that readers never see it half-written."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-_PKG = Path(__file__).resolve().parent
-
-
-def library_dir(kind: str) -> Path:
-    """The built-in folder of ``kind`` (``"adapters"``, ``"prompts"`` or ``"recipes"``).
-
-    In a source checkout the folders sit at the repository root; in an installed wheel
-    they ship as ``peftkit/library/<kind>/``.
-    """
-    if kind not in ("adapters", "prompts", "recipes"):
-        raise ValueError(f"unknown library kind {kind!r}")
-    installed = _PKG / "library" / kind
-    if installed.is_dir():
-        return installed
-    return _PKG.parent / kind
 
 
 def cache_dir() -> Path:

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-import peftkit.registry as registry
+import peftkit.registry.store as registry
 
 
 def _hang_after(function_name: str) -> None:

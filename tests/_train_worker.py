@@ -7,9 +7,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import synthetic  # noqa: E402
 
-from peftkit.adapters import load_preset  # noqa: E402
-from peftkit.base import load_base  # noqa: E402
-from peftkit.train import TrainConfig, train  # noqa: E402
+from peftkit.config.presets import load_preset  # noqa: E402
+from peftkit.models.base import load_base  # noqa: E402
+from peftkit.training.train import TrainConfig, train  # noqa: E402
 
 model_dir, run_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 base = load_base(model_dir)

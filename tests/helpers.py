@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from peftkit.data import Split, TextDataset
+from peftkit.data.load import Split, TextDataset
 
 CUES = {
     "sentiment": {

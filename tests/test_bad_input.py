@@ -102,7 +102,7 @@ def test_a_preset_or_prompt_file_with_a_key_given_twice_is_refused(recipe, tmp_p
     code, out, err = run_cli(run_args(recipe, f"adapter={preset}"), capsys)
     assert_one_line_error(code, out, err, "mine.yaml, line 3", "'learning_rate' is given twice")
     from peftkit.errors import ConfigError
-    from peftkit.prompts import parse_prompt_set
+    from peftkit.prompting.templates import parse_prompt_set
 
     with pytest.raises(ConfigError, match="'family' is given twice"):
         parse_prompt_set("family: a\nfamily: b\n", "p.yaml")
@@ -206,7 +206,7 @@ def test_run_dir_that_is_a_file_is_refused(recipe, capsys):
 
 
 def test_a_run_folder_in_use_is_refused_naming_its_holder(recipe, capsys):
-    from peftkit.runs import lock_run_dir
+    from peftkit.run.folders import lock_run_dir
 
     with lock_run_dir(recipe["run"]):
         code, out, err = run_cli(run_args(recipe), capsys)
@@ -257,8 +257,8 @@ def test_predict_with_stdin_closed_is_one_line(tmp_path):
 def test_a_run_killed_after_registering_does_not_register_twice(
     recipe, capsys, reset_accelerate, monkeypatch
 ):
-    from peftkit import pipeline
-    from peftkit.registry import Registry
+    from peftkit.registry.store import Registry
+    from peftkit.run import pipeline
 
     real = pipeline.write_json
 

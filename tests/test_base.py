@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from peftkit import assets
-from peftkit.base import load_base, quantization_config, resolve_dtype
 from peftkit.errors import ConfigError, ModelError
+from peftkit.models import assets
+from peftkit.models.base import load_base, quantization_config, resolve_dtype
 
 
 @pytest.mark.parametrize(
@@ -81,7 +81,8 @@ def test_4bit_layers_compute_in_the_dtype_asked_for(tiny_models):
     way); unset, a CPU computes in float32. A QLoRA classifier trains on the bf16 one."""
     import bitsandbytes as bnb
 
-    from peftkit.adapters import AdapterSpec, build_task_model
+    from peftkit.adapters.model import build_task_model
+    from peftkit.config.presets import AdapterSpec
 
     def compute_dtypes(base):
         layers = [m for m in base.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -140,7 +141,7 @@ def test_dtype_by_name_sets_the_weights_and_keeps_the_fingerprint(tiny_models):
 def test_half_dtype_warns_where_the_cpu_would_emulate_it(monkeypatch, caplog, native):
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
         monkeypatch.setattr(torch.cpu, name, lambda: native, raising=False)
-    with caplog.at_level(logging.WARNING, logger="peftkit.base"):
+    with caplog.at_level(logging.WARNING, logger="peftkit.models.base"):
         assert resolve_dtype("bfloat16", on_cuda=False) is torch.bfloat16
         assert resolve_dtype(torch.float16, on_cuda=False) is torch.float16
         resolve_dtype("float32", on_cuda=False)

@@ -11,14 +11,14 @@ import pytest
 import torch
 from helpers import synthetic
 
-import peftkit.loop as loop_module
-from peftkit.adapters import load_preset
-from peftkit.artifacts import release
-from peftkit.base import load_base
-from peftkit.checkpoints import CHECKPOINT_FILES, from_json, to_json
+import peftkit.training.loop as loop_module
+from peftkit.adapters.folder import release
+from peftkit.config.presets import load_preset
 from peftkit.errors import TrainingError
-from peftkit.schedule import Schedule, make_scheduler
-from peftkit.train import TrainConfig, train
+from peftkit.models.base import load_base
+from peftkit.training.checkpoints import CHECKPOINT_FILES, from_json, to_json
+from peftkit.training.schedule import Schedule, make_scheduler
+from peftkit.training.train import TrainConfig, train
 
 QUICK = dict(batch_size=8, progress=False, eval_every=1000, patience=None, checkpoint_every=5)
 

@@ -135,12 +135,12 @@ def test_libraries_list_and_show(capsys):
 
 
 def test_ctrl_c_exits_130_with_resume_hint(capsys, monkeypatch, tmp_path):
-    import peftkit.pipeline
+    import peftkit.run.pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(peftkit.pipeline, "run_recipe", interrupted)
+    monkeypatch.setattr(peftkit.run.pipeline, "run_recipe", interrupted)
     recipe = write_recipe(tmp_path, GOOD)
     code, _, err = run_cli(["run", recipe, "training.epochs=2"], capsys)
     assert code == 130
@@ -158,14 +158,14 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(capsys, monkeypatch, tmp_path):
     import signal
     import time
 
-    import peftkit.pipeline
+    import peftkit.run.pipeline
 
     def terminated(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler interrupts this
         raise AssertionError("SIGTERM did not interrupt the run")
 
-    monkeypatch.setattr(peftkit.pipeline, "run_recipe", terminated)
+    monkeypatch.setattr(peftkit.run.pipeline, "run_recipe", terminated)
     before = signal.getsignal(signal.SIGTERM)
     recipe = write_recipe(tmp_path, GOOD)
     code, _, err = run_cli(["run", recipe], capsys)
@@ -199,13 +199,13 @@ def test_console_script_exit_codes():
 def test_run_log_keeps_warnings_on_the_terminal(tmp_path, capsys, monkeypatch):
     import logging
 
-    from peftkit.runs import run_log
+    from peftkit.run.folders import run_log
 
     monkeypatch.setattr(logging.getLogger(), "handlers", [])  # logging not configured
     with run_log(tmp_path):
-        logging.getLogger("peftkit.train").warning("the model has collapsed to one label")
-        logging.getLogger("peftkit.train").info("evaluated")
-    logging.getLogger("peftkit.train").warning("after the run")
+        logging.getLogger("peftkit.training.train").warning("the model has collapsed to one label")
+        logging.getLogger("peftkit.training.train").info("evaluated")
+    logging.getLogger("peftkit.training.train").warning("after the run")
     err = capsys.readouterr().err
     assert "peftkit: WARNING: the model has collapsed to one label" in err
     assert "evaluated" not in err

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import peftkit.registry as registry_mod
+import peftkit.registry.store as registry_mod
 from peftkit.cli import main
-from peftkit.registry import Registry
+from peftkit.registry.store import Registry
 
 
 def _adapter(folder: Path, seed: int) -> Path:

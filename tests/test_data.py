@@ -1,4 +1,4 @@
-"""peftkit.data / peftkit.corpora: loading, label ids, seeded splits, few-shot, bad input."""
+"""peftkit.data.load / peftkit.data.corpora: loading, label ids, seeded splits, few-shot, bad input."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from peftkit import corpora
-from peftkit.data import Split, TextDataset, few_shot, load_data, packaged_corpora
+from peftkit.data import corpora
+from peftkit.data.load import Split, TextDataset, few_shot, load_data, packaged_corpora
 from peftkit.errors import ConfigError, DataError
 
 
@@ -144,7 +144,7 @@ def test_missing_validation_is_carved_from_train(tmp_path: Path, caplog):
     d = tmp_path / "t"
     write_jsonl(d / "train.jsonl", rows(90))
     write_jsonl(d / "test.jsonl", rows(10))
-    with caplog.at_level(logging.INFO, logger="peftkit.data"):
+    with caplog.at_level(logging.INFO, logger="peftkit.data.load"):
         data = load_data(d, seed=3)
     assert "no validation file" in caplog.text
     assert len(data.split("validation")) == 10 and len(data.split("train")) == 80
@@ -194,7 +194,7 @@ REFERENCE_SHOTS = ("t0", "t9", "t6", "t4")  # computed once; must never change
 def test_choices_do_not_depend_on_hash_seed(tmp_path: Path):
     f = write_jsonl(tmp_path / "h.jsonl", rows(40, labels=("x", "y", "z", "w")))
     code = (
-        "import sys; from peftkit.data import load_data, few_shot;"
+        "import sys; from peftkit.data.load import load_data, few_shot;"
         "d = load_data(sys.argv[1]); print(d.labels, d.split('test').texts,"
         "few_shot(d.split('train'), 3, seed=5).texts)"
     )

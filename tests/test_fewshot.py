@@ -1,4 +1,4 @@
-"""Few-shot prototype heads (peftkit.fewshot): construction, serving, training from them."""
+"""Few-shot prototype heads (peftkit.training.prototypes): construction, serving, training from them."""
 
 from __future__ import annotations
 
@@ -10,17 +10,22 @@ import pytest
 import torch
 from helpers import synthetic
 
-from peftkit.adapters import load_preset
-from peftkit.artifacts import read_task, release, save_adapter
-from peftkit.base import load_base
-from peftkit.data import few_shot
+from peftkit.adapters.folder import read_task, release, save_adapter
+from peftkit.config.presets import load_preset
+from peftkit.data.load import few_shot
 from peftkit.errors import ConfigError, DataError
-from peftkit.fewshot import Prototypes, label_embeddings, prototype_head, prototype_probe
-from peftkit.prompts import Verbalizer, parse_prompt_set
-from peftkit.registry import Registry
-from peftkit.scorers import embed_texts
-from peftkit.switch import AdaptedModel
-from peftkit.train import TrainConfig, train
+from peftkit.models.base import load_base
+from peftkit.prompting.scorers import embed_texts
+from peftkit.prompting.templates import Verbalizer, parse_prompt_set
+from peftkit.registry.store import Registry
+from peftkit.serving.adapted import AdaptedModel
+from peftkit.training.prototypes import (
+    Prototypes,
+    label_embeddings,
+    prototype_head,
+    prototype_probe,
+)
+from peftkit.training.train import TrainConfig, train
 
 DESCRIPTIONS = {"negative": ["bad", "awful"], "positive": "good"}
 
@@ -195,9 +200,9 @@ def test_prototypes_embed_pairs_and_templates_as_the_classifier_sees_them(bert, 
 
 
 def test_a_recipes_prompt_set_describes_the_labels_by_its_descriptions(bert):
-    from peftkit.pipeline import prototypes_of
-    from peftkit.prompts import load_prompt, load_prompt_set
-    from peftkit.recipes import HeadInitSpec
+    from peftkit.config.recipes import HeadInitSpec
+    from peftkit.prompting.templates import load_prompt, load_prompt_set
+    from peftkit.run.pipeline import prototypes_of
 
     data = synthetic("sentiment", n=20)
     support = few_shot(data.split("train"), 2, label_names=data.labels)
@@ -223,7 +228,7 @@ def test_a_recipes_prompt_set_describes_the_labels_by_its_descriptions(bert):
 
 
 def test_contrastive_pairs_follow_setfits_oversampling():
-    from peftkit.contrastive import contrastive_pairs
+    from peftkit.training.contrastive import contrastive_pairs
 
     labels = [0, 0, 0, 1, 1, 2, 2, 2]
     pairs = contrastive_pairs(labels, seed=3)
@@ -244,7 +249,7 @@ def test_contrastive_pairs_follow_setfits_oversampling():
 
 
 def test_cosine_pair_loss_is_setfits():
-    from peftkit.contrastive import cosine_pair_loss
+    from peftkit.training.contrastive import cosine_pair_loss
 
     a, b = torch.randn(5, 7), torch.randn(5, 7)
     t = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
@@ -254,7 +259,7 @@ def test_cosine_pair_loss_is_setfits():
 
 def _pair_loss(model, tokenizer, texts, pairs) -> float:
     """The cosine pair loss over ``pairs``, dropout off (what training lowers)."""
-    from peftkit.contrastive import cosine_pair_loss
+    from peftkit.training.contrastive import cosine_pair_loss
 
     x = torch.as_tensor(embed_texts(model.body, tokenizer, texts))
     i, j, t = (torch.tensor(v) for v in zip(*pairs, strict=True))
@@ -263,9 +268,9 @@ def _pair_loss(model, tokenizer, texts, pairs) -> float:
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_contrastive_training_trains_the_body_and_rebuilds_the_head(bert, tmp_path, method):
-    from peftkit.contrastive import contrastive_pairs
-    from peftkit.data import TextDataset
-    from peftkit.fewshot import Prototypes
+    from peftkit.data.load import TextDataset
+    from peftkit.training.contrastive import contrastive_pairs
+    from peftkit.training.prototypes import Prototypes
 
     data = synthetic("sentiment", n=40)
     support = few_shot(data.split("train"), 4, seed=0, label_names=data.labels)
@@ -304,8 +309,8 @@ def test_contrastive_training_trains_the_body_and_rebuilds_the_head(bert, tmp_pa
 
 
 def test_contrastive_training_needs_prototypes_and_a_body(bert, tmp_path):
-    from peftkit.data import TextDataset
-    from peftkit.fewshot import Prototypes
+    from peftkit.data.load import TextDataset
+    from peftkit.training.prototypes import Prototypes
 
     data = synthetic("sentiment", n=20)
     support = few_shot(data.split("train"), 2, label_names=data.labels)
@@ -332,10 +337,10 @@ def test_contrastive_training_needs_prototypes_and_a_body(bert, tmp_path):
 
 
 def test_an_interrupted_contrastive_run_resumes_to_the_same_weights(bert, tmp_path, monkeypatch):
-    import peftkit.loop as loop_mod
-    from peftkit.checkpoints import trainable_state
-    from peftkit.data import TextDataset
-    from peftkit.fewshot import Prototypes
+    import peftkit.training.loop as loop_mod
+    from peftkit.data.load import TextDataset
+    from peftkit.training.checkpoints import trainable_state
+    from peftkit.training.prototypes import Prototypes
 
     data = synthetic("sentiment", n=40)
     support = few_shot(data.split("train"), 3, seed=2, label_names=data.labels)

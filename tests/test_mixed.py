@@ -1,4 +1,4 @@
-"""Rank-stacked mixed-adapter LoRA (peftkit.mixed) against peft's own adapter_names path."""
+"""Rank-stacked mixed-adapter LoRA (peftkit.serving.mixed) against peft's own adapter_names path."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers as tf
 
-from peftkit.mixed import MixedLoRA
+from peftkit.serving.mixed import MixedLoRA
 
 
 def _with_adapters(folder, family: str):
@@ -88,7 +88,7 @@ def test_dora_and_unknown_adapters_are_not_claimed(tiny_models):
 def test_padding_batches_cover_every_row_once_and_bound_padding():
     import random
 
-    from peftkit.batching import padding_batches
+    from peftkit.data.batching import padding_batches
 
     rng = random.Random(0)
     lengths = [rng.choice([3, 4, 5, 40, 41, 60]) for _ in range(100)]

@@ -11,7 +11,7 @@ import sys
 import pytest
 from test_recipes import GOOD, write_data, write_recipe
 
-from peftkit.registry import Registry
+from peftkit.registry.store import Registry
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ def test_wheel_ships_libraries_and_metrics(wheel):
         assert on_disk, kind
         assert {Path(n).name for n in shipped} == on_disk, kind
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "peftkit").rglob("*.py")}
-    assert "peftkit/scorers/causal.py" in sources
+    assert "peftkit/prompting/scorers/causal.py" in sources
     missing = sources - names  # a subpackage left out of [tool.setuptools] packages
     assert not missing, sorted(missing)
     for metric in ("accuracy", "f1", "precision", "recall"):
@@ -55,8 +55,8 @@ def test_installed_package_finds_its_libraries(wheel, tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(target)
     code = (
-        "import peftkit.paths as p, peftkit.adapters as a; "
-        "print(p.library_dir('adapters')); print(a.available_presets())"
+        "import peftkit.config.library as lib, peftkit.config.presets as a; "
+        "print(lib.library_dir('adapters')); print(a.available_presets())"
     )
     # -S: skip .pth files, so the checkout's editable install cannot shadow the wheel.
     import sysconfig

@@ -1,4 +1,4 @@
-"""Evaluation runs (peftkit.prompt_eval): dataset × templates × scorer, one call."""
+"""Evaluation runs (peftkit.prompting.evaluation): dataset × templates × scorer, one call."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from helpers import synthetic
 
-from peftkit.base import load_base
-from peftkit.calibration import content_free_probs, contextual_calibration
 from peftkit.errors import ConfigError, ModelError
-from peftkit.evaluation import compute_metrics, expected_calibration_error
-from peftkit.prompt_eval import evaluate_prompts
-from peftkit.prompts import load_prompt_set
-from peftkit.scorers import score_causal, score_embedding, score_masked_lm
+from peftkit.metrics.report import compute_metrics, expected_calibration_error
+from peftkit.models.base import load_base
+from peftkit.prompting.calibration import content_free_probs, contextual_calibration
+from peftkit.prompting.evaluation import evaluate_prompts
+from peftkit.prompting.scorers import score_causal, score_embedding, score_masked_lm
+from peftkit.prompting.templates import load_prompt_set
 
 PROMPTS = """\
 family: toy-sentiment
@@ -128,7 +128,7 @@ def test_an_embedding_run_scores_the_sets_descriptions_first(llama, tiny_models,
 
 
 def test_templates_max_rows_and_demonstrations(llama, prompt_file, monkeypatch):
-    from peftkit.scorers import causal
+    from peftkit.prompting.scorers import causal
 
     shared: list[int] = []  # the demonstrations every query shares run once
     real = causal._shared_length
@@ -178,7 +178,7 @@ WORKER = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from helpers import synthetic
-from peftkit.prompt_eval import evaluate_prompts
+from peftkit.prompting.evaluation import evaluate_prompts
 run = evaluate_prompts({model!r}, synthetic("sentiment", n=60), {prompts!r}, batch_size=4,
                        demonstrations={demos})
 from accelerate import PartialState

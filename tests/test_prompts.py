@@ -10,10 +10,10 @@ import pytest
 import transformers as tf
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from peftkit.demos import Demo, fit_prompts, nearest_demos, sample_demos
+from peftkit.config.library import library_dir
 from peftkit.errors import ConfigError, DataError
-from peftkit.paths import library_dir
-from peftkit.prompts import (
+from peftkit.prompting.demonstrations import Demo, fit_prompts, nearest_demos, sample_demos
+from peftkit.prompting.templates import (
     Prompt,
     Template,
     Verbalizer,

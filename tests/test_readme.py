@@ -16,7 +16,7 @@ import pytest
 from test_recipes import write_data
 
 from peftkit import cli
-from peftkit.recipes import load_recipe
+from peftkit.config.recipes import load_recipe
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -39,7 +39,7 @@ def tiny(recipe_name: str, root: Path, models) -> list[str]:
     """Overrides that run a recipe for 2 steps on a tiny model and tiny data in ``root``."""
     recipe = load_recipe(recipe_name)
     if recipe.prompt is not None:
-        from peftkit.prompts import load_prompt_set
+        from peftkit.prompting.templates import load_prompt_set
 
         labels = load_prompt_set(recipe.prompt.set).labels
         data = write_data(root / f"data-{recipe_name}", labels, n_train=8 * len(labels))

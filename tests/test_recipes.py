@@ -14,17 +14,17 @@ import pytest
 import torch
 import yaml
 
-from peftkit.errors import ConfigError
-from peftkit.paths import library_dir
-from peftkit.pipeline import run_recipe
-from peftkit.recipes import (
+from peftkit.config.library import library_dir
+from peftkit.config.recipes import (
     apply_overrides,
     available_recipes,
     load_recipe,
     parse_recipe,
     recipe_to_dict,
 )
-from peftkit.registry import Registry
+from peftkit.errors import ConfigError
+from peftkit.registry.store import Registry
+from peftkit.run.pipeline import run_recipe
 
 RECIPES = sorted(library_dir("recipes").glob("*.yaml"))
 WORDS = "the a movie film great good bad awful market stock game team vote phone".split()
@@ -228,7 +228,7 @@ def tiny_overrides(path: Path, tmp_path: Path, tiny_models) -> list[str]:
     recipe = load_recipe(path)
     out = [f"registry.path={tmp_path / 'registry'}"]
     if recipe.prompt is not None:
-        from peftkit.prompts import load_prompt_set
+        from peftkit.prompting.templates import load_prompt_set
 
         labels = load_prompt_set(recipe.prompt.set).labels
         data = write_data(tmp_path / "data", labels, n_train=max(24, 8 * len(labels)))
@@ -239,7 +239,7 @@ def tiny_overrides(path: Path, tmp_path: Path, tiny_models) -> list[str]:
         labels = ["negative", "positive"]
         init = recipe.adapter.head_init
         if init is not None and init.prompt:  # the labels its prompt set describes
-            from peftkit.prompts import load_prompt_set
+            from peftkit.prompting.templates import load_prompt_set
 
             labels = list(load_prompt_set(init.prompt.split("/")[0]).labels)
         data = write_data(tmp_path / "data", labels, n_train=max(24, 8 * len(labels)))
@@ -373,8 +373,8 @@ def test_base_dtype_trains_fp32_adapters_that_serve_on_either_base(
 ):
     from safetensors.torch import load_file
 
-    from peftkit.base import load_base
-    from peftkit.switch import AdaptedModel
+    from peftkit.models.base import load_base
+    from peftkit.serving.adapted import AdaptedModel
 
     recipe = _tiny(tmp_path, tiny_models, ["base.dtype=bfloat16", f"adapter={method}"])
     assert recipe.base.dtype == "bfloat16"
@@ -431,8 +431,8 @@ def test_head_init_prototypes_trains_and_registers_a_cosine_head(
 def test_contrastive_objective_trains_the_body_and_registers_prototypes(
     tmp_path, tiny_models, reset_accelerate
 ):
-    from peftkit.contrastive import contrastive_pairs
-    from peftkit.pipeline import load_task_data
+    from peftkit.run.pipeline import load_task_data
+    from peftkit.training.contrastive import contrastive_pairs
 
     extra = ["training.objective=contrastive", "training.max_steps=null", "training.epochs=1"]
     recipe = _tiny(tmp_path, tiny_models, ["adapter.head_init=prototypes", *extra])
@@ -454,11 +454,11 @@ def test_contrastive_objective_trains_the_body_and_registers_prototypes(
 def test_max_steps_0_registers_the_prototype_head_untrained(
     tmp_path, tiny_models, reset_accelerate
 ):
-    from peftkit.base import load_base
-    from peftkit.fewshot import prototype_head
-    from peftkit.pipeline import load_task_data
-    from peftkit.scorers import embed_texts
-    from peftkit.switch import AdaptedModel
+    from peftkit.models.base import load_base
+    from peftkit.prompting.scorers import embed_texts
+    from peftkit.run.pipeline import load_task_data
+    from peftkit.serving.adapted import AdaptedModel
+    from peftkit.training.prototypes import prototype_head
 
     def probe(extra):
         data = write_data(tmp_path / "data", ["negative", "positive"])

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-import peftkit.registry as registry_mod
+import peftkit.registry.store as registry_mod
 from peftkit.errors import ConfigError, FingerprintMismatch, IntegrityError, RegistryError
-from peftkit.registry import Registry
+from peftkit.registry.store import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_registry_worker.py")

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import peftkit.registry as registry_mod
+import peftkit.registry.store as registry_mod
 from peftkit.errors import ConfigError, IntegrityError, RegistryError
-from peftkit.registry import Registry
+from peftkit.registry.store import Registry
 
 META = dict(method="lora", labels=("neg", "pos"), base_fingerprint="fp-a")
 
@@ -226,7 +226,7 @@ def test_only_the_files_of_an_adapter_folder_are_copied(tmp_path, caplog):
     (folder / "sub").mkdir()
     (folder / "sub" / "x.safetensors").write_bytes(b"x")
     reg = Registry(tmp_path / "registry")
-    with caplog.at_level(logging.WARNING, logger="peftkit.registry"):
+    with caplog.at_level(logging.WARNING, logger="peftkit.registry.store"):
         entry = reg.register("sst2", folder, **META)
     assert set(entry.files) == {
         "adapter_config.json",

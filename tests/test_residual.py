@@ -10,13 +10,14 @@ import pytest
 import torch
 from helpers import synthetic
 
-from peftkit.adapters import TaskModel, build_task_model, spec_from_dict
-from peftkit.artifacts import release, save_adapter
-from peftkit.base import load_base
+from peftkit.adapters.folder import release, save_adapter
+from peftkit.adapters.model import TaskModel, build_task_model
+from peftkit.config.presets import spec_from_dict
 from peftkit.errors import ConfigError
-from peftkit.registry import Registry
-from peftkit.switch import AdaptedModel
-from peftkit.train import TrainConfig, train
+from peftkit.models.base import load_base
+from peftkit.registry.store import Registry
+from peftkit.serving.adapted import AdaptedModel
+from peftkit.training.train import TrainConfig, train
 
 TEXTS = ["the movie was great", "bad film", "stock market price", "hello ok"]
 CONFIG = dict(
@@ -47,7 +48,7 @@ def _logits(model, base):
 def test_a_rewriting_start_is_saved_as_plain_lora_and_the_base_restored(
     tiny_models, tmp_path, family, init
 ):
-    from peftkit.artifacts import read_task
+    from peftkit.adapters.folder import read_task
 
     base = load_base(tiny_models[family], kind="encoder")
     frozen = _frozen(base)
@@ -87,8 +88,8 @@ def test_plain_peft_loads_the_converted_adapter(tiny_models, tmp_path):
     from peft import PeftModel
     from transformers import AutoModel
 
-    from peftkit.adapters import pool
-    from peftkit.artifacts import load_head, read_task
+    from peftkit.adapters.folder import load_head, read_task
+    from peftkit.adapters.model import pool
 
     base = load_base(tiny_models["bert"], kind="encoder")
     data = synthetic("sentiment")
@@ -129,12 +130,12 @@ def test_a_mixed_batch_serves_a_pissa_adapter_beside_a_default_one(tiny_models, 
 
 
 def test_a_failed_rewriting_run_gives_the_base_back(tiny_models, tmp_path, monkeypatch):
-    import peftkit.train
+    import peftkit.training.train
 
     def fail(self):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(peftkit.train.TrainLoop, "run", fail)
+    monkeypatch.setattr(peftkit.training.train.TrainLoop, "run", fail)
     base = load_base(tiny_models["bert"], kind="encoder")
     frozen = _frozen(base)
     with pytest.raises(RuntimeError, match="interrupted"):
@@ -164,7 +165,7 @@ def test_an_adapter_built_outside_peftkit_with_a_rewriting_start_is_not_saved(
     back, and saved as it is it would be wrong on the unchanged base."""
     import peft
 
-    from peftkit.adapters import Head
+    from peftkit.adapters.model import Head
 
     base = load_base(tiny_models["bert"], kind="encoder")
     body = peft.get_peft_model(

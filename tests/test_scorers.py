@@ -14,16 +14,15 @@ import torch
 import transformers as tf
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from peftkit.calibration import (
+from peftkit.errors import ConfigError, DataError, ModelError
+from peftkit.metrics.report import expected_calibration_error
+from peftkit.prompting.calibration import (
     calibration_report,
     content_free_probs,
     contextual_calibration,
     domain_pmi,
 )
-from peftkit.errors import ConfigError, DataError, ModelError
-from peftkit.evaluation import expected_calibration_error
-from peftkit.prompts import Prompt, Template, Verbalizer
-from peftkit.scorers import (
+from peftkit.prompting.scorers import (
     continuation_logprobs,
     embed_texts,
     naive_continuation_logprobs,
@@ -32,6 +31,7 @@ from peftkit.scorers import (
     score_masked_lm,
     score_nli,
 )
+from peftkit.prompting.templates import Prompt, Template, Verbalizer
 
 WORDS = [
     "the",
@@ -215,7 +215,7 @@ def multi_way(request, monkeypatch):
     """Prompts packed into rows with the label tree after each (a 4-D mask), or, for an
     attention that takes no custom mask, left-padded rows, the longest label inline and the
     other multi-token labels continuing the prompt's cache."""
-    from peftkit.scorers import causal as module
+    from peftkit.prompting.scorers import causal as module
 
     if request.param == "cache":
         monkeypatch.setattr(module, "_takes_custom_masks", lambda model: False)
@@ -240,7 +240,7 @@ def test_shared_prefix_matches_naive(causal, kind, batch_size, max_rows, multi_w
 def test_the_label_tree_scores_every_label_in_one_forward(causal, kind, monkeypatch):
     """With several multi-token labels the prompts' packed forwards are the only ones: no
     cache is continued; a small logits budget splits forwards, same scores."""
-    from peftkit.scorers import causal as module
+    from peftkit.prompting.scorers import causal as module
 
     model, tok = causal
     conts = CONTINUATIONS[kind]
@@ -284,7 +284,7 @@ def test_the_label_tree_scores_every_label_in_one_forward(causal, kind, monkeypa
     [([10, 5, 5, 4], 2, 100), ([9, 9, 9], 2, 100), ([3, 7, 1, 1, 1, 6, 2], 1, 2), ([4], 8, 1)],
 )
 def test_the_packing_plan_places_every_prompt_once_within_its_forward(lengths, rows, most):
-    from peftkit.scorers.causal import _pack
+    from peftkit.prompting.scorers.causal import _pack
 
     plan = _pack(lengths, rows, most)
     placed = [i for forward in plan for row in forward for i in row]
@@ -300,7 +300,7 @@ def test_the_packing_plan_places_every_prompt_once_within_its_forward(lengths, r
 def test_the_packing_plan_keeps_each_mask_within_its_budget(monkeypatch):
     """Long prompts get fewer rows a forward: the mask's (query, key) cells, the shared
     start's keys counted, stay within MASK_CELLS (one row at the least)."""
-    from peftkit.scorers import causal as module
+    from peftkit.prompting.scorers import causal as module
 
     monkeypatch.setattr(module, "MASK_CELLS", 10 * (10 + 5) * 2)  # two rows of 10, 5 shared
     assert module._pack([10, 10, 10, 3], 8, 100, shared=5) == [[[0], [1]], [[2], [3]]]
@@ -314,7 +314,7 @@ def test_short_prompts_share_a_row_and_score_as_alone(causal, kind, monkeypatch)
     """Prompts much shorter than the longest are packed end to end in one row: fewer rows
     than prompts are fed, and every score is still that prompt's own. The LM head runs only
     at the kept positions; if it ran at every one, the kept ones are picked out after."""
-    from peftkit.scorers import causal as module
+    from peftkit.prompting.scorers import causal as module
 
     model, tok = causal
     prompts = [PROMPTS[1], "it", "the movie", "a film", "good"]
@@ -356,7 +356,7 @@ def test_prompts_sharing_their_first_tokens_run_them_once(
     causal, kind, batch_size, max_rows, multi_way
 ):
     """Demonstrations or an instruction common to every prompt: same scores, computed once."""
-    from peftkit.scorers import causal as module
+    from peftkit.prompting.scorers import causal as module
 
     model, tok = causal
     prompts = [SHARED + p for p in PROMPTS]
@@ -389,7 +389,7 @@ def test_prompts_sharing_their_first_tokens_run_them_once(
 @pytest.mark.parametrize("kind", sorted(CONTINUATIONS))
 def test_a_sliding_window_model_scores_as_its_own_forward(kind, monkeypatch):
     """Rebuilt caches see the whole past: prompts longer than the window must not use them."""
-    from peftkit.scorers import causal as module
+    from peftkit.prompting.scorers import causal as module
 
     model, tok = make_causal("mistral", sliding_window=6)
     assert module._attention_window(model) == 6
@@ -416,7 +416,7 @@ def test_alibi_models_without_position_ids_score_as_their_own_forward(family, ki
     """Bloom and MPT take no ``position_ids`` (ALiBi, from the mask): packed rows and label
     trees would misplace their tokens (Bloom raised, MPT scored 1e-3 off), so they take the
     left-padded way, the labels contiguous after each prompt."""
-    from peftkit.scorers import causal as module
+    from peftkit.prompting.scorers import causal as module
 
     model, tok = make_causal(family)
     assert not module._takes_custom_masks(model)
@@ -430,7 +430,7 @@ def test_a_label_tree_longer_than_the_context_at_the_context_edge(causal, monkey
     """Prompts that fill the context but for the longest label: the tree's branches make the
     fed sequence longer than ``max_position_embeddings``, yet each branch's positions stay
     inside it, so the scores are those of one forward per (prompt, label)."""
-    from peftkit.scorers import causal as module
+    from peftkit.prompting.scorers import causal as module
 
     model, tok = causal
     conts = CONTINUATIONS["shared-words"]
@@ -477,8 +477,8 @@ def _peft_config(method: str):
 
 def _by_hand(model, tok, prompts, conts) -> np.ndarray:
     """log P(cont | prompt): one unpadded forward of each pair, the last positions read."""
-    from peftkit.scorers._base import continuation_ids
-    from peftkit.scorers.causal import _causal_encoder
+    from peftkit.prompting.scorers._base import continuation_ids
+    from peftkit.prompting.scorers.causal import _causal_encoder
 
     ids, cont_ids = _causal_encoder(tok)(list(prompts)), continuation_ids(tok, conts)
     out = np.zeros((len(ids), len(cont_ids)))
@@ -716,7 +716,7 @@ def test_domain_pmi_subtracts_the_domain_scores():
 
 
 def test_few_shot_demos_go_before_the_query(causal):
-    from peftkit.demos import Demo
+    from peftkit.prompting.demonstrations import Demo
 
     model, tok = causal
     demos = (Demo("good fun", "positive"), Demo("boring", "negative"))
@@ -735,8 +735,8 @@ def test_few_shot_demos_go_before_the_query(causal):
 def test_a_cut_prompt_does_not_stop_the_others_sharing_their_demos(causal, monkeypatch):
     """One query too long for the context cuts its copy of a demonstration: the other
     prompts still run their whole common start once, and every score is still exact."""
-    from peftkit.demos import Demo, fit_prompts
-    from peftkit.scorers import causal as module
+    from peftkit.prompting.demonstrations import Demo, fit_prompts
+    from peftkit.prompting.scorers import causal as module
 
     model, tok = causal
     lengths: list[int] = []
@@ -781,7 +781,7 @@ def test_the_label_tree_in_bfloat16(monkeypatch):
     continuation does (the way the tree replaced), within bf16's rounding."""
     import copy
 
-    from peftkit.scorers import causal as module
+    from peftkit.prompting.scorers import causal as module
 
     model, tok = make_causal("llama")
     model = copy.deepcopy(model).to(torch.bfloat16)

@@ -9,14 +9,14 @@ import pytest
 import torch
 from helpers import synthetic
 
-from peftkit.adapters import load_preset
-from peftkit.artifacts import release, save_adapter
-from peftkit.base import load_base
-from peftkit.data import Split, TextDataset
+from peftkit.adapters.folder import release, save_adapter
+from peftkit.config.presets import load_preset
+from peftkit.data.load import Split, TextDataset
 from peftkit.errors import ConfigError, FingerprintMismatch, IntegrityError, RegistryError
-from peftkit.registry import Registry
-from peftkit.switch import AdaptedModel
-from peftkit.train import TrainConfig, train
+from peftkit.models.base import load_base
+from peftkit.registry.store import Registry
+from peftkit.serving.adapted import AdaptedModel
+from peftkit.training.train import TrainConfig, train
 
 TASKS = {"sentiment": "lora", "topic": "lora", "spam": "probe"}
 PROBE_TEXTS = [

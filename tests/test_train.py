@@ -13,12 +13,13 @@ import torch
 from helpers import synthetic
 from safetensors.torch import load_file
 
-import peftkit.loop as loop_module
-from peftkit.adapters import METHODS, build_task_model, load_preset, trainable_parameters
-from peftkit.artifacts import release
-from peftkit.base import load_base
+import peftkit.training.loop as loop_module
+from peftkit.adapters.folder import release
+from peftkit.adapters.model import build_task_model, trainable_parameters
+from peftkit.config.presets import METHODS, load_preset
 from peftkit.errors import ConfigError, TrainingError
-from peftkit.train import TrainConfig, train
+from peftkit.models.base import load_base
+from peftkit.training.train import TrainConfig, train
 
 QUICK = dict(batch_size=8, progress=False, eval_every=1000, patience=None)
 
@@ -239,7 +240,7 @@ def test_bad_training_settings_are_named():
 
 
 def test_loraplus_gives_lora_b_a_larger_learning_rate(tiny_models, tmp_path):
-    from peftkit.schedule import make_optimizer
+    from peftkit.training.schedule import make_optimizer
 
     base, spec = _base(tiny_models, "bert")
     model = build_task_model(base.model, spec, num_labels=2)
@@ -292,7 +293,7 @@ def test_loraplus_without_lora_is_refused(tiny_models, tmp_path):
 
 
 def test_a_failed_run_leaves_the_shared_base_clean(tiny_models, tmp_path):
-    from peftkit.adapters import Head
+    from peftkit.adapters.model import Head
 
     base, spec = _base(tiny_models, "bert")
     before = sorted(n for n, _ in base.model.named_parameters())
@@ -310,7 +311,7 @@ def test_a_failed_run_leaves_the_shared_base_clean(tiny_models, tmp_path):
 
 
 def test_a_run_collapsed_to_one_label_is_reported(tiny_models, tmp_path, caplog):
-    from peftkit.adapters import Head
+    from peftkit.adapters.model import Head
 
     base, spec = _base(tiny_models, "bert")
     stuck = Head(32, 2)
@@ -319,7 +320,7 @@ def test_a_run_collapsed_to_one_label_is_reported(tiny_models, tmp_path, caplog)
         stuck.linear.bias.copy_(torch.tensor([0.0, 50.0]))  # always the second label
     config = TrainConfig(max_steps=2, learning_rate=1e-12, **{**QUICK, "eval_every": 1})
     data = synthetic("sentiment", n=32)
-    with caplog.at_level("WARNING", logger="peftkit.loop"):
+    with caplog.at_level("WARNING", logger="peftkit.training.loop"):
         result = train(base, spec, data, config, tmp_path / "run", head_init=stuck)
     release(result.model)
     collapsed = [
@@ -332,14 +333,14 @@ def test_a_run_collapsed_to_one_label_is_reported(tiny_models, tmp_path, caplog)
 def test_mixed_predictions_are_not_a_collapse(caplog):
     import numpy as np
 
-    from peftkit.loop import _warn_if_collapsed
+    from peftkit.training.loop import _warn_if_collapsed
 
-    with caplog.at_level("WARNING", logger="peftkit.loop"):
+    with caplog.at_level("WARNING", logger="peftkit.training.loop"):
         _warn_if_collapsed(np.array([0, 0, 0, 1]), ("a", "b"), 5, True)
         _warn_if_collapsed(np.array([1, 1, 1]), ("a", "b"), 5, True)  # too few rows to tell
         _warn_if_collapsed(np.array([1, 1, 1, 1]), ("a", "b"), 5, False)  # not the main process
     assert not caplog.records
-    with caplog.at_level("WARNING", logger="peftkit.loop"):
+    with caplog.at_level("WARNING", logger="peftkit.training.loop"):
         _warn_if_collapsed(np.array([1, 1, 1, 1]), ("a", "b"), 5, True)
     assert "step 5: all 4 validation rows are predicted 'b'" in caplog.records[0].getMessage()
 
@@ -369,7 +370,7 @@ def test_one_label_is_refused(tiny_models):
 def test_verbalizer_head_starts_as_the_lm_scores(tiny_models, tmp_path, family):
     """Before training, a verbalizer head's logits equal the LM's next-token logits for the
     label words; then it trains like any head and serves with its template."""
-    from peftkit.adapters import verbalizer_token_ids
+    from peftkit.adapters.model import verbalizer_token_ids
 
     base = load_base(tiny_models[family], kind="causal-lm")
     words = {"negative": " bad", "positive": " good"}
@@ -407,7 +408,7 @@ def test_verbalizer_head_starts_as_the_lm_scores(tiny_models, tmp_path, family):
 
 
 def test_verbalizer_words_must_differ(tiny_models):
-    from peftkit.adapters import verbalizer_token_ids
+    from peftkit.adapters.model import verbalizer_token_ids
 
     base = load_base(tiny_models["llama"], kind="causal-lm")
     with pytest.raises(ConfigError, match="same token"):
@@ -419,7 +420,7 @@ def test_verbalizer_words_must_differ(tiny_models):
 def _fake_clock(monkeypatch, stop_at: int | None = None):
     """A training clock where each training step costs exactly 1 s and nothing else costs
     time; optionally Ctrl-C at step ``stop_at``."""
-    import peftkit.loop as loop_mod
+    import peftkit.training.loop as loop_mod
 
     clock = {"t": 0.0, "steps": 0}
     real = torch.nn.functional.cross_entropy
@@ -467,7 +468,7 @@ def test_time_budget_carries_over_a_resume(tiny_models, tmp_path, monkeypatch):
 
 
 def test_budget_horizon_leaves_room_for_evaluations():
-    from peftkit.schedule import budget_horizon
+    from peftkit.training.schedule import budget_horizon
 
     # 100 s left, 1 s a step, a 10 s evaluation every 10 steps: 2 s a step, less the final one
     assert budget_horizon(0, 10_000, 100.0, 1.0, 10.0, 10) == 45
@@ -497,7 +498,7 @@ def test_resume_without_budget_takes_the_configured_length(tiny_models, tmp_path
 
 
 def test_replanning_never_raises_the_schedule_factor():
-    from peftkit.schedule import Schedule
+    from peftkit.training.schedule import Schedule
 
     for kind in ("linear", "cosine"):
         sched = Schedule(kind, total=100, warmup=10)
@@ -545,7 +546,7 @@ def test_budget_replans_keep_the_learning_rate_annealing(
         max_steps=1000, max_minutes=1.0, warmup_ratio=0.0, log_every=1,
         **{**QUICK, "eval_every": 10},
     )  # fmt: skip
-    with caplog.at_level("INFO", logger="peftkit.train"):
+    with caplog.at_level("INFO", logger="peftkit.training.train"):
         result = train(base, spec, synthetic("sentiment"), config, tmp_path / "run")
     release(result.model)
     ends = [r.getMessage() for r in caplog.records if "training now ends at step" in r.getMessage()]
@@ -560,8 +561,8 @@ def test_budget_replans_keep_the_learning_rate_annealing(
 def test_budget_keeps_room_for_the_final_test_evaluation(
     tiny_models, tmp_path, monkeypatch, caplog
 ):
-    from peftkit.data import TextDataset
-    from peftkit.schedule import budget_horizon, final_eval_reserve
+    from peftkit.data.load import TextDataset
+    from peftkit.training.schedule import budget_horizon, final_eval_reserve
 
     assert final_eval_reserve(3.0, 30, 90) == pytest.approx(9.0)
     assert final_eval_reserve(0.0, 30, 90) == 0.0  # not measured yet
@@ -579,14 +580,14 @@ def test_budget_keeps_room_for_the_final_test_evaluation(
     val_rows, test_rows = len(data.split("validation")), len(data.split("test"))
     assert test_rows == 2 * val_rows
     config = TrainConfig(max_steps=1000, max_minutes=0.5, **{**QUICK, "eval_every": 10})
-    with caplog.at_level("INFO", logger="peftkit.train"):
+    with caplog.at_level("INFO", logger="peftkit.training.train"):
         result = train(base, spec, data, config, tmp_path / "run")
     release(result.model)
     reserve = final_eval_reserve(3.0, val_rows, test_rows)  # 6 s
     # at step 10: 10 s of steps + 3 s of evaluation spent, the test evaluation's 6 s kept
     assert result.steps == budget_horizon(10, 1000, 30.0 - 13.0 - reserve, 1.0, 3.0, 10)
     assert result.steps < budget_horizon(10, 1000, 30.0 - 13.0, 1.0, 3.0, 10)
-    messages = [r.getMessage() for r in caplog.records if r.name == "peftkit.train"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "peftkit.training.train"]
     start = next(m for m in messages if "training.max_minutes=0.5" in m)
     assert "covers training steps, validation evaluations and checkpoints" in start
     assert f"final test evaluation ({test_rows} rows" in start
@@ -597,11 +598,13 @@ def test_budget_keeps_room_for_the_final_test_evaluation(
 def test_run_log_hears_of_steps_and_evaluations(tiny_models, tmp_path, caplog):
     base, spec = _base(tiny_models, "bert")
     config = TrainConfig(max_steps=6, log_every=2, **{**QUICK, "eval_every": 3})
-    with caplog.at_level("INFO", logger="peftkit.loop"):
+    with caplog.at_level("INFO", logger="peftkit.training.loop"):
         result = train(base, spec, synthetic("sentiment", n=48), config, tmp_path / "run")
     release(result.model)
     messages = [
-        r.getMessage() for r in caplog.records if r.name == "peftkit.loop" and r.levelname == "INFO"
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "peftkit.training.loop" and r.levelname == "INFO"
     ]
     steps = [m for m in messages if ": loss " in m]
     assert [m.split(":")[0] for m in steps] == ["step 2/6", "step 4/6", "step 6/6"]
@@ -643,7 +646,7 @@ def test_run_log_hears_of_steps_and_evaluations(tiny_models, tmp_path, caplog):
 def test_bad_preset_values_are_refused_without_a_model(monkeypatch, preset, overrides, message):
     import transformers
 
-    import peftkit.base as base_module
+    import peftkit.models.base as base_module
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded to check a preset")
@@ -660,7 +663,7 @@ def test_bad_preset_values_are_refused_without_a_model(monkeypatch, preset, over
 
 
 def test_every_built_in_preset_passes_its_own_checks():
-    from peftkit.adapters import available_presets
+    from peftkit.config.presets import available_presets
 
     for name in available_presets():
         spec = load_preset(name)
@@ -671,7 +674,7 @@ def test_every_built_in_preset_passes_its_own_checks():
 
 
 def _long_texts(data, words: int):
-    from peftkit.data import Split, TextDataset
+    from peftkit.data.load import Split, TextDataset
 
     def longer(split):
         return Split(tuple(" ".join([t] * words) for t in split.texts), split.labels)
@@ -685,7 +688,7 @@ def test_max_length_beyond_the_model_is_capped_once_with_a_warning(tiny_models, 
     data = _long_texts(synthetic("sentiment", n=32), words=30)  # rows of 60-200 tokens
     assert max(len(t.split()) for t in data.split("train").texts) > positions
     config = TrainConfig(max_steps=2, max_length=100_000, **QUICK)
-    with caplog.at_level("WARNING", logger="peftkit.train"):
+    with caplog.at_level("WARNING", logger="peftkit.training.train"):
         result = train(base, spec, data, config, tmp_path / "run")
     release(result.model)
     assert result.steps == 2 and set(result.test_metrics) >= {"accuracy"}
@@ -699,7 +702,7 @@ def test_max_length_beyond_the_model_is_capped_once_with_a_warning(tiny_models, 
 def test_position_limits_follow_the_architecture():
     import transformers as tf
 
-    from peftkit.batching import position_limit
+    from peftkit.data.batching import position_limit
 
     assert position_limit(tf.BertConfig(max_position_embeddings=96)) == 96
     assert position_limit(tf.RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512

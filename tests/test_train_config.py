@@ -6,9 +6,9 @@ import math
 
 import pytest
 
+from peftkit.config.training import FLOAT_FIELDS, TrainConfig
 from peftkit.errors import ConfigError
-from peftkit.evaluation import METRICS, compute_metrics
-from peftkit.train import FLOAT_FIELDS, TrainConfig
+from peftkit.metrics.report import METRICS, compute_metrics
 
 
 @pytest.mark.parametrize("name", FLOAT_FIELDS)

@@ -6,7 +6,7 @@ An ``evaluate`` module script: load it by folder, no hub needed::
     accuracy = evaluate.load("peftkit/metrics/accuracy")
     accuracy.compute(references=[0, 1, 2, 0], predictions=[0, 2, 2, 0])  # {'accuracy': 0.75}
 
-peftkit code loads it through ``peftkit.evaluation.load_metric("accuracy")``.
+peftkit code loads it through ``peftkit.metrics.report.load_metric("accuracy")``.
 """
 
 import datasets

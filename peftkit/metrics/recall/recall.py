@@ -6,7 +6,7 @@ An ``evaluate`` module script: load it by folder, no hub needed::
     recall = evaluate.load("peftkit/metrics/recall")
     recall.compute(references=[0, 1, 2, 0], predictions=[0, 2, 2, 0], average="macro")
 
-peftkit code loads it through ``peftkit.evaluation.load_metric("recall")``. Unlike the hub
+peftkit code loads it through ``peftkit.metrics.report.load_metric("recall")``. Unlike the hub
 script, ``zero_division`` defaults to 0 (a class that is never predicted or never present
 scores 0.0, without a warning), and ``average=None`` returns a plain list of floats.
 """

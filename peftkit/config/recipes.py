@@ -1,0 +1,438 @@
+"""Recipes: one YAML file per experiment, validated against a typed, frozen schema.
+
+A recipe composes a base model, an adapter preset *or* a prompt, data, training,
+evaluation and where the result is registered::
+
+    from peftkit.config.recipes import load_recipe
+    recipe = load_recipe("quickstart", overrides=["training.epochs=1", "data.max_rows=200"])
+    recipe.base.source, recipe.adapter.preset, recipe.training.epochs   # 'minilm', 'lora', 1.0
+
+Every key is checked: an unknown key, a wrong type or a missing required field is a
+:class:`ConfigError` that names the file, the line, the key path and the closest valid key.
+``key.path=value`` overrides (values parsed as YAML scalars) go through the same checks.
+Scalar shorthands: ``base: minilm`` means ``base: {source: minilm}``, ``adapter: lora``
+means ``adapter: {preset: lora}``, ``prompt: sentiment`` means ``prompt: {set: sentiment}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.config.library import available, find
+from peftkit.config.schema import Ctx, hints, parse, read_text, read_yaml, unwrap
+from peftkit.config.training import TrainConfig
+from peftkit.errors import ConfigError, did_you_mean
+from peftkit.registry.entries import check_name
+
+__all__ = [
+    "AdapterRef",
+    "BaseSpec",
+    "DataSpec",
+    "EvaluationSpec",
+    "HotswapSpec",
+    "PromptRef",
+    "HeadInitSpec",
+    "Recipe",
+    "RegistrySpec",
+    "TaskSpec",
+    "apply_overrides",
+    "available_recipes",
+    "find_recipe",
+    "load_recipe",
+    "parse_recipe",
+    "recipe_to_dict",
+]
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """The frozen base model: packaged name, local folder or hub id (+ k-bit loading, and
+    the weights' dtype: unset = float32 on CPU, bfloat16 on CUDA)."""
+
+    source: str
+    quantization: str | None = field(default=None, metadata={"choices": (None, "4bit", "8bit")})
+    kind: str = field(default="auto", metadata={"choices": ("auto", "encoder", "causal-lm")})
+    double_quant: bool = False
+    dtype: str | None = field(
+        default=None, metadata={"choices": (None, "float32", "bfloat16", "float16")}
+    )
+
+
+@dataclass(frozen=True)
+class HeadInitSpec:
+    """Start the head from class prototypes of the training rows (few-shot; see
+    ``peftkit.training.prototypes.prototype_head``) instead of a random one. The labels are described by
+    a prompt set (``prompt: SET``: its ``descriptions``, else its first template's words;
+    ``prompt: SET/TEMPLATE``: that template's words), by ``descriptions`` (label ->
+    sentences), or else by their names."""
+
+    method: str = field(default="prototypes", metadata={"choices": ("prototypes",)})
+    prompt: str | None = None
+    descriptions: dict[str, Any] = field(default_factory=dict)
+    prior: float = 2.0  # weight of the descriptions' embedding (fewshot.prototype_head)
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter preset from ``adapters/`` (name or path) and overrides of its fields."""
+
+    preset: str
+    peft: dict[str, Any] = field(default_factory=dict)  # peft's own options, checked by peft
+    head: dict[str, Any] = field(default_factory=dict)
+    learning_rate: float | None = None
+    quantization: str | None = field(default=None, metadata={"choices": (None, "4bit", "8bit")})
+    pooling: str | None = field(
+        default=None, metadata={"choices": (None, "auto", "mean", "last", "cls")}
+    )
+    head_init: HeadInitSpec | None = None  # `head_init: prototypes`
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields given, in the form ``load_preset(..., overrides=)`` takes."""
+        out: dict[str, Any] = {}
+        for name in ("peft", "head", "learning_rate", "quantization", "pooling"):
+            value = getattr(self, name)
+            if value not in (None, {}):
+                out[name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class PromptRef:
+    """A prompt from ``prompts/`` for zero-/few-shot evaluation (no training)."""
+
+    set: str
+    template: str | None = None  # None: every template of the set
+    scorer: str = field(
+        default="auto", metadata={"choices": ("auto", "causal", "masked-lm", "embedding")}
+    )
+    normalize: str = field(default="sum", metadata={"choices": ("sum", "mean", "pmi")})
+    calibration: str = field(default="none", metadata={"choices": ("none", "content-free")})
+    demonstrations: int = 0  # k per class; 0: zero-shot
+    demo_selection: str = field(default="random", metadata={"choices": ("random", "nearest")})
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the rows come from (see ``peftkit.data.load.load_data``) and how many to use."""
+
+    source: str
+    text_field: str = "text"
+    label_field: str = "label"
+    text_pair_field: str | None = None  # None: 'text_pair' when the rows have it; "": never
+    labels: tuple[str, ...] | None = None
+    split_ratios: tuple[float, ...] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    max_rows: int | None = None  # at most N rows of each split, sampled as `sample` says
+    sample: str = field(default="stratified", metadata={"choices": ("stratified", "first")})
+    few_shot_k: int | None = None  # train on k examples per class
+
+    def __post_init__(self) -> None:
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ConfigError(f"data.max_rows must be >= 1 (or null for all), got {self.max_rows}")
+        if self.few_shot_k is not None and self.few_shot_k < 1:
+            raise ConfigError(f"data.few_shot_k must be >= 1 (or null), got {self.few_shot_k}")
+        ratios = self.split_ratios
+        if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6:
+            raise ConfigError(
+                "data.split_ratios must be three numbers >= 0 summing to 1 (train, validation, "
+                f"test), e.g. [0.8, 0.1, 0.1]; got {list(ratios)}"
+            )
+        if self.labels is not None and not all(x.strip() for x in self.labels):
+            raise ConfigError(f"data.labels must be non-empty names, got {list(self.labels)}")
+        for key in ("text_field", "label_field"):
+            if not getattr(self, key).strip():
+                raise ConfigError(f"data.{key} must name a field of the rows, got ''")
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    split: str = field(default="test", metadata={"choices": ("test", "validation")})
+    batch_size: int = 64
+    max_rows: int | None = None  # prompt runs: N rows of the split, sampled as `sample` says
+    sample: str = field(default="stratified", metadata={"choices": ("stratified", "first")})
+
+    def __post_init__(self) -> None:
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"evaluation.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_rows is not None and int(self.max_rows) < 1:
+            raise ConfigError(f"evaluation.max_rows must be >= 1, got {self.max_rows}")
+
+
+@dataclass(frozen=True)
+class RegistrySpec:
+    """Where the trained adapter is registered (``path`` relative to the working folder)."""
+
+    enabled: bool = True
+    path: str = "registry"
+    name: str | None = None  # default: the recipe's name
+    task: str = ""
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A further task trained on the same base after the main one (``then:``)."""
+
+    name: str
+    data: DataSpec
+    adapter: AdapterRef | None = None  # default: the recipe's adapter
+    training: dict[str, Any] = field(default_factory=dict)  # overrides of the recipe's
+
+
+@dataclass(frozen=True)
+class HotswapSpec:
+    """After training, switch between the adapters trained and predict a mixed batch."""
+
+    texts: tuple[str, ...]
+    repeats: int = 20  # use() calls timed
+
+
+@dataclass(frozen=True)
+class Recipe:
+    base: BaseSpec
+    data: DataSpec
+    name: str = ""
+    description: str = ""
+    adapter: AdapterRef | None = None
+    prompt: PromptRef | None = None
+    training: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    registry: RegistrySpec = field(default_factory=RegistrySpec)
+    then: tuple[TaskSpec, ...] = ()  # more tasks, one adapter each, on the same base
+    revisit: bool = False  # continual learning: re-evaluate earlier tasks after each one
+    hotswap: HotswapSpec | None = None
+    source: str = field(default="<dict>", metadata={"internal": True})
+    overrides: tuple[str, ...] = field(default=(), metadata={"internal": True})  # as given
+
+    @property
+    def mode(self) -> str:
+        return "train" if self.adapter is not None else "prompt"
+
+    @property
+    def registry_name(self) -> str:
+        return self.registry.name or self.name
+
+
+SHORTHAND = {
+    BaseSpec: "source",
+    AdapterRef: "preset",
+    PromptRef: "set",
+    DataSpec: "source",
+    HeadInitSpec: "method",
+}
+
+
+# --- finding and loading --------------------------------------------------------------------
+
+
+def available_recipes(folder: Path | None = None) -> list[str]:
+    """Names of the built-in recipes (``recipes/*.yaml``)."""
+    return available("recipes", folder)
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file by path, or a built-in one by name; unknown names list the valid ones."""
+    return find("recipes", name_or_path)
+
+
+def load_recipe(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read, override and validate a recipe (built-in name or path)."""
+    path = find_recipe(name_or_path)
+    text = read_text(path, "recipe")
+    raw, lines = read_yaml(text, str(path))
+    if raw is None:
+        raise ConfigError(f"{path}: the recipe is empty; it needs at least 'base' and 'data'")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides, source=str(path))
+    raw.setdefault("name", path.stem)
+    recipe = parse_recipe(raw, source=str(path), lines=lines, overridden=_override_keys(overrides))
+    return dataclasses.replace(recipe, overrides=tuple(overrides))
+
+
+def parse_recipe(
+    raw: dict[str, Any],
+    source: str = "<dict>",
+    lines: dict[tuple[str, ...], int] | None = None,
+    overridden: dict[tuple[str, ...], str] | None = None,
+) -> Recipe:
+    """Validate a recipe mapping; errors name ``source`` (and the line when known)."""
+    ctx = Ctx(source, lines or {}, overridden or {}, SHORTHAND)
+    if not isinstance(raw, dict):
+        raise ctx.error((), "a recipe must be a mapping with at least 'base' and 'data'")
+    raw = dict(raw)
+    recipe = typing.cast(Recipe, parse(Recipe, raw, (), ctx))
+    if (recipe.adapter is None) == (recipe.prompt is None):
+        raise ctx.error((), "give exactly one of 'adapter' (train) or 'prompt' (zero/few-shot)")
+    if recipe.prompt is not None and recipe.then:
+        raise ctx.error(("then",), "'then' (more tasks) needs an 'adapter' recipe")
+    for i, task in enumerate(recipe.then):
+        merged = {**dataclasses.asdict(recipe.training), **task.training}
+        parse(TrainConfig, merged, ("then", str(i), "training"), ctx)
+    if not recipe.name:
+        recipe = dataclasses.replace(recipe, name=_name_from_stem(Path(source).stem))
+    _check_names(recipe, ctx)
+    return dataclasses.replace(recipe, source=source)
+
+
+def _name_from_stem(stem: str) -> str:
+    """A file's stem as a run name: characters a folder name may not hold become '-'."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "recipe"
+    return name if name[0].isalnum() else f"r{name}"
+
+
+def _check_names(recipe: Recipe, ctx: Ctx) -> None:
+    """Every name that becomes a folder (run folder, registry entry, task folder) is one
+    plain path component: checked here, once, before anything is loaded or written."""
+    named = [(("name",), recipe.name), (("registry", "name"), recipe.registry.name)]
+    named += [(("then", str(i), "name"), t.name) for i, t in enumerate(recipe.then)]
+    for path, value in named:
+        if value is None:
+            continue
+        try:
+            check_name(value)
+        except ConfigError as exc:
+            raise ctx.error(
+                path, str(exc).replace("invalid adapter name", "invalid name")
+            ) from None
+    seen = [recipe.registry_name, *(t.name for t in recipe.then)]
+    dupes = sorted({n for n in seen if seen.count(n) > 1})
+    if dupes:
+        raise ctx.error(
+            ("then",),
+            f"task names must differ from each other and from the "
+            f"registry name; repeated: {', '.join(dupes)}",
+        )
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as plain data (what the run folder records)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {
+                f.name: plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if not f.metadata.get("internal")
+            }
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(recipe)
+
+
+def task_training(recipe: Recipe, task: TaskSpec) -> TrainConfig:
+    """The training settings of a ``then:`` task: the recipe's, with the task's overrides."""
+    return dataclasses.replace(recipe.training, **task.training)
+
+
+# --- overrides -------------------------------------------------------------------------------
+
+
+def apply_overrides(
+    raw: dict[str, Any], overrides: typing.Sequence[str], source: str = "<recipe>"
+) -> dict[str, Any]:
+    """``["training.epochs=1", "adapter=probe"]`` applied to a copy of ``raw``.
+
+    Values are YAML scalars (``1`` int, ``1e-3`` float, ``true``, ``null``, ``[a, b]``). A key
+    the schema does not have is an error naming the closest valid one.
+    """
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: write key.path=value (e.g. training.epochs=1)")
+        keys = tuple(key.strip().split("."))
+        _check_override_path(keys, item)
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        if isinstance(value, str) and value == text.strip() and text.strip() != text:
+            value = text.strip()
+        node: Any = out
+        for i, k in enumerate(keys[:-1]):
+            nxt = _child(node, k, item)
+            if isinstance(nxt, str) and _shorthand_at(keys[: i + 1]):
+                nxt = {_shorthand_at(keys[: i + 1]): nxt}
+            elif not isinstance(nxt, (dict, list)):
+                nxt = {}
+            _set_child(node, k, nxt, item)
+            node = nxt
+        _set_child(node, keys[-1], value, item)
+    return out
+
+
+def _child(node: Any, key: str, item: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, key, item)]
+    return node.get(key)
+
+
+def _set_child(node: Any, key: str, value: Any, item: str) -> None:
+    if isinstance(node, list):
+        node[_index(node, key, item)] = value
+    else:
+        node[key] = value
+
+
+def _index(node: list[Any], key: str, item: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"override {item!r}: no item {key!r} in a list of {len(node)}")
+    return int(key)
+
+
+def _override_keys(overrides: typing.Sequence[str]) -> dict[tuple[str, ...], str]:
+    return {tuple(o.partition("=")[0].strip().split(".")): o for o in overrides}
+
+
+def _shorthand_at(keys: tuple[str, ...]) -> str | None:
+    cls = _type_at(keys)
+    return SHORTHAND.get(cls) if isinstance(cls, type) else None
+
+
+def _type_at(keys: tuple[str, ...]) -> Any:
+    """The schema type at ``keys`` (``dict`` for open mappings); raises for unknown keys."""
+    tp: Any = Recipe
+    for depth, key in enumerate(keys):
+        tp = unwrap(tp)
+        if tp is dict or typing.get_origin(tp) is dict:
+            return dict
+        if typing.get_origin(tp) is tuple and key.isdigit():
+            tp = typing.get_args(tp)[0]
+            continue
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            raise KeyError((depth, []))
+        keys_here = hints(tp)
+        if key not in keys_here:
+            raise KeyError((depth, list(keys_here)))
+        tp = keys_here[key]
+    return unwrap(tp)
+
+
+def _check_override_path(keys: tuple[str, ...], item: str) -> None:
+    try:
+        _type_at(keys)
+    except KeyError as exc:
+        depth, valid = exc.args[0]
+        where = ".".join(keys[:depth]) or "the recipe"
+        if not valid:
+            raise ConfigError(
+                f"override {item!r}: {where} is a single value and has no key {keys[depth]!r}"
+            ) from None
+        raise ConfigError(
+            f"override {item!r}: {where} has no key {keys[depth]!r}"
+            + did_you_mean(keys[depth], valid)
+            + f"; valid keys: {', '.join(valid)}"
+        ) from None

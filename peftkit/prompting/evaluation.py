@@ -1,0 +1,463 @@
+"""Evaluation runs: a dataset × a set of templates × a scorer, in one call.
+
+::
+
+    from peftkit import evaluate_prompts
+    run = evaluate_prompts("smollm2-135m", "../shared/data/sst2", "sentiment",
+                           calibration="content-free", max_rows=500)
+    print(run.table())            # one row per template, then mean ± std across templates
+    run.save("runs/sst2-zero-shot")   # results.json + predictions.jsonl (every example)
+
+Each template's row holds accuracy, macro-F1, expected calibration error, examples/s and
+how many inputs were cut to fit the context; with ``calibration="content-free"`` it also
+holds the same metrics before calibration (``before``), from the same forward passes.
+
+Under ``accelerate launch`` (or torchrun) the examples are split across the processes
+(rank r takes rows r, r+W, r+2W, ...), each scores its share and the probabilities are
+gathered, so every process returns the whole result and a large evaluation scales out
+with no code change. examples/s is then the whole split over the slowest process's time.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftkit.errors import ConfigError
+from peftkit.paths import atomic_write_text
+
+__all__ = ["PromptEvaluation", "TemplateResult", "evaluate_prompts", "pick_scorer"]
+
+SCORERS = ("auto", "causal", "masked-lm", "embedding", "nli")
+CALIBRATIONS = ("none", "content-free")
+METRICS = ("accuracy", "macro_f1", "ece")
+
+
+@dataclass
+class TemplateResult:
+    """One template's scores over the whole split."""
+
+    template: str
+    scorer: str
+    accuracy: float
+    macro_f1: float
+    ece: float
+    examples_per_s: float
+    seconds: float
+    truncated: int
+    probs: np.ndarray = field(repr=False)
+    before: dict[str, float] | None = None  # uncalibrated metrics when calibration is on
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "template": self.template,
+            "scorer": self.scorer,
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "ece": self.ece,
+            "examples_per_s": self.examples_per_s,
+            "seconds": self.seconds,
+            "truncated": self.truncated,
+        }
+        if self.before is not None:
+            out["before_calibration"] = self.before
+        return out
+
+
+@dataclass
+class PromptEvaluation:
+    """Every template's result for one dataset split, scorer and configuration."""
+
+    data: str
+    split: str
+    labels: tuple[str, ...]
+    texts: tuple[str, ...]
+    gold: tuple[int, ...]
+    config: dict[str, Any]
+    results: list[TemplateResult]
+    processes: int = 1
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Mean and (sample) standard deviation across templates of every metric."""
+        keys = [*METRICS, "examples_per_s"]
+        out = {k: _mean_std([getattr(r, k) for r in self.results]) for k in keys}
+        if self.results and all(r.before is not None for r in self.results):
+            for k in METRICS:
+                out[f"before_{k}"] = _mean_std([r.before[k] for r in self.results if r.before])
+        return out
+
+    def table(self) -> str:
+        """The results table: one row per template, then mean ± std across templates."""
+        from peftkit.metrics.table import format_table
+
+        calibrated = bool(self.results) and self.results[0].before is not None
+        rows = []
+        for r in self.results:
+            row: dict[str, Any] = {"template": r.template, "scorer": r.scorer}
+            if calibrated and r.before is not None:
+                for k in METRICS:
+                    row[k] = f"{r.before[k]:.4f} -> {getattr(r, k):.4f}"
+            else:
+                row.update({k: getattr(r, k) for k in METRICS})
+            row.update(
+                {
+                    "examples/s": round(r.examples_per_s, 1),
+                    "truncated": r.truncated,
+                }
+            )
+            rows.append(row)
+        s = self.summary()
+        if len(self.results) > 1:
+            row = {"template": "mean ± std", "scorer": ""}
+            for k in METRICS:
+                after = f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}"
+                row[k] = (
+                    f"{s['before_' + k]['mean']:.4f} ± {s['before_' + k]['std']:.4f} -> {after}"
+                    if calibrated
+                    else after
+                )
+            row["examples/s"] = f"{s['examples_per_s']['mean']:.1f}"
+            row["truncated"] = ""
+            rows.append(row)
+        names = ["template", "scorer", *METRICS, "examples/s", "truncated"]
+        title = (
+            f"{self.data} {self.split} ({len(self.gold)} rows), "
+            f"{self.config.get('method', 'zero-shot')}, {self.config.get('calibration')} "
+            f"calibration" + (" (before -> after)" if calibrated else "")
+        )
+        return title + "\n" + format_table(rows, [(n, n) for n in names])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data": self.data,
+            "split": self.split,
+            "rows": len(self.gold),
+            "labels": list(self.labels),
+            "config": self.config,
+            "processes": self.processes,
+            "templates": [r.to_dict() for r in self.results],
+            "summary": self.summary(),
+        }
+
+    def predictions(self) -> list[dict[str, Any]]:
+        """One record per (template, example): gold and predicted label, probabilities."""
+        out = []
+        for r in self.results:
+            pred = r.probs.argmax(axis=1)
+            for i, text in enumerate(self.texts):
+                out.append(
+                    {
+                        "template": r.template,
+                        "index": i,
+                        "text": text,
+                        "gold": self.labels[self.gold[i]],
+                        "pred": self.labels[int(pred[i])],
+                        "probs": {
+                            lab: round(float(p), 6)
+                            for lab, p in zip(self.labels, r.probs[i], strict=True)
+                        },
+                    }
+                )
+        return out
+
+    def save(self, folder: str | Path, predictions: bool = True) -> Path:
+        """Write ``results.json`` (and ``predictions.jsonl``) into ``folder``; returns it."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "results.json", json.dumps(self.to_dict(), indent=1) + "\n")
+        if predictions:
+            lines = "".join(json.dumps(p) + "\n" for p in self.predictions())
+            atomic_write_text(folder / "predictions.jsonl", lines)
+        return folder
+
+
+def pick_scorer(scorer: str, base_kind: str, uses_mask: bool, masked_lm: bool = True) -> str:
+    """The scorer ``"auto"`` means for a base of ``base_kind`` and a template
+    (``masked_lm``: whether an encoder base has a masked-LM head to fill a ``{mask}``)."""
+    if scorer not in SCORERS:
+        raise ConfigError(f"scorer must be one of {', '.join(SCORERS)}; got {scorer!r}")
+    if scorer != "auto":
+        return scorer
+    if base_kind == "causal-lm":
+        return "causal"
+    return "masked-lm" if uses_mask and masked_lm else "embedding"
+
+
+def evaluate_prompts(
+    base: Any,
+    data: Any,
+    prompts: Any,
+    *,
+    templates: Sequence[str] | None = None,
+    split: str = "test",
+    scorer: str = "auto",
+    normalize: str = "sum",
+    calibration: str = "none",
+    demonstrations: int = 0,
+    demo_selection: str = "random",
+    seed: int = 0,
+    max_rows: int | None = None,
+    sample: str = "stratified",
+    demo_pool: Any = None,
+    batch_size: int = 16,
+    skip_mask_templates: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> PromptEvaluation:
+    """Score ``data``'s ``split`` with every template of ``prompts``; see the module doc.
+
+    ``base``: a :class:`peftkit.models.base.Base` or a source for ``load_base`` (``"smollm2-135m"``,
+    a folder, a hub id). ``data``: a ``TextDataset`` or a source for ``load_data``.
+    ``prompts``: a prompt set name or YAML path, a ``PromptSet``, a ``Prompt`` or a list of
+    them; ``templates`` picks some by name. ``demonstrations``: k in-context examples per
+    class from the train split, ``demo_selection`` ``"random"`` (seeded, shared by every
+    query) or ``"nearest"`` (per query, by the base's embeddings), drawn from ``demo_pool``
+    (a ``Split``; default the train split). ``max_rows``: N rows of the split, a seeded
+    sample stratified by label (``sample="stratified"``, every label kept where N allows) or
+    the first N (``sample="first"``). Templates with a ``{mask}`` are skipped (and said) unless the
+    scorer is a masked LM. The embedding scorer over a whole set that has ``descriptions``
+    also scores those (a first row named ``descriptions``; pick it alone with
+    ``templates=["descriptions"]``).
+    """
+    from peftkit.data.load import TextDataset, load_data
+    from peftkit.models.base import Base, load_base
+    from peftkit.prompting.scorers._base import has_lm_head
+
+    if calibration not in CALIBRATIONS:
+        raise ConfigError(
+            f"calibration must be one of {', '.join(CALIBRATIONS)}; got {calibration!r}"
+        )
+    if demo_selection not in ("random", "nearest"):
+        raise ConfigError(f"demo_selection must be 'random' or 'nearest'; got {demo_selection!r}")
+    if demonstrations < 0:
+        raise ConfigError(f"demonstrations must be >= 0 (k per class); got {demonstrations}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
+    if max_rows is not None and max_rows < 1:
+        raise ConfigError(f"max_rows must be >= 1 (or None: every row); got {max_rows}")
+    if sample not in ("stratified", "first"):
+        raise ConfigError(f"sample must be 'stratified' or 'first'; got {sample!r}")
+    if demo_selection == "nearest" and calibration != "none" and demonstrations:
+        raise ConfigError(
+            "content-free calibration needs demonstrations shared by every query; "
+            "use demo_selection='random'"
+        )
+    say = say or (lambda _t: None)
+    if not isinstance(base, Base):
+        base = load_base(base)
+    if not isinstance(data, TextDataset):
+        data = load_data(data)
+    chosen = _prompts(prompts, templates, pick_scorer(scorer, base.kind, False) == "embedding")
+    rows = data.split(split)
+    if max_rows is not None and max_rows < len(rows):
+        from peftkit.data.load import stratified_rows
+
+        kept = (
+            range(max_rows) if sample == "first" else stratified_rows(rows.labels, max_rows, seed)
+        )
+        rows = rows.subset(kept)
+        say(f"scoring {max_rows} of the {len(data.split(split))} {split} rows ({sample})")
+    state = _state()
+    mine = list(range(state.process_index, len(rows), state.num_processes))
+    shard = rows.subset(mine)
+    demos = _demos(base, data, demo_pool, shard, demonstrations, demo_selection, seed)
+    method = f"few-shot-{demonstrations}" if demonstrations else "zero-shot"
+    masked_lm = has_lm_head(base.model) and base.kind != "causal-lm"
+    article = "an" if base.kind[0] in "aeiou" else "a"
+    loaded = f"{base.source!r} is loaded as {article} {base.kind} ({type(base.model).__name__})"
+    if scorer == "masked-lm" and not masked_lm:
+        raise ConfigError(
+            f"the masked-lm scorer needs a base with a masked-LM head; {loaded}: use scorer "
+            "'embedding' (or 'auto')"
+        )
+    if scorer == "causal" and base.kind != "causal-lm":
+        raise ConfigError(
+            f"the causal scorer needs a causal LM; {loaded}: use scorer 'embedding' (or 'auto')"
+        )
+    results = []
+    for prompt in chosen:
+        used = pick_scorer(scorer, base.kind, prompt.template.uses_mask, masked_lm)
+        if prompt.template.uses_mask and used != "masked-lm":
+            headless = base.kind != "causal-lm" and not masked_lm
+            why = "a masked-LM head, which this base has not" if headless else "a masked LM"
+            if skip_mask_templates and len(chosen) > 1:
+                say(f"(skipping template {prompt.name!r}: its {{mask}} needs {why})")
+                continue
+            raise ConfigError(
+                f"template {prompt.name!r} has a {{mask}} field, which only the masked-lm "
+                f"scorer fills; the {used} scorer cannot use it"
+            )
+        results.append(
+            _evaluate_one(
+                base, prompt, used, rows, mine, shard, data.labels, demos,
+                normalize=normalize, calibration=calibration, batch_size=batch_size,
+                state=state,
+            )
+        )  # fmt: skip
+    if not results:
+        raise ConfigError("no template left to evaluate (all need a masked LM)")
+    config = {
+        "base": base.source,
+        "base_fingerprint": base.fingerprint.id,
+        "base_dtype": str(base.model.dtype).removeprefix("torch."),
+        "method": method,
+        "scorer": scorer,
+        "normalize": normalize,
+        "calibration": calibration,
+        "demonstrations": demonstrations,
+        "demo_selection": demo_selection if demonstrations else None,
+        "seed": seed,
+        "batch_size": batch_size,
+        "max_rows": max_rows,
+    }
+    return PromptEvaluation(
+        data=data.name,
+        split=split,
+        labels=tuple(data.labels),
+        texts=tuple(rows.texts),
+        gold=tuple(rows.labels),
+        config=config,
+        results=results,
+        processes=state.num_processes,
+    )
+
+
+def _evaluate_one(
+    base, prompt, scorer, rows, mine, shard, labels, demos, *, normalize, calibration,
+    batch_size, state,
+) -> TemplateResult:  # fmt: skip
+    from peftkit.metrics.report import probability_metrics
+    from peftkit.prompting.calibration import content_free_probs, contextual_calibration
+
+    def score(texts: list[str], pairs: list[str] | None):
+        return _score(base, prompt, scorer, texts, pairs, labels, demos, normalize, batch_size)
+
+    t0 = time.perf_counter()
+    if len(shard):
+        result = score(list(shard.texts), shard.text_pairs and list(shard.text_pairs))
+        local, cut = result.probs, result.truncated
+    else:  # more processes than rows
+        local, cut = np.zeros((0, len(labels))), 0
+    seconds = time.perf_counter() - t0
+    probs, truncated, seconds = _gather(state, mine, local, cut, seconds, len(rows))
+    raw = probs
+    if calibration == "content-free":
+        has_pairs = rows.text_pairs is not None
+        p_cf = content_free_probs(lambda t: score(t, list(t) if has_pairs else None).probs)
+        probs = contextual_calibration(probs, p_cf)
+
+    def metrics(p: np.ndarray) -> dict[str, float]:
+        return probability_metrics(list(rows.labels), p, labels)
+
+    final = metrics(probs)
+    return TemplateResult(
+        template=prompt.name,
+        scorer=scorer,
+        **final,
+        examples_per_s=len(rows) / seconds if seconds > 0 else float("inf"),
+        seconds=round(seconds, 3),
+        truncated=truncated,
+        probs=probs,
+        before=metrics(raw) if calibration != "none" else None,
+    )
+
+
+def _score(base, prompt, scorer, texts, pairs, labels, demos, normalize, batch_size):
+    from peftkit.prompting import scorers
+
+    if scorer in ("embedding", "nli"):
+        if demos:
+            raise ConfigError(f"the {scorer} scorer takes no demonstrations")
+        fn = scorers.score_embedding if scorer == "embedding" else scorers.score_nli
+        return fn(
+            base.model, base.tokenizer, texts, prompt.verbalizer, labels=labels,
+            batch_size=batch_size,
+        )  # fmt: skip
+    fn = scorers.score_causal if scorer == "causal" else scorers.score_masked_lm
+    return fn(
+        base.model, base.tokenizer, prompt, texts, pairs, labels=labels, demos=demos,
+        normalize=normalize, batch_size=batch_size,
+    )  # fmt: skip
+
+
+def _prompts(prompts: Any, templates: Sequence[str] | None, embedding: bool) -> list[Any]:
+    """The prompts to score; a whole set scored by embeddings starts with its descriptions
+    (a sentence encoder compares texts with them too)."""
+    from peftkit.prompting.templates import Prompt, PromptSet, load_prompt_set
+
+    if isinstance(prompts, (str, Path)):
+        prompts = load_prompt_set(prompts)
+    if isinstance(prompts, Prompt):
+        chosen = [prompts]
+    elif isinstance(prompts, PromptSet):
+        chosen = [prompts.get(t) for t in templates] if templates else list(prompts)
+        if embedding and not templates and prompts.descriptions is not None:
+            chosen.insert(0, prompts.descriptions_prompt())
+        templates = None
+    else:
+        chosen = list(prompts)
+        if not chosen or not all(isinstance(p, Prompt) for p in chosen):
+            raise ConfigError("prompts must be a prompt set name/path, a PromptSet or Prompts")
+    if templates:
+        by_name = {p.name: p for p in chosen}
+        missing = [t for t in templates if t not in by_name]
+        if missing:
+            raise ConfigError(f"no template {missing[0]!r}; have {', '.join(by_name)}")
+        chosen = [by_name[t] for t in templates]
+    return chosen
+
+
+def _demos(base, data, pool, shard, k: int, selection: str, seed: int):
+    from peftkit.prompting.demonstrations import nearest_demos, sample_demos
+
+    if not k:
+        return None
+    pool = pool if pool is not None else data.split("train")
+    if selection == "random":
+        return sample_demos(
+            pool.texts, pool.labels, k, seed=seed, label_names=data.labels,
+            text_pairs=pool.text_pairs,
+        )  # fmt: skip
+    from peftkit.prompting.scorers import embed_texts
+
+    return nearest_demos(
+        shard.texts, pool.texts, pool.labels, k,
+        lambda t: embed_texts(base.model, base.tokenizer, t),
+        label_names=data.labels, text_pairs=pool.text_pairs, query_pairs=shard.text_pairs,
+    )  # fmt: skip
+
+
+def _state():
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _gather(state, mine, local, truncated, seconds, n):
+    """The whole split's probabilities, truncation count and the slowest shard's time."""
+    if state.num_processes == 1:
+        return local, truncated, seconds
+    from accelerate.utils import gather_object
+
+    parts = gather_object([(mine, local, truncated, seconds)])
+    probs = np.zeros((n, local.shape[1]), dtype=local.dtype)
+    for idx, p, _, _ in parts:
+        if len(idx):
+            probs[idx] = p
+    return probs, sum(t for _, _, t, _ in parts), max(s for _, _, _, s in parts)
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": float("nan"), "std": float("nan")}
+    return {
+        "mean": float(statistics.fmean(values)),
+        "std": float(statistics.stdev(values)) if len(values) > 1 else 0.0,
+    }

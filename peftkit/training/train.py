@@ -1,0 +1,298 @@
+"""One training loop for every method, on Accelerate.
+
+    result = train(base, load_preset("lora"), data, TrainConfig(epochs=2), run_dir)
+
+Seeded, length-bucketed batches; gradient accumulation; AdamW with warmup then linear or
+cosine decay; evaluation every ``eval_every`` steps with early stopping on a validation
+metric and the best weights kept; a checkpoint of the trainable weights, optimizer,
+scheduler and RNG every ``checkpoint_every`` steps (written to a temporary folder, then
+renamed), from which a killed run resumes to the same steps; a NaN loss stops the run with
+the last good checkpoint intact. Under ``accelerate launch`` each process takes its share of
+every batch list; only the main process writes.
+
+``max_minutes`` gives the training loop a wall-clock budget, carried over a resume. It
+covers training steps, validation evaluations and checkpoints, and keeps room for the final
+test evaluation (its time estimated from the validation evaluation's time per row × the
+test rows); loading the model, encoding the data and writing reports are outside it. After
+the first steps and after every evaluation the loop re-estimates how many steps fit in what
+is left and the learning-rate schedule decays to that horizon, never rising when it moves,
+so a budgeted run ends annealed rather than cut off mid-schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftkit.adapters.folder import release
+from peftkit.adapters.model import TaskModel, build_task_model, verbalizer_token_ids
+from peftkit.config.presets import AdapterSpec
+from peftkit.config.training import TrainConfig
+from peftkit.data.batching import Encoded, apply_template, encode, pad_id, position_limit
+from peftkit.data.load import Split, TextDataset
+from peftkit.errors import ConfigError
+from peftkit.metrics.report import classification_report
+from peftkit.paths import atomic_write_text
+from peftkit.training.contrastive import contrastive_pairs
+from peftkit.training.loop import TrainLoop, evaluate_split, predict_logits
+from peftkit.training.prototypes import Prototypes, check_mean_pooling
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "config_dict",
+    "evaluate_split",
+    "model_max_length",
+    "predict_logits",
+    "train",
+]
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    model: TaskModel
+    steps: int
+    history: list[dict[str, Any]]
+    best: dict[str, Any]
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    report: Any = None
+    trainable: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    step_seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def train(
+    base: Any,
+    spec: AdapterSpec,
+    data: TextDataset,
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    accelerator: Any = None,
+    train_split: Split | None = None,
+    template: str | None = None,
+    verbalizer: dict[str, str] | None = None,
+    head_init: Any = None,
+) -> TrainResult:
+    """Train ``spec`` on ``data`` and return the best model (in eval mode, wrapping the
+    shared base until ``artifacts.release``), its history and test report.
+
+    ``run_dir`` holds ``checkpoints/`` (resumable state, best weights) and ``history.json``.
+    Starting again on the same ``run_dir`` resumes from the last checkpoint.
+
+    ``template`` (``"{text} Sentiment:"``) formats every input; ``verbalizer`` (label ->
+    word) starts the head from a causal LM's own rows for the label words' first tokens,
+    so training fine-tunes the LM's label-word scores (pattern-based fine-tuning).
+    ``head_init`` (an ``adapters.Head`` of the task's labels, e.g. ``fewshot.prototype_head``,
+    or a ``fewshot.Prototypes`` to build one on the base) is the head training starts from
+    instead of a fresh one; it is copied, not changed.
+
+    ``config.objective="contrastive"`` trains the body on pairs of the training rows
+    (``peftkit.training.contrastive``) and not the head, which must be a ``fewshot.Prototypes``: it
+    is rebuilt on the trained body before every evaluation and at the end.
+    """
+    from accelerate import Accelerator
+
+    if config.max_steps == 0:
+        raise ConfigError(
+            "training.max_steps=0 trains nothing: use train.untrained(base, data, head, config) "
+            "to evaluate a start head as it stands"
+        )
+    contrastive = config.objective == "contrastive"
+    prototypes = head_init if isinstance(head_init, Prototypes) else None
+    if contrastive and (prototypes is None or spec.method == "probe"):
+        raise ConfigError(
+            "training.objective: contrastive trains the body and rebuilds a prototype head "
+            "on it: it needs adapter.head_init: prototypes (fewshot.Prototypes) and an "
+            f"adapter that trains the body (this run: {spec.method}, head_init "
+            f"{type(head_init).__name__ if head_init is not None else 'unset'})"
+        )
+    if prototypes is not None:
+        check_mean_pooling(base, spec)
+        if prototypes.labels != tuple(data.labels):
+            raise ConfigError(
+                f"head_init prototypes are for labels {list(prototypes.labels)}, but the data's "
+                f"are {list(data.labels)}"
+            )
+        if prototypes.template not in (None, template):
+            raise ConfigError(
+                f"head_init prototypes embed their examples with template "
+                f"{prototypes.template!r}, but training formats them with {template!r}"
+            )
+        prototypes = replace(prototypes, template=template)
+        head_init = prototypes.head(base.model, base.tokenizer)
+    run_dir = Path(run_dir)
+    acc = accelerator or Accelerator(
+        gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available()
+    )
+    tokenizer = base.tokenizer
+    train_rows = train_split or data.split("train")
+    val_name = "validation" if "validation" in data.splits else "test"
+
+    max_length = model_max_length(config.max_length, base.model)
+    enc = _encoder(tokenizer, max_length, template)
+    enc_train = enc(train_rows)
+    enc_val = enc(data.split(val_name))
+    if enc_train.truncated:
+        log.info(
+            "%d of %d training rows cut to %d tokens",
+            enc_train.truncated,
+            len(enc_train),
+            max_length,
+        )
+    if config.loraplus_lr_ratio is not None and spec.method not in ("lora", "qlora"):
+        raise ConfigError(
+            f"training.loraplus_lr_ratio needs a LoRA adapter (lora or qlora), not {spec.method}"
+        )
+    token_ids = None
+    if verbalizer is not None:
+        missing = [lab for lab in data.labels if lab not in verbalizer]
+        if missing:
+            raise ConfigError(
+                f"verbalizer has no word for labels {missing}; it covers {sorted(verbalizer)}"
+            )
+        token_ids = verbalizer_token_ids(tokenizer, {lab: verbalizer[lab] for lab in data.labels})
+
+    if head_init is not None and head_init.linear.out_features != len(data.labels):
+        raise ConfigError(
+            f"head_init has {head_init.linear.out_features} outputs but the data has "
+            f"{len(data.labels)} labels"
+        )
+    model = build_task_model(
+        base.model, spec, len(data.labels), seed=config.seed, verbalizer=token_ids
+    )
+    try:
+        if head_init is not None:
+            _start_head(model, head_init)
+        pad = pad_id(tokenizer)
+        pairs = refit = None
+        if contrastive:
+            assert prototypes is not None
+            pairs = contrastive_pairs(enc_train.labels, config.seed)
+            model.head.requires_grad_(False)  # rebuilt, not trained
+            refit = _refit(prototypes, tokenizer)
+        test_rows = len(data.split("test")) if "test" in data.splits else 0
+        loop = TrainLoop(
+            acc, model, spec, config, enc_train, enc_val, data.labels, pad, run_dir,
+            pairs=pairs, refit=refit, test_rows=test_rows,
+        )  # fmt: skip
+        loop.run()
+        state = loop.state
+        result = TrainResult(
+            model=loop.load_best(),
+            steps=state["step"],
+            history=state["history"],
+            best={"step": state["best_step"], config.metric: state["best_metric"]},
+            trainable=loop.trainable,
+            total=loop.total,
+            seconds=loop.seconds,
+            step_seconds=float(np.median(loop.step_times)) if loop.step_times else 0.0,
+            resumed_from=loop.resumed_from,
+        )
+        _test(result, data, enc, pad, config, acc)
+        if acc.is_main_process:
+            atomic_write_text(run_dir / "history.json", json.dumps(result.history, indent=1))
+        return result
+    except BaseException:
+        # leave the shared base as it was: take this run's adapter back out of it
+        release(model)
+        raise
+
+
+def model_max_length(requested: int, model: Any, *, warn: bool = True) -> int:
+    """``requested`` (``training.max_length``), capped at the positions ``model`` has, with
+    a warning when it is: longer rows would index past its position table."""
+    limit = position_limit(getattr(model, "config", None))
+    if limit is None or requested <= limit:
+        return requested
+    if not warn:
+        return limit
+    log.warning(
+        "training.max_length=%d is more than this model's %d positions; rows are cut to %d "
+        "tokens for training and evaluation",
+        requested,
+        limit,
+        limit,
+    )
+    return limit
+
+
+def _encoder(tokenizer: Any, max_length: int, template: str | None):
+    """Split -> token ids as training and evaluation see them (``template`` formats texts)."""
+
+    def enc(split: Split) -> Encoded:
+        if template is None:
+            return encode(tokenizer, split.texts, split.labels, max_length, split.text_pairs)
+        texts = apply_template(template, split.texts, split.text_pairs)
+        return encode(tokenizer, texts, split.labels, max_length, keep_end=True)
+
+    return enc
+
+
+def _test(result: TrainResult, data: TextDataset, enc, pad: int, config: TrainConfig, acc) -> None:
+    """Fill ``result``'s test metrics and report when the data has a test split."""
+    if "test" in data.splits:
+        enc_test = enc(data.split("test"))
+        metrics, logits = evaluate_split(
+            result.model, enc_test, data.labels, pad, config.eval_batch_size, acc
+        )
+        result.test_metrics = metrics
+        result.report = classification_report(
+            list(enc_test.labels), logits.argmax(-1).tolist(), data.labels
+        )
+
+
+def untrained(
+    base: Any, data: TextDataset, head: Any, config: TrainConfig, *, accelerator: Any = None
+) -> TrainResult:
+    """No training (``training.max_steps: 0``): ``head`` (e.g. ``fewshot.prototype_head``)
+    on the frozen base as it stands, a ``probe`` adapter, with its test report."""
+    from accelerate import Accelerator
+
+    from peftkit.training.prototypes import prototype_probe
+
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    model = prototype_probe(base, copy.deepcopy(head)).eval()
+    trainable = sum(p.numel() for p in model.head.parameters())
+    total = trainable + sum(p.numel() for p in model.body.parameters())
+    result = TrainResult(
+        model=model, steps=0, history=[], best={}, trainable=trainable, total=total
+    )
+
+    enc = _encoder(base.tokenizer, model_max_length(config.max_length, base.model), None)
+    _test(result, data, enc, pad_id(base.tokenizer), config, acc)
+    return result
+
+
+def _refit(prototypes: Prototypes, tokenizer: Any):
+    """Rebuild the prototype head on the model's current body, in place (the optimizer and
+    any distributed wrapper keep the same module)."""
+
+    def refit(model: TaskModel) -> None:
+        head = prototypes.head(model, tokenizer)
+        with torch.no_grad():
+            model.head.linear.weight.copy_(head.linear.weight)
+            model.head.linear.bias.copy_(head.linear.bias)
+
+    return refit
+
+
+def _start_head(model: TaskModel, head_init: Any) -> None:
+    """Train from a copy of ``head_init`` (keeping the preset's head dropout)."""
+    start = copy.deepcopy(head_init).train()
+    start.dropout = model.head.dropout
+    model.head = start.to(next(model.head.parameters()).device)
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+    return asdict(config)
