@@ -16,12 +16,14 @@ SIGTERM a job scheduler sends: a training run then says where its checkpoint is,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,11 +184,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     words = [args.command, args.recipe, *args.overrides, *(w for f in folders for w in f)]
     again = "peftkit " + shlex.join(words)
     args.resume_hint = f"run '{again}' again to resume from the last checkpoint"
-    outcome = run_recipe(
-        recipe, run_dir=args.run_dir, registry=args.registry, overwrite=args.overwrite
-    )
+    with _report_to_stdout():
+        outcome = run_recipe(
+            recipe, run_dir=args.run_dir, registry=args.registry, overwrite=args.overwrite
+        )
     args.resume_hint = None
     return 0 if outcome.run_dir else 1
+
+
+class _MainProcess(logging.Filter):
+    """Under ``accelerate launch`` every process runs the recipe; one prints its report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return os.environ.get("RANK", "0") == "0"
+
+
+@contextlib.contextmanager
+def _report_to_stdout() -> Iterator[None]:
+    """The run's report (logger ``peftkit.run``) printed on stdout, as the command's output."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_MainProcess())
+    report = logging.getLogger("peftkit.run")
+    old = report.level
+    report.setLevel(logging.INFO)
+    report.addHandler(handler)
+    try:
+        yield
+    finally:
+        report.removeHandler(handler)
+        report.setLevel(old)
 
 
 # --- adapters -------------------------------------------------------------------------------------

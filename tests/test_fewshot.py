@@ -202,7 +202,7 @@ def test_prototypes_embed_pairs_and_templates_as_the_classifier_sees_them(bert, 
 def test_a_recipes_prompt_set_describes_the_labels_by_its_descriptions(bert):
     from peftkit.config.recipes import HeadInitSpec
     from peftkit.prompting.templates import load_prompt, load_prompt_set
-    from peftkit.run.pipeline import prototypes_of
+    from peftkit.run.builders import prototypes_of
 
     data = synthetic("sentiment", n=20)
     support = few_shot(data.split("train"), 2, label_names=data.labels)

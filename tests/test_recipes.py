@@ -256,7 +256,9 @@ def test_builtin_recipe_runs_two_steps_on_a_tiny_model(
     path, tmp_path, tiny_models, reset_accelerate, capsys
 ):
     recipe = load_recipe(path, tiny_overrides(path, tmp_path, tiny_models))
-    outcome = run_recipe(recipe, run_dir=tmp_path / "run")
+    echo = io.StringIO()
+    outcome = run_recipe(recipe, run_dir=tmp_path / "run", out=echo)
+    assert capsys.readouterr().out == ""  # a library call prints nothing unless asked
     for name in (
         "recipe.yaml",
         "environment.json",
@@ -269,8 +271,9 @@ def test_builtin_recipe_runs_two_steps_on_a_tiny_model(
         assert (outcome.run_dir / name).is_file(), name
     metrics = json.loads((outcome.run_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
-    out = capsys.readouterr().out
+    out = echo.getvalue()
     assert "precision" in out and "macro avg" in out
+    assert "macro avg" in (outcome.run_dir / "run.log").read_text()  # the report, logged
     if recipe.adapter is not None:
         assert metrics["steps"] == 2 and (outcome.run_dir / "curves.png").is_file()
         reg = Registry(tmp_path / "registry")
@@ -431,7 +434,7 @@ def test_head_init_prototypes_trains_and_registers_a_cosine_head(
 def test_contrastive_objective_trains_the_body_and_registers_prototypes(
     tmp_path, tiny_models, reset_accelerate
 ):
-    from peftkit.run.pipeline import load_task_data
+    from peftkit.run.builders import load_task_data
     from peftkit.training.contrastive import contrastive_pairs
 
     extra = ["training.objective=contrastive", "training.max_steps=null", "training.epochs=1"]
@@ -456,7 +459,7 @@ def test_max_steps_0_registers_the_prototype_head_untrained(
 ):
     from peftkit.models.base import load_base
     from peftkit.prompting.scorers import embed_texts
-    from peftkit.run.pipeline import load_task_data
+    from peftkit.run.builders import load_task_data
     from peftkit.serving.adapted import AdaptedModel
     from peftkit.training.prototypes import prototype_head
 

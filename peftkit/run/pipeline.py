@@ -16,15 +16,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from peftkit.config.recipes import Recipe, TaskSpec, recipe_to_dict, task_training
-from peftkit.errors import ConfigError, PeftkitError
+from peftkit.config.recipes import Recipe, recipe_to_dict
+from peftkit.errors import ConfigError
+from peftkit.run.builders import (
+    Task,
+    build_tasks,
+    check_prompt,
+    load_recipe_base,
+    load_task_data,
+    quantization_of,
+)
 from peftkit.run.folders import (
     ENVIRONMENT_FILE,
     METRICS_FILE,
@@ -41,7 +47,7 @@ from peftkit.run.folders import (
     write_report,
 )
 
-log = logging.getLogger("peftkit.run.pipeline")
+log = logging.getLogger("peftkit.run")  # the run's report: the CLI prints it
 
 
 @dataclass
@@ -55,26 +61,31 @@ class RunOutcome:
 
 
 @dataclass
-class _Task:
-    name: str
-    data: Any  # the loaded TextDataset
-    train_split: Any
-    spec: Any  # AdapterSpec
-    config: Any  # TrainConfig
-    folder: Path
-    head_init: Any = None  # recipes.HeadInitSpec
-    head: Any = None  # fewshot.Prototypes, when head_init is set
-
-
-@dataclass
-class _Plan:
+class Plan:
     """Everything a recipe is checked for before a model is loaded or a folder written."""
 
     name: str  # the run folder's name
     quantization: str | None
-    tasks: list[_Task] = field(default_factory=list)  # training recipes
+    tasks: list[Task] = field(default_factory=list)  # training recipes
     data: Any = None  # prompt recipes: the dataset and its training split (demonstrations)
     train_split: Any = None
+
+
+@dataclass
+class RunContext:
+    """What every step of one run shares (the base once it is loaded)."""
+
+    recipe: Recipe
+    plan: Plan
+    path: Path
+    registry: Any  # peftkit.registry.Registry, or None
+    state: Any  # accelerate's PartialState
+    run_id: str = ""
+    base: Any = None  # peftkit.models.base.Base
+
+    @property
+    def main(self) -> bool:
+        return bool(self.state.is_main_process)
 
 
 def run_recipe(
@@ -92,44 +103,70 @@ def run_recipe(
     the same recipe there, which is resumed); ``registry`` overrides ``recipe.registry.path``.
     Everything that can be checked without a model (presets, data, prompt, the model's
     config, the run folder) is checked first: a refused run loads nothing and writes nothing.
+    The run's report (what it loaded, trained, scored and registered) goes to the
+    ``peftkit.run`` logger, and to ``run.log``; ``out`` (a stream) gets it too. A library
+    call prints nothing unless asked; the ``peftkit`` command prints it.
     """
     import torch
     from accelerate import PartialState
 
-    out = out or sys.stdout
     plan = plan_run(recipe)
     # cpu=True on a machine without CUDA: under torchrun/accelerate launch that makes the
     # process group gloo (MULTI_CPU), the same state train()'s Accelerator then joins.
     state = PartialState(cpu=not torch.cuda.is_available())
-    main = state.is_main_process
-    resolved = recipe_to_dict(recipe)
-    reg_root = Path(registry or recipe.registry.path)
     with contextlib.ExitStack() as stack:
-        path: Path | None = None
-        resumed = False
-        reg = None
-        if main:
-            if run_dir is None:
-                found = interrupted_run(runs_root, plan.name, resolved)
-                run_dir = found or default_run_dir(plan.name, runs_root)
-            check_run_dir(run_dir, resolved, overwrite=overwrite)
-            reg = _open_registry(recipe, reg_root)
-            if reg is not None:
-                stack.callback(reg.close)
-            stack.enter_context(lock_run_dir(run_dir))
-            path, resumed = prepare_run_dir(run_dir, resolved, overwrite=overwrite)
-            if resumed:
-                print(f"peftkit: resuming the unfinished run in {path}", file=sys.stderr)
-            write_json(path / ENVIRONMENT_FILE, environment(state.num_processes))
-            stack.enter_context(run_log(path))
+        path, reg, resumed = None, None, False
+        if state.is_main_process:
+            path, reg, resumed = _prepare(recipe, plan, state, stack, run_dir, registry,
+                                          overwrite, runs_root)  # fmt: skip
+            if out is not None:
+                stack.enter_context(_echo(out))
         path = Path(_broadcast(state, str(path) if path else None))
-        say = _Say(out if main else None)
+        ctx = RunContext(recipe, plan, path, reg, state)
         if recipe.prompt is not None:
-            return _run_prompt(recipe, plan, path, say)
-        return _train_all(recipe, plan, path, reg, resumed, say, state)
+            return _run_prompt(ctx)
+        outcome = _train_all(ctx)
+        outcome.resumed = resumed
+        return outcome
 
 
-def plan_run(recipe: Recipe) -> _Plan:
+def _prepare(recipe, plan, state, stack, run_dir, registry, overwrite, runs_root):
+    """The main process's run folder (checked, locked, written) and registry."""
+    resolved = recipe_to_dict(recipe)
+    if run_dir is None:
+        found = interrupted_run(runs_root, plan.name, resolved)
+        run_dir = found or default_run_dir(plan.name, runs_root)
+    check_run_dir(run_dir, resolved, overwrite=overwrite)
+    reg = _open_registry(recipe, Path(registry or recipe.registry.path))
+    if reg is not None:
+        stack.callback(reg.close)
+    stack.enter_context(lock_run_dir(run_dir))
+    path, resumed = prepare_run_dir(run_dir, resolved, overwrite=overwrite)
+    if resumed:
+        print(f"peftkit: resuming the unfinished run in {path}", file=sys.stderr)
+    write_json(path / ENVIRONMENT_FILE, environment(state.num_processes))
+    stack.enter_context(run_log(path))
+    return path, reg, resumed
+
+
+@contextlib.contextmanager
+def _echo(out: TextIO):
+    """The run's report written to ``out`` as well, for the duration."""
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+
+
+def _say(ctx: RunContext, text: str) -> None:
+    if ctx.main:  # every process runs the pipeline; one reports
+        log.info(text)
+
+
+def plan_run(recipe: Recipe) -> Plan:
     """Check everything ``recipe`` can be checked for without loading a model: adapter
     presets and their peft options, the data of every task (fields, labels, sizes), the
     prompt set and its labels, the head's start, and that the base model can be found."""
@@ -139,10 +176,10 @@ def plan_run(recipe: Recipe) -> _Plan:
         data, train_split = load_task_data(recipe.data, need_train=recipe.prompt.demonstrations > 0)
         check_prompt(recipe, data)
         name = _run_name(recipe.name, data.name)
-        plan = _Plan(name, recipe.base.quantization, data=data, train_split=train_split)
+        plan = Plan(name, recipe.base.quantization, data=data, train_split=train_split)
     else:
-        tasks = [_main_task(recipe)] + [_then_task(recipe, t) for t in recipe.then]
-        plan = _Plan(_training_run_name(recipe, tasks[0]), _quantization(recipe, tasks), tasks)
+        tasks = build_tasks(recipe)
+        plan = Plan(_training_run_name(recipe, tasks[0]), quantization_of(recipe, tasks), tasks)
     model_config(recipe.base.source)
     return plan
 
@@ -156,27 +193,10 @@ def _run_name(name: str, data_name: str) -> str:
     return f"{name}-{re.sub(r'[^A-Za-z0-9._-]+', '-', data_name).strip('-.')}"[:128]
 
 
-def _training_run_name(recipe: Recipe, first: _Task) -> str:
+def _training_run_name(recipe: Recipe, first: Task) -> str:
     if recipe.registry.name:  # the user named what the run makes
         return recipe.registry.name
     return _run_name(recipe.name, first.data.name)
-
-
-def _quantization(recipe: Recipe, tasks: list[_Task]) -> str | None:
-    """The one quantization every task's base shares; a PiSSA start is refused on it."""
-    quant = {t.spec.quantization for t in tasks} - {None}
-    if len(quant) > 1 or (recipe.base.quantization and quant - {recipe.base.quantization}):
-        raise ConfigError(
-            f"{recipe.source}: every task of a recipe shares one base, but they ask for "
-            f"quantization {sorted(str(q) for q in quant | {recipe.base.quantization} - {None})}"
-        )
-    quantization = recipe.base.quantization or (quant.pop() if quant else None)
-    if quantization:
-        from peftkit.adapters.rewrite import check_init
-
-        for t in tasks:
-            check_init(t.spec.peft, quantized=True, where=f"{recipe.source}: task {t.name!r}")
-    return quantization
 
 
 def _open_registry(recipe: Recipe, reg_root: Path):
@@ -189,185 +209,71 @@ def _open_registry(recipe: Recipe, reg_root: Path):
                 "registry; set registry.enabled: true"
             )
         return None
-    from peftkit.registry.store import Registry
+    from peftkit.registry import Registry
 
     if reg_root.exists() and not reg_root.is_dir():
         raise ConfigError(f"registry {reg_root} is a file, not a folder; give another --registry")
     return Registry(reg_root)
 
 
-def _train_all(recipe, plan: _Plan, path: Path, registry, resumed: bool, say, state):
-    main = state.is_main_process
-    tasks = plan.tasks
-    base = load_recipe_base(recipe.base, plan.quantization, say)
-    run = run_id(path) if main else ""
+def _train_all(ctx: RunContext) -> RunOutcome:
+    from peftkit.run.hotswap import hotswap, revisit
+
+    recipe, tasks, registry = ctx.recipe, ctx.plan.tasks, ctx.registry
+    ctx.base = load_recipe_base(recipe.base, ctx.plan.quantization)
+    ctx.run_id = run_id(ctx.path) if ctx.main else ""
     metrics: dict[str, Any] = {}
     entries: list[str] = []
     matrix: dict[str, dict[str, float]] = {}
     for i, task in enumerate(tasks):
-        ctx = _Ctx(recipe, base, path, registry, say, state, run, first=i == 0)
-        task_metrics, ref = _train_one(ctx, task)
+        task_metrics, ref = _train_one(ctx, task, first=i == 0)
         if i == 0:
             metrics = task_metrics
         else:
             metrics.setdefault("tasks", {})[task.name] = task_metrics
         if ref:
             entries.append(ref)
-        if recipe.revisit and main and registry is not None:
-            matrix[task.name] = _revisit(base, registry, tasks[: i + 1], entries, say)
-        state.wait_for_everyone()
+        if recipe.revisit and ctx.main and registry is not None:
+            matrix[task.name] = revisit(ctx.base, registry, tasks[: i + 1], entries)
+        ctx.state.wait_for_everyone()
     if recipe.revisit:
         metrics["revisit"] = matrix
-    if recipe.hotswap is not None and main and registry is not None:
-        metrics["hotswap"] = _hotswap(base, registry, entries, recipe.hotswap, say)
+    if recipe.hotswap is not None and ctx.main and registry is not None:
+        metrics["hotswap"] = hotswap(ctx.base, registry, entries, recipe.hotswap)
     metrics["peak_rss_mb"] = peak_rss_mb()
-    if main:
-        write_json(path / METRICS_FILE, metrics)  # last: marks the run finished
-        say(f"\nrun folder: {path}")
+    if ctx.main:
+        write_json(ctx.path / METRICS_FILE, metrics)  # last: marks the run finished
+        _say(ctx, f"\nrun folder: {ctx.path}")
         if entries:
-            say(f"registered in {registry.root}: {', '.join(entries)}")
-    state.wait_for_everyone()
-    return RunOutcome(path, metrics, entries, resumed)
-
-
-@dataclass(frozen=True)
-class _Ctx:
-    """What every task of one run shares."""
-
-    recipe: Recipe
-    base: Any
-    path: Path
-    registry: Any
-    say: Any
-    state: Any
-    run_id: str
-    first: bool
-
-
-def _preset(recipe: Recipe, ref, where: str):
-    """The adapter preset a recipe names, with its overrides; an error names the recipe too
-    (the preset file alone does not say where an override came from)."""
-    from peftkit.config.presets import load_preset
-
-    try:
-        return load_preset(ref.preset, ref.overrides())
-    except ConfigError as exc:
-        raise ConfigError(
-            f"{recipe.source}, {where}: {exc}{_override_named(recipe, exc)}"
-        ) from None
-
-
-def _override_named(recipe: Recipe, exc: Exception) -> str:
-    """`` (override 'adapter.peft.r=0')`` when the preset's error is about a key that a
-    command-line override set (the preset file alone cannot say where a value came from)."""
-    for item in recipe.overrides:
-        key = item.partition("=")[0].strip()
-        tail = key.split(".adapter.", 1)[-1] if ".adapter." in key else key
-        named = f"{tail} " in f"{exc} " or f"{tail}=" in str(exc)
-        if tail.startswith("adapter.") and named:
-            return f" (override {item!r})"
-    return ""
-
-
-def _main_task(recipe: Recipe) -> _Task:
-    assert recipe.adapter is not None
-    spec = _preset(recipe, recipe.adapter, "adapter")
-    return _task(recipe, recipe.registry_name, recipe.data, spec, recipe.training,
-                 Path(), recipe.adapter.head_init, "adapter.head_init")  # fmt: skip
-
-
-def _then_task(recipe: Recipe, task: TaskSpec) -> _Task:
-    ref = task.adapter or recipe.adapter
-    assert ref is not None
-    spec = _preset(recipe, ref, f"then: {task.name}: adapter")
-    where = f"then: {task.name}: adapter.head_init"
-    config = task_training(recipe, task)
-    return _task(recipe, task.name, task.data, spec, config, Path("tasks", task.name),
-                 ref.head_init, where)  # fmt: skip
-
-
-def _task(recipe, name, data_spec, spec, config, folder, head_init, where) -> _Task:
-    """One task with its data loaded and its head's start checked (no model needed)."""
-    as_is = config.max_steps == 0  # no training: register the start head as it stands
-    if as_is and (head_init is None or spec.method != "probe"):
-        raise ConfigError(
-            f"{recipe.source}: training.max_steps: 0 registers the prototype head untrained; "
-            f"it needs adapter.preset: probe and adapter.head_init: prototypes (this task: "
-            f"{spec.method}, head_init {'set' if head_init else 'unset'})"
-        )
-    data, train_split = load_task_data(data_spec)
-    head = None
-    if head_init is not None:
-        head = prototypes_of(head_init, data, train_split, where=f"{recipe.source}: {where}")
-    return _Task(name, data, train_split, spec, config, folder, head_init, head)
-
-
-def prototypes_of(init, data, train_split, where: str = "adapter.head_init"):
-    """A recipe's ``adapter.head_init: prototypes`` as a ``fewshot.Prototypes`` (built on the
-    base to start from; rebuilt on the trained body by a contrastive objective). The label
-    descriptions are checked against the data's labels here, before any model is loaded."""
-    from peftkit.prompting.templates import load_prompt_set
-    from peftkit.training.prototypes import Prototypes
-
-    if init.prompt and init.descriptions:
-        raise ConfigError(f"{where}: give prompt or descriptions, not both")
-    descriptions: Any = init.descriptions or None
-    if init.prompt:  # "SET/TEMPLATE", "SET", or a prompt file's path (+ "/TEMPLATE")
-        family, template = init.prompt, None
-        if "/" in family and not family.endswith((".yaml", ".yml")):
-            family, _, template = family.rpartition("/")
-        prompts = load_prompt_set(family)
-        descriptions = prompts.get(template).verbalizer if template else prompts.describe()
-        where = f"{where}.prompt: {init.prompt!r}"
-    # Prototypes checks that the descriptions cover every label, naming ``where``
-    return Prototypes(train_split, data.labels, descriptions, prior=init.prior, where=where)
-
-
-def load_task_data(spec, *, need_train: bool = True) -> tuple[Any, Any]:
-    """The dataset of a recipe's ``data:`` and its training split (few-shot when asked)."""
-    from peftkit.data.load import few_shot, load_data
-
-    data = load_data(
-        spec.source,
-        text_field=spec.text_field,
-        label_field=spec.label_field,
-        text_pair_field=spec.text_pair_field,
-        labels=spec.labels,
-        split_ratios=spec.split_ratios,
-        seed=spec.seed,
-        max_rows=spec.max_rows,
-        sample=spec.sample,
-        need_train=need_train,
-    )
-    train_split = data.split("train")
-    if spec.few_shot_k:
-        train_split = few_shot(train_split, spec.few_shot_k, spec.seed, label_names=data.labels)
-    return data, train_split
+            _say(ctx, f"registered in {registry.root}: {', '.join(entries)}")
+    ctx.state.wait_for_everyone()
+    return RunOutcome(ctx.path, metrics, entries)
 
 
 def _pairs_note(data) -> str:
     return ", text pairs" if any(s.text_pairs is not None for s in data.splits.values()) else ""
 
 
-def _train_one(ctx: _Ctx, task: _Task):
+def _train_one(ctx: RunContext, task: Task, first: bool):
     from peftkit.adapters.folder import release
     from peftkit.training.prototypes import check_mean_pooling
     from peftkit.training.train import train, untrained
 
-    base, say, data, train_split = ctx.base, ctx.say, task.data, task.train_split
-    say(
+    base, data, train_split = ctx.base, task.data, task.train_split
+    _say(
+        ctx,
         f"\n== {task.name}: {task.spec.method} on {data.name} "
-        f"({len(train_split)} training rows, {len(data.labels)} labels{_pairs_note(data)})"
+        f"({len(train_split)} training rows, {len(data.labels)} labels{_pairs_note(data)})",
     )
     folder = ctx.path / task.folder
     if task.head is not None:
         check_mean_pooling(base, task.spec)
-        say(f"head starts from the prototypes of {len(train_split)} rows")
+        _say(ctx, f"head starts from the prototypes of {len(train_split)} rows")
     if task.config.objective == "contrastive":
-        say("training.objective: contrastive - pairs of the rows train the body; the head is "
-            "rebuilt on it")  # fmt: skip
+        _say(ctx, "training.objective: contrastive - pairs of the rows train the body; the "
+             "head is rebuilt on it")  # fmt: skip
     if task.config.max_steps == 0:
-        say("training.max_steps: 0 - the prototype head is the classifier, untrained")
+        _say(ctx, "training.max_steps: 0 - the prototype head is the classifier, untrained")
         result = untrained(base, data, task.head.head(base.model, base.tokenizer), task.config)
     else:
         result = train(
@@ -392,8 +298,8 @@ def _train_one(ctx: _Ctx, task: _Task):
     }
     ref = None
     try:
-        if ctx.state.is_main_process:
-            ref = _publish(ctx, task, result, folder)
+        if ctx.main:
+            ref = _publish(ctx, task, result, folder, prefix="" if first else f"{task.name}-")
             if ref is not None:
                 metrics["registered"] = ref
     finally:
@@ -402,15 +308,14 @@ def _train_one(ctx: _Ctx, task: _Task):
     return metrics, ref
 
 
-def _publish(ctx: _Ctx, task: _Task, result, folder: Path):
+def _publish(ctx: RunContext, task: Task, result, folder: Path, prefix: str):
     """Save the trained adapter, write its report and curves, and register it (once: the
     entry carries the run's id, so a resumed run finds its registration even when it was
     killed before recording it). Returns the registry ref, if any."""
     from peftkit.adapters.folder import save_adapter
     from peftkit.training.train import model_max_length
 
-    say, data, registry = ctx.say, task.data, ctx.registry
-    prefix = "" if ctx.first else f"{task.name}-"
+    data, registry = task.data, ctx.registry
     adapter = save_adapter(
         result.model,
         folder / "adapter",
@@ -422,7 +327,7 @@ def _publish(ctx: _Ctx, task: _Task, result, folder: Path):
     if result.report is not None:
         title = f"{task.name} · {task.spec.method}"
         write_report(ctx.path, result.report, title=title, prefix=prefix)
-        say(f"\ntest report ({task.name}):\n{result.report.to_text()}")
+        _say(ctx, f"\ntest report ({task.name}):\n{result.report.to_text()}")
     if result.history:
         from peftkit.run.plots import plot_history
 
@@ -436,7 +341,7 @@ def _publish(ctx: _Ctx, task: _Task, result, folder: Path):
     previous = registry.find_run(run)
     if previous is not None:
         write_json(done, {"ref": previous.ref, "run_id": run})
-        say(f"already registered as {previous.ref} (resumed run); not registering again")
+        _say(ctx, f"already registered as {previous.ref} (resumed run); not registering again")
         return previous.ref
     entry = registry.register(
         task.name,
@@ -452,95 +357,20 @@ def _publish(ctx: _Ctx, task: _Task, result, folder: Path):
         run_id=run,
     )
     write_json(done, {"ref": entry.ref, "run_id": run})
-    say(f"registered {entry.ref}")
+    _say(ctx, f"registered {entry.ref}")
     return entry.ref
 
 
-def _revisit(base, registry, tasks: list[_Task], refs: list[str], say) -> dict[str, float]:
-    """Accuracy of every adapter so far on its own task's test split (continual learning)."""
-    from peftkit.metrics.report import compute_metrics
-    from peftkit.serving.adapted import AdaptedModel
-
-    model = AdaptedModel(base, registry)
-    scores = {}
-    try:
-        for task, ref in zip(tasks, refs, strict=False):
-            data = task.data
-            test = data.split("test")
-            preds = model.predict(list(test.texts), adapter=ref)
-            ids = [data.labels.index(p.label) for p in preds]
-            scores[task.name] = compute_metrics(list(test.labels), ids, data.labels)["accuracy"]
-    finally:
-        model.close()
-    say(
-        "revisit (accuracy on each earlier task): "
-        + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-    )
-    return scores
-
-
-def _hotswap(base, registry, refs: list[str], spec, say) -> dict[str, Any]:
-    """Switch between the adapters just trained; time ``use()`` and predict a mixed batch."""
-    from peftkit.serving.adapted import AdaptedModel
-
-    model = AdaptedModel(base, registry)
-    try:
-        t0 = time.perf_counter()
-        for ref in refs:
-            model.load(ref)
-        load_ms = (time.perf_counter() - t0) * 1000 / max(len(refs), 1)
-        times = []
-        for i in range(spec.repeats):
-            t0 = time.perf_counter()
-            model.use(refs[i % len(refs)])
-            times.append((time.perf_counter() - t0) * 1000)
-        texts = list(spec.texts)
-        adapters = [refs[i % len(refs)] for i in range(len(texts))]
-        preds = model.predict_mixed(texts, adapters)
-    finally:
-        model.close()
-    use_ms = statistics.median(times) if times else 0.0
-    say(f"\nhot-swap between {', '.join(refs)}: load {load_ms:.1f} ms each, use() {use_ms:.3f} ms")
-    say("mixed batch (each row names its adapter):")
-    width = max(len(r) for r in refs)
-    for text, pred in zip(texts, preds, strict=True):
-        say(f"  {pred.adapter:<{width}}  {pred.label:<12} {pred.score:.2f}  {text[:60]}")
-    rows = [{"text": t, **p.to_dict()} for t, p in zip(texts, preds, strict=True)]
-    return {
-        "adapters": refs,
-        "load_ms": round(load_ms, 2),
-        "use_ms": round(use_ms, 4),
-        "batch": rows,
-    }
-
-
-# --- prompt recipes: zero-/few-shot scoring, no training -------------------------------------
-
-
-def check_prompt(recipe: Recipe, data) -> None:
-    """The prompt set exists, has the template named, and describes every label of the data."""
-    from peftkit.prompting.templates import load_prompt_set
-
-    ref = recipe.prompt
-    assert ref is not None
-    try:
-        prompts = load_prompt_set(ref.set)
-        chosen = [prompts.get(ref.template)] if ref.template else list(prompts)
-        for prompt in chosen:
-            prompt.verbalizer.for_labels(data.labels, where=f"prompt {prompt.name!r}")
-    except PeftkitError as exc:
-        raise type(exc)(f"{recipe.source}: prompt: {exc}") from None
-
-
-def _run_prompt(recipe: Recipe, plan: _Plan, path: Path, say) -> RunOutcome:
+def _run_prompt(ctx: RunContext) -> RunOutcome:
     """Score every template of the prompt (or the one named) on the evaluation split."""
     from peftkit.metrics.report import classification_report
     from peftkit.prompting.evaluation import evaluate_prompts
 
+    recipe, plan, path = ctx.recipe, ctx.plan, ctx.path
     ref = recipe.prompt
     assert ref is not None
     data = plan.data
-    base = load_recipe_base(recipe.base, recipe.base.quantization, say)
+    base = load_recipe_base(recipe.base, recipe.base.quantization)
     run = evaluate_prompts(
         base,
         data,
@@ -556,14 +386,13 @@ def _run_prompt(recipe: Recipe, plan: _Plan, path: Path, say) -> RunOutcome:
         sample=recipe.evaluation.sample,
         demo_pool=plan.train_split,
         batch_size=recipe.evaluation.batch_size,
-        say=say,
     )
-    say(f"\n== {plan.name}\n{run.table()}")
+    _say(ctx, f"\n== {plan.name}\n{run.table()}")
     run.save(path)
     head = run.results[0]  # the first template: not picked on the test split
     report = classification_report(list(run.gold), head.probs.argmax(1).tolist(), run.labels)
     write_report(path, report, title=f"{plan.name} · {head.template}")
-    say(f"\nreport ({head.template}):\n{report.to_text()}")
+    _say(ctx, f"\nreport ({head.template}):\n{report.to_text()}")
     metrics = {
         "recipe": recipe.name,
         "method": run.config["method"],
@@ -575,36 +404,8 @@ def _run_prompt(recipe: Recipe, plan: _Plan, path: Path, say) -> RunOutcome:
         "peak_rss_mb": peak_rss_mb(),
     }
     write_json(path / METRICS_FILE, metrics)
-    say(f"\nrun folder: {path}")
+    _say(ctx, f"\nrun folder: {path}")
     return RunOutcome(path, metrics, [], False)
-
-
-class _Say:
-    """Print to the run's output (main process only) and log to run.log."""
-
-    def __init__(self, out: TextIO | None):
-        self.out = out
-
-    def __call__(self, text: str) -> None:
-        if self.out is None:
-            return
-        print(text, file=self.out, flush=True)
-        log.info(text.strip())
-
-
-def load_recipe_base(spec, quantization: str | None, say):
-    """Load a recipe's ``base:`` (``quantization``: the one its tasks settled on), saying so."""
-    from peftkit.models.base import load_base
-
-    dtype = f", dtype {spec.dtype}" if spec.dtype else ""
-    say(f"loading base {spec.source!r} (quantization: {quantization or 'none'}{dtype})")
-    return load_base(
-        spec.source,
-        kind=spec.kind,
-        quantization=quantization,
-        double_quant=spec.double_quant,
-        dtype=spec.dtype,
-    )
 
 
 def _broadcast(state, value: Any) -> Any:

@@ -1,0 +1,183 @@
+"""Builders: a recipe's parts made into objects, one plain function each (torchtune style):
+the base model, each task's data, adapter preset and head start, and the prompt's check.
+Everything here but :func:`load_recipe_base` needs no model, so a run calls these first and
+refuses bad input before anything is loaded or written."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftkit.config.recipes import Recipe, TaskSpec, task_training
+from peftkit.errors import ConfigError, PeftkitError
+
+log = logging.getLogger("peftkit.run")
+
+
+@dataclass
+class Task:
+    """One adapter a training recipe makes: its data, preset, settings and head start."""
+
+    name: str
+    data: Any  # the loaded TextDataset
+    train_split: Any
+    spec: Any  # AdapterSpec
+    config: Any  # TrainConfig
+    folder: Path
+    head_init: Any = None  # recipes.HeadInitSpec
+    head: Any = None  # fewshot.Prototypes, when head_init is set
+
+
+def preset_of(recipe: Recipe, ref, where: str):
+    """The adapter preset a recipe names, with its overrides; an error names the recipe too
+    (the preset file alone does not say where an override came from)."""
+    from peftkit.config.presets import load_preset
+
+    try:
+        return load_preset(ref.preset, ref.overrides())
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{recipe.source}, {where}: {exc}{_override_named(recipe, exc)}"
+        ) from None
+
+
+def _override_named(recipe: Recipe, exc: Exception) -> str:
+    """`` (override 'adapter.peft.r=0')`` when the preset's error is about a key that a
+    command-line override set (the preset file alone cannot say where a value came from)."""
+    for item in recipe.overrides:
+        key = item.partition("=")[0].strip()
+        tail = key.split(".adapter.", 1)[-1] if ".adapter." in key else key
+        named = f"{tail} " in f"{exc} " or f"{tail}=" in str(exc)
+        if tail.startswith("adapter.") and named:
+            return f" (override {item!r})"
+    return ""
+
+
+def build_tasks(recipe: Recipe) -> list[Task]:
+    """The main task and every ``then:`` task, each checked and with its data loaded."""
+    return [_main_task(recipe)] + [_then_task(recipe, t) for t in recipe.then]
+
+
+def _main_task(recipe: Recipe) -> Task:
+    assert recipe.adapter is not None
+    spec = preset_of(recipe, recipe.adapter, "adapter")
+    return _task(recipe, recipe.registry_name, recipe.data, spec, recipe.training,
+                 Path(), recipe.adapter.head_init, "adapter.head_init")  # fmt: skip
+
+
+def _then_task(recipe: Recipe, task: TaskSpec) -> Task:
+    ref = task.adapter or recipe.adapter
+    assert ref is not None
+    spec = preset_of(recipe, ref, f"then: {task.name}: adapter")
+    where = f"then: {task.name}: adapter.head_init"
+    config = task_training(recipe, task)
+    return _task(recipe, task.name, task.data, spec, config, Path("tasks", task.name),
+                 ref.head_init, where)  # fmt: skip
+
+
+def _task(recipe, name, data_spec, spec, config, folder, head_init, where) -> Task:
+    """One task with its data loaded and its head's start checked (no model needed)."""
+    as_is = config.max_steps == 0  # no training: register the start head as it stands
+    if as_is and (head_init is None or spec.method != "probe"):
+        raise ConfigError(
+            f"{recipe.source}: training.max_steps: 0 registers the prototype head untrained; "
+            f"it needs adapter.preset: probe and adapter.head_init: prototypes (this task: "
+            f"{spec.method}, head_init {'set' if head_init else 'unset'})"
+        )
+    data, train_split = load_task_data(data_spec)
+    head = None
+    if head_init is not None:
+        head = prototypes_of(head_init, data, train_split, where=f"{recipe.source}: {where}")
+    return Task(name, data, train_split, spec, config, folder, head_init, head)
+
+
+def quantization_of(recipe: Recipe, tasks: list[Task]) -> str | None:
+    """The one quantization every task's base shares; a PiSSA start is refused on it."""
+    quant = {t.spec.quantization for t in tasks} - {None}
+    if len(quant) > 1 or (recipe.base.quantization and quant - {recipe.base.quantization}):
+        raise ConfigError(
+            f"{recipe.source}: every task of a recipe shares one base, but they ask for "
+            f"quantization {sorted(str(q) for q in quant | {recipe.base.quantization} - {None})}"
+        )
+    quantization = recipe.base.quantization or (quant.pop() if quant else None)
+    if quantization:
+        from peftkit.adapters.rewrite import check_init
+
+        for t in tasks:
+            check_init(t.spec.peft, quantized=True, where=f"{recipe.source}: task {t.name!r}")
+    return quantization
+
+
+def prototypes_of(init, data, train_split, where: str = "adapter.head_init"):
+    """A recipe's ``adapter.head_init: prototypes`` as a ``fewshot.Prototypes`` (built on the
+    base to start from; rebuilt on the trained body by a contrastive objective). The label
+    descriptions are checked against the data's labels here, before any model is loaded."""
+    from peftkit.prompting.templates import load_prompt_set
+    from peftkit.training.prototypes import Prototypes
+
+    if init.prompt and init.descriptions:
+        raise ConfigError(f"{where}: give prompt or descriptions, not both")
+    descriptions: Any = init.descriptions or None
+    if init.prompt:  # "SET/TEMPLATE", "SET", or a prompt file's path (+ "/TEMPLATE")
+        family, template = init.prompt, None
+        if "/" in family and not family.endswith((".yaml", ".yml")):
+            family, _, template = family.rpartition("/")
+        prompts = load_prompt_set(family)
+        descriptions = prompts.get(template).verbalizer if template else prompts.describe()
+        where = f"{where}.prompt: {init.prompt!r}"
+    # Prototypes checks that the descriptions cover every label, naming ``where``
+    return Prototypes(train_split, data.labels, descriptions, prior=init.prior, where=where)
+
+
+def load_task_data(spec, *, need_train: bool = True) -> tuple[Any, Any]:
+    """The dataset of a recipe's ``data:`` and its training split (few-shot when asked)."""
+    from peftkit.data.load import few_shot, load_data
+
+    data = load_data(
+        spec.source,
+        text_field=spec.text_field,
+        label_field=spec.label_field,
+        text_pair_field=spec.text_pair_field,
+        labels=spec.labels,
+        split_ratios=spec.split_ratios,
+        seed=spec.seed,
+        max_rows=spec.max_rows,
+        sample=spec.sample,
+        need_train=need_train,
+    )
+    train_split = data.split("train")
+    if spec.few_shot_k:
+        train_split = few_shot(train_split, spec.few_shot_k, spec.seed, label_names=data.labels)
+    return data, train_split
+
+
+def check_prompt(recipe: Recipe, data) -> None:
+    """The prompt set exists, has the template named, and describes every label of the data."""
+    from peftkit.prompting.templates import load_prompt_set
+
+    ref = recipe.prompt
+    assert ref is not None
+    try:
+        prompts = load_prompt_set(ref.set)
+        chosen = [prompts.get(ref.template)] if ref.template else list(prompts)
+        for prompt in chosen:
+            prompt.verbalizer.for_labels(data.labels, where=f"prompt {prompt.name!r}")
+    except PeftkitError as exc:
+        raise type(exc)(f"{recipe.source}: prompt: {exc}") from None
+
+
+def load_recipe_base(spec, quantization: str | None):
+    """Load a recipe's ``base:`` (``quantization``: the one its tasks settled on), saying so."""
+    from peftkit.models.base import load_base
+
+    dtype = f", dtype {spec.dtype}" if spec.dtype else ""
+    log.info(f"loading base {spec.source!r} (quantization: {quantization or 'none'}{dtype})")
+    return load_base(
+        spec.source,
+        kind=spec.kind,
+        quantization=quantization,
+        double_quant=spec.double_quant,
+        dtype=spec.dtype,
+    )
