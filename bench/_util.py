@@ -60,6 +60,7 @@ def mib(n: float | None) -> str:
 
 
 def environment() -> dict[str, Any]:
+    """Where and when a benchmark ran: versions, CPU, load, niceness, date and commit."""
     import torch
 
     try:
@@ -76,7 +77,28 @@ def environment() -> dict[str, Any]:
         "load_average_at_start": [round(x, 2) for x in load],
         "niceness": os.nice(0),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str | None:
+    """The checkout's HEAD (short hash, "+dirty" when files differ from it), or None outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _cpu() -> dict[str, Any]:
@@ -141,17 +163,3 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def seed_summary(accs: dict[str, list[float]], prefix: str = "") -> dict[str, dict[str, Any]]:
-    """Accuracy runs (fractions) per variant -> mean and std in points, printed; the probes'
-    summary of seeds 0-4."""
-    import statistics
-
-    out = {
-        n: {"mean": 100 * statistics.fmean(v), "std": 100 * statistics.stdev(v), "runs": v}
-        for n, v in accs.items()
-    }
-    for n, s in out.items():
-        print(f"{prefix}{n}: {s['mean']:.1f} ± {s['std']:.1f}", flush=True)
-    return out

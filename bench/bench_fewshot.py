@@ -33,7 +33,7 @@ sides get exactly those rows.
   (``training.objective: contrastive``: SetFit's oversampled pairs and cosine loss, one
   epoch, batch 16, max_length 128; the ``full`` preset at SetFit's 2e-5, or ``lora`` at
   1e-3) with ``head_init=Prototypes(...)``: the prototype head (``--prior``) rebuilt on the
-  trained body. Settings chosen on validation (``probe_fewshot_contrastive.py``).
+  trained body. Settings chosen on validation (``results/val_fewshot_contrastive.json``).
 - ``setfit-body+prototypes`` (not run by default; needs ``setfit`` before it): SetFit's
   own run of that seed, its logistic-regression head replaced by ``prototype_head`` (the
   label-description prior, ``--prior``) on its contrastively fine-tuned body. A hybrid:
@@ -41,7 +41,7 @@ sides get exactly those rows.
 - ``...-lora+protos`` (``...-full+protos``): the same fine-tuning, predicting with the mean
   of its probabilities and the prototype head's (a training-free member that keeps the
   label descriptions' prior); timed as the fine-tuning plus the head's pass over the test
-  rows. Chosen on validation (``probe_fewshot_ft.py``).
+  rows. Chosen on validation (``results/val_fewshot_ft.json``).
 
 Time per run is fitting plus predicting the test rows, in this process, one after another.
 """
