@@ -144,7 +144,7 @@ def test_missing_validation_is_carved_from_train(tmp_path: Path, caplog):
     d = tmp_path / "t"
     write_jsonl(d / "train.jsonl", rows(90))
     write_jsonl(d / "test.jsonl", rows(10))
-    with caplog.at_level(logging.INFO, logger="peftkit.data.load"):
+    with caplog.at_level(logging.INFO, logger="peftkit.data"):
         data = load_data(d, seed=3)
     assert "no validation file" in caplog.text
     assert len(data.split("validation")) == 10 and len(data.split("train")) == 80

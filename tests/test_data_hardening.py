@@ -44,7 +44,7 @@ def test_rows_with_text_pair_are_read_as_pairs_in_every_split(tmp_path: Path, ca
     d = tmp_path / "nli"
     for split, n in (("train", 12), ("validation", 6), ("test", 6)):
         write_jsonl(d / f"{split}.jsonl", pair_rows(n))
-    with caplog.at_level(logging.INFO, logger="peftkit.data.load"):
+    with caplog.at_level(logging.INFO, logger="peftkit.data"):
         data = load_data(d)
     assert "rows carry 'text_pair': training on text pairs" in caplog.text
     assert data.pairs
@@ -77,7 +77,7 @@ def test_rows_without_pairs_and_rows_with_some(tmp_path: Path, caplog):
     some = pair_rows(8, labels=("a", "b"))
     del some[3]["text_pair"]
     write_jsonl(d / "train.jsonl", some)
-    with caplog.at_level(logging.WARNING, logger="peftkit.data.load"):
+    with caplog.at_level(logging.WARNING, logger="peftkit.data"):
         data = load_data(d)
     assert not data.pairs
     assert "7 of 8 rows carry 'text_pair' (line 4 has none): not using pairs" in caplog.text
@@ -124,7 +124,7 @@ def test_max_rows_keeps_every_label_of_a_file_sorted_by_label(tmp_path: Path, ca
     write_jsonl(d / "validation.jsonl", sorted_rows(counts))
     first = load_data(d, max_rows=60, sample="first")
     assert len(set(first.split("train").labels)) == 6  # what max_rows used to keep
-    with caplog.at_level(logging.INFO, logger="peftkit.data.load"):
+    with caplog.at_level(logging.INFO, logger="peftkit.data"):
         data = load_data(d, max_rows=60, seed=3)
     assert "kept 60 of 300 train rows, 30 of the 30 labels present" in caplog.text
     train = data.split("train")
@@ -153,7 +153,7 @@ def test_max_rows_is_proportional_and_keeps_rare_labels(tmp_path: Path):
 def test_max_rows_below_the_label_count_keeps_the_commonest(tmp_path: Path, caplog):
     f = tmp_path / "many"
     write_jsonl(f / "train.jsonl", sorted_rows({"a": 5, "b": 30, "c": 3, "d": 20, "e": 2}))
-    with caplog.at_level(logging.INFO, logger="peftkit.data.load"):
+    with caplog.at_level(logging.INFO, logger="peftkit.data"):
         train = load_data(f, max_rows=2, seed=1).split("train")
     assert len(train) == 2
     assert set(train.labels) == {1, 3}  # b and d: proportional, the rest round to nothing
@@ -206,7 +206,7 @@ def test_labels_json_naming_absent_labels_warns_or_refuses(tmp_path: Path, caplo
     d = tmp_path / "t"
     write_jsonl(d / "train.jsonl", [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(8)])
     (d / "labels.json").write_text('["a", "b", "c"]')
-    with caplog.at_level(logging.WARNING, logger="peftkit.data.load"):
+    with caplog.at_level(logging.WARNING, logger="peftkit.data"):
         data = load_data(d)
     assert data.labels == ("a", "b", "c")  # the declared set: a 3-way head
     assert "labels.json names 1 of its 3 labels that no split has: c" in caplog.text
@@ -303,7 +303,7 @@ def test_a_folder_without_any_data_file_says_what_it_holds(tmp_path: Path):
 def test_a_single_file_is_scored_whole(tmp_path: Path, caplog):
     rows = [{"text": f"t{i}", "label": "abc"[i % 3]} for i in range(30)]
     f = write_jsonl(tmp_path / "score.jsonl", rows)
-    with caplog.at_level(logging.INFO, logger="peftkit.data.load"):
+    with caplog.at_level(logging.INFO, logger="peftkit.data"):
         data = load_data(f, need_train=False, labels=["c", "b", "a"])
     assert "all 30 rows are the test split" in caplog.text
     test = data.split("test")

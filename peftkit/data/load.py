@@ -10,6 +10,10 @@
 - a single ``.jsonl``/``.csv``/``.tsv`` file, split into train/validation/test;
 - a Hugging Face hub dataset, ``"hub:<id>"`` (needs ``datasets`` and a network).
 
+The readers live in :mod:`~peftkit.data.files`, :mod:`~peftkit.data.corpora` and
+:mod:`~peftkit.data.hub`, the label rules in :mod:`~peftkit.data.labels`, the seeded choices
+of rows in :mod:`~peftkit.data.sampling`; this module puts a source's tables together.
+
 Labels in files may be names (strings) or ids (integers into the label list). Splits are
 carved where a source has none, stratified by label and seeded; the order is decided by
 sha256 keys, not by ``hash()`` or global random state, so the same seed gives the same
@@ -46,33 +50,41 @@ Rules for data that would otherwise give a silently wrong result (each a
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, NoReturn
 
-from peftkit.data.corpora import (
-    CORPORA,
+from peftkit.data.corpora import CORPORA, corpus_spec, packaged_corpora, read_corpus
+from peftkit.data.dataset import SPLITS, Split, TextDataset
+from peftkit.data.files import (
     SUFFIXES,
     Fields,
     RawTable,
-    check_label_names,
-    corpus_spec,
-    packaged_corpora,
-    preview,
-    read_corpus,
-    read_hub,
     read_labels_json,
     read_table,
     split_files,
 )
+from peftkit.data.hub import read_hub
+from peftkit.data.labels import (
+    check_label_coverage,
+    check_label_names,
+    infer_labels,
+    label_ids,
+    refuse_mixed_label_kinds,
+)
+from peftkit.data.sampling import (
+    SAMPLES,
+    carve_splits,
+    check_sampling,
+    few_shot,
+    keep_rows,
+    stratified_rows,
+)
 from peftkit.errors import ConfigError, DataError, did_you_mean
 
+# SAMPLES, Split, few_shot and stratified_rows live apart; their old path keeps working.
 __all__ = [
     "SAMPLES",
     "SPLITS",
@@ -85,110 +97,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "validation", "test")
-SAMPLES = ("stratified", "first")  # how max_rows chooses its rows
-
-
-@dataclass(frozen=True)
-class Split:
-    """One split: texts, label ids (into :attr:`TextDataset.labels`), optional second texts.
-
-    ``origin`` says where the rows came from, for messages (not compared)."""
-
-    texts: tuple[str, ...]
-    labels: tuple[int, ...]
-    text_pairs: tuple[str, ...] | None = None
-    origin: str = field(default="", compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "texts", tuple(self.texts))
-        object.__setattr__(self, "labels", tuple(self.labels))
-        if self.text_pairs is not None:
-            object.__setattr__(self, "text_pairs", tuple(self.text_pairs))
-        sizes = {len(self.texts), len(self.labels)}
-        if self.text_pairs is not None:
-            sizes.add(len(self.text_pairs))
-        if len(sizes) != 1:
-            raise DataError(
-                f"Split needs as many labels (and text pairs) as texts; got {len(self.texts)} "
-                f"texts, {len(self.labels)} labels"
-                + ("" if self.text_pairs is None else f", {len(self.text_pairs)} text pairs")
-            )
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def __repr__(self) -> str:
-        pairs = "" if self.text_pairs is None else ", with text_pairs"
-        return f"Split({len(self)} rows, {len(set(self.labels))} labels{pairs})"
-
-    def subset(self, indices: Iterable[int]) -> Split:
-        """The rows at ``indices``, in that order: ``split.subset(range(100))``."""
-        idx = list(indices)
-        pairs = None if self.text_pairs is None else tuple(self.text_pairs[i] for i in idx)
-        texts, labels = tuple(self.texts[i] for i in idx), tuple(self.labels[i] for i in idx)
-        return Split(texts, labels, pairs, origin=self.origin)
-
-
-@dataclass(frozen=True)
-class TextDataset:
-    """A named dataset: label names (index == label id) and its splits.
-
-    Every split that has rows has text pairs, or none does (:attr:`pairs`)."""
-
-    name: str
-    labels: tuple[str, ...]
-    splits: Mapping[str, Split]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "labels", tuple(self.labels))
-        object.__setattr__(self, "splits", MappingProxyType(dict(self.splits)))
-        for split_name, split in self.splits.items():
-            bad = [y for y in set(split.labels) if not 0 <= y < len(self.labels)]
-            if bad:
-                raise DataError(
-                    f"dataset {self.name!r}, split {split_name!r}: label ids {sorted(bad)} "
-                    f"are outside 0..{len(self.labels) - 1} ({len(self.labels)} labels)"
-                )
-        paired = {k: s.text_pairs is not None for k, s in self.splits.items() if len(s)}
-        if len(set(paired.values())) > 1:
-            raise DataError(
-                f"dataset {self.name!r}: splits {[k for k, v in paired.items() if v]} have text "
-                f"pairs and {[k for k, v in paired.items() if not v]} do not; give every split "
-                "its pairs or none"
-            )
-
-    @property
-    def pairs(self) -> bool:
-        """Whether the rows are text pairs (``text_pairs`` set on the splits)."""
-        return any(s.text_pairs is not None for s in self.splits.values())
-
-    def __repr__(self) -> str:
-        sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
-        return f"TextDataset({self.name!r}, {len(self.labels)} labels, {sizes})"
-
-    def split(self, name: str) -> Split:
-        """The split called ``name``; a DataError listing the available ones otherwise."""
-        if name not in self.splits:
-            raise DataError(
-                f"dataset {self.name!r} has no {name!r} split; it has: "
-                f"{', '.join(self.splits) or 'none'}" + did_you_mean(name, self.splits)
-            )
-        return self.splits[name]
-
-    def label_id(self, name: str) -> int:
-        """The id of label ``name``: ``data.label_id("spam") -> 1``."""
-        try:
-            return self.labels.index(name)
-        except ValueError:
-            raise DataError(
-                f"dataset {self.name!r} has no label {name!r}; labels: {preview(self.labels)}"
-                + did_you_mean(name, self.labels)
-            ) from None
-
-
-# ---------------------------------------------------------------------------- loading
 
 
 @dataclass(frozen=True)
@@ -245,7 +153,7 @@ def load_data(
         >>> load_data("test_only/", need_train=False).split("train")   # doctest: +SKIP
         Split(0 rows, 0 labels)
     """
-    _check_sampling(max_rows, sample)
+    check_sampling(max_rows, sample)
     if not isinstance(need_train, bool):
         raise ConfigError(f"need_train must be True or False; got {need_train!r}")
     if text_pair_field is None:  # found out from the rows
@@ -263,7 +171,7 @@ def load_data(
         data = _load_path(source, opts)
     if max_rows is None:
         return data
-    return _sample(data, max_rows, sample, seed)
+    return keep_rows(data, max_rows, sample, seed)
 
 
 def _load_corpus(name: str, opts: _Options) -> TextDataset:
@@ -352,22 +260,6 @@ def _check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
     return float(values[0]), float(values[1]), float(values[2])
 
 
-def _check_sampling(max_rows: int | None, sample: str) -> None:
-    if max_rows is not None and (type(max_rows) is not int or max_rows < 1):
-        raise ConfigError(
-            "max_rows (data.max_rows in a recipe) must be a positive integer (rows kept per "
-            f"split) or None for every row; got {max_rows!r}"
-        )
-    if sample not in SAMPLES:
-        raise ConfigError(
-            f"sample (data.sample in a recipe) must be one of {', '.join(SAMPLES)}; "
-            f"got {sample!r}" + did_you_mean(str(sample), SAMPLES)
-        )
-
-
-# ---------------------------------------------------------------------------- labels, splits
-
-
 def _assemble(name, tables, names, origin, opts: _Options, carve=False) -> TextDataset:
     """Label ids for every table, then the splits a source lacks: carved from train, or
     (``need_train=False``, no train) left empty."""
@@ -376,12 +268,12 @@ def _assemble(name, tables, names, origin, opts: _Options, carve=False) -> TextD
     tables = _resolve_pairs(tables, opts.fields)
     inferred = names is None
     if inferred:
-        _refuse_mixed_label_kinds(tables)
-        names, origin = _infer_labels(tables)
+        refuse_mixed_label_kinds(tables)
+        names, origin = infer_labels(tables)
     splits = {s: _split_of(name, s, t, names, origin, inferred) for s, t in tables.items()}
-    _check_label_coverage(splits, names, origin, inferred, opts.need_train)
+    check_label_coverage(splits, names, origin, inferred, opts.need_train)
     if carve:
-        splits = _carve(splits["train"], opts.ratios, opts.seed)
+        splits = carve_splits(splits["train"], opts.ratios, opts.seed)
     elif "validation" not in splits and "train" in splits:
         splits.update(_carve_validation(name, splits["train"], opts))
     if not opts.need_train:  # every split present, the missing ones empty
@@ -403,7 +295,7 @@ def _first(tables: Mapping[str, RawTable]) -> RawTable:
 
 
 def _split_of(name, split: str, table: RawTable, names, origin, inferred: bool) -> Split:
-    ids = _label_ids(table, names, origin, inferred)
+    ids = label_ids(table, names, origin, inferred)
     where = f"the {split} split of {name!r} ({table.where})"
     pairs = None if table.pairs is None else tuple(str(p) for p in table.pairs)
     return Split(tuple(table.texts), ids, pairs, origin=where)
@@ -411,7 +303,7 @@ def _split_of(name, split: str, table: RawTable, names, origin, inferred: bool) 
 
 def _carve_validation(name: str, train: Split, opts: _Options) -> dict[str, Split]:
     frac = opts.ratios[1] / (opts.ratios[0] + opts.ratios[1])
-    carved = _carve(train, (1 - frac, frac, 0.0), opts.seed)
+    carved = carve_splits(train, (1 - frac, frac, 0.0), opts.seed)
     log.info(
         "%s: no validation file; carved %d of %d training rows as validation (seed %d)",
         name,
@@ -453,232 +345,3 @@ def _resolve_pairs(tables: dict[str, RawTable], fields: Fields) -> dict[str, Raw
                 "text_pair_field='' to leave the pairs out"
             )
     return tables
-
-
-def _infer_labels(tables: Mapping[str, RawTable]) -> tuple[tuple[str, ...], str]:
-    """The sorted labels of the train table (else of every table), and where they came from."""
-    chosen = [tables["train"]] if "train" in tables else list(tables.values())
-    values = set()
-    for table in chosen:
-        for raw, lineno in zip(table.raw, table.lines, strict=True):
-            if not isinstance(raw, (str, int)) or isinstance(raw, bool):
-                raise DataError(_bad_label_type(table.where, lineno, raw))
-            values.add(raw)
-    if all(isinstance(v, int) for v in values):
-        names = tuple(str(v) for v in sorted(values))
-    else:
-        names = tuple(sorted({str(v) for v in values}))
-    where = ", ".join(t.where for t in chosen)
-    return names, (f"training ({where})" if "train" in tables else f"the rows of {where}")
-
-
-def _label_kind(raw: Any) -> str | None:
-    if type(raw) is int or (type(raw) is str and raw.lstrip("-").isdecimal()):
-        return "an id"
-    return "a name" if type(raw) is str else None
-
-
-def _refuse_mixed_label_kinds(tables: Mapping[str, RawTable]) -> None:
-    """Refuse labels that mix ids (integers, or numbers as text) and names across a source's
-    files when no label list is given: ``0, 1, "neg", "pos"`` would become four classes."""
-    seen: dict[str, tuple[str, int, Any]] = {}
-    for table in tables.values():
-        for raw, lineno in zip(table.raw, table.lines, strict=True):
-            kind = _label_kind(raw)
-            if kind is not None and kind not in seen:
-                seen[kind] = (table.where, lineno, raw)
-        if len(seen) == 2:
-            (w1, l1, r1), (w2, l2, r2) = seen["an id"], seen["a name"]
-            raise DataError(
-                f"labels mix ids and names: {w1}, line {l1} has {r1!r} (an id) and {w2}, line "
-                f"{l2} has {r2!r} (a name); without a label list each would be a class of its "
-                "own. Write every label as a name, or give the names (labels.json next to the "
-                "files, or the labels argument): an integer label is then an index into them"
-            )
-
-
-def _check_label_coverage(splits, names, origin, inferred: bool, need_train: bool) -> None:
-    """Declared labels that no split has: a warning, refused when more than half are absent
-    (or the data holds one label) and the data is to train on. See the module docstring."""
-    present = {y for s in splits.values() for y in s.labels}
-    absent = [n for i, n in enumerate(names) if i not in present]
-    if need_train and len(present) == 1:
-        where = "; ".join(s.origin for s in splits.values())
-        raise DataError(
-            f"every row has the same label, {names[next(iter(present))]!r} ({where}); a "
-            "classifier needs rows of two labels or more (is label_field the right field?)"
-        )
-    if inferred or not absent:
-        return
-    message = (
-        f"{origin} names {len(absent)} of its {len(names)} labels that no split has: "
-        f"{preview(absent)}"
-    )
-    if need_train and 2 * len(absent) > len(names):
-        raise DataError(
-            f"{message}; with more than half absent this is not the data's label set: fix the "
-            "label list or the label field"
-        )
-    log.warning("%s; the head still gets %d outputs, one per declared label", message, len(names))
-
-
-def _label_ids(table: RawTable, names, origin: str, inferred: bool) -> tuple[int, ...]:
-    index: dict[Any, int] = {n: i for i, n in enumerate(names)}
-    for i, n in enumerate(names):
-        if n.lstrip("-").isdecimal():  # names that are numbers: the file's ints mean them
-            index.setdefault(int(n), i)
-    if not any(n.lstrip("-").isdecimal() for n in names):  # otherwise ints are ids
-        index.update({i: i for i in range(len(names))})
-        index.update({str(i): i for i in range(len(names))})
-    ids: list[int] = []
-    for raw, lineno in zip(table.raw, table.lines, strict=True):
-        found = index.get(raw) if type(raw) in (str, int) else None
-        if found is None:
-            _unknown_label(table, raw, lineno, names, origin, inferred)
-        ids.append(found)
-    return tuple(ids)
-
-
-def _unknown_label(table, raw, lineno, names, origin, inferred: bool) -> NoReturn:
-    if not isinstance(raw, (str, int)) or isinstance(raw, bool):
-        raise DataError(_bad_label_type(table.where, lineno, raw))
-    kind = "does not occur in" if inferred else "is not among the labels of"
-    raise DataError(
-        f"{table.where}, line {lineno}: label {raw!r} {kind} {origin}; known labels: "
-        f"{preview(names)}{did_you_mean(str(raw), names)}"
-    )
-
-
-def _bad_label_type(where: str, lineno: int, raw: Any) -> str:
-    return (
-        f"{where}, line {lineno}: label {raw!r} is {type(raw).__name__}; expected a label "
-        "name (string) or a label id (integer)"
-    )
-
-
-def _key(seed: int, purpose: str, index: int) -> bytes:
-    """A sort key that is the same on every machine: sha256 of (seed, purpose, row)."""
-    return hashlib.sha256(f"{seed}:{purpose}:{index}".encode()).digest()
-
-
-def _carve(split: Split, ratios: Sequence[float], seed: int) -> dict[str, Split]:
-    """Stratified seeded split into train/validation/test (rows shuffled within each)."""
-    by_class: dict[int, list[int]] = defaultdict(list)
-    for i, y in enumerate(split.labels):
-        by_class[y].append(i)
-    parts: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for y in sorted(by_class):
-        rows = sorted(by_class[y], key=lambda i: _key(seed, "split", i))
-        n = len(rows)
-        n_test = int(n * ratios[2] + 0.5)
-        n_val = min(int(n * ratios[1] + 0.5), max(n - n_test - 1, 0))
-        n_test = min(n_test, n - 1)
-        parts["test"] += rows[:n_test]
-        parts["validation"] += rows[n_test : n_test + n_val]
-        parts["train"] += rows[n_test + n_val :]
-    return {
-        s: replace(
-            split.subset(sorted(rows, key=lambda i: _key(seed, "order", i))),
-            origin=f"the {s} split carved from {split.origin or 'the rows'}",
-        )
-        for s, rows in parts.items()
-    }
-
-
-# ---------------------------------------------------------------------------- max_rows
-
-
-def _sample(data: TextDataset, n: int, how: str, seed: int) -> TextDataset:
-    """``n`` rows of each split (``how``: "stratified" or "first"), and a log line per split
-    saying what was kept."""
-    kept = {}
-    for name, split in data.splits.items():
-        if len(split) <= n:
-            kept[name] = split
-            continue
-        rows = range(n) if how == "first" else stratified_rows(split.labels, n, seed)
-        kept[name] = split.subset(rows)
-        before, after = set(split.labels), set(kept[name].labels)
-        lost = [data.labels[y] for y in sorted(before - after)]
-        log.info(
-            "%s: max_rows=%d (%s, seed %d): kept %d of %d %s rows, %d of the %d labels present%s",
-            data.name, n, how, seed, n, len(split), name, len(after), len(before),
-            f" (left out: {preview(lost)})" if lost else "",
-        )  # fmt: skip
-    return TextDataset(data.name, data.labels, kept)
-
-
-def stratified_rows(labels: Sequence[int], n: int, seed: int) -> list[int]:
-    """Indices of ``n`` of ``labels``' rows, in their order, stratified by label and chosen by
-    ``seed`` (sha256-keyed): one row of each label first when ``n`` allows, the rest in
-    proportion to each label's remaining rows (largest remainders; ties by the seed).
-
-        >>> stratified_rows([0, 0, 0, 0, 1, 1, 2], 3, seed=0)   # one of each label
-        [1, 4, 6]
-    """
-    by_class: dict[int, list[int]] = defaultdict(list)
-    for i, y in enumerate(labels):
-        by_class[y].append(i)
-    if n >= len(labels):
-        return list(range(len(labels)))
-    quota = _quota({y: len(rows) for y, rows in by_class.items()}, n, seed)
-    chosen = [
-        i
-        for y, rows in by_class.items()
-        for i in sorted(rows, key=lambda i: _key(seed, "sample", i))[: quota[y]]
-    ]
-    return sorted(chosen)
-
-
-def _quota(counts: Mapping[int, int], n: int, seed: int) -> dict[int, int]:
-    """Rows to keep per label, ``n`` in all (``n`` < the rows counted)."""
-    floor = 1 if n >= len(counts) else 0  # every label kept where n allows
-    left = {y: c - floor for y, c in counts.items()}
-    room, total = n - floor * len(counts), sum(left.values())
-    quota = {y: room * c // total for y, c in left.items()}
-    remainder = {y: room * c % total for y, c in left.items()}
-    extra = room - sum(quota.values())  # < the labels with a remainder: each gets at most one
-    ranked = sorted(counts, key=lambda y: (-remainder[y], _key(seed, "quota", y)))
-    for y in ranked[:extra]:
-        quota[y] += 1
-    return {y: q + floor for y, q in quota.items()}
-
-
-def few_shot(
-    split: Split, k: int, seed: int = 0, *, label_names: Sequence[str] | None = None
-) -> Split:
-    """``k`` rows per class from ``split``, chosen by ``seed`` (same seed, same rows).
-
-    Classes are those present in ``split``, or every label of ``label_names`` when given
-    (which also names them in errors). The rows chosen for a smaller ``k`` are among those
-    chosen for a larger one with the same seed. Rows come back in a seeded shuffled order.
-
-        >>> train = Split(("a", "b", "c", "d", "e"), (0, 0, 1, 1, 1))
-        >>> len(few_shot(train, k=2, seed=3))
-        4
-        >>> # few_shot(data.split("train"), 8, seed=1, label_names=data.labels)
-    """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise DataError(f"few_shot: k must be a positive integer (examples per class); got {k!r}")
-    if not len(split):
-        raise DataError(
-            f"few_shot: {split.origin or 'the split given'} is empty, so there are no rows to "
-            f"draw k={k} examples per class from; use a source with training rows (a train "
-            "file), or ask for no demonstrations"
-        )
-    by_class: dict[int, list[int]] = defaultdict(list)
-    for i, y in enumerate(split.labels):
-        by_class[y].append(i)
-    classes = range(len(label_names)) if label_names is not None else sorted(by_class)
-    short = [y for y in classes if len(by_class[y]) < k]
-    if short:
-        name = (lambda y: repr(label_names[y])) if label_names is not None else str
-        counts = [f"{name(y)}: {len(by_class[y])}" for y in classes]
-        raise DataError(
-            f"few_shot: asked for k={k} examples per class, but class {name(short[0])} has "
-            f"only {len(by_class[short[0]])} in this split (per class: {preview(counts, 20)})"
-        )
-    chosen = [
-        i for y in classes for i in sorted(by_class[y], key=lambda i: _key(seed, "shot", i))[:k]
-    ]
-    return split.subset(sorted(chosen, key=lambda i: _key(seed, "shot-order", i)))
