@@ -205,7 +205,7 @@ def load_base(
     dtype = resolve_dtype(dtype, on_cuda=on_cuda)
     # 4-bit layers compute in the weights' dtype: float32 on CPU and bfloat16 on CUDA unless
     # asked otherwise (bfloat16 on an AMX CPU: a 4-bit forward 2.6x, a QLoRA step 1.7-1.9x
-    # float32's speed; bench/probe_qlora_dtype.py)
+    # float32's speed; bench/results/probe_qlora_dtype.json)
     qconfig = quantization_config(
         quantization, double_quant=double_quant, compute_dtype=dtype, on_cuda=on_cuda
     )
