@@ -4,7 +4,9 @@ A folder holds
 
 - ``adapter_config.json`` + ``adapter_model.safetensors``: peft's own files (peft methods);
 - ``head.safetensors``: the task's classification head (``weight``, ``bias``);
-- ``task.json``: method, labels, pooling, max length: what it takes to use the adapter;
+- ``task.json``: method, labels, pooling, max length, template, and the base it was trained
+  on (fingerprint, source, quantization): what it takes to use the adapter
+  (:class:`~peftkit.adapters.task.TaskInfo`);
 - for ``full``: ``config.json`` + ``model.safetensors`` of the whole fine-tuned body, so the
   folder also loads with ``AutoModel.from_pretrained``.
 """
@@ -13,7 +15,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,62 +24,55 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peftkit.adapters import rewrite as residual
-from peftkit.adapters.model import Head, TaskModel
-from peftkit.errors import IntegrityError
+from peftkit.adapters.model import Head, TaskModel, body_of, peft_quiet, unpack_base
+from peftkit.adapters.task import TaskInfo
+from peftkit.errors import ConfigError, FingerprintMismatch, IntegrityError
 from peftkit.paths import atomic_write_text
+from peftkit.registry.entries import describe_base
 
 TASK_FILE = "task.json"
 HEAD_FILE = "head.safetensors"
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    method: str
-    labels: tuple[str, ...]
-    pooling: str
-    max_length: int
-    hidden_size: int
-    template: str | None = None  # inputs are formatted with it when set
-    verbalizer: dict[str, str] | None = None  # label words the head started from
-    head_normalize: bool = False  # a cosine head (see adapters.Head)
-    start: str | None = None  # a rewriting start trained from ("pissa"), saved as rank-2r LoRA
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "labels": list(self.labels),
-            "pooling": self.pooling,
-            "max_length": self.max_length,
-            "hidden_size": self.hidden_size,
-            "template": self.template,
-            "verbalizer": self.verbalizer,
-            "head_normalize": self.head_normalize,
-            "start": self.start,
-        }
 
 
 def save_adapter(
     model: TaskModel,
     folder: str | Path,
     *,
-    method: str,
-    labels: tuple[str, ...],
-    max_length: int,
+    method: str | None = None,
+    labels: Sequence[str] | None = None,
+    max_length: int | None = None,
     template: str | None = None,
     verbalizer: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``model``'s adapter, head and task description to ``folder`` (replaced whole)."""
+    """Write ``model``'s adapter, head and task description to ``folder`` (replaced whole).
+
+    The task is the model's own (``model.task``); an argument given replaces that field.
+    ``model.save_pretrained(folder)`` is the same call with none given.
+    """
+    given = {
+        "method": method,
+        "labels": None if labels is None else tuple(labels),
+        "max_length": max_length,
+        "template": template,
+        "verbalizer": dict(verbalizer) if verbalizer else None,
+    }
+    if model.released:
+        raise ConfigError(
+            f"cannot save to {folder}: this model's adapter was released from the base; "
+            "save it before release() (or before its `with` block ends)"
+        )
+    info = model.describe(_task_for(model, {k: v for k, v in given.items() if v is not None}))
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     body: Any = model.body
-    if method == "full":
+    if info.method == "full":
         body.save_pretrained(tmp, safe_serialization=True)
     elif model.base_rewrite is not None:
         # a PiSSA / OLoRA start: saved as plain LoRA of rank 2r on the original weights
         residual.save_as_lora(body, tmp, model.base_rewrite)
-    elif method != "probe":
+    elif info.method != "probe":
         residual.refuse_unrecorded(body)
         body.save_pretrained(tmp)  # peft: adapter_config.json + adapter_model.safetensors
     head = model.head.linear
@@ -87,17 +83,6 @@ def save_adapter(
         },
         str(tmp / HEAD_FILE),
     )
-    info = TaskInfo(
-        method=method,
-        labels=tuple(labels),
-        pooling=model.pooling,
-        max_length=max_length,
-        hidden_size=head.in_features,
-        template=template,
-        verbalizer=dict(verbalizer) if verbalizer else None,
-        head_normalize=bool(getattr(model.head, "normalize", False)),
-        start=None if model.base_rewrite is None else model.base_rewrite.start,
-    )
     atomic_write_text(tmp / TASK_FILE, json.dumps(info.to_dict(), indent=1))
     if folder.exists():
         shutil.rmtree(folder)
@@ -105,22 +90,27 @@ def save_adapter(
     return folder
 
 
+def _task_for(model: TaskModel, given: dict[str, Any]) -> TaskInfo:
+    """The model's task with ``given``'s fields in its place; a model that does not know
+    its task needs method, labels and max_length given."""
+    if model.known_task is not None:
+        return replace(model.known_task, **given)
+    missing = [k for k in ("method", "labels", "max_length") if k not in given]
+    if missing:
+        raise ConfigError(
+            f"save_adapter: this model does not know its task; pass {', '.join(missing)}= "
+            "(or build it with build_task_model(base, spec, labels=[...]))"
+        )
+    head = model.head.linear
+    return TaskInfo(pooling=model.pooling, hidden_size=head.in_features, **given)
+
+
 def read_task(folder: Path) -> TaskInfo:
+    """The folder's ``task.json``; IntegrityError when it is missing or not one."""
     path = Path(folder) / TASK_FILE
     try:
-        data = json.loads(path.read_text())
-        return TaskInfo(
-            method=data["method"],
-            labels=tuple(data["labels"]),
-            pooling=data["pooling"],
-            max_length=int(data["max_length"]),
-            hidden_size=int(data["hidden_size"]),
-            template=data.get("template"),
-            verbalizer=data.get("verbalizer"),
-            head_normalize=bool(data.get("head_normalize", False)),
-            start=data.get("start"),
-        )
-    except (OSError, ValueError, KeyError) as exc:
+        return TaskInfo.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(
             f"{path} is missing or unreadable ({exc}); this folder is not a "
             "peftkit adapter (re-export it from the registry)"
@@ -146,15 +136,49 @@ def load_head(folder: Path, info: TaskInfo, device: torch.device | str = "cpu") 
 
 def release(model: TaskModel) -> Any:
     """Take a trained peft adapter back out of the shared base (after saving it), so the
-    same base can train or serve the next one. Returns the clean body."""
-    body: Any = model.body
-    if hasattr(body, "peft_config") and hasattr(body, "unload"):
-        try:
-            clean = body.unload()
-        except (AttributeError, ValueError):  # prompt learning injects nothing
-            clean = body.get_base_model()
-        if model.base_rewrite is not None:
-            residual.restore(clean, model.base_rewrite)
-            model.base_rewrite = None
-        return clean
-    return body
+    same base can train or serve the next one. Returns the clean body
+    (``model.release()``, which a ``with model:`` block calls at its end)."""
+    return model.release()
+
+
+def load_task_model(base: Any, folder: str | Path) -> TaskModel:
+    """The task model saved in ``folder`` on ``base`` (``TaskModel.from_pretrained``): its
+    task, head and adapter, the adapter loaded into the base as peft loads it (LoRA-family
+    layers wrap the base's until ``release()``), in eval mode.
+
+    When ``base`` is a peftkit Base and the folder records the base it was trained on, the
+    two fingerprints must agree (FingerprintMismatch otherwise).
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} is not a folder; give an adapter folder (save_pretrained)")
+    info = read_task(folder)
+    _check_base(base, info, folder)
+    shared = body_of(unpack_base(base)[0])
+    device = next(shared.parameters()).device
+    head = load_head(folder, info, device)
+    body: Any = shared
+    if info.method == "full":
+        from transformers import AutoModel
+
+        body = AutoModel.from_pretrained(folder).to(device)
+    elif info.method != "probe":
+        import peft
+
+        with peft_quiet():
+            body = peft.PeftModel.from_pretrained(shared, str(folder), is_trainable=False)
+    model = TaskModel(body, head, info.pooling, task=info)
+    return model.eval()
+
+
+def _check_base(base: Any, info: TaskInfo, folder: Path) -> None:
+    fingerprint = getattr(base, "fingerprint", None)
+    if fingerprint is None or info.base_fingerprint is None:
+        return  # a bare model, or a folder saved without its base: nothing to compare
+    if fingerprint.id != info.base_fingerprint:
+        raise FingerprintMismatch(
+            f"adapter {folder} was trained on base "
+            f"{describe_base(info.base_fingerprint, info.base or {})}, but the given base is "
+            f"{describe_base(fingerprint.id, fingerprint.to_dict())}; load the base it was "
+            "trained on, or use an adapter trained on this base"
+        )

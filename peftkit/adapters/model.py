@@ -1,9 +1,12 @@
-"""Adapter presets (YAML in ``adapters/``) and what they build: peft configs and task models.
+"""The task model a preset builds: the base's body (+ peft) with a head of its own labels.
 
-A preset names a method and its options::
+A preset names a method and its options (peft's config: ``peftkit.adapters.peft_configs``)::
 
     spec = load_preset("lora", overrides={"peft": {"r": 16}})
-    model = build_task_model(base, spec, num_labels=4)   # body (+ peft) + its own head
+    model = build_task_model(base, spec, labels=["world", "sports", "business", "sci/tech"])
+    model.task.labels                       # what it is for, as a transformers config says
+    model.save_pretrained("adapters/agnews")
+    model.release()                         # or `with model:`: the shared base back as it was
 
 Every method trains the same kind of :class:`TaskModel`: the base's head-less body
 (``AutoModel``; for a causal LM, the transformer under its LM head), wrapped by peft as a
@@ -17,81 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from peftkit.adapters import rewrite as residual
+from peftkit.adapters.peft_configs import peft_config
+from peftkit.adapters.task import TaskInfo, check_labels
 from peftkit.config.presets import AdapterSpec, check_init
+from peftkit.data.batching import position_limit
 from peftkit.errors import ConfigError
-
-
-def target_modules(body: nn.Module, method: str) -> tuple[list[str], list[str] | None]:
-    """Target (and, for IA3, feed-forward) module names for this architecture, from peft's
-    own per-architecture tables; raises with the model's Linear layers when unknown."""
-    from peft.utils import constants as c
-
-    model_type = getattr(body.config, "model_type", "")
-    if method == "ia3":
-        targets: Any = c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(model_type)
-        ff: Any = c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type)
-    else:
-        targets = c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
-        ff = None
-    if not targets:
-        linear = sorted(
-            {
-                n.split(".")[-1]
-                for n, m in body.named_modules()
-                if isinstance(m, nn.Linear) or "Linear" in type(m).__name__
-            }
-        )
-        raise ConfigError(
-            f"no default target modules for architecture {model_type!r}; set "
-            f"peft.target_modules to some of its linear layers: {linear}"
-        )
-    return list(targets), (list(ff) if ff else None)
-
-
-def peft_config(spec: AdapterSpec, body: nn.Module) -> Any:
-    """The ``peft`` config for ``spec`` on ``body`` (task type FEATURE_EXTRACTION)."""
-    import peft
-
-    opts = dict(spec.peft)
-    task = peft.TaskType.FEATURE_EXTRACTION
-    if spec.method in ("lora", "qlora", "ia3") and _has_conv1d(body):
-        # GPT-2's layers are transformers' Conv1D (weights stored transposed); peft needs
-        # fan_in_fan_out=True for them and, left False, warns and sets it on every build
-        opts.setdefault("fan_in_fan_out", True)
-    try:
-        if spec.method in ("lora", "qlora"):
-            if opts.get("target_modules", "auto") == "auto":
-                opts["target_modules"], _ = target_modules(body, "lora")
-            return peft.LoraConfig(task_type=task, **opts)
-        if spec.method == "ia3":
-            targets, ff = target_modules(body, "ia3")
-            if opts.get("target_modules", "auto") == "auto":
-                opts["target_modules"] = targets
-            if opts.get("feedforward_modules", "auto") == "auto":
-                opts["feedforward_modules"] = ff or []
-            return peft.IA3Config(task_type=task, **opts)
-        if spec.method == "prefix":
-            return peft.PrefixTuningConfig(task_type=task, **opts)
-        if spec.method == "prompt-tuning":
-            return peft.PromptTuningConfig(task_type=task, **opts)
-    except TypeError as exc:
-        raise ConfigError(f"{spec.source}: bad peft option for {spec.method}: {exc}") from exc
-    raise ConfigError(f"method {spec.method!r} has no peft config")
-
-
-def _has_conv1d(body: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return any(isinstance(m, Conv1D) for m in body.modules())
-
 
 # -- the task model -----------------------------------------------------------------------
 
@@ -153,15 +96,55 @@ class Head(nn.Module):
 
 
 class TaskModel(nn.Module):
-    """Body (peft-wrapped, full or frozen) + pooling + one classification head."""
+    """Body (peft-wrapped, full or frozen) + pooling + one classification head, and the
+    task it is for (``task``: labels, method, max length, template, base).
 
-    def __init__(self, body: nn.Module, head: Head, pooling: str):
+    It wraps the shared base until released: ``with model: ...`` or ``model.release()``
+    takes its adapter back out (idempotent), so the base can train or serve the next one::
+
+        with build_task_model(base, load_preset("lora"), labels=["neg", "pos"]) as model:
+            ...  # train it
+            model.save_pretrained("adapters/sst2")
+        with TaskModel.from_pretrained(base, "adapters/sst2") as model:
+            logits = model(input_ids, attention_mask)
+    """
+
+    def __init__(self, body: nn.Module, head: Head, pooling: str, task: TaskInfo | None = None):
         super().__init__()
         self.body = body
         self.head = head
         self.pooling = pooling
         # set when a PiSSA / OLoRA start rewrote the shared base (see peftkit.adapters.rewrite)
         self.base_rewrite: residual.BaseRewrite | None = None
+        self.known_task = task  # what build_task_model / from_pretrained knew
+        self.released = False  # release() took a peft adapter out of the base
+
+    @property
+    def task(self) -> TaskInfo:
+        """The task this model is for, with what the model itself says (pooling, head size,
+        cosine head, rewriting start) as it is now."""
+        if self.known_task is None:
+            raise ConfigError(
+                "this TaskModel was built without its task (labels, method, max length): "
+                "build it with build_task_model(base, spec, labels=[...]) or set model.task"
+            )
+        return self.describe(self.known_task)
+
+    @task.setter
+    def task(self, info: TaskInfo) -> None:
+        self.known_task = info
+
+    def describe(self, info: TaskInfo) -> TaskInfo:
+        """``info`` with the fields the model decides: pooling, head size, cosine head and
+        the rewriting start trained from."""
+        start = info.start if self.base_rewrite is None else self.base_rewrite.start
+        return dataclasses.replace(
+            info,
+            pooling=self.pooling,
+            hidden_size=self.head.linear.in_features,
+            head_normalize=bool(getattr(self.head, "normalize", False)),
+            start=start,
+        )
 
     def features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
@@ -179,6 +162,46 @@ class TaskModel(nn.Module):
         if pooled:
             return features
         return self.head(features.to(self.head.linear.weight.dtype))
+
+    # -- the adapter folder and the shared base ------------------------------------------
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the adapter folder (peft files, head, ``task.json`` with the task and
+        base) to ``folder``, replacing it whole; see :mod:`peftkit.adapters.folder`."""
+        from peftkit.adapters.folder import save_adapter  # folder builds on this module
+
+        return save_adapter(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, base: Any, folder: str | Path) -> TaskModel:
+        """The task model saved in ``folder``, on ``base`` (a peftkit Base, whose
+        fingerprint must be the one the folder records, or a base model), in eval mode.
+        It wraps the base until released, as a freshly built one does."""
+        from peftkit.adapters.folder import load_task_model
+
+        return load_task_model(base, folder)
+
+    def release(self) -> Any:
+        """Take this model's peft adapter back out of the shared base (after saving it),
+        leaving the base as it was; again is a no-op. Returns the clean body."""
+        body: Any = self.body
+        if self.released or not (hasattr(body, "peft_config") and hasattr(body, "unload")):
+            return body.get_base_model() if self.released else body
+        try:
+            clean = body.unload()
+        except (AttributeError, ValueError):  # prompt learning injects nothing
+            clean = body.get_base_model()
+        if self.base_rewrite is not None:
+            residual.restore(clean, self.base_rewrite)
+            self.base_rewrite = None
+        self.released = True
+        return clean
+
+    def __enter__(self) -> TaskModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def hidden_size(config: Any) -> int:
@@ -212,27 +235,79 @@ def eval_mode(model) -> Iterator[None]:
 
 
 def build_task_model(
-    base_model: nn.Module,
+    base_model: Any,
     spec: AdapterSpec,
-    num_labels: int,
+    num_labels: int | None = None,
     *,
+    labels: Sequence[str] | None = None,
+    max_length: int | None = None,
+    template: str | None = None,
     adapter_name: str = "default",
     seed: int = 0,
     verbalizer: dict[str, int] | None = None,
 ) -> TaskModel:
-    """Wrap ``base_model``'s body for ``spec`` and add a fresh head of ``num_labels``.
+    """Wrap the base's body for ``spec`` and add a fresh head for ``labels`` (or
+    ``num_labels``, named ``LABEL_0``...); the model knows its task (``model.task``).
 
-    For ``full`` the body is deep-copied (the shared base stays frozen and untouched).
-    ``verbalizer`` (label index order: label -> first token id of its word) starts the
-    head from the causal LM's own output rows for those tokens, so before training the
-    model scores label words exactly as the LM does (see :func:`verbalizer_token_ids`).
+    ``base_model`` is a peftkit Base (``load_base``: its fingerprint, source and
+    quantization go into ``model.task`` and so into the saved folder) or a base model.
+    ``max_length`` defaults to the base's positions (512 when it names none); ``template``
+    is recorded for whoever serves the adapter. For ``full`` the body is deep-copied (the
+    shared base stays frozen and untouched). ``verbalizer`` (label index order: label ->
+    first token id of its word) starts the head from the causal LM's own output rows for
+    those tokens, so before training the model scores label words exactly as the LM does
+    (see :func:`verbalizer_token_ids`).
+
+        model = build_task_model(load_base("minilm"), load_preset("lora"), labels=["neg", "pos"])
     """
-    if num_labels < 2:
+    if labels is None and num_labels is not None and num_labels < 2:
         raise ConfigError(f"a classifier needs at least 2 labels, got {num_labels}")
+    names = check_labels(labels, num_labels)
+    if len(names) < 2:
+        raise ConfigError(f"a classifier needs at least 2 labels, got {list(names)}")
+    base_model, origin = unpack_base(base_model)
     torch.manual_seed(seed)
-    body = body_of(base_model)
-    rewrite: residual.BaseRewrite | None = None
-    pooling = default_pooling(body.config) if spec.pooling == "auto" else spec.pooling
+    shared = body_of(base_model)
+    pooling = default_pooling(shared.config) if spec.pooling == "auto" else spec.pooling
+    body, rewrite = _wrap_body(shared, spec, adapter_name)
+    head = Head(hidden_size(shared.config), len(names), spec.head_dropout)
+    if verbalizer is not None:
+        _init_from_lm_head(head, base_model, list(verbalizer.values()))
+    device = next(shared.parameters()).device
+    info = TaskInfo(
+        method=spec.method,
+        labels=names,
+        pooling=pooling,
+        max_length=max_length or position_limit(shared.config) or 512,
+        hidden_size=head.linear.in_features,
+        template=template,
+        **origin,
+    )
+    model = TaskModel(body, head.to(device), pooling, task=info)
+    model.base_rewrite = rewrite
+    return model
+
+
+def unpack_base(base: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The base model, and what ``TaskInfo`` records of a peftkit Base (nothing for a bare
+    model: its origin is unknown)."""
+    if isinstance(base, nn.Module):
+        return base, {}
+    fingerprint = getattr(base, "fingerprint", None)
+    if fingerprint is None:
+        return base.model, {}
+    return base.model, {
+        "base_fingerprint": fingerprint.id,
+        "base": fingerprint.to_dict(),
+        "quantization": getattr(base, "quantization", None),
+    }
+
+
+def _wrap_body(
+    body: nn.Module, spec: AdapterSpec, adapter_name: str
+) -> tuple[nn.Module, residual.BaseRewrite | None]:
+    """The trainable body for ``spec``: a float32 copy (``full``), the frozen base
+    (``probe``) or the base wrapped by peft, with the rewrite a PiSSA / OLoRA start made."""
     kbit = bool(
         getattr(body, "is_loaded_in_4bit", False) or getattr(body, "is_loaded_in_8bit", False)
     )
@@ -246,32 +321,25 @@ def build_task_model(
         body = copy.deepcopy(body).float()
         for p in body.parameters():
             p.requires_grad_(True)
-    elif spec.method == "probe":
+        return body, None
+    if spec.method == "probe":
         for p in body.parameters():
             p.requires_grad_(False)
-    else:
-        import peft
+        return body, None
+    import peft
 
-        quantized = spec.method == "qlora" or kbit
-        check_init(spec.peft, quantized=quantized, where=spec.source)
-        with peft_quiet():
-            if quantized:
-                # casts norms to fp32 and enables input grads; no gradient checkpointing on CPU
-                body = peft.prepare_model_for_kbit_training(
-                    body, use_gradient_checkpointing=torch.cuda.is_available()
-                )
-            config = peft_config(spec, body)
-            if residual.rewrites_base(residual.init_of(spec.peft)):
-                body, rewrite = residual.build(body, config, adapter_name)
-            else:
-                body = peft.get_peft_model(body, config, adapter_name=adapter_name)
-    head = Head(hidden_size(body_of(base_model).config), num_labels, spec.head_dropout)
-    if verbalizer is not None:
-        _init_from_lm_head(head, base_model, list(verbalizer.values()))
-    device = next(body_of(base_model).parameters()).device
-    model = TaskModel(body, head.to(device), pooling)
-    model.base_rewrite = rewrite
-    return model
+    quantized = spec.method == "qlora" or kbit
+    check_init(spec.peft, quantized=quantized, where=spec.source)
+    with peft_quiet():
+        if quantized:
+            # casts norms to fp32 and enables input grads; no gradient checkpointing on CPU
+            body = peft.prepare_model_for_kbit_training(
+                body, use_gradient_checkpointing=torch.cuda.is_available()
+            )
+        config = peft_config(spec, body)
+        if residual.rewrites_base(residual.init_of(spec.peft)):
+            return residual.build(body, config, adapter_name)
+        return peft.get_peft_model(body, config, adapter_name=adapter_name), None
 
 
 def verbalizer_token_ids(tokenizer: Any, words: dict[str, str]) -> dict[str, int]:

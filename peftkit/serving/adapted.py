@@ -1,11 +1,12 @@
 """Hot-swap: one base in memory, many task adapters, switch in microseconds, mixed batches.
 
     from peftkit import AdaptedModel, Registry, load_base
-    model = AdaptedModel(load_base("minilm"), Registry("registry"), max_resident=8)
-    model.use("sst2")                      # loads once (hash and base checked), then O(1)
-    model.predict(["a gripping film"])     # -> [Prediction(label='positive', ...)]
-    model.predict_mixed(["a gripping film", "stocks fell"], adapters=["sst2", "agnews"])
-    model.predict(["a man sleeps"], adapter="nli", text_pairs=["nobody sleeps"])  # pairs
+    with AdaptedModel(load_base("minilm"), Registry("registry"), max_resident=8) as model:
+        model.use("sst2")                      # loads once (hash and base checked), then O(1)
+        model.predict(["a gripping film"])     # -> [Prediction(label='positive', ...)]
+        model.predict_mixed(["a gripping film", "stocks fell"], adapters=["sst2", "agnews"])
+        model.predict(["a man sleeps"], adapter="nli", text_pairs=["nobody sleeps"])  # pairs
+    # the block's end took every adapter back out of the base
 
 A name (``"sst2"``) means its latest version each time it is asked: a version registered
 or removed meanwhile is seen on the next call (checked cheaply: the registry's generation
@@ -234,8 +235,15 @@ class AdaptedModel:
         self._peft.eval()
         return key
 
+    def __enter__(self) -> AdaptedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Take every adapter out of the base, leaving it as it was loaded."""
+        """Take every adapter out of the base, leaving it as it was loaded (again: a
+        no-op); ``with AdaptedModel(base, registry) as model:`` calls it at the end."""
         with self._lock:
             self._resident.clear()
             self._free.clear()

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from peftkit.adapters.folder import release
-from peftkit.adapters.model import TaskModel, build_task_model, verbalizer_token_ids
+from peftkit.adapters.model import TaskModel, build_task_model, unpack_base, verbalizer_token_ids
+from peftkit.adapters.task import TaskInfo
 from peftkit.config.presets import AdapterSpec
 from peftkit.config.training import TrainConfig
 from peftkit.data.batching import Encoded, apply_template, encode, pad_id, position_limit
@@ -70,6 +71,13 @@ class TrainResult:
     step_seconds: float = 0.0
     resumed_from: int = 0
 
+    # `with train(...) as result:` gives the shared base back when the block ends
+    def __enter__(self) -> TrainResult:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.release()
+
 
 def train(
     base: Any,
@@ -85,7 +93,12 @@ def train(
     head_init: Any = None,
 ) -> TrainResult:
     """Train ``spec`` on ``data`` and return the best model (in eval mode, wrapping the
-    shared base until ``artifacts.release``), its history and test report.
+    shared base until released), its history and test report. The model knows its task
+    (``result.model.task``: labels, method, max length, template, base)::
+
+        with train(base, load_preset("lora"), data, TrainConfig(), "runs/sst2") as result:
+            result.model.save_pretrained("adapters/sst2")
+        # the block's end released the adapter: the base is as load_base gave it
 
     ``run_dir`` holds ``checkpoints/`` (resumable state, best weights) and ``history.json``.
     Starting again on the same ``run_dir`` resumes from the last checkpoint.
@@ -169,8 +182,11 @@ def train(
             f"{len(data.labels)} labels"
         )
     model = build_task_model(
-        base.model, spec, len(data.labels), seed=config.seed, verbalizer=token_ids
-    )
+        base, spec, labels=data.labels, max_length=max_length, template=template,
+        seed=config.seed, verbalizer=token_ids,
+    )  # fmt: skip
+    if verbalizer is not None:  # recorded as words: serving needs no tokenizer to read them
+        model.task = replace(model.task, verbalizer={lab: verbalizer[lab] for lab in data.labels})
     try:
         if head_init is not None:
             _start_head(model, head_init)
@@ -263,13 +279,19 @@ def untrained(
 
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     model = prototype_probe(base, copy.deepcopy(head)).eval()
+    max_length = model_max_length(config.max_length, base.model)
+    _, origin = unpack_base(base)
+    model.task = TaskInfo(
+        method="probe", labels=tuple(data.labels), pooling=model.pooling,
+        max_length=max_length, hidden_size=model.head.linear.in_features, **origin,
+    )  # fmt: skip
     trainable = sum(p.numel() for p in model.head.parameters())
     total = trainable + sum(p.numel() for p in model.body.parameters())
     result = TrainResult(
         model=model, steps=0, history=[], best={}, trainable=trainable, total=total
     )
 
-    enc = _encoder(base.tokenizer, model_max_length(config.max_length, base.model), None)
+    enc = _encoder(base.tokenizer, max_length, None)
     _test(result, data, enc, pad_id(base.tokenizer), config, acc)
     return result
 
