@@ -14,11 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import peftkit.registry.store as registry
+import peftkit.registry.staging as staging
+from peftkit.registry import Registry
 
 
 def _hang_after(function_name: str) -> None:
-    original = getattr(registry, function_name)
+    original = getattr(staging, function_name)
 
     def hanging(*args, **kwargs):
         result = original(*args, **kwargs)
@@ -26,12 +27,12 @@ def _hang_after(function_name: str) -> None:
         time.sleep(120)
         return result
 
-    setattr(registry, function_name, hanging)
+    setattr(staging, function_name, hanging)
 
 
 def main(argv: list[str]) -> None:
     mode, root, name, src = argv[:4]
-    reg = registry.Registry(root)
+    reg = Registry(root)
     meta = dict(
         method="lora",
         labels=("neg", "pos"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import peftkit.registry.store as registry_mod
+import peftkit.registry.index as index_mod
 from peftkit.cli import main
 from peftkit.registry.store import Registry
 
@@ -111,7 +111,7 @@ def test_import_of_a_folder_with_a_link_is_refused(root, tmp_path, capsys):
 
 
 def test_a_registry_that_cannot_be_written_lists_but_refuses_rm(root, capsys, monkeypatch):
-    monkeypatch.setattr(registry_mod.os, "access", lambda path, mode, **kw: mode != os.W_OK)
+    monkeypatch.setattr(index_mod.os, "access", lambda path, mode, **kw: mode != os.W_OK)
     reg = ["adapters", "--registry", root]
     code, out, _ = run([*reg, "list"], capsys)
     assert code == 0 and "trec@1" in out

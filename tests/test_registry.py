@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import peftkit.registry.store as registry_mod
+import peftkit.registry.staging as staging_mod
 from peftkit.errors import ConfigError, FingerprintMismatch, IntegrityError, RegistryError
 from peftkit.registry.store import Registry
 
@@ -148,7 +148,8 @@ def test_invalid_names_are_refused(reg, src, name):
         (dict(labels=["a", "a"]), "distinct"),
         (dict(labels=["a", 1]), "non-empty strings"),
         (dict(base_fingerprint=""), "base_fingerprint must be a non-empty string"),
-        (dict(method=None), "method must be a non-empty string"),
+        (dict(method=""), "method must be a non-empty string"),
+        (dict(method=None), "no method given and it has no task.json"),
         (dict(metrics={"f": object()}), "JSON"),
         (dict(verbalizer=["good"]), "verbalizer must be a mapping"),
     ],
@@ -280,13 +281,13 @@ def test_load_path_with_hash_check_time_for_1mb_adapter(reg, tmp_path):
 
 @pytest.mark.parametrize("where", ["fill_stage", "move_into_place"])
 def test_registration_failing_half_way_leaves_nothing(reg, src, monkeypatch, where):
-    original = getattr(registry_mod, where)
+    original = getattr(staging_mod, where)
 
     def fail_after(*args, **kwargs):
         original(*args, **kwargs)
         raise KeyboardInterrupt("interrupted")
 
-    monkeypatch.setattr(registry_mod, where, fail_after)
+    monkeypatch.setattr(staging_mod, where, fail_after)
     with pytest.raises(KeyboardInterrupt):
         reg.register("sst2", src, **META)
     assert reg.list() == [] and _leftovers(reg) == ([], [])

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import peftkit.registry.store as registry_mod
+import peftkit.registry.index as index_mod
+import peftkit.registry.staging as staging_mod
 from peftkit.errors import ConfigError, IntegrityError, RegistryError
 from peftkit.registry.store import Registry
 
@@ -156,7 +157,7 @@ def test_a_removal_killed_after_its_commit_is_finished_on_the_next_open(filled, 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(registry_mod, "remove_tree", killed)
+    monkeypatch.setattr(staging_mod, "remove_tree", killed)
     with pytest.raises(KeyboardInterrupt):
         filled.remove("sst2@1")
     assert path.is_dir() and [e.ref for e in filled.list("sst2")] == ["sst2@2"]
@@ -166,13 +167,13 @@ def test_a_removal_killed_after_its_commit_is_finished_on_the_next_open(filled, 
 
 
 def test_a_removal_failing_before_its_commit_keeps_the_entry_whole(filled, monkeypatch):
-    original = registry_mod.write_marker
+    original = staging_mod.write_marker
 
     def fail_after(*args, **kwargs):
         original(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(registry_mod, "write_marker", fail_after)
+    monkeypatch.setattr(staging_mod, "write_marker", fail_after)
     with pytest.raises(KeyboardInterrupt):
         filled.remove("trec")
     monkeypatch.undo()
@@ -226,7 +227,7 @@ def test_only_the_files_of_an_adapter_folder_are_copied(tmp_path, caplog):
     (folder / "sub").mkdir()
     (folder / "sub" / "x.safetensors").write_bytes(b"x")
     reg = Registry(tmp_path / "registry")
-    with caplog.at_level(logging.WARNING, logger="peftkit.registry.store"):
+    with caplog.at_level(logging.WARNING, logger="peftkit.registry"):
         entry = reg.register("sst2", folder, **META)
     assert set(entry.files) == {
         "adapter_config.json",
@@ -344,7 +345,7 @@ def test_unwritable_registry_opens_read_only(filled, tmp_path, monkeypatch):
     def access(path, mode, *args, **kwargs):
         return mode != os.W_OK and os.path.exists(path)
 
-    monkeypatch.setattr(registry_mod.os, "access", access)
+    monkeypatch.setattr(index_mod.os, "access", access)
     reg = Registry(filled.root)
     assert reg.read_only
     _assert_reads_work_and_writes_are_refused(reg, tmp_path, "its folder or index.sqlite cannot")
@@ -385,7 +386,7 @@ def test_damaged_index_is_named_writes_are_refused_and_rebuild_moves_it_aside(tm
     for i in range(40):
         reg.register(f"task{i:02d}", src, **META, metrics={"notes": "x" * 400})
     reg.close()
-    registry_mod.Registry(reg.root).close()  # the last connection checkpoints the WAL
+    Registry(reg.root).close()  # the last connection checkpoints the WAL
     index = reg.root / "index.sqlite"
     assert not Path(f"{index}-wal").exists() or Path(f"{index}-wal").stat().st_size == 0
     _damage(index)

@@ -1,5 +1,7 @@
-"""The adapter registry: an SQLite index (``store``), what an entry holds (``entries``) and
-its files on disk (``files``). No torch import."""
+"""The adapter registry (no torch import): :class:`Registry` (``store``) over an SQLite
+index (``index``), what an entry holds (``entries``), what a folder says about itself
+(``metadata``: task.json, peftkit.json), its files (``files``), crash-safe writes
+(``staging``) and the checks and repairs (``check``)."""
 
 from peftkit.registry.entries import Entry
 from peftkit.registry.store import Registry

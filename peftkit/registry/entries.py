@@ -2,8 +2,8 @@
 
 An :class:`Entry` is one adapter version as the index records it; ``check_metadata``
 validates what a caller registers (each bad field named with its valid form),
-``check_agrees`` compares it with what the folder's own files say (``task.json``, the head's
-shape), and ``parse_ref`` reads ``"name"``, ``"name@latest"`` and ``"name@3"``.
+``encode_row`` / ``entry_from_row`` turn an entry into its index row and back, and
+``parse_ref`` reads ``"name"``, ``"name@latest"`` and ``"name@3"``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import ConfigError, IntegrityError
+from peftkit.errors import ConfigError, RegistryError, did_you_mean
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 COLUMNS = tuple(
@@ -123,36 +123,6 @@ def check_run_id(run_id: object) -> str | None:
     return run_id
 
 
-def check_agrees(
-    meta: Mapping[str, Any],
-    task: Mapping[str, Any] | None,
-    head_rows: int | None,
-    where: str,
-) -> None:
-    """IntegrityError when ``meta`` (what an index row or peftkit.json says) disagrees with
-    the folder's ``task.json`` (``task``) or its head's number of rows, naming both values."""
-    labels = list(meta["labels"])
-    if task is not None:
-        for field, given in (("labels", labels), ("method", meta["method"])):
-            found = list(task[field]) if field == "labels" else task.get(field)
-            if field in task and found != given:
-                raise IntegrityError(
-                    f"{where}: the metadata gives {field} {given!r} but task.json gives "
-                    f"{found!r}; fix the metadata (or pass {field}=...) to match the files"
-                )
-        recorded = task.get("base_fingerprint")
-        if recorded is not None and recorded != meta["base_fingerprint"]:
-            raise IntegrityError(
-                f"{where}: the metadata gives base_fingerprint {meta['base_fingerprint']!r} "
-                f"but task.json records {recorded!r}; the adapter was trained on that base"
-            )
-    if head_rows is not None and head_rows != len(labels):
-        raise IntegrityError(
-            f"{where}: head.safetensors has {head_rows} output rows but the metadata gives "
-            f"{len(labels)} labels {labels!r}; the labels must be the head's classes, in order"
-        )
-
-
 def _strings(field: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise ConfigError(f"{field} must be a list of strings, e.g. ['neg', 'pos'], got {value!r}")
@@ -181,6 +151,36 @@ def encode_row(row: Mapping[str, Any]) -> tuple[Any, ...]:
         if c in JSON_COLUMNS and row[c] is not None
         else row[c]
         for c in COLUMNS
+    )
+
+
+def entry_from_row(row: Iterable[Any], adapters: Path) -> Entry:
+    """The entry of an index row (the columns of :data:`COLUMNS`, JSON ones encoded); its
+    path is its version folder under ``adapters``."""
+    values = dict(zip(COLUMNS, row, strict=True))
+    for c in JSON_COLUMNS:
+        if values[c] is not None:
+            values[c] = json.loads(values[c])
+    values["labels"], values["tags"] = tuple(values["labels"]), tuple(values["tags"])
+    return Entry(**values, path=adapters / values["name"] / str(values["version"]))
+
+
+def not_found(
+    root: Path, name: str, version: int | None, versions: list[int], names: list[str]
+) -> RegistryError:
+    """The error for a reference the registry at ``root`` cannot resolve: the versions
+    ``name`` has (``versions``), or the registered ``names`` with a did-you-mean."""
+    if versions and version is not None:
+        return RegistryError(
+            f"adapter {name!r} has no version {version}; its versions are "
+            f"{', '.join(map(str, versions))} (registry {root})"
+        )
+    if not names:
+        return RegistryError(f"no adapter named {name!r}: the registry at {root} is empty")
+    shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+    return RegistryError(
+        f"no adapter named {name!r} in the registry at {root}"
+        f"{did_you_mean(name, names)}; registered: {shown}"
     )
 
 

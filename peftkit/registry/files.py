@@ -1,45 +1,29 @@
-"""Files of the registry: staged, hashed, fsynced copies and their checks.
+"""The files of an adapter folder as the registry copies and checks them.
 
-A registration copies an adapter folder's files (regular files only, never through a link,
-and only the files an adapter folder consists of: :data:`ADAPTER_FILES`) into a staging
-folder that it locks (``flock``) for as long as it lives, hashing and fsyncing every file;
-the staged folder is then renamed into place.
-
-Nothing here deletes a folder it cannot prove the registry wrote: every staging folder gets
-a marker file (:data:`PENDING_FILE`, naming the registry's id and the process) when it is
-created, and keeps it until the registration commits. Only a folder carrying this
-registry's marker may be removed by a clean-up (``remove_if_orphan_stage``, and the
-registry's own check of version folders); anything else unknown is reported.
+Which files an adapter folder consists of (:data:`ADAPTER_FILES`; anything else is left
+out), refusing symbolic links (a registration copies regular files only, never through a
+link), copies that hash and fsync every byte, comparing recorded hashes with what is on
+disk, and listing the version folders under ``adapters/``. The names of the registry's own
+files (:data:`META_FILE`, :data:`PENDING_FILE`) live here too: every other registry module
+skips them when it hashes a folder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 import re
-import shutil
 import stat
-import time
-import uuid
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import ConfigError, IntegrityError, RegistryError
-from peftkit.registry.entries import Entry, check_agrees
+from peftkit.errors import ConfigError
 
-try:
-    import fcntl
-except ImportError:  # Windows: staging folders are then cleaned by age only
-    fcntl = None  # type: ignore[assignment]
-
-STALE_STAGE_S = 3600.0  # a staging folder this old is dead even if its pid was reused
 CHUNK = 1 << 20
-FORMAT = "peftkit-adapter/1"  # what an export's and a version folder's peftkit.json is
 META_FILE = "peftkit.json"  # an entry's metadata, in each version folder and each export
 PENDING_FILE = ".peftkit-pending"  # marks a folder this registry staged and has not committed
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what plain peft loads
 OWN_FILES = frozenset({META_FILE, PENDING_FILE})  # written by the registry, not hashed
 # What an adapter folder consists of (see peftkit.adapters.folder): peft's files, the head and
 # task description, a full fine-tune's body, peft's model card, and tokenizer files.
@@ -134,85 +118,6 @@ def _some(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def write_marker(folder: Path, owner: str) -> None:
-    """Mark ``folder`` as staged by the registry ``owner`` (its id) in this process."""
-    payload = {"registry": owner, "pid": os.getpid(), "time": time.time()}
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-    with os.fdopen(os.open(folder / PENDING_FILE, flags, 0o644), "w", encoding="utf-8") as fh:
-        json.dump(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def marked_by(folder: Path, owner: str) -> bool:
-    """Whether ``folder`` carries the pending marker of the registry ``owner``."""
-    path = folder / PENDING_FILE
-    try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return False
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("registry") == owner
-
-
-def clear_marker(folder: Path) -> None:
-    """Take the pending marker out (the folder becomes an ordinary version folder)."""
-    (folder / PENDING_FILE).unlink()
-    fsync_dir(folder)
-
-
-def is_inside(path: Path, within: Path) -> bool:
-    """Whether ``path`` is a real folder strictly inside ``within``, reached without a
-    link that leads out of it."""
-    real, root = os.path.realpath(path), os.path.realpath(within)
-    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(within))
-    return (
-        os.path.isdir(path)
-        and not os.path.islink(path)
-        and real == os.path.join(root, rel)
-        and not rel.startswith(os.pardir)
-        and rel != os.curdir
-    )
-
-
-def remove_tree(path: Path, within: Path) -> None:
-    """``shutil.rmtree(path)``, only when ``path`` is a real folder inside ``within``
-    (no link on the way out of it); otherwise RegistryError, and nothing is removed."""
-    if not os.path.lexists(path):
-        return
-    if not is_inside(path, within):
-        real = os.path.realpath(path)
-        raise RegistryError(
-            f"refusing to remove {path}: it resolves to {real}, which is not a folder inside "
-            f"{os.path.realpath(within)} (a symbolic link on the way?); remove it by hand if "
-            "it is yours"
-        )
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def new_stage(tmp: Path, owner: str) -> tuple[Path, int | None]:
-    """A new staging folder under ``tmp``, marked as ``owner``'s, and the fd of its lock
-    (held while we live)."""
-    stage = new_dir(tmp, f"stage-{os.getpid()}-")
-    write_marker(stage, owner)
-    if fcntl is None:
-        return stage, None
-    lock = os.open(stage, os.O_RDONLY)
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new folder: nobody else holds it
-    return stage, lock
-
-
-def new_dir(parent: Path, prefix: str) -> Path:
-    """A new uniquely named folder (with the umask's mode, unlike tempfile.mkdtemp's 0700)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        path = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
-        with contextlib.suppress(FileExistsError):
-            path.mkdir()
-            return path
-
-
 def fill_stage(stage: Path, sources: Iterable[tuple[str, Path]]) -> dict[str, str]:
     """Copy ``sources`` into ``stage``, fsynced; returns {relpath: sha256}."""
     files = copy_files(sources, stage)
@@ -282,11 +187,6 @@ def compare_hashes(expected: Mapping[str, str], actual: Mapping[str, Any]) -> li
     return problems
 
 
-def move_into_place(stage: Path, final: Path) -> None:
-    os.rename(stage, final)
-    fsync_dir(final.parent)
-
-
 def fsync_tree(root: Path) -> None:
     for dirpath, _, _ in os.walk(root):
         fsync_dir(Path(dirpath))
@@ -302,42 +202,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def remove_if_orphan_stage(stage: Path, owner: str) -> None:
-    """Remove a staging folder whose registration died: it carries ``owner``'s marker, its
-    lock is free and its process is gone, or it is older than an hour (the only test where
-    flock is missing). A folder without the marker is left alone."""
-    match = re.match(r"stage-(\d+)-", stage.name)
-    if os.path.islink(stage) or not marked_by(stage, owner):
-        return
-    try:
-        age = time.time() - stage.stat().st_mtime
-        fd = os.open(stage, os.O_RDONLY) if fcntl is not None else None
-    except OSError:
-        return
-    try:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return  # a live registration holds it
-        dead = fd is not None and match is not None and not pid_alive(int(match.group(1)))
-        if dead or age > STALE_STAGE_S:
-            shutil.rmtree(stage, ignore_errors=True)
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def version_folders(adapters: Path) -> Iterator[tuple[str, int, Path]]:
     """(name, version, path) of every ``adapters/<name>/<number>`` folder, links included
     (a link is listed, never entered)."""
@@ -349,89 +213,3 @@ def version_folders(adapters: Path) -> Iterator[tuple[str, int, Path]]:
         for folder in sorted(named.iterdir()):
             if folder.name.isdigit():
                 yield named.name, int(folder.name), folder
-
-
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors file's header (no tensor is read).
-
-    The format is an 8-byte little-endian header length, then a JSON header mapping each
-    tensor name to its dtype, shape and offsets.
-    """
-    with open_regular(path) as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        if not 0 < size <= 100 << 20:
-            raise ValueError(f"header length {size} is not that of a safetensors file")
-        header = json.loads(fh.read(size))
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    return {
-        k: tuple(int(n) for n in v["shape"])
-        for k, v in header.items()
-        if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("shape"), list)
-    }
-
-
-def meta_dict(entry: Entry) -> dict[str, Any]:
-    meta = {"format": FORMAT, **entry.to_dict()}
-    del meta["path"]
-    return meta
-
-
-def write_meta_file(folder: Path, entry: Entry) -> None:
-    """``folder/peftkit.json``: the entry's metadata with its files' hashes, fsynced."""
-    with open(folder / META_FILE, "x", encoding="utf-8") as fh:
-        json.dump(meta_dict(entry), fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def export_files(entry: Entry, dest: Path, recheck: Callable[[], Entry]) -> None:
-    """Copy the entry's files and its peftkit.json into ``dest`` through a new staging
-    folder beside it, renamed into place once complete."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    stage = new_dir(dest.parent, f".{dest.name}.export-")
-    try:
-        copied = copy_files(((r, entry.path / r) for r in entry.files), stage)
-        if copied != entry.files:  # changed since the check a moment ago
-            recheck()
-        write_meta_file(stage, entry)
-        fsync_tree(stage)
-        if dest.exists():
-            dest.rmdir()
-        os.rename(stage, dest)
-    except BaseException:
-        remove_tree(stage, dest.parent)
-        raise
-
-
-def check_files_agree(folder: Path, meta: Mapping[str, Any], where: str) -> None:
-    """IntegrityError when ``meta`` disagrees with the folder's task.json or head shape."""
-    task = head_rows = None
-    if (folder / "task.json").is_file():
-        try:
-            task = json.loads((folder / "task.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise IntegrityError(f"{where}: task.json cannot be read: {exc}") from None
-        if not isinstance(task, dict):
-            raise IntegrityError(f"{where}: task.json must hold a JSON object")
-    if (folder / "head.safetensors").is_file():
-        try:
-            weight = safetensors_shapes(folder / "head.safetensors").get("weight")
-        except (OSError, ValueError) as exc:
-            raise IntegrityError(
-                f"{where}: head.safetensors is not a readable safetensors file ({exc})"
-            ) from None
-        head_rows = weight[0] if weight else None
-    check_agrees(meta, task, head_rows, where)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if path.is_symlink():
-        raise ConfigError(f"{path} is a symbolic link; give the file itself")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
