@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import peftkit.registry.staging as staging_mod
@@ -166,6 +167,108 @@ def test_bad_folders_are_refused(reg, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="is empty"):
         reg.register("a", tmp_path / "empty", **META)
+
+
+# -- register(name, folder): the metadata from the folder's task.json ------------------------
+
+TASK = {
+    "method": "lora",
+    "labels": ["neg", "pos"],
+    "pooling": "cls",
+    "max_length": 64,
+    "hidden_size": 8,
+    "template": "Review: {text}",
+    "verbalizer": {"neg": "bad", "pos": "good"},
+    "head_normalize": False,
+    "start": None,
+    "base_fingerprint": "fp-task",
+    "base": {"architecture": "bert:BertModel", "source": "tiny"},
+    "quantization": "4bit",
+}
+
+
+def saved_folder(folder: Path, task: dict | None = TASK, rows: int = 2) -> Path:
+    """A folder as save_pretrained writes it, by hand: peft's files, a head, task.json."""
+    from safetensors.numpy import save_file
+
+    make_adapter(folder)
+    head = {"weight": np.zeros((rows, 8), np.float32), "bias": np.zeros(rows, np.float32)}
+    save_file(head, str(folder / "head.safetensors"))
+    if task is not None:
+        (folder / "task.json").write_text(json.dumps(task))
+    return folder
+
+
+def test_register_reads_the_folders_task_json(reg, tmp_path):
+    entry = reg.register("sst2", saved_folder(tmp_path / "a"), metrics={"accuracy": 0.9})
+    assert (entry.method, entry.labels, entry.base_fingerprint) == (
+        "lora",
+        ("neg", "pos"),
+        "fp-task",
+    )
+    assert entry.base == TASK["base"] and entry.quantization == "4bit"
+    assert (entry.template, entry.verbalizer) == ("Review: {text}", TASK["verbalizer"])
+    assert (entry.task, entry.tags, entry.metrics) == ("", (), {"accuracy": 0.9})
+    assert reg.get("sst2") == entry and reg.verify("sst2@1") == entry
+
+
+def test_given_arguments_win_over_task_json(reg, tmp_path):
+    folder = saved_folder(tmp_path / "a")
+    entry = reg.register("sst2", folder, template="{text}", quantization="8bit", task="sentiment")
+    assert (entry.template, entry.quantization, entry.task) == ("{text}", "8bit", "sentiment")
+    assert entry.labels == ("neg", "pos")  # not given: task.json's
+    with pytest.raises(IntegrityError, match="task.json gives"):  # still checked against it
+        reg.register("sst2", folder, labels=["pos", "neg"])
+    with pytest.raises(IntegrityError, match="task.json records 'fp-task'"):
+        reg.register("sst2", folder, base_fingerprint="fp-other")
+    assert [e.ref for e in reg.list()] == ["sst2@1"]
+
+
+def test_register_names_what_neither_the_arguments_nor_task_json_give(reg, tmp_path):
+    plain = saved_folder(tmp_path / "plain", task=None)
+    with pytest.raises(ConfigError) as err:
+        reg.register("sst2", plain)
+    message = str(err.value)
+    assert f"adapter folder {plain}: no method, labels, base_fingerprint given" in message
+    assert "has no task.json" in message and "\n" not in message
+    no_base = {k: v for k, v in TASK.items() if k not in ("base_fingerprint", "base")}
+    folder = saved_folder(tmp_path / "no-base", task=no_base)
+    with pytest.raises(
+        ConfigError, match="no base_fingerprint given and its task.json records none"
+    ):
+        reg.register("sst2", folder)
+    assert reg.register("sst2", folder, base_fingerprint="fp-b").labels == ("neg", "pos")
+    bad = saved_folder(tmp_path / "bad", task={**TASK, "labels": "pos"})
+    with pytest.raises(ConfigError, match=r"labels must be a list.*read from .*task\.json"):
+        reg.register("sst2", bad)
+    broken = saved_folder(tmp_path / "broken", task=None)
+    (broken / "task.json").write_text("{not json")
+    with pytest.raises(IntegrityError, match="task.json cannot be read"):
+        reg.register("sst2", broken)
+    assert [e.ref for e in reg.list()] == ["sst2@1"] and _leftovers(reg)[0] == []
+
+
+def test_register_from_task_json_imports_no_torch(tmp_path):
+    folder = saved_folder(tmp_path / "a")
+    code = (
+        "import sys; from peftkit.registry import Registry; "
+        f"e = Registry({str(tmp_path / 'reg')!r}).register('sst2', {str(folder)!r}); "
+        "print(e.ref, e.base_fingerprint, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["sst2@1", "fp-task", "False"], out.stderr
+
+
+def test_register_takes_what_save_pretrained_records(reg, tiny_models, tmp_path):
+    from peftkit import build_task_model, load_base, load_preset
+
+    base = load_base(tiny_models["bert"])
+    with build_task_model(base, load_preset("lora"), labels=["neg", "pos"]) as model:
+        folder = model.save_pretrained(tmp_path / "adapter")
+    entry = reg.register("sst2", folder)
+    assert (entry.method, entry.labels) == ("lora", ("neg", "pos"))
+    assert (entry.base_fingerprint, entry.base) == (base.fingerprint.id, base.fingerprint.to_dict())
+    assert reg.load_path("sst2", expected_fingerprint=base.fingerprint.id) == entry
 
 
 @pytest.mark.skipif(os.name != "posix", reason="symlinks and modes")
