@@ -98,7 +98,7 @@ class Registry:
     folder), or one opened with ``read_only=True``, reads as usual and refuses writes.
 
     >>> reg = Registry(tmp / "registry")                       # doctest: +SKIP
-    >>> reg.register("sst2", folder).ref    # method, labels... from folder/task.json  # doctest: +SKIP
+    >>> reg.register("sst2", folder).ref  # metadata from folder/task.json  # doctest: +SKIP
     'sst2@1'
     >>> [e.ref for e in reg.list()], reg.get("sst2@1").labels   # doctest: +SKIP
     """
@@ -172,9 +172,10 @@ class Registry:
         files an adapter folder consists of are copied (others are left out and logged);
         a symbolic link in the folder is refused.
 
-        >>> model.save_pretrained("runs/sst2/adapter")                        # doctest: +SKIP
-        >>> reg.register("sst2", "runs/sst2/adapter", metrics={"accuracy": 0.91}).ref
-        'sst2@1'                                                              # doctest: +SKIP
+        >>> model.save_pretrained("runs/sst2/adapter")                   # doctest: +SKIP
+        >>> entry = reg.register("sst2", "runs/sst2/adapter")            # doctest: +SKIP
+        >>> entry.ref, entry.labels, entry.base_fingerprint == fp.id     # doctest: +SKIP
+        ('sst2@1', ('neg', 'pos'), True)
         """
         name, run_id = check_name(name), check_run_id(run_id)
         folder = Path(folder).expanduser()
