@@ -17,6 +17,7 @@ from test_recipes import write_data
 
 from peftkit import cli
 from peftkit.config.recipes import load_recipe
+from peftkit.registry.store import Registry
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -83,8 +84,11 @@ def test_every_readme_command_runs(tmp_path, tiny_models, monkeypatch, capsys, r
         code = block.replace('"minilm"', repr(str(tiny_models["bert"])))
         code = code.replace('"smollm2-135m"', repr(str(tiny_models["llama"])))
         code = code.replace('"../shared/data/sst2"', repr(str(sentiment)))
+        code = code.replace("max_steps=300", "max_steps=2")  # a tiny model learns nothing more
         exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
+    assert "('negative', 'positive')" in out  # the trained model's task, printed
+    assert Registry(tmp_path / "registry").get("sst2-py").method == "lora"
     assert "quickstart-spam" in out
     assert "mean ± std" in out and (tmp_path / "runs/sst2-zero-shot/predictions.jsonl").is_file()
 
