@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from peftkit.adapters import rewrite as residual
 from peftkit.adapters.model import Head, TaskModel, body_of, peft_quiet, unpack_base
 from peftkit.adapters.task import TaskInfo
+from peftkit.config.presets import method_row
 from peftkit.errors import ConfigError, FingerprintMismatch, IntegrityError
 from peftkit.paths import atomic_write_text
 from peftkit.registry.entries import describe_base
@@ -67,12 +68,13 @@ def save_adapter(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     body: Any = model.body
-    if info.method == "full":
+    saved_as = method_row(info.method).saved_as
+    if saved_as == "model":
         body.save_pretrained(tmp, safe_serialization=True)
     elif model.base_rewrite is not None:
         # a PiSSA / OLoRA start: saved as plain LoRA of rank 2r on the original weights
         residual.save_as_lora(body, tmp, model.base_rewrite)
-    elif info.method != "probe":
+    elif saved_as == "peft":
         residual.refuse_unrecorded(body)
         body.save_pretrained(tmp)  # peft: adapter_config.json + adapter_model.safetensors
     head = model.head.linear
@@ -158,11 +160,12 @@ def load_task_model(base: Any, folder: str | Path) -> TaskModel:
     device = next(shared.parameters()).device
     head = load_head(folder, info, device)
     body: Any = shared
-    if info.method == "full":
+    saved_as = method_row(info.method).saved_as
+    if saved_as == "model":
         from transformers import AutoModel
 
         body = AutoModel.from_pretrained(folder).to(device)
-    elif info.method != "probe":
+    elif saved_as == "peft":
         import peft
 
         with peft_quiet():

@@ -32,7 +32,7 @@ from torch import nn
 from peftkit.adapters import rewrite as residual
 from peftkit.adapters.peft_configs import peft_config
 from peftkit.adapters.task import TaskInfo, check_labels
-from peftkit.config.presets import AdapterSpec, check_init
+from peftkit.config.presets import AdapterSpec, check_init, method_row
 from peftkit.data.batching import position_limit
 from peftkit.errors import ConfigError
 
@@ -311,7 +311,8 @@ def _wrap_body(
     kbit = bool(
         getattr(body, "is_loaded_in_4bit", False) or getattr(body, "is_loaded_in_8bit", False)
     )
-    if spec.method == "full":
+    row = method_row(spec.method)
+    if row.trains_body:
         if kbit:
             raise ConfigError(
                 f"{spec.source}: method 'full' trains every weight, and k-bit weights cannot "
@@ -322,7 +323,7 @@ def _wrap_body(
         for p in body.parameters():
             p.requires_grad_(True)
         return body, None
-    if spec.method == "probe":
+    if row.saved_as == "head":  # a probe: the head alone trains
         for p in body.parameters():
             p.requires_grad_(False)
         return body, None

@@ -34,17 +34,29 @@ class Method:
     stacks: bool  # whether rows of it join a rank-stacked mixed batch (serving.mixed)
     prompt: bool  # virtual tokens in front of the input (prefix, prompt tuning)
     saved_as: str  # "peft" (adapter_config + weights), "head" (head only), "model" (whole body)
+    family: str  # adapters of one family share a peft model when served (lora and qlora)
 
 
 METHOD_TABLE: dict[str, Method] = {
-    "lora": Method("LoraConfig", False, True, False, "peft"),
-    "qlora": Method("LoraConfig", False, True, False, "peft"),
-    "prefix": Method("PrefixTuningConfig", False, False, True, "peft"),
-    "prompt-tuning": Method("PromptTuningConfig", False, False, True, "peft"),
-    "ia3": Method("IA3Config", False, False, False, "peft"),
-    "full": Method(None, True, False, False, "model"),
-    "probe": Method(None, False, True, False, "head"),
+    "lora": Method("LoraConfig", False, True, False, "peft", "lora"),
+    "qlora": Method("LoraConfig", False, True, False, "peft", "lora"),
+    "prefix": Method("PrefixTuningConfig", False, False, True, "peft", "prefix"),
+    "prompt-tuning": Method("PromptTuningConfig", False, False, True, "peft", "prompt-tuning"),
+    "ia3": Method("IA3Config", False, False, False, "peft", "ia3"),
+    "full": Method(None, True, False, False, "model", "full"),
+    "probe": Method(None, False, True, False, "head", "probe"),
 }
+
+
+def method_row(method: str) -> Method:
+    """The table's row for ``method``; a ConfigError names the valid ones."""
+    try:
+        return METHOD_TABLE[method]
+    except KeyError:
+        raise ConfigError(
+            f"method {method!r} is not one of {', '.join(METHOD_TABLE)}"
+            + did_you_mean(str(method), METHOD_TABLE)
+        ) from None
 
 
 METHODS = tuple(METHOD_TABLE)

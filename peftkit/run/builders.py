@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftkit.config.presets import method_row
 from peftkit.config.recipes import Recipe, TaskSpec, task_training
 from peftkit.errors import ConfigError, PeftkitError
 
@@ -80,7 +81,7 @@ def _then_task(recipe: Recipe, task: TaskSpec) -> Task:
 def _task(recipe, name, data_spec, spec, config, folder, head_init, where) -> Task:
     """One task with its data loaded and its head's start checked (no model needed)."""
     as_is = config.max_steps == 0  # no training: register the start head as it stands
-    if as_is and (head_init is None or spec.method != "probe"):
+    if as_is and (head_init is None or method_row(spec.method).saved_as != "head"):
         raise ConfigError(
             f"{recipe.source}: training.max_steps: 0 registers the prototype head untrained; "
             f"it needs adapter.preset: probe and adapter.head_init: prototypes (this task: "

@@ -36,6 +36,7 @@ import torch
 
 from peftkit.adapters.folder import TaskInfo, load_head, read_task
 from peftkit.adapters.model import Head, body_of, peft_quiet, pool
+from peftkit.config.presets import method_row
 from peftkit.data.batching import (
     apply_template,
     collate,
@@ -48,9 +49,6 @@ from peftkit.errors import ConfigError, RegistryError
 from peftkit.registry.entries import parse_ref
 from peftkit.registry.store import Entry, Registry
 from peftkit.serving.mixed import MixedLoRA
-
-LORA_FAMILY = ("lora", "qlora")
-PROMPT_FAMILY = ("prefix", "prompt-tuning")
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,7 @@ class AdaptedModel:
                 key, expected_fingerprint=fp.id, expected_base=fp.to_dict(), verify=self.verify
             )
             info = read_task(entry.path)
-            if info.method == "full":
+            if method_row(info.method).saved_as == "model":
                 raise ConfigError(
                     f"{entry.ref} is a full fine-tune (a whole model, not an "
                     "adapter); load its export with load_base(folder) instead"
@@ -205,9 +203,10 @@ class AdaptedModel:
     def _attach(self, entry: Entry, info: TaskInfo) -> str:
         import peft
 
-        if info.method == "probe":
+        row = method_row(info.method)
+        if row.saved_as == "head":  # a probe: the bare base, its own head
             return "__base__"
-        family = "lora" if info.method in LORA_FAMILY else info.method
+        family = row.family
         if self._family is not None and family != self._family:
             raise ConfigError(
                 f"{entry.ref} is a {info.method} adapter, but this AdaptedModel serves "

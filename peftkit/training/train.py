@@ -34,7 +34,7 @@ import torch
 from peftkit.adapters.folder import release
 from peftkit.adapters.model import TaskModel, build_task_model, unpack_base, verbalizer_token_ids
 from peftkit.adapters.task import TaskInfo
-from peftkit.config.presets import AdapterSpec
+from peftkit.config.presets import AdapterSpec, method_row
 from peftkit.config.training import TrainConfig
 from peftkit.data.batching import Encoded, apply_template, encode, pad_id, position_limit
 from peftkit.data.load import Split, TextDataset
@@ -123,7 +123,7 @@ def train(
         )
     contrastive = config.objective == "contrastive"
     prototypes = head_init if isinstance(head_init, Prototypes) else None
-    if contrastive and (prototypes is None or spec.method == "probe"):
+    if contrastive and (prototypes is None or method_row(spec.method).saved_as == "head"):
         raise ConfigError(
             "training.objective: contrastive trains the body and rebuilds a prototype head "
             "on it: it needs adapter.head_init: prototypes (fewshot.Prototypes) and an "
@@ -163,7 +163,7 @@ def train(
             len(enc_train),
             max_length,
         )
-    if config.loraplus_lr_ratio is not None and spec.method not in ("lora", "qlora"):
+    if config.loraplus_lr_ratio is not None and method_row(spec.method).family != "lora":
         raise ConfigError(
             f"training.loraplus_lr_ratio needs a LoRA adapter (lora or qlora), not {spec.method}"
         )
