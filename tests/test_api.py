@@ -140,6 +140,21 @@ def test_save_pretrained_then_from_pretrained_gives_the_same_model(base, tmp_pat
     assert not _wrapped(base)
 
 
+def test_save_pretrained_never_replaces_a_folder_that_is_not_an_adapters(base, tmp_path):
+    data = synthetic("sentiment")
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("years of work")
+    with train(base, load_preset("probe"), data, CONFIG, tmp_path / "run") as result:
+        with pytest.raises(ConfigError, match=r"holds files that are not .*chapter1.tex"):
+            result.model.save_pretrained(mine)
+        assert (mine / "chapter1.tex").read_text() == "years of work"
+        first = result.model.save_pretrained(tmp_path / "adapter")
+        again = result.model.save_pretrained(first)  # an adapter folder: replaced whole
+    assert sorted(p.name for p in again.iterdir()) == ["head.safetensors", "task.json"]
+    assert not [p for p in tmp_path.iterdir() if ".saving-" in p.name]
+
+
 @pytest.mark.parametrize("preset", ["probe", "full"])
 def test_probe_and_full_round_trip(base, tmp_path, preset):
     data = synthetic("sentiment")

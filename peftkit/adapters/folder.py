@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -64,9 +65,43 @@ def save_adapter(
         )
     info = model.describe(_task_for(model, {k: v for k, v in given.items() if v is not None}))
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    _check_replaceable(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.saving-{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()  # new and unique: the only folder this call may remove on failure
+    try:
+        _write_folder(model, info, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: made just above
+        raise
+    if folder.exists():
+        shutil.rmtree(folder)  # an adapter folder (checked above), replaced whole
+    tmp.rename(folder)
+    return folder
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Saving replaces ``folder`` only when it is new, empty, or an adapter folder: never a
+    folder holding anything else (a user's files), never a link."""
+    from peftkit.registry.files import is_adapter_file
+
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise ConfigError(f"cannot save the adapter to {folder}: it is a file or a link")
+    if not folder.is_dir():
+        return
+    foreign = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_symlink() or not p.is_file() or not is_adapter_file(p.name)
+    )
+    if foreign:
+        raise ConfigError(
+            f"cannot save the adapter to {folder}: it holds files that are not an adapter "
+            f"folder's ({', '.join(foreign[:8])}); nothing was changed. Give a new or empty folder"
+        )
+
+
+def _write_folder(model: TaskModel, info: TaskInfo, tmp: Path) -> None:
     body: Any = model.body
     saved_as = method_row(info.method).saved_as
     if saved_as == "model":
@@ -86,10 +121,6 @@ def save_adapter(
         str(tmp / HEAD_FILE),
     )
     atomic_write_text(tmp / TASK_FILE, json.dumps(info.to_dict(), indent=1))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    return folder
 
 
 def _task_for(model: TaskModel, given: dict[str, Any]) -> TaskInfo:
