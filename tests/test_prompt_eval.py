@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -45,13 +46,12 @@ def prompt_file(tmp_path) -> Path:
     return path
 
 
-def test_every_template_row_matches_its_scorer_and_metrics(llama, prompt_file, tmp_path):
+def test_every_template_row_matches_its_scorer_and_metrics(llama, prompt_file, tmp_path, caplog):
     data = synthetic("sentiment", n=60)
-    said: list[str] = []
-    run = evaluate_prompts(
-        llama, data, prompt_file, calibration="content-free", batch_size=4, say=said.append
-    )
-    # the {mask} template cannot run on a causal LM: skipped, and said
+    with caplog.at_level(logging.INFO, logger="peftkit.prompting"):
+        run = evaluate_prompts(llama, data, prompt_file, calibration="content-free", batch_size=4)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("peftkit.prompting")]
+    # the {mask} template cannot run on a causal LM: skipped, and logged
     assert [r.template for r in run.results] == ["plain", "question"]
     assert any("masked" in s and "masked LM" in s for s in said)
     test = data.split("test")
@@ -93,18 +93,19 @@ def test_every_template_row_matches_its_scorer_and_metrics(llama, prompt_file, t
     assert first["pred"] == max(first["probs"], key=first["probs"].get)
 
 
-def test_an_embedding_run_scores_the_sets_descriptions_first(llama, tiny_models, tmp_path):
+def test_an_embedding_run_scores_the_sets_descriptions_first(llama, tiny_models, tmp_path, caplog):
     path = tmp_path / "described.yaml"
     described = 'descriptions: {negative: "It was bad.", positive: "It was good."}\ntemplates:'
     path.write_text(PROMPTS.replace("templates:", described))
     data = synthetic("sentiment", n=40)
     bert = load_base(str(tiny_models["bert"]))
-    said: list[str] = []
-    run = evaluate_prompts(bert, data, path, batch_size=8, say=said.append)  # auto: embedding
+    with caplog.at_level(logging.INFO, logger="peftkit.prompting"):
+        run = evaluate_prompts(bert, data, path, batch_size=8)  # auto: embedding
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("peftkit.prompting")]
     assert [r.template for r in run.results] == ["descriptions", "plain", "question"]
-    # a head-less encoder cannot fill a {mask}: that template is skipped, and said why
-    assert said == ["(skipping template 'masked': its {mask} needs a masked-LM head, which "
-                    "this base has not)"]  # fmt: skip
+    # a head-less encoder cannot fill a {mask}: that template is skipped, and logged why
+    assert said == ["skipping template 'masked': its {mask} needs a masked-LM head, which "
+                    "this base has not"]  # fmt: skip
     with pytest.raises(ConfigError, match="masked-lm scorer needs a base with a masked-LM head"):
         evaluate_prompts(bert, data, path, scorer="masked-lm")
     with pytest.raises(ConfigError, match="causal scorer needs a causal LM.*an encoder"):
@@ -127,20 +128,28 @@ def test_an_embedding_run_scores_the_sets_descriptions_first(llama, tiny_models,
     assert [r.template for r in causal.results] == ["plain", "question"]
 
 
-def test_templates_max_rows_and_demonstrations(llama, prompt_file, monkeypatch):
-    from peftkit.prompting.scorers import causal
+def test_templates_max_rows_and_demonstrations(llama, prompt_file):
+    from peftkit.prompting.scorers.strategies import MIN_SHARED_TOKENS
 
-    shared: list[int] = []  # the demonstrations every query shares run once
-    real = causal._shared_length
-    monkeypatch.setattr(causal, "_shared_length", lambda *a: shared.append(real(*a)) or shared[-1])
+    shared: list[int] = []  # the demonstrations every query shares run once, alone
+
+    def record(_module, _args, kwargs):
+        if kwargs.get("logits_to_keep") == 1 and kwargs["input_ids"].shape[0] == 1:
+            shared.append(kwargs["input_ids"].shape[1])
+
     data = synthetic("sentiment", n=60)
-    run = evaluate_prompts(
-        llama, data, prompt_file, templates=["question"], max_rows=7, demonstrations=1, seed=3
-    )
+    hook = llama.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        run = evaluate_prompts(
+            llama, data, prompt_file, templates=["question"], max_rows=7, demonstrations=1,
+            seed=3,
+        )  # fmt: skip
+    finally:
+        hook.remove()
     assert [r.template for r in run.results] == ["question"] and len(run.gold) == 7
     assert run.config["method"] == "few-shot-1" and run.config["demo_selection"] == "random"
     assert "mean ± std" not in run.table()  # one template: no spread to show
-    assert shared and shared[0] >= causal.MIN_SHARED_TOKENS
+    assert shared and shared[0] >= MIN_SHARED_TOKENS
 
 
 def test_a_bfloat16_base_scores_close_to_float32_and_says_so(llama, tiny_models, prompt_file):
@@ -165,13 +174,25 @@ def test_bad_arguments_are_named(llama, prompt_file):
         evaluate_prompts(llama, data, prompt_file, batch_size=0)
     with pytest.raises(ConfigError, match="max_rows must be >= 1"):
         evaluate_prompts(llama, data, prompt_file, max_rows=0)
-    with pytest.raises(ConfigError, match="only the masked-lm scorer"):
+    with pytest.raises(ConfigError, match="only a scorer that fills it"):
         evaluate_prompts(llama, data, prompt_file, templates=["masked"])
     with pytest.raises(ConfigError, match="shared by every query"):
         evaluate_prompts(
             llama, data, prompt_file, demonstrations=1, demo_selection="nearest",
             calibration="content-free",
         )  # fmt: skip
+    # the scorer table: a name it has not, demonstrations where the row takes none, a need
+    # the base does not meet; the first two before the base is even loaded
+    with pytest.raises(
+        ConfigError, match="scorer must be one of auto, causal.*did you mean 'causal'"
+    ):
+        evaluate_prompts("no-such-model", data, prompt_file, scorer="casual")
+    with pytest.raises(ConfigError, match="the embedding scorer takes no demonstrations"):
+        evaluate_prompts("no-such-model", data, prompt_file, scorer="embedding", demonstrations=1)
+    with pytest.raises(
+        ConfigError, match="the nli scorer needs an NLI classifier.*use scorer 'causal'"
+    ):
+        evaluate_prompts(llama, data, prompt_file, scorer="nli")
 
 
 WORKER = """

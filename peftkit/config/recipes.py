@@ -28,6 +28,7 @@ import yaml
 
 from peftkit.config.library import available, find
 from peftkit.config.schema import Ctx, hints, parse, read_text, read_yaml, unwrap
+from peftkit.config.scorers import RECIPE_SCORERS
 from peftkit.config.training import TrainConfig
 from peftkit.errors import ConfigError, did_you_mean
 from peftkit.registry.entries import check_name
@@ -110,9 +111,7 @@ class PromptRef:
 
     set: str
     template: str | None = None  # None: every template of the set
-    scorer: str = field(
-        default="auto", metadata={"choices": ("auto", "causal", "masked-lm", "embedding")}
-    )
+    scorer: str = field(default="auto", metadata={"choices": RECIPE_SCORERS})
     normalize: str = field(default="sum", metadata={"choices": ("sum", "mean", "pmi")})
     calibration: str = field(default="none", metadata={"choices": ("none", "content-free")})
     demonstrations: int = 0  # k per class; 0: zero-shot

@@ -21,6 +21,7 @@ with no code change. examples/s is then the whole split over the slowest process
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -30,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from peftkit.config.scorers import pick_scorer, scorer_row
 from peftkit.errors import ConfigError
 from peftkit.paths import atomic_write_text
 
-__all__ = ["PromptEvaluation", "TemplateResult", "evaluate_prompts", "pick_scorer"]
+__all__ = ["PromptEvaluation", "TemplateResult", "evaluate_prompts", "base_has"]
 
-SCORERS = ("auto", "causal", "masked-lm", "embedding", "nli")
+log = logging.getLogger(__name__)
 CALIBRATIONS = ("none", "content-free")
 METRICS = ("accuracy", "macro_f1", "ece")
 
@@ -178,16 +180,29 @@ class PromptEvaluation:
         return folder
 
 
-def pick_scorer(scorer: str, base_kind: str, uses_mask: bool, masked_lm: bool = True) -> str:
-    """The scorer ``"auto"`` means for a base of ``base_kind`` and a template
-    (``masked_lm``: whether an encoder base has a masked-LM head to fill a ``{mask}``)."""
-    if scorer not in SCORERS:
-        raise ConfigError(f"scorer must be one of {', '.join(SCORERS)}; got {scorer!r}")
-    if scorer != "auto":
-        return scorer
-    if base_kind == "causal-lm":
-        return "causal"
-    return "masked-lm" if uses_mask and masked_lm else "embedding"
+NEEDS_TEXT = {
+    "causal-lm": "a causal LM",
+    "masked-lm": "a base with a masked-LM head",
+    "any": "a base model",
+    "nli": "an NLI classifier (config.id2label with an 'entailment' class)",
+}
+
+
+def base_has(base: Any) -> Callable[[str], bool]:
+    """``has(need)``: whether ``base`` has what a scorer needing ``need`` takes (a
+    ``config.scorers.NEEDS`` value)."""
+    from peftkit.prompting.scorers.common import has_lm_head
+
+    causal = base.kind == "causal-lm"
+    id2label = getattr(getattr(base.model, "config", None), "id2label", None) or {}
+    entails = any(str(v).lower().startswith("entail") for v in id2label.values())
+    found = {
+        "causal-lm": causal,
+        "masked-lm": not causal and has_lm_head(base.model),
+        "any": True,
+        "nli": not causal and entails and hasattr(base.model, "classifier"),
+    }
+    return lambda need: found[need]
 
 
 def evaluate_prompts(
@@ -208,7 +223,6 @@ def evaluate_prompts(
     demo_pool: Any = None,
     batch_size: int = 16,
     skip_mask_templates: bool = True,
-    say: Callable[[str], None] | None = None,
 ) -> PromptEvaluation:
     """Score ``data``'s ``split`` with every template of ``prompts``; see the module doc.
 
@@ -220,14 +234,14 @@ def evaluate_prompts(
     query) or ``"nearest"`` (per query, by the base's embeddings), drawn from ``demo_pool``
     (a ``Split``; default the train split). ``max_rows``: N rows of the split, a seeded
     sample stratified by label (``sample="stratified"``, every label kept where N allows) or
-    the first N (``sample="first"``). Templates with a ``{mask}`` are skipped (and said) unless the
-    scorer is a masked LM. The embedding scorer over a whole set that has ``descriptions``
+    the first N (``sample="first"``). Templates with a ``{mask}`` are skipped (and logged) unless
+    the scorer fills one. ``scorer``: a row of ``peftkit.config.scorers.SCORER_TABLE`` or
+    ``"auto"`` (the first the base can run). Progress goes to the ``peftkit.prompting`` logger. The embedding scorer over a whole set that has ``descriptions``
     also scores those (a first row named ``descriptions``; pick it alone with
     ``templates=["descriptions"]``).
     """
     from peftkit.data.load import TextDataset, load_data
     from peftkit.models.base import Base, load_base
-    from peftkit.prompting.scorers._base import has_lm_head
 
     if calibration not in CALIBRATIONS:
         raise ConfigError(
@@ -243,17 +257,21 @@ def evaluate_prompts(
         raise ConfigError(f"max_rows must be >= 1 (or None: every row); got {max_rows}")
     if sample not in ("stratified", "first"):
         raise ConfigError(f"sample must be 'stratified' or 'first'; got {sample!r}")
+    if scorer != "auto" and demonstrations and not scorer_row(scorer).demonstrations:
+        raise ConfigError(f"the {scorer} scorer takes no demonstrations; use demonstrations=0")
+    pick_scorer(scorer, lambda _need: True, False)  # a name the table has
     if demo_selection == "nearest" and calibration != "none" and demonstrations:
         raise ConfigError(
             "content-free calibration needs demonstrations shared by every query; "
             "use demo_selection='random'"
         )
-    say = say or (lambda _t: None)
     if not isinstance(base, Base):
         base = load_base(base)
     if not isinstance(data, TextDataset):
         data = load_data(data)
-    chosen = _prompts(prompts, templates, pick_scorer(scorer, base.kind, False) == "embedding")
+    has = base_has(base)
+    _check_needs(scorer, has, base)
+    chosen = _prompts(prompts, templates, pick_scorer(scorer, has, False) == "embedding")
     rows = data.split(split)
     if max_rows is not None and max_rows < len(rows):
         from peftkit.data.load import stratified_rows
@@ -262,36 +280,32 @@ def evaluate_prompts(
             range(max_rows) if sample == "first" else stratified_rows(rows.labels, max_rows, seed)
         )
         rows = rows.subset(kept)
-        say(f"scoring {max_rows} of the {len(data.split(split))} {split} rows ({sample})")
+        log.info(
+            "scoring %d of the %d %s rows (%s)", max_rows, len(data.split(split)), split, sample
+        )
     state = _state()
     mine = list(range(state.process_index, len(rows), state.num_processes))
     shard = rows.subset(mine)
     demos = _demos(base, data, demo_pool, shard, demonstrations, demo_selection, seed)
     method = f"few-shot-{demonstrations}" if demonstrations else "zero-shot"
-    masked_lm = has_lm_head(base.model) and base.kind != "causal-lm"
-    article = "an" if base.kind[0] in "aeiou" else "a"
-    loaded = f"{base.source!r} is loaded as {article} {base.kind} ({type(base.model).__name__})"
-    if scorer == "masked-lm" and not masked_lm:
-        raise ConfigError(
-            f"the masked-lm scorer needs a base with a masked-LM head; {loaded}: use scorer "
-            "'embedding' (or 'auto')"
-        )
-    if scorer == "causal" and base.kind != "causal-lm":
-        raise ConfigError(
-            f"the causal scorer needs a causal LM; {loaded}: use scorer 'embedding' (or 'auto')"
-        )
     results = []
     for prompt in chosen:
-        used = pick_scorer(scorer, base.kind, prompt.template.uses_mask, masked_lm)
-        if prompt.template.uses_mask and used != "masked-lm":
-            headless = base.kind != "causal-lm" and not masked_lm
-            why = "a masked-LM head, which this base has not" if headless else "a masked LM"
+        used = pick_scorer(scorer, has, prompt.template.uses_mask)
+        row = scorer_row(used)
+        if demos and not row.demonstrations:
+            raise ConfigError(f"the {used} scorer takes no demonstrations; use demonstrations=0")
+        if prompt.template.uses_mask and not row.fills_mask:
+            why = (
+                "a masked LM"
+                if base.kind == "causal-lm" or has("masked-lm")
+                else ("a masked-LM head, which this base has not")
+            )
             if skip_mask_templates and len(chosen) > 1:
-                say(f"(skipping template {prompt.name!r}: its {{mask}} needs {why})")
+                log.info("skipping template %r: its {mask} needs %s", prompt.name, why)
                 continue
             raise ConfigError(
-                f"template {prompt.name!r} has a {{mask}} field, which only the masked-lm "
-                f"scorer fills; the {used} scorer cannot use it"
+                f"template {prompt.name!r} has a {{mask}} field, which only a scorer that "
+                f"fills it (masked-lm) can use; the {used} scorer cannot"
             )
         results.append(
             _evaluate_one(
@@ -368,18 +382,27 @@ def _evaluate_one(
     )
 
 
-def _score(base, prompt, scorer, texts, pairs, labels, demos, normalize, batch_size):
-    from peftkit.prompting import scorers
+def _check_needs(scorer: str, has: Callable[[str], bool], base: Any) -> None:
+    """A scorer named outright must be one the base can run."""
+    if scorer == "auto" or has(scorer_row(scorer).needs):
+        return
+    article = "an" if base.kind[0] in "aeiou" else "a"
+    loaded = f"{base.source!r} is loaded as {article} {base.kind} ({type(base.model).__name__})"
+    fallback = pick_scorer("auto", has, False)
+    raise ConfigError(
+        f"the {scorer} scorer needs {NEEDS_TEXT[scorer_row(scorer).needs]}; {loaded}: use "
+        f"scorer {fallback!r} (or 'auto')"
+    )
 
-    if scorer in ("embedding", "nli"):
-        if demos:
-            raise ConfigError(f"the {scorer} scorer takes no demonstrations")
-        fn = scorers.score_embedding if scorer == "embedding" else scorers.score_nli
+
+def _score(base, prompt, scorer, texts, pairs, labels, demos, normalize, batch_size):
+    row = scorer_row(scorer)
+    fn = row.load()
+    if row.reads == "labels":
         return fn(
             base.model, base.tokenizer, texts, prompt.verbalizer, labels=labels,
             batch_size=batch_size,
         )  # fmt: skip
-    fn = scorers.score_causal if scorer == "causal" else scorers.score_masked_lm
     return fn(
         base.model, base.tokenizer, prompt, texts, pairs, labels=labels, demos=demos,
         normalize=normalize, batch_size=batch_size,
