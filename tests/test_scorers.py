@@ -23,14 +23,21 @@ from peftkit.prompting.calibration import (
     domain_pmi,
 )
 from peftkit.prompting.scorers import (
+    capabilities,
+    causal_encoder,
+    causal_strategy,
     continuation_logprobs,
     embed_texts,
     naive_continuation_logprobs,
+    packing,
     score_causal,
     score_embedding,
     score_masked_lm,
     score_nli,
+    strategies,
 )
+from peftkit.prompting.scorers.common import continuation_ids
+from peftkit.prompting.scorers.label_tree import LabelTree
 from peftkit.prompting.templates import Prompt, Template, Verbalizer
 
 WORDS = [
@@ -201,24 +208,11 @@ CONTINUATIONS = {
 # --- the key test: shared prefix == one forward per (prompt, label) ----------------------
 
 
-def _refuse(what: str):
-    """A stand-in for a scorer path that must not be taken: calling it fails the test."""
-
-    def refuse(*_a, **_k):
-        raise AssertionError(what)
-
-    return refuse
-
-
-@pytest.fixture(params=["packed", "cache"])
-def multi_way(request, monkeypatch):
-    """Prompts packed into rows with the label tree after each (a 4-D mask), or, for an
-    attention that takes no custom mask, left-padded rows, the longest label inline and the
-    other multi-token labels continuing the prompt's cache."""
-    from peftkit.prompting.scorers import causal as module
-
-    if request.param == "cache":
-        monkeypatch.setattr(module, "_takes_custom_masks", lambda model: False)
+@pytest.fixture(params=["packed", "padded"])
+def multi_way(request):
+    """Prompts packed into rows with the label tree after each (a 4-D mask), or (what an
+    attention that takes no custom mask gets) left-padded rows, the longest label inline and
+    the other multi-token labels continuing the prompt's cache."""
     return request.param
 
 
@@ -228,9 +222,10 @@ def test_shared_prefix_matches_naive(causal, kind, batch_size, max_rows, multi_w
     model, tok = causal
     conts = CONTINUATIONS[kind]
     fast = continuation_logprobs(
-        model, tok, PROMPTS, conts, batch_size=batch_size, max_rows=max_rows
+        model, tok, PROMPTS, conts, batch_size=batch_size, max_rows=max_rows, strategy=multi_way
     )
     naive = naive_continuation_logprobs(model, tok, PROMPTS, conts, batch_size=1)
+    assert causal_strategy(model, tok, PROMPTS, conts) == "packed"  # what auto takes here
     assert fast.shape == (len(PROMPTS), len(conts))
     assert np.all(fast < 0)
     np.testing.assert_allclose(fast, naive, atol=1e-4, rtol=0)
@@ -240,26 +235,22 @@ def test_shared_prefix_matches_naive(causal, kind, batch_size, max_rows, multi_w
 def test_the_label_tree_scores_every_label_in_one_forward(causal, kind, monkeypatch):
     """With several multi-token labels the prompts' packed forwards are the only ones: no
     cache is continued; a small logits budget splits forwards, same scores."""
-    from peftkit.prompting.scorers import causal as module
-
     model, tok = causal
     conts = CONTINUATIONS[kind]
     expected = _by_hand(model, tok, PROMPTS, conts)
 
-    real_continue = module._continue
-    monkeypatch.setattr(module, "_continue", _refuse("continued the cache"))
     calls = []
     hook = model.register_forward_pre_hook(lambda _m, _a: calls.append(1))
     try:
         got = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=2)
-        ids = module.continuation_ids(tok, conts)
-        tree = module._LabelTree(ids, [j for j, c in enumerate(ids) if len(c) > 1], "cpu")
-        lengths = [len(p) + len(tree.tokens) for p in module._causal_encoder(tok)(PROMPTS)]
-        plan = module._pack(lengths, 2, len(PROMPTS))
+        ids = continuation_ids(tok, conts)
+        tree = LabelTree.of_all(ids, "cpu")
+        lengths = [len(p) + len(tree.tokens) for p in causal_encoder(tok)(PROMPTS)]
+        plan = packing.plan_packing(lengths, 2, len(PROMPTS))
         assert len(calls) == len(plan) <= 3  # 5 prompts, 2 rows a forward: no other forward
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
         vocab = model.get_output_embeddings().weight.shape[0]
-        monkeypatch.setattr(module, "TREE_LOGITS", (len(tree.tokens) + 1) * vocab)  # one row
+        monkeypatch.setattr(strategies, "TREE_LOGITS", (len(tree.tokens) + 1) * vocab)  # one row
         calls.clear()
         got = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=4)
         assert len(calls) == len(PROMPTS)
@@ -267,14 +258,12 @@ def test_the_label_tree_scores_every_label_in_one_forward(causal, kind, monkeypa
     finally:
         hook.remove()
     # a tree whose one prompt's logits exceed the budget: the other labels continue the cache
-    monkeypatch.setattr(module, "TREE_LOGITS", (len(tree.tokens) + 1) * vocab - 1)
-    continued = []
-    monkeypatch.setattr(
-        module, "_continue", lambda *a, **k: continued.append(1) or real_continue(*a, **k)
-    )
+    monkeypatch.setattr(strategies, "TREE_LOGITS", (len(tree.tokens) + 1) * vocab - 1)
+    assert causal_strategy(model, tok, PROMPTS, conts) == "padded"
     got = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=2)
-    assert continued
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    with pytest.raises(ModelError, match="'packed' cannot score.*label tree needs more than"):
+        continuation_logprobs(model, tok, PROMPTS, conts, strategy="packed")
     if kind == "shared-words":  # " not" and " very" fed once each: 5 tokens, not 1+3+1+2
         assert len(tree.tokens) == 5
 
@@ -284,9 +273,7 @@ def test_the_label_tree_scores_every_label_in_one_forward(causal, kind, monkeypa
     [([10, 5, 5, 4], 2, 100), ([9, 9, 9], 2, 100), ([3, 7, 1, 1, 1, 6, 2], 1, 2), ([4], 8, 1)],
 )
 def test_the_packing_plan_places_every_prompt_once_within_its_forward(lengths, rows, most):
-    from peftkit.prompting.scorers.causal import _pack
-
-    plan = _pack(lengths, rows, most)
+    plan = packing.plan_packing(lengths, rows, most)
     placed = [i for forward in plan for row in forward for i in row]
     assert sorted(placed) == list(range(len(lengths)))
     for forward in plan:
@@ -300,13 +287,12 @@ def test_the_packing_plan_places_every_prompt_once_within_its_forward(lengths, r
 def test_the_packing_plan_keeps_each_mask_within_its_budget(monkeypatch):
     """Long prompts get fewer rows a forward: the mask's (query, key) cells, the shared
     start's keys counted, stay within MASK_CELLS (one row at the least)."""
-    from peftkit.prompting.scorers import causal as module
-
-    monkeypatch.setattr(module, "MASK_CELLS", 10 * (10 + 5) * 2)  # two rows of 10, 5 shared
-    assert module._pack([10, 10, 10, 3], 8, 100, shared=5) == [[[0], [1]], [[2], [3]]]
-    assert module._pack([10, 10, 10], 8, 100, shared=0) == [[[0], [1], [2]]]
-    monkeypatch.setattr(module, "MASK_CELLS", 1)
-    assert module._pack([10, 10], 8, 100) == [[[0]], [[1]]]
+    plan = packing.plan_packing
+    monkeypatch.setattr(packing, "MASK_CELLS", 10 * (10 + 5) * 2)  # two rows of 10, 5 shared
+    assert plan([10, 10, 10, 3], 8, 100, shared=5) == [[[0], [1]], [[2], [3]]]
+    assert plan([10, 10, 10], 8, 100, shared=0) == [[[0], [1], [2]]]
+    monkeypatch.setattr(packing, "MASK_CELLS", 1)
+    assert plan([10, 10], 8, 100) == [[[0]], [[1]]]
 
 
 @pytest.mark.parametrize("kind", ["single", "shared-words"])
@@ -314,8 +300,6 @@ def test_short_prompts_share_a_row_and_score_as_alone(causal, kind, monkeypatch)
     """Prompts much shorter than the longest are packed end to end in one row: fewer rows
     than prompts are fed, and every score is still that prompt's own. The LM head runs only
     at the kept positions; if it ran at every one, the kept ones are picked out after."""
-    from peftkit.prompting.scorers import causal as module
-
     model, tok = causal
     prompts = [PROMPTS[1], "it", "the movie", "a film", "good"]
     conts = CONTINUATIONS[kind]
@@ -336,11 +320,9 @@ def test_short_prompts_share_a_row_and_score_as_alone(causal, kind, monkeypatch)
             continuation_logprobs(model, tok, prompts, conts, batch_size=2)
         finally:
             handle.remove()
-        ids = module.continuation_ids(tok, conts)
-        tree = module._LabelTree(ids, [j for j, c in enumerate(ids) if len(c) > 1], "cpu")
-        n_tree = len(tree.tokens)
+        n_tree = len(LabelTree.of_all(continuation_ids(tok, conts), "cpu").tokens)
         assert sum(kept for _, kept in head) == len(prompts) * (1 + n_tree)
-        monkeypatch.setattr(module, "_head_at", lambda *_a: contextlib.nullcontext([]))
+        monkeypatch.setattr(strategies, "head_at", lambda *_a: contextlib.nullcontext([]))
         got = continuation_logprobs(model, tok, prompts, conts, batch_size=2)
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     finally:
@@ -356,15 +338,13 @@ def test_prompts_sharing_their_first_tokens_run_them_once(
     causal, kind, batch_size, max_rows, multi_way
 ):
     """Demonstrations or an instruction common to every prompt: same scores, computed once."""
-    from peftkit.prompting.scorers import causal as module
-
     model, tok = causal
     prompts = [SHARED + p for p in PROMPTS]
-    ids = module._causal_encoder(tok)(prompts)
-    assert module._shared_length(model, ids) >= 12  # the shared path is the one under test
+    ids = causal_encoder(tok)(prompts)
+    assert strategies.shared_length(model, ids) >= 12  # the shared path is the one under test
     conts = CONTINUATIONS[kind]
     fast = continuation_logprobs(
-        model, tok, prompts, conts, batch_size=batch_size, max_rows=max_rows
+        model, tok, prompts, conts, batch_size=batch_size, max_rows=max_rows, strategy=multi_way
     )
     naive = naive_continuation_logprobs(model, tok, prompts, conts, batch_size=1)
     np.testing.assert_allclose(fast, naive, atol=1e-4, rtol=0)
@@ -377,7 +357,7 @@ def test_prompts_sharing_their_first_tokens_run_them_once(
 
     for method in ("lora", "prefix"):
         wrapped = peft.get_peft_model(copy.deepcopy(model), _peft_config(method)).eval()
-        assert (module._shared_length(wrapped, ids) > 0) == (method == "lora")
+        assert (strategies.shared_length(wrapped, ids) > 0) == (method == "lora")
         np.testing.assert_allclose(
             continuation_logprobs(wrapped, tok, prompts, conts, batch_size=batch_size),
             _by_hand(wrapped, tok, prompts, conts),
@@ -389,10 +369,8 @@ def test_prompts_sharing_their_first_tokens_run_them_once(
 @pytest.mark.parametrize("kind", sorted(CONTINUATIONS))
 def test_a_sliding_window_model_scores_as_its_own_forward(kind, monkeypatch):
     """Rebuilt caches see the whole past: prompts longer than the window must not use them."""
-    from peftkit.prompting.scorers import causal as module
-
     model, tok = make_causal("mistral", sliding_window=6)
-    assert module._attention_window(model) == 6
+    assert capabilities.attention_window(model) == 6
     conts = CONTINUATIONS[kind]
     for prompts in (PROMPTS, [SHARED + p for p in PROMPTS]):
         got = continuation_logprobs(model, tok, prompts, conts, batch_size=2, max_rows=3)
@@ -402,12 +380,10 @@ def test_a_sliding_window_model_scores_as_its_own_forward(kind, monkeypatch):
     wide, tok = make_causal("mistral", sliding_window=CONTEXT)
     prompts = [SHARED + p for p in PROMPTS]
 
-    monkeypatch.setattr(module, "_naive_logprobs", _refuse("took the one-forward-per-label path"))
-    if sum(len(c) > 1 for c in module.continuation_ids(tok, conts)) > 1:
-        monkeypatch.setattr(module, "_continue", _refuse("continued the cache"))
+    assert causal_strategy(wide, tok, prompts, conts) == "packed"
     got = continuation_logprobs(wide, tok, prompts, conts, batch_size=2)
     np.testing.assert_allclose(got, _by_hand(wide, tok, prompts, conts), atol=1e-4, rtol=0)
-    assert module._attention_window(make_causal("llama")[0]) is None
+    assert capabilities.attention_window(make_causal("llama")[0]) is None
 
 
 @pytest.mark.parametrize("family", ["bloom", "mpt"])
@@ -416,10 +392,11 @@ def test_alibi_models_without_position_ids_score_as_their_own_forward(family, ki
     """Bloom and MPT take no ``position_ids`` (ALiBi, from the mask): packed rows and label
     trees would misplace their tokens (Bloom raised, MPT scored 1e-3 off), so they take the
     left-padded way, the labels contiguous after each prompt."""
-    from peftkit.prompting.scorers import causal as module
-
     model, tok = make_causal(family)
-    assert not module._takes_custom_masks(model)
+    assert not capabilities.takes_custom_masks(model)
+    assert causal_strategy(model, tok, PROMPTS, CONTINUATIONS[kind]) == "padded"
+    with pytest.raises(ModelError, match="'packed' cannot score.*no 4-D mask"):
+        continuation_logprobs(model, tok, PROMPTS, CONTINUATIONS[kind], strategy="packed")
     for prompts in (PROMPTS, [SHARED + p for p in PROMPTS]):
         got = continuation_logprobs(model, tok, prompts, CONTINUATIONS[kind], batch_size=2)
         expected = _by_hand(model, tok, prompts, CONTINUATIONS[kind])
@@ -430,16 +407,13 @@ def test_a_label_tree_longer_than_the_context_at_the_context_edge(causal, monkey
     """Prompts that fill the context but for the longest label: the tree's branches make the
     fed sequence longer than ``max_position_embeddings``, yet each branch's positions stay
     inside it, so the scores are those of one forward per (prompt, label)."""
-    from peftkit.prompting.scorers import causal as module
-
     model, tok = causal
     conts = CONTINUATIONS["shared-words"]
-    ids = module.continuation_ids(tok, conts)
-    riding = [j for j, c in enumerate(ids) if len(c) > 1]
-    tree = module._LabelTree(ids, riding, "cpu")
+    ids = continuation_ids(tok, conts)
+    tree = LabelTree.of_all(ids, "cpu")
     words = "the movie was good and the plot was fun so".split()
     room = CONTEXT - max(map(len, ids))
-    encode = module._causal_encoder(tok)
+    encode = causal_encoder(tok)
     prompts = []
     for shift in range(3):  # three lengths, the longest at the edge: padded batches
         n = 1
@@ -449,7 +423,7 @@ def test_a_label_tree_longer_than_the_context_at_the_context_edge(causal, monkey
     lengths = [len(p) for p in encode(prompts)]
     assert max(lengths) == room and max(lengths) + len(tree.tokens) > CONTEXT
 
-    monkeypatch.setattr(module, "_continue", _refuse("continued the cache"))
+    assert causal_strategy(model, tok, prompts, conts) == "packed"
     got = continuation_logprobs(model, tok, prompts, conts, batch_size=3)
     np.testing.assert_allclose(got, _by_hand(model, tok, prompts, conts), atol=1e-4, rtol=0)
 
@@ -477,10 +451,7 @@ def _peft_config(method: str):
 
 def _by_hand(model, tok, prompts, conts) -> np.ndarray:
     """log P(cont | prompt): one unpadded forward of each pair, the last positions read."""
-    from peftkit.prompting.scorers._base import continuation_ids
-    from peftkit.prompting.scorers.causal import _causal_encoder
-
-    ids, cont_ids = _causal_encoder(tok)(list(prompts)), continuation_ids(tok, conts)
+    ids, cont_ids = causal_encoder(tok)(list(prompts)), continuation_ids(tok, conts)
     out = np.zeros((len(ids), len(cont_ids)))
     with torch.no_grad():
         for i, p in enumerate(ids):
@@ -732,33 +703,37 @@ def test_few_shot_demos_go_before_the_query(causal):
     np.testing.assert_allclose(got.logprobs[0, 1], ref[0, 2], atol=1e-4)
 
 
-def test_a_cut_prompt_does_not_stop_the_others_sharing_their_demos(causal, monkeypatch):
+def test_a_cut_prompt_does_not_stop_the_others_sharing_their_demos(causal):
     """One query too long for the context cuts its copy of a demonstration: the other
     prompts still run their whole common start once, and every score is still exact."""
     from peftkit.prompting.demonstrations import Demo, fit_prompts
-    from peftkit.prompting.scorers import causal as module
 
     model, tok = causal
-    lengths: list[int] = []
-    real = module._shared_length
-    monkeypatch.setattr(
-        module, "_shared_length", lambda *a: lengths.append(real(*a)) or lengths[-1]
-    )
+    fed: list[tuple[int, int]] = []  # (rows, tokens) of each forward of the shared start
+
+    def record(_module, _args, kwargs):
+        if kwargs.get("logits_to_keep") == 1:  # the shared start runs alone, one row
+            fed.append(tuple(kwargs["input_ids"].shape))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
     long_demo = "the movie was really good and the plot was fun and the actors and music was great"
     demos = (Demo(long_demo, "positive"), Demo("boring", "negative"))
     long_query = (
         "a long story of actors and music but the film is very long and boring so it was bad"
     )
     texts = ["the plot", long_query, "it was fun", "not good at all"]
-    got = score_causal(model, tok, PROMPT, texts, demos=demos, batch_size=2)
+    try:
+        got = score_causal(model, tok, PROMPT, texts, demos=demos, batch_size=2)
+    finally:
+        hook.remove()
     assert got.truncated == 1
     budget = CONTEXT - 4  # the longest label, " not good at all", is 4 tokens
     fitted = fit_prompts(tok, PROMPT, texts, budget=budget, demos=demos,
-                         encode=module._causal_encoder(tok))  # fmt: skip
+                         encode=causal_encoder(tok))  # fmt: skip
     assert fitted.cut_rows == (1,) and long_demo not in fitted.prompts[1]  # the demo was cut
     # the three uncut prompts shared both demonstrations (not only what the cut one kept)
-    demo_tokens = len(module._causal_encoder(tok)([fitted.prompts[0].rsplit("review", 1)[0]])[0])
-    assert lengths[0] >= demo_tokens - 1
+    demo_tokens = len(causal_encoder(tok)([fitted.prompts[0].rsplit("review", 1)[0]])[0])
+    assert fed and fed[0][0] == 1 and fed[0][1] >= demo_tokens - 1
     ref = naive_continuation_logprobs(
         model, tok, list(fitted.prompts), [" bad", " not good at all", " very good"]
     )
@@ -776,18 +751,59 @@ def test_pmi_with_an_empty_domain_prompt_uses_bos(causal):
     np.testing.assert_allclose(diff[0], diff[1], atol=1e-6)
 
 
-def test_the_label_tree_in_bfloat16(monkeypatch):
+def test_the_label_tree_in_bfloat16():
     """The tree's mask takes the hidden states' dtype: a bf16 model scores as its own cache
     continuation does (the way the tree replaced), within bf16's rounding."""
     import copy
 
-    from peftkit.prompting.scorers import causal as module
-
     model, tok = make_causal("llama")
     model = copy.deepcopy(model).to(torch.bfloat16)
     conts = CONTINUATIONS["shared-words"]
-    tree = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=2)
-    monkeypatch.setattr(module, "_takes_custom_masks", lambda model: False)
-    cache = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=2)
+    tree = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=2, strategy="packed")
+    cache = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=2, strategy="padded")
     assert np.isfinite(tree).all()
     np.testing.assert_allclose(tree, cache, atol=0.02, rtol=0)  # a wrong mask: 0.09 off
+
+
+@pytest.mark.parametrize("strategy", ["packed", "padded", "per-label"])
+def test_every_strategy_named_outright_scores_the_same(causal, strategy):
+    """``strategy=`` lays the forwards out another way; the scores stay those of "auto"."""
+    from peftkit.prompting.demonstrations import Demo
+
+    model, tok = causal
+    demos = (Demo("good fun", "positive"), Demo("boring", "negative"))
+    auto = score_causal(model, tok, PROMPT, PROMPTS, demos=demos, batch_size=2)
+    named = score_causal(model, tok, PROMPT, PROMPTS, demos=demos, batch_size=2, strategy=strategy)
+    np.testing.assert_allclose(named.logprobs, auto.logprobs, atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="strategy must be one of auto, packed, padded"):
+        score_causal(model, tok, PROMPT, PROMPTS, strategy="fast")
+
+
+def test_a_prompt_tuned_model_takes_one_forward_per_label_and_refuses_the_others(causal):
+    import copy
+
+    import peft
+
+    model, tok = causal
+    wrapped = peft.get_peft_model(copy.deepcopy(model), _peft_config("prompt")).eval()
+    conts = CONTINUATIONS["mixed"]
+    assert causal_strategy(wrapped, tok, PROMPTS, conts) == "per-label"
+    for strategy in ("packed", "padded"):
+        with pytest.raises(ModelError, match="virtual tokens before every input"):
+            continuation_logprobs(wrapped, tok, PROMPTS, conts, strategy=strategy)
+
+
+def test_the_scorer_table_names_functions_that_take_what_it_says():
+    """Each row's function imports, reads a prompt or only labels as the row says, and
+    takes demonstrations exactly when the row says so; recipes offer the rows they can run."""
+    import inspect
+
+    from peftkit.config.recipes import PromptRef
+    from peftkit.config.scorers import RECIPE_SCORERS, SCORER_TABLE
+
+    for name, row in SCORER_TABLE.items():
+        params = inspect.signature(row.load()).parameters
+        assert ("prompt" in params) == (row.reads == "prompt"), name
+        assert ("demos" in params) == row.demonstrations, name
+    choices = PromptRef.__dataclass_fields__["scorer"].metadata["choices"]
+    assert choices == RECIPE_SCORERS and "nli" not in choices and "auto" in choices

@@ -21,16 +21,19 @@ Label words are tokenized on their own (without special tokens), so their tokens
 same after every prompt; write a leading space where the model expects one (" positive").
 
 The causal scorer lives in ``scorers.causal``, the encoder ones in ``scorers.encoders``, and
-what they share (``LabelScores``, the context length, phrase handling) in ``scorers._base``.
+what they share (``LabelScores``, the context length, phrase handling) in ``scorers.common``.
 """
 
-from peftkit.prompting.scorers._base import LabelScores, context_length
 from peftkit.prompting.scorers.causal import (
+    STRATEGY_NAMES,
+    causal_encoder,
+    causal_strategy,
     continuation_logprobs,
     domain_logprobs,
     naive_continuation_logprobs,
     score_causal,
 )
+from peftkit.prompting.scorers.common import LabelScores, context_length
 from peftkit.prompting.scorers.encoders import (
     embed_texts,
     score_embedding,
@@ -39,7 +42,10 @@ from peftkit.prompting.scorers.encoders import (
 )
 
 __all__ = [
+    "STRATEGY_NAMES",
     "LabelScores",
+    "causal_encoder",
+    "causal_strategy",
     "context_length",
     "continuation_logprobs",
     "domain_logprobs",

@@ -10,7 +10,7 @@ import torch
 from peftkit.adapters.model import body_of, eval_mode, pool
 from peftkit.errors import ConfigError, DataError, ModelError
 from peftkit.prompting.demonstrations import Demo, fit_prompts
-from peftkit.prompting.scorers._base import (
+from peftkit.prompting.scorers.common import (
     AGGREGATIONS,
     LabelScores,
     aggregate_phrases,
