@@ -185,7 +185,7 @@ def test_interrupted_gguf_conversion_leaves_no_cache(tmp_path, tiny_models, monk
         (dest / "config.json").write_text("{}")  # a partial write
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(assets, "_convert_gguf", half_then_die)
+    monkeypatch.setattr(assets, "convert_gguf", half_then_die)
     with pytest.raises(KeyboardInterrupt):
         assets.gguf_cache(gguf, "fake", cache=cache)
     assert not [p for p in (cache / "models").iterdir() if not p.name.startswith(".")]
@@ -196,7 +196,7 @@ def test_interrupted_gguf_conversion_leaves_no_cache(tmp_path, tiny_models, monk
         calls.append(src)
         shutil.copytree(tiny_models["llama"], dest)
 
-    monkeypatch.setattr(assets, "_convert_gguf", convert)
+    monkeypatch.setattr(assets, "convert_gguf", convert)
     first = assets.gguf_cache(gguf, "fake", cache=cache)
     again = assets.gguf_cache(gguf, "fake", cache=cache)
     assert first == again and len(calls) == 1
@@ -207,7 +207,7 @@ def test_cache_without_marker_is_rebuilt(tmp_path, tiny_models, monkeypatch):
     gguf = _fake_gguf(tmp_path)
     cache = tmp_path / "cache"
     monkeypatch.setattr(
-        assets, "_convert_gguf", lambda src, dest: shutil.copytree(tiny_models["llama"], dest)
+        assets, "convert_gguf", lambda src, dest: shutil.copytree(tiny_models["llama"], dest)
     )
     folder = assets.gguf_cache(gguf, "fake", cache=cache)
     (folder / assets.COMPLETE_MARKER).unlink()  # as if a copy stopped half way

@@ -133,14 +133,16 @@ def test_a_trained_model_comes_back_ready_to_predict(tiny_models, tmp_path, monk
     base, spec = _base(tiny_models, "bert")  # LoRA dropout 0.1 and head dropout 0.1
     data = synthetic("topic", n=32)
     seen = []
-    original = loop_module.predict_logits
+    from peftkit.training import predict as predict_module
+
+    original = predict_module.predict_logits
 
     def spy(model, *args, **kwargs):
         out = original(model, *args, **kwargs)
         seen.append(model.training)
         return out
 
-    monkeypatch.setattr(loop_module, "predict_logits", spy)
+    monkeypatch.setattr(predict_module, "predict_logits", spy)
     config = TrainConfig(max_steps=4, batch_size=8, progress=False, eval_every=2)
     result = train(base, spec, data, config, tmp_path / "run")
     assert seen[:2] == [True, True]  # the two evaluations during training
@@ -320,7 +322,7 @@ def test_a_run_collapsed_to_one_label_is_reported(tiny_models, tmp_path, caplog)
         stuck.linear.bias.copy_(torch.tensor([0.0, 50.0]))  # always the second label
     config = TrainConfig(max_steps=2, learning_rate=1e-12, **{**QUICK, "eval_every": 1})
     data = synthetic("sentiment", n=32)
-    with caplog.at_level("WARNING", logger="peftkit.training.loop"):
+    with caplog.at_level("WARNING", logger="peftkit.training.predict"):
         result = train(base, spec, data, config, tmp_path / "run", head_init=stuck)
     release(result.model)
     collapsed = [
@@ -333,15 +335,15 @@ def test_a_run_collapsed_to_one_label_is_reported(tiny_models, tmp_path, caplog)
 def test_mixed_predictions_are_not_a_collapse(caplog):
     import numpy as np
 
-    from peftkit.training.loop import _warn_if_collapsed
+    from peftkit.training.predict import warn_if_collapsed
 
-    with caplog.at_level("WARNING", logger="peftkit.training.loop"):
-        _warn_if_collapsed(np.array([0, 0, 0, 1]), ("a", "b"), 5, True)
-        _warn_if_collapsed(np.array([1, 1, 1]), ("a", "b"), 5, True)  # too few rows to tell
-        _warn_if_collapsed(np.array([1, 1, 1, 1]), ("a", "b"), 5, False)  # not the main process
+    with caplog.at_level("WARNING", logger="peftkit.training.predict"):
+        warn_if_collapsed(np.array([0, 0, 0, 1]), ("a", "b"), 5, True)
+        warn_if_collapsed(np.array([1, 1, 1]), ("a", "b"), 5, True)  # too few rows to tell
+        warn_if_collapsed(np.array([1, 1, 1, 1]), ("a", "b"), 5, False)  # not the main process
     assert not caplog.records
-    with caplog.at_level("WARNING", logger="peftkit.training.loop"):
-        _warn_if_collapsed(np.array([1, 1, 1, 1]), ("a", "b"), 5, True)
+    with caplog.at_level("WARNING", logger="peftkit.training.predict"):
+        warn_if_collapsed(np.array([1, 1, 1, 1]), ("a", "b"), 5, True)
     assert "step 5: all 4 validation rows are predicted 'b'" in caplog.records[0].getMessage()
 
 
@@ -433,7 +435,7 @@ def _fake_clock(monkeypatch, stop_at: int | None = None):
                 raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop_mod, "_now", lambda: clock["t"])
+    monkeypatch.setattr(loop_mod, "clock", lambda: clock["t"])
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", step_loss)
     return clock
 

@@ -120,7 +120,7 @@ def gguf_cache(gguf_path: Path, name: str, *, cache: Path | None = None) -> Path
     )
     start = time.perf_counter()
     try:
-        _convert_gguf(gguf_path, tmp)
+        convert_gguf(gguf_path, tmp)
         atomic_write_text(
             tmp / COMPLETE_MARKER, f'{{"source": "{gguf_path}", "identity": "{ident}"}}\n'
         )
@@ -136,7 +136,7 @@ def gguf_cache(gguf_path: Path, name: str, *, cache: Path | None = None) -> Path
     return final
 
 
-def _convert_gguf(gguf_path: Path, dest: Path) -> None:
+def convert_gguf(gguf_path: Path, dest: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -18,11 +18,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from peftkit.adapters.model import TaskModel, eval_mode, trainable_parameters
+from peftkit.adapters.model import TaskModel, trainable_parameters
 from peftkit.config.presets import AdapterSpec
 from peftkit.data.batching import Encoded, collate, length_batches
 from peftkit.errors import ConfigError, TrainingError
-from peftkit.metrics.report import compute_metrics
 from peftkit.training.checkpoints import (
     find_checkpoint,
     load_trainable,
@@ -31,6 +30,7 @@ from peftkit.training.checkpoints import (
     save_checkpoint,
 )
 from peftkit.training.contrastive import cosine_pair_loss
+from peftkit.training.predict import evaluate_split, warn_if_collapsed
 from peftkit.training.schedule import (
     budget_horizon,
     final_eval_reserve,
@@ -45,47 +45,9 @@ log = logging.getLogger(__name__)
 budget_log = logging.getLogger("peftkit.training.train")  # the budget's lines go with the run's own
 
 
-def _now() -> float:  # the training clock (tests replace it)
+def clock() -> float:
+    """The training clock, in seconds (a test may replace it to make time pass)."""
     return time.perf_counter()
-
-
-def predict_logits(
-    model: TaskModel, enc: Encoded, pad: int, batch_size: int, accelerator: Any = None
-) -> np.ndarray:
-    """Logits for every row of ``enc`` in order; sharded over processes when distributed.
-    Dropout is off while scoring; the model comes back in the mode it came in."""
-    batches = length_batches([len(r) for r in enc.ids], batch_size, seed=0, epoch=0, shuffle=False)
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
-    device = next(model.parameters()).device
-    mine = batches[rank::world]
-    out_idx, out_logits = [], []
-    with eval_mode(model), torch.no_grad():
-        for batch in mine:
-            tensors = collate([enc.ids[i] for i in batch], pad)
-            logits = model(tensors["input_ids"].to(device), tensors["attention_mask"].to(device))
-            out_idx.extend(batch)
-            out_logits.append(logits.float().cpu())
-    n_labels = model.head.linear.out_features
-    logits = torch.cat(out_logits) if out_logits else torch.zeros(0, n_labels)
-    idx = torch.tensor(out_idx, dtype=torch.long)
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        parts = gather_object([(idx, logits)])
-        idx = torch.cat([p[0] for p in parts])
-        logits = torch.cat([p[1] for p in parts])
-    result = torch.zeros(len(enc), n_labels)
-    result[idx] = logits
-    return result.numpy()
-
-
-def evaluate_split(
-    model, enc: Encoded, labels: tuple[str, ...], pad: int, batch_size: int, accelerator: Any = None
-) -> tuple[dict[str, float], np.ndarray]:
-    logits = predict_logits(model, enc, pad, batch_size, accelerator)
-    preds = logits.argmax(-1)
-    return compute_metrics(list(enc.labels), preds.tolist(), labels), logits
 
 
 class TrainLoop:
@@ -201,7 +163,7 @@ class TrainLoop:
             or (show is None and not sys.stderr.isatty()),
         )
         start = time.perf_counter()
-        self.clock = _now()
+        self.clock = clock()
         self._log_budget()
         self.model.train()
         stop = False
@@ -215,7 +177,7 @@ class TrainLoop:
                 )
                 usable = self.per_epoch_batches * acc.num_processes
                 mine = batches[:usable][acc.process_index :: acc.num_processes]
-                self.t0 = _now()
+                self.t0 = clock()
                 while state["batch"] < len(mine):
                     idx = mine[state["batch"]]
                     state["batch"] += 1
@@ -290,8 +252,8 @@ class TrainLoop:
         state, config = self.state, self.config
         state["step"] += 1
         step = state["step"]
-        self.step_times.append(_now() - self.t0)
-        self.t0 = _now()
+        self.step_times.append(clock() - self.t0)
+        self.t0 = clock()
         self._tick()
         self.bar.update(1)
         if len(self.step_times) == 10:
@@ -321,13 +283,13 @@ class TrainLoop:
                 )
         stop = False
         if step % self.eval_every == 0 or step >= self.horizon:
-            e0 = _now()
+            e0 = clock()
             stop = self._evaluate()
-            self._measured_eval(_now() - e0)
+            self._measured_eval(clock() - e0)
             self._tick()
             if step < self.horizon:
                 self._replan()
-            self.t0 = _now()
+            self.t0 = clock()
         if step % config.checkpoint_every == 0 or stop or step >= self.horizon:
             self._tick()
             if self.main:
@@ -343,7 +305,7 @@ class TrainLoop:
 
     def _tick(self) -> None:
         """Charge the time since the last tick to the budget."""
-        now = _now()
+        now = clock()
         self.state["elapsed_s"] += now - self.clock
         self.clock = now
 
@@ -426,7 +388,7 @@ class TrainLoop:
             config.eval_batch_size,
             acc,
         )
-        _warn_if_collapsed(logits.argmax(-1), self.labels, state["step"], self.main)
+        warn_if_collapsed(logits.argmax(-1), self.labels, state["step"], self.main)
         if config.metric not in metrics:
             raise ConfigError(f"training.metric={config.metric!r}; choose one of {sorted(metrics)}")
         value = metrics[config.metric]
@@ -463,17 +425,3 @@ class TrainLoop:
         if self.refit is not None:
             self.refit(unwrapped)
         return unwrapped.eval()
-
-
-def _warn_if_collapsed(preds: np.ndarray, labels: tuple[str, ...], step: int, main: bool) -> None:
-    """A run whose every validation row gets one label has collapsed (no NaN to catch it):
-    say so while it can still be stopped, instead of letting it end at the majority rate."""
-    if main and len(preds) >= 2 * len(labels) and bool((preds == preds[0]).all()):
-        log.warning(
-            "step %d: all %d validation rows are predicted %r; the model has collapsed to one "
-            "label (or has not learned anything yet). If this persists, lower "
-            "training.learning_rate (or check the training labels)",
-            step,
-            len(preds),
-            labels[int(preds[0])],
-        )

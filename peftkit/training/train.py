@@ -42,7 +42,8 @@ from peftkit.errors import ConfigError
 from peftkit.metrics.report import classification_report
 from peftkit.paths import atomic_write_text
 from peftkit.training.contrastive import contrastive_pairs
-from peftkit.training.loop import TrainLoop, evaluate_split, predict_logits
+from peftkit.training.loop import TrainLoop
+from peftkit.training.predict import evaluate_split, predict_logits
 from peftkit.training.prototypes import Prototypes, check_mean_pooling
 
 __all__ = [
