@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ class ServeConfig:
             try:
                 parse_ref(ref)
             except ConfigError as exc:
-                raise ConfigError(f"serve.adapters holds an {exc}") from None
+                raise ConfigError(f"serve.adapters has a bad entry: {exc}") from None
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"serve.port must be between 1 and 65535, got {self.port}")
         for name in _POSITIVE:
@@ -108,7 +108,9 @@ def load_serve_config(
         raw, lines = _read_block(Path(path))
     given = {k: v for k, v in (flags or {}).items() if v is not None}
     raw.update(given)
-    overridden = {("serve", k): f"{flag_name(k)} {_shown(v)}" for k, v in given.items()}
+    overridden: dict[tuple[str, ...], str] = {
+        ("serve", k): f"{flag_name(k)} {_shown(v)}" for k, v in given.items()
+    }
     if "registry" not in raw:
         raise ConfigError(
             f"{source}: no registry given: pass --registry DIR or set serve.registry "
@@ -136,8 +138,7 @@ def _read_block(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]
     block = data["serve"]
     if not isinstance(block, dict):
         raise ConfigError(
-            f"{path}, line {lines[('serve',)]}: serve: must be a mapping of settings, "
-            f"got {block!r}"
+            f"{path}, line {lines[('serve',)]}: serve: must be a mapping of settings, got {block!r}"
         )
     return dict(block), lines
 
