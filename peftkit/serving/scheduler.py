@@ -328,9 +328,11 @@ class Scheduler:
 
     def _run_job(self, job: Callable[[Any], Any], finish: Callable) -> None:
         try:
-            finish(job(self.model))
+            result = job(self.model)
         except Exception as exc:
-            finish(exc)
+            result = exc
+        self.resident = tuple(self.model.resident)  # as the job left it, before it answers
+        finish(result)
 
     def _forward(self, batch: list[tuple[_Request, int]]) -> None:
         start = time.monotonic()
@@ -372,6 +374,7 @@ class Scheduler:
             if self.observe is not None:
                 error = type(failed[ref]).__name__ if ref in failed else None
                 self.observe(LoadStats(ref, time.monotonic() - start, error))
+        self.resident = tuple(self.model.resident)
         return failed
 
     def _predict(self, group: list[tuple[_Request, int]]) -> None:

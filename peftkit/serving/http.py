@@ -1,0 +1,539 @@
+"""The HTTP app of ``peftkit serve``: thin FastAPI routes over one :class:`Scheduler`.
+
+    app = create_app(scheduler, Registry(root, read_only=True), fingerprint, config, keys)
+
+Routes (OpenAPI page at ``/docs``)::
+
+    POST   /v1/classify               {"adapter": "sst2", "inputs": ["...", ...]} or
+                                      {"inputs": [{"text": ..., "text_pair": ..., "adapter": "agnews@3"}]}
+                                      options top_k (probabilities kept per row), return_probs
+    GET    /v1/adapters               registered for this base: labels, method, metrics, resident
+    GET    /v1/adapters/{name}        one adapter, every version
+    POST   /v1/adapters/{name}/load   admin: make it (name or name@N) resident
+    DELETE /v1/adapters/{name}        admin: take it (or one version) out of memory
+    POST   /v1/reload                 admin: re-read the registry, load the latest of what is resident
+    GET    /health  /ready  /metrics  alive; serving; Prometheus text (open to all)
+
+Each row is answered with label, score, probabilities and the ``name@N`` that answered:
+a name is pinned to its version when the request is admitted, so a version registered
+meanwhile serves the next request on. With API keys, every ``/v1`` route needs
+``Authorization: Bearer <key>`` (401), the admin routes a key marked admin (403);
+``/health``, ``/ready`` and ``/metrics`` stay open for probes and scrapers, and say nothing
+about the data. Every error is ``{"error": "<one line>"}`` with its status (see
+``status_of``) and one log line; never a traceback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from peftkit.config.serve import ServeConfig
+from peftkit.errors import ConfigError, PeftkitError, RegistryError, did_you_mean
+from peftkit.registry.entries import Entry, check_name
+from peftkit.registry.store import Registry
+from peftkit.serving.scheduler import (
+    ForwardStats,
+    LoadStats,
+    Overloaded,
+    RequestTimeout,
+    Row,
+    Scheduler,
+)
+
+__all__ = ["ApiError", "create_app", "status_of"]
+
+log = logging.getLogger(__name__)
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class ApiError(PeftkitError):
+    """An error answered with ``status``: ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = dict(headers or {})
+
+
+def status_of(exc: Exception, root: object = None) -> ApiError:
+    """The answer to an error from the scheduler or the model: 503 + Retry-After when
+    overloaded, 504 on timeout, 404 for a version gone from the registry, 409 for an
+    adapter this server cannot serve (corrupt files, another base, another family)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, Overloaded):
+        return ApiError(503, str(exc), {"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, RequestTimeout):
+        return ApiError(504, str(exc))
+    # the registry's folder is the server's business, not the client's
+    message = str(exc) if root is None else str(exc).replace(str(root), "<registry>")
+    if type(exc) is RegistryError:
+        return ApiError(404, message)
+    if isinstance(exc, PeftkitError):
+        return ApiError(409, f"cannot serve this adapter: {message}")
+    return ApiError(500, f"internal error ({type(exc).__name__}); the server log has it")
+
+
+# -- requests and answers -----------------------------------------------------------------
+
+
+class InputRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    text_pair: str | None = None
+    adapter: str | None = Field(None, description="name, name@N; default: the request's")
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adapter: str | None = Field(None, description="the adapter of rows that name none")
+    inputs: list[str | InputRow]
+    top_k: int | None = Field(None, ge=1, description="probabilities kept per row (all)")
+    return_probs: bool = True
+
+
+class RowResult(BaseModel):
+    label: str
+    score: float
+    probs: dict[str, float] | None = None
+    ref: str = Field(description="the version that answered, name@N")
+    adapter: str = Field(description="the adapter as asked for")
+
+
+class ClassifyResponse(BaseModel):
+    results: list[RowResult]
+
+
+# -- the registry as this server sees it --------------------------------------------------
+
+
+class Catalog:
+    """The registry's adapters for this base; pins a reference to ``name@N``. Lookups are
+    cached until the registry's generation changes (one cheap query per request)."""
+
+    def __init__(self, registry: Registry, fingerprint: str) -> None:
+        self.registry = registry
+        self.fingerprint = fingerprint
+        self._generation: int | None = None
+        self._entries: list[Entry] = []
+        self._pinned: dict[str, Entry] = {}
+
+    def entries(self) -> list[Entry]:
+        """Every version registered for this base, by name then version."""
+        generation = self.registry.generation()
+        if generation != self._generation:
+            self._entries = [
+                e for e in self.registry.list() if e.base_fingerprint == self.fingerprint
+            ]
+            self._pinned.clear()
+            self._generation = generation
+        return self._entries
+
+    def names(self) -> list[str]:
+        return sorted({e.name for e in self.entries()})
+
+    def pin(self, ref: str, where: str) -> Entry:
+        """The entry ``ref`` means now; ApiError 422 (bad form), 404 (unknown, with the
+        closest names) or 409 (registered for another base)."""
+        entries = self.entries()
+        if ref in self._pinned:
+            return self._pinned[ref]
+        name = ref.partition("@")[0]
+        try:
+            check_name(name)
+            entry = self.registry.get(ref)
+        except ConfigError as exc:
+            raise ApiError(422, f"{where}: {exc}") from None
+        except RegistryError:
+            raise ApiError(404, self._missing(ref, entries)) from None
+        if entry.base_fingerprint != self.fingerprint:
+            raise ApiError(
+                409,
+                f"{where}: adapter {entry.ref} was trained on another base than this server "
+                f"serves; adapters here: {', '.join(self.names()) or 'none'}",
+            )
+        self._pinned[ref] = entry
+        return entry
+
+    def _missing(self, ref: str, entries: list[Entry]) -> str:
+        name, _, version = ref.partition("@")
+        versions = [str(e.version) for e in entries if e.name == name]
+        if versions:
+            return (
+                f"adapter {name!r} has no version {version!r}; its versions: {', '.join(versions)}"
+            )
+        names = self.names()
+        return (
+            f"no adapter named {name!r}{did_you_mean(name, names)}; "
+            f"registered for this base: {', '.join(names[:20]) or 'none'}"
+        )
+
+
+# -- metrics ------------------------------------------------------------------------------
+
+
+class ServeMetrics:
+    """The app's Prometheus metrics, in a CollectorRegistry of its own."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.registry = r = CollectorRegistry()
+        by = ["adapter", "status"]
+        self.requests = Counter("peftkit_requests", "classify requests", by, registry=r)
+        self.rows = Counter("peftkit_rows", "rows classified", by, registry=r)
+        self.total = Histogram(
+            "peftkit_request_seconds", "request latency", buckets=LATENCY, registry=r
+        )
+        self.wait = Histogram(
+            "peftkit_queue_wait_seconds", "row queue wait", buckets=LATENCY, registry=r
+        )
+        self.forward = Histogram(
+            "peftkit_forward_seconds", "forward time", buckets=LATENCY, registry=r
+        )
+        sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+        self.batch = Histogram(
+            "peftkit_forward_rows", "rows per forward", buckets=sizes, registry=r
+        )
+        self.mixed = Histogram(
+            "peftkit_forward_adapters", "adapters per forward", buckets=sizes, registry=r
+        )
+        self.loads = Counter("peftkit_adapter_loads", "adapter loads", ["status"], registry=r)
+        self.load_time = Histogram(
+            "peftkit_adapter_load_seconds", "adapter load time", buckets=LATENCY, registry=r
+        )
+        queue = Gauge("peftkit_queue_rows", "rows waiting for a forward", registry=r)
+        queue.set_function(lambda: scheduler.queued_rows)
+        resident = Gauge("peftkit_resident_adapters", "adapters in memory", registry=r)
+        resident.set_function(lambda: len(scheduler.resident))
+
+    def observe(self, stats: ForwardStats | LoadStats) -> None:
+        """Called by the scheduler's worker after every forward and adapter load."""
+        if isinstance(stats, LoadStats):
+            self.loads.labels("error" if stats.error else "ok").inc()
+            self.load_time.observe(stats.seconds)
+            return
+        self.forward.observe(stats.seconds)
+        self.batch.observe(stats.rows)
+        self.mixed.observe(stats.adapters)
+        for wait in stats.waits:
+            self.wait.observe(wait)
+
+    def request(self, names: list[str], status: int, seconds: float) -> None:
+        label = names[0] if len(set(names)) == 1 else "(mixed)" if names else "(none)"
+        self.requests.labels(label, str(status)).inc()
+        for name in names:
+            self.rows.labels(name, str(status)).inc()
+        self.total.observe(seconds)
+
+
+# -- the app ------------------------------------------------------------------------------
+
+
+def create_app(
+    scheduler: Scheduler,
+    registry: Registry,
+    fingerprint: str,
+    config: ServeConfig,
+    keys: Mapping[str, bool] | None = None,
+) -> FastAPI:
+    """The app serving ``scheduler``'s model (its adapters preloaded: ``/ready`` says
+    whether the scheduler runs). ``keys`` maps each API key to whether it is an admin key
+    (None: no auth)."""
+    app = FastAPI(title="peftkit serve", version="1", summary="text classification adapters")
+    catalog = Catalog(registry, fingerprint)
+    metrics = ServeMetrics(scheduler)
+    scheduler.observe = metrics.observe
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth(keys))])
+    admin = [Depends(_admin(keys))]
+
+    @v1.post("/classify", response_model=ClassifyResponse, response_model_exclude_none=True)
+    async def classify(body: ClassifyRequest) -> dict[str, Any]:
+        start, names = time.monotonic(), []
+        try:
+            rows = _rows(body, config, catalog)
+            names = [r.ref.partition("@")[0] for r in rows]
+            predictions = await scheduler.submit(rows)
+        except Exception as exc:
+            error = status_of(exc, registry.root)
+            metrics.request(names, error.status, time.monotonic() - start)
+            raise error from None
+        metrics.request(names, 200, time.monotonic() - start)
+        return {"results": [_result(p, body.top_k, body.return_probs) for p in predictions]}
+
+    @v1.get("/adapters")
+    async def adapters() -> dict[str, Any]:
+        grouped = _grouped(catalog.entries())
+        return {"adapters": [_summary(v, scheduler.resident) for v in grouped.values()]}
+
+    @v1.get("/adapters/{name}")
+    async def adapter(name: str) -> dict[str, Any]:
+        entry = catalog.pin(name, "name")
+        versions = _grouped(catalog.entries())[entry.name]
+        return {
+            **_summary(versions, scheduler.resident),
+            "versions": [_version(e, scheduler.resident) for e in versions],
+        }
+
+    @v1.post("/adapters/{name}/load", dependencies=admin)
+    async def load(name: str) -> dict[str, Any]:
+        ref = catalog.pin(name, "name").ref
+        await _job(scheduler, lambda model: model.load(ref), registry.root)
+        return {"loaded": ref, "resident": list(scheduler.resident)}
+
+    @v1.delete("/adapters/{name}", dependencies=admin)
+    async def unload(name: str) -> dict[str, Any]:
+        catalog.pin(name, "name")  # 404 for a name that is not registered
+        before = set(scheduler.resident)
+        await _job(scheduler, lambda model: model.evict(name), registry.root)
+        return {
+            "unloaded": sorted(before - set(scheduler.resident)),
+            "resident": list(scheduler.resident),
+        }
+
+    @v1.post("/reload", dependencies=admin)
+    async def reload() -> dict[str, Any]:
+        names = sorted({ref.partition("@")[0] for ref in scheduler.resident})
+        latest = [catalog.pin(n, "resident").ref for n in names if n in catalog.names()]
+        await _job(scheduler, lambda model: [model.load(ref) for ref in latest], registry.root)
+        return {"generation": registry.generation(), "resident": list(scheduler.resident)}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        ok = scheduler.running
+        body = {"ready": ok, "resident": list(scheduler.resident)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(v1)
+    app.state.metrics = metrics
+    return app
+
+
+def _rows(body: ClassifyRequest, config: ServeConfig, catalog: Catalog) -> list[Row]:
+    """The request's rows, each with its adapter pinned to ``name@N``; limits checked."""
+    if not body.inputs:
+        raise ApiError(422, "inputs is empty: give at least one text")
+    if len(body.inputs) > config.max_request_rows:
+        raise ApiError(
+            413,
+            f"inputs has {len(body.inputs)} rows; this server takes at most "
+            f"max_request_rows={config.max_request_rows} per request: split it",
+        )
+    rows = []
+    for i, item in enumerate(body.inputs):
+        row = InputRow(text=item, adapter=None) if isinstance(item, str) else item
+        ref = row.adapter or body.adapter
+        if ref is None:
+            raise ApiError(422, f"inputs.{i}: no adapter: give 'adapter' on the request or the row")
+        for field, text in (("text", row.text), ("text_pair", row.text_pair)):
+            if text is not None and len(text) > config.max_text_chars:
+                raise ApiError(
+                    413,
+                    f"inputs.{i}.{field} has {len(text)} characters; at most "
+                    f"max_text_chars={config.max_text_chars}",
+                )
+        where = f"inputs.{i}.adapter" if row.adapter else "adapter"
+        rows.append(Row(row.text, catalog.pin(ref, where).ref, row.text_pair))
+    return rows
+
+
+def _result(prediction: Any, top_k: int | None, return_probs: bool) -> dict[str, Any]:
+    out = {
+        "label": prediction.label,
+        "score": prediction.score,
+        "ref": prediction.ref,
+        "adapter": prediction.adapter,
+    }
+    if return_probs:
+        ranked = sorted(prediction.probs.items(), key=lambda kv: -kv[1])
+        out["probs"] = dict(ranked[:top_k] if top_k else ranked)
+    return out
+
+
+def _grouped(entries: list[Entry]) -> dict[str, list[Entry]]:
+    grouped: dict[str, list[Entry]] = {}
+    for e in entries:
+        grouped.setdefault(e.name, []).append(e)
+    return grouped
+
+
+def _summary(versions: list[Entry], resident: tuple[str, ...]) -> dict[str, Any]:
+    latest = versions[-1]
+    return {
+        "name": latest.name,
+        "latest": latest.ref,
+        "versions": [e.version for e in versions],
+        "method": latest.method,
+        "task": latest.task,
+        "labels": list(latest.labels),
+        "metrics": latest.metrics,
+        "resident": [e.ref for e in versions if e.ref in resident],
+    }
+
+
+def _version(entry: Entry, resident: tuple[str, ...]) -> dict[str, Any]:
+    keys = ("ref", "version", "method", "labels", "metrics", "created", "tags")
+    return {**{k: entry.to_dict()[k] for k in keys}, "resident": entry.ref in resident}
+
+
+async def _job(scheduler: Scheduler, job: Callable[[Any], Any], root: object) -> Any:
+    try:
+        return await scheduler.call(job)
+    except Exception as exc:
+        raise status_of(exc, root) from None
+
+
+# -- auth, limits, errors -----------------------------------------------------------------
+
+
+def _auth(keys: Mapping[str, bool] | None) -> Callable[[Request], Awaitable[None]]:
+    async def check(request: Request) -> None:
+        request.state.admin = keys is None
+        if keys is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(
+                401,
+                "this route needs 'Authorization: Bearer <key>' with a key from the server's api key file",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        found = None
+        for key, is_admin in keys.items():  # every key compared: the time says nothing
+            if hmac.compare_digest(given.strip().encode(), key.encode()):
+                found = is_admin
+        if found is None:
+            raise ApiError(401, "the API key is not valid", {"WWW-Authenticate": "Bearer"})
+        request.state.admin = found
+
+    return check
+
+
+def _admin(keys: Mapping[str, bool] | None) -> Callable[[Request], Awaitable[None]]:
+    async def check(request: Request) -> None:
+        if keys is not None and not request.state.admin:
+            raise ApiError(
+                403, "this route needs an admin key (a line 'KEY admin' in the api key file)"
+            )
+
+    return check
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 before the app
+    reads it (declared by Content-Length, or counted while it streams in)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(scope, receive, send)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
+        message = f"the request body is larger than max_body_bytes={self.limit}: send fewer or shorter rows"
+        log.warning("%s %s -> 413: %s", scope["method"], scope["path"], message)
+        await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def answer(
+        request: Request, status: int, message: str, headers: Mapping[str, str] | None = None
+    ) -> JSONResponse:
+        log.warning("%s %s -> %d: %s", request.method, request.url.path, status, message)
+        return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return answer(request, exc.status, str(exc), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return answer(request, 422, validation_message(exc.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return answer(request, exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        return answer(request, 500, f"internal error ({type(exc).__name__}); the server log has it")
+
+
+FIELDS = {"adapter", "inputs", "top_k", "return_probs", "text", "text_pair"}
+
+
+def validation_message(errors: Any) -> str:
+    """pydantic's errors as one line naming each field (``inputs.0.text: Field required``);
+    the alternatives of ``str | InputRow`` are folded into one message per row."""
+    parts: list[str] = []
+    for error in errors:
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        if error.get("type") == "json_invalid":
+            parts.append(
+                f"the body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])})"
+            )
+            continue
+        if len(loc) >= 3 and loc[0] == "inputs" and loc[2] in ("str", "InputRow"):
+            if loc[2] == "str" or len(loc) == 3:
+                parts.append(
+                    f"inputs.{loc[1]}: must be a string or a mapping with 'text' (and 'text_pair', 'adapter')"
+                )
+                continue
+            loc = [*loc[:2], *loc[3:]]
+        where = ".".join(loc) or "body"
+        if error.get("type") == "extra_forbidden":
+            parts.append(f"{where}: unknown field{did_you_mean(loc[-1], FIELDS)}")
+        else:
+            parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    unique = list(dict.fromkeys(parts))
+    return "; ".join(unique[:4]) + (f"; and {len(unique) - 4} more" if len(unique) > 4 else "")
