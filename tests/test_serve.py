@@ -25,6 +25,10 @@ from helpers import synthetic
 from prometheus_client.parser import text_string_to_metric_families
 
 from peftkit import AdaptedModel, Registry, TrainConfig, load_base, load_preset, train
+from peftkit.config.serve import ServeConfig, load_serve_config
+from peftkit.errors import ConfigError, IntegrityError
+from peftkit.serving.http import status_of
+from peftkit.serving.scheduler import Overloaded, RequestTimeout
 from peftkit.serving.serve import add_arguments, main
 
 ADAPTERS = {"sentiment": "lora", "topic": "lora", "spam": "probe"}
@@ -319,6 +323,17 @@ def test_metrics_parse_and_count_the_rows_sent(server):
     } <= names
 
 
+def test_a_version_registered_while_serving_answers_from_the_next_request_on(server):
+    client, _, _, log = server
+    asked = {"adapter": "spam", "inputs": ["free prize now"]}
+    assert client.post("/v1/classify", json=asked).json()["results"][0]["ref"] == "spam@1"
+    Registry(log.parent / "registry").register("spam", log.parent / "spam" / "adapter")
+    assert client.post("/v1/classify", json=asked).json()["results"][0]["ref"] == "spam@2"
+    pinned = {"adapter": "spam@1", "inputs": ["free prize now"]}
+    assert client.post("/v1/classify", json=pinned).json()["results"][0]["ref"] == "spam@1"
+    assert client.get("/v1/adapters/spam").json()["versions"][-1]["ref"] == "spam@2"
+
+
 # -- stopping (keep last: it stops the module's server) -----------------------------------
 
 
@@ -411,3 +426,22 @@ def test_without_the_serve_extra_main_says_which_extra_to_install(tmp_path):
     assert out.returncode == 1 and out.stderr.count("\n") == 1
     assert "pip install 'peftkit[serve]'" in out.stderr and "fastapi" in out.stderr
     assert out.stdout == ""
+
+
+def test_settings_come_from_the_file_and_flags_override_them(tmp_path):
+    settings = tmp_path / "serve.yaml"
+    settings.write_text("serve:\n  registry: r\n  port: 9001\n  adapters: [a, b@2]\n")
+    config = load_serve_config(settings, {"port": 9002, "max_wait_ms": None})
+    assert (config.registry, config.port, config.adapters) == ("r", 9002, ("a", "b@2"))
+    assert config.host == "127.0.0.1" and config.max_wait_ms == ServeConfig("r").max_wait_ms
+    with pytest.raises(ConfigError, match="max_request_rows"):
+        load_serve_config(settings, {"max_request_rows": 10, "max_queue_rows": 5})
+
+
+def test_overload_and_timeout_map_to_503_with_retry_after_and_504():
+    busy = status_of(Overloaded("the queue is full", retry_after=2))
+    assert busy.status == 503 and busy.headers == {"Retry-After": "2"}
+    assert status_of(RequestTimeout("late")).status == 504
+    assert status_of(IntegrityError("adapter x@1 at /srv/reg/x differs"), "/srv/reg").status == 409
+    assert "/srv/reg" not in str(status_of(IntegrityError("x@1 at /srv/reg/x"), "/srv/reg"))
+    assert status_of(KeyError("boom")).status == 500

@@ -61,6 +61,7 @@ from peftkit.serving.scheduler import (
 __all__ = ["ApiError", "create_app", "status_of"]
 
 log = logging.getLogger(__name__)
+BY = ["adapter", "status"]
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -195,29 +196,20 @@ class ServeMetrics:
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.registry = r = CollectorRegistry()
-        by = ["adapter", "status"]
-        self.requests = Counter("peftkit_requests", "classify requests", by, registry=r)
-        self.rows = Counter("peftkit_rows", "rows classified", by, registry=r)
-        self.total = Histogram(
-            "peftkit_request_seconds", "request latency", buckets=LATENCY, registry=r
-        )
-        self.wait = Histogram(
-            "peftkit_queue_wait_seconds", "row queue wait", buckets=LATENCY, registry=r
-        )
-        self.forward = Histogram(
-            "peftkit_forward_seconds", "forward time", buckets=LATENCY, registry=r
-        )
         sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-        self.batch = Histogram(
-            "peftkit_forward_rows", "rows per forward", buckets=sizes, registry=r
-        )
-        self.mixed = Histogram(
-            "peftkit_forward_adapters", "adapters per forward", buckets=sizes, registry=r
-        )
+
+        def histogram(name: str, doc: str, buckets: tuple = LATENCY) -> Histogram:
+            return Histogram(f"peftkit_{name}", doc, buckets=buckets, registry=r)
+
+        self.requests = Counter("peftkit_requests", "classify requests", BY, registry=r)
+        self.rows = Counter("peftkit_rows", "rows classified", BY, registry=r)
         self.loads = Counter("peftkit_adapter_loads", "adapter loads", ["status"], registry=r)
-        self.load_time = Histogram(
-            "peftkit_adapter_load_seconds", "adapter load time", buckets=LATENCY, registry=r
-        )
+        self.total = histogram("request_seconds", "request latency")
+        self.wait = histogram("queue_wait_seconds", "a row's wait for its forward")
+        self.forward = histogram("forward_seconds", "forward time")
+        self.load_time = histogram("adapter_load_seconds", "adapter load time")
+        self.batch = histogram("forward_rows", "rows per forward", sizes)
+        self.mixed = histogram("forward_adapters", "distinct adapters per forward", sizes)
         queue = Gauge("peftkit_queue_rows", "rows waiting for a forward", registry=r)
         queue.set_function(lambda: scheduler.queued_rows)
         resident = Gauge("peftkit_resident_adapters", "adapters in memory", registry=r)
