@@ -90,6 +90,7 @@ def status_of(exc: Exception, root: object = None) -> ApiError:
         return ApiError(404, message)
     if isinstance(exc, PeftkitError):
         return ApiError(409, f"cannot serve this adapter: {message}")
+    log.error("internal error: %s: %s", type(exc).__name__, " ".join(str(exc).split()))
     return ApiError(500, f"internal error ({type(exc).__name__}); the server log has it")
 
 
