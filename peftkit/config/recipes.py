@@ -16,7 +16,6 @@ means ``adapter: {preset: lora}``, ``prompt: sentiment`` means ``prompt: {set: s
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 import typing
@@ -24,13 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from peftkit.config import overrides as overrides_mod
 from peftkit.config.library import available, find
-from peftkit.config.schema import Ctx, hints, parse, read_text, read_yaml, unwrap
+from peftkit.config.schema import Ctx, parse, read_text, read_yaml
 from peftkit.config.scorers import RECIPE_SCORERS
 from peftkit.config.training import TrainConfig
-from peftkit.errors import ConfigError, did_you_mean
+from peftkit.errors import ConfigError
 from peftkit.registry.entries import check_name
 
 __all__ = [
@@ -251,9 +249,11 @@ def load_recipe(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) 
         raise ConfigError(f"{path}: the recipe is empty; it needs at least 'base' and 'data'")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides, source=str(path))
+    raw = apply_overrides(raw, overrides)
     raw.setdefault("name", path.stem)
-    recipe = parse_recipe(raw, source=str(path), lines=lines, overridden=_override_keys(overrides))
+    recipe = parse_recipe(
+        raw, source=str(path), lines=lines, overridden=overrides_mod.override_keys(overrides)
+    )
     return dataclasses.replace(recipe, overrides=tuple(overrides))
 
 
@@ -336,102 +336,7 @@ def task_training(recipe: Recipe, task: TaskSpec) -> TrainConfig:
     return dataclasses.replace(recipe.training, **task.training)
 
 
-# --- overrides -------------------------------------------------------------------------------
-
-
-def apply_overrides(
-    raw: dict[str, Any], overrides: typing.Sequence[str], source: str = "<recipe>"
-) -> dict[str, Any]:
-    """``["training.epochs=1", "adapter=probe"]`` applied to a copy of ``raw``.
-
-    Values are YAML scalars (``1`` int, ``1e-3`` float, ``true``, ``null``, ``[a, b]``). A key
-    the schema does not have is an error naming the closest valid one.
-    """
-    out = copy.deepcopy(raw)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: write key.path=value (e.g. training.epochs=1)")
-        keys = tuple(key.strip().split("."))
-        _check_override_path(keys, item)
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        if isinstance(value, str) and value == text.strip() and text.strip() != text:
-            value = text.strip()
-        node: Any = out
-        for i, k in enumerate(keys[:-1]):
-            nxt = _child(node, k, item)
-            if isinstance(nxt, str) and _shorthand_at(keys[: i + 1]):
-                nxt = {_shorthand_at(keys[: i + 1]): nxt}
-            elif not isinstance(nxt, (dict, list)):
-                nxt = {}
-            _set_child(node, k, nxt, item)
-            node = nxt
-        _set_child(node, keys[-1], value, item)
-    return out
-
-
-def _child(node: Any, key: str, item: str) -> Any:
-    if isinstance(node, list):
-        return node[_index(node, key, item)]
-    return node.get(key)
-
-
-def _set_child(node: Any, key: str, value: Any, item: str) -> None:
-    if isinstance(node, list):
-        node[_index(node, key, item)] = value
-    else:
-        node[key] = value
-
-
-def _index(node: list[Any], key: str, item: str) -> int:
-    if not key.isdigit() or int(key) >= len(node):
-        raise ConfigError(f"override {item!r}: no item {key!r} in a list of {len(node)}")
-    return int(key)
-
-
-def _override_keys(overrides: typing.Sequence[str]) -> dict[tuple[str, ...], str]:
-    return {tuple(o.partition("=")[0].strip().split(".")): o for o in overrides}
-
-
-def _shorthand_at(keys: tuple[str, ...]) -> str | None:
-    cls = _type_at(keys)
-    return SHORTHAND.get(cls) if isinstance(cls, type) else None
-
-
-def _type_at(keys: tuple[str, ...]) -> Any:
-    """The schema type at ``keys`` (``dict`` for open mappings); raises for unknown keys."""
-    tp: Any = Recipe
-    for depth, key in enumerate(keys):
-        tp = unwrap(tp)
-        if tp is dict or typing.get_origin(tp) is dict:
-            return dict
-        if typing.get_origin(tp) is tuple and key.isdigit():
-            tp = typing.get_args(tp)[0]
-            continue
-        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
-            raise KeyError((depth, []))
-        keys_here = hints(tp)
-        if key not in keys_here:
-            raise KeyError((depth, list(keys_here)))
-        tp = keys_here[key]
-    return unwrap(tp)
-
-
-def _check_override_path(keys: tuple[str, ...], item: str) -> None:
-    try:
-        _type_at(keys)
-    except KeyError as exc:
-        depth, valid = exc.args[0]
-        where = ".".join(keys[:depth]) or "the recipe"
-        if not valid:
-            raise ConfigError(
-                f"override {item!r}: {where} is a single value and has no key {keys[depth]!r}"
-            ) from None
-        raise ConfigError(
-            f"override {item!r}: {where} has no key {keys[depth]!r}"
-            + did_you_mean(keys[depth], valid)
-            + f"; valid keys: {', '.join(valid)}"
-        ) from None
+def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """``["training.epochs=1", "adapter=probe"]`` applied to a copy of a recipe mapping (see
+    :func:`peftkit.config.overrides.apply_overrides`)."""
+    return overrides_mod.apply_overrides(raw, overrides, Recipe, SHORTHAND, top="the recipe")
