@@ -155,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
         k.add_argument("name")
         k.set_defaults(func=cmd_library_show, kind=kind)
 
+    p = sub.add_parser(
+        "serve",
+        help="serve registered adapters over HTTP (needs the serve extra)",
+        description="Serve a registry's adapters on one base behind one HTTP endpoint; every "
+        "flag overrides the --config file's serve: block.",
+    )
+    from peftkit.serving.serve import add_arguments as serve_arguments
+
+    serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("compare", help="several run folders side by side")
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--json", action="store_true", help="JSON rows instead of a table")
@@ -163,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- run / eval ----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from peftkit.serving.serve import main as serve_main
+
+    return serve_main(args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

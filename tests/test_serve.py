@@ -69,7 +69,7 @@ def _start(root: Path, registry: Path, port: int) -> subprocess.Popen:
     keys = root / "keys.txt"
     keys.write_text(f"# keys\n{USER_KEY}\n{ADMIN_KEY} admin\n")
     limits = [a for k, v in LIMITS.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-    command = [sys.executable, "-m", "peftkit.serving.serve", "--registry", str(registry)]
+    command = [sys.executable, "-m", "peftkit.cli", "serve", "--registry", str(registry)]
     command += ["--port", str(port), "--adapters", "sentiment,spam@1", "--api-key-file"]
     command += [str(keys), "--max-wait-ms", "5", "--max-batch-rows", "8", *limits]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
