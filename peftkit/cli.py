@@ -102,9 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name", nargs="?")
     a.add_argument("--tag")
     a.set_defaults(func=cmd_adapters_list)
-    a = asub.add_parser("show", help="one entry as JSON (NAME or NAME@VERSION)")
+    a = asub.add_parser("show", help="one entry as JSON (NAME, NAME@VERSION or NAME@ALIAS)")
     a.add_argument("ref")
     a.set_defaults(func=cmd_adapters_show)
+    a = asub.add_parser("alias", help="point NAME@ALIAS at a version (moved atomically)")
+    a.add_argument("ref", help="NAME@VERSION (or NAME: its latest)")
+    a.add_argument("alias", help="e.g. production")
+    a.set_defaults(func=cmd_adapters_alias)
+    a = asub.add_parser("unalias", help="remove NAME@ALIAS")
+    a.add_argument("name")
+    a.add_argument("alias")
+    a.set_defaults(func=cmd_adapters_unalias)
     a = asub.add_parser("rm", help="remove NAME@VERSION, NAME's latest, or --all versions")
     a.add_argument("ref")
     a.add_argument("--all", action="store_true", help="every version of NAME")
@@ -253,9 +261,13 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no adapters in {args.registry}{_unindexed_hint(registry)}", file=sys.stderr)
         return 0
+    held: dict[str, list[str]] = {}
+    for alias, target in registry.aliases(args.name).items():
+        held.setdefault(target, []).append(alias.partition("@")[2])
     rows = [
         {
             "ref": e.ref,
+            "aliases": ",".join(held.get(e.ref, [])),
             "method": e.method,
             "task": e.task,
             "labels": len(e.labels),
@@ -290,10 +302,27 @@ def _unindexed_hint(registry) -> str:
 def cmd_adapters_show(args: argparse.Namespace) -> int:
     from peftkit.adapters.folder import read_task
 
-    entry = _registry(args).get(args.ref)
+    registry = _registry(args)
+    entry = registry.get(args.ref)
+    aliases = [
+        a.partition("@")[2] for a, t in registry.aliases(entry.name).items() if t == entry.ref
+    ]
     # with how its files are read: pooling, max length, head, a rewriting start it came from
-    shown = {**entry.to_dict(), "adapter": read_task(entry.path).to_dict()}
+    shown = {**entry.to_dict(), "aliases": aliases, "adapter": read_task(entry.path).to_dict()}
     print(json.dumps(shown, indent=2, default=str))
+    return 0
+
+
+def cmd_adapters_alias(args: argparse.Namespace) -> int:
+    before, now = _registry(args).alias(args.ref, args.alias)
+    name = now.partition("@")[0]
+    print(f"{name}@{args.alias}: {before or '(new)'} -> {now}")
+    return 0
+
+
+def cmd_adapters_unalias(args: argparse.Namespace) -> int:
+    before = _registry(args).unalias(args.name, args.alias)
+    print(f"removed {args.name}@{args.alias} (it pointed at {before})")
     return 0
 
 

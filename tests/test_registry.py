@@ -130,7 +130,9 @@ def test_unknown_names_and_versions_say_what_exists(reg, src):
         reg.load_path("bankin77@1")
     with pytest.raises(RegistryError, match=r"no version 7; its versions are 1, 2"):
         reg.get("sst2@7")
-    for bad in ("sst2@x", "sst2@0", "sst2@-1", "", "@1", 3):
+    with pytest.raises(RegistryError, match=r"no alias 'x' for adapter 'sst2'; 'sst2' has no"):
+        reg.get("sst2@x")  # an alias reference, and sst2 has none
+    for bad in ("sst2@1x", "sst2@0", "sst2@-1", "sst2@_a", "", "@1", 3):
         with pytest.raises(ConfigError):
             reg.get(bad)
 

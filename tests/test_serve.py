@@ -153,7 +153,7 @@ def test_one_adapter_answers_label_score_probs_and_the_version(server):
     results = response.json()["results"]
     expected = offline.predict(TEXTS[:3], adapter="sentiment@1")
     for got, want in zip(results, expected, strict=True):
-        assert got["ref"] == "sentiment@1" and got["adapter"] == "sentiment@1"
+        assert got["ref"] == "sentiment@1" and got["adapter"] == "sentiment"  # as asked
         assert got["label"] == want.label and abs(got["score"] - want.score) < 1e-5
         assert set(got["probs"]) == {"negative", "positive"}
     short = client.post(
@@ -332,6 +332,18 @@ def test_a_version_registered_while_serving_answers_from_the_next_request_on(ser
     pinned = {"adapter": "spam@1", "inputs": ["free prize now"]}
     assert client.post("/v1/classify", json=pinned).json()["results"][0]["ref"] == "spam@1"
     assert client.get("/v1/adapters/spam").json()["versions"][-1]["ref"] == "spam@2"
+    # an alias moved while serving: the next request answers with the version it points at
+    registry = Registry(log.parent / "registry")
+    registry.alias("spam@1", "production")
+    aliased = {"adapter": "spam@production", "inputs": ["free prize now"]}
+    assert client.post("/v1/classify", json=aliased).json()["results"][0]["ref"] == "spam@1"
+    registry.alias("spam@2", "production")
+    answer = client.post("/v1/classify", json=aliased).json()["results"][0]
+    assert answer["ref"] == "spam@2" and answer["adapter"] == "spam@production"
+    missing = client.post("/v1/classify", json={**aliased, "adapter": "spam@staging"})
+    assert missing.status_code == 404 and "no alias 'staging'" in missing.json()["error"]
+    listed = client.get("/v1/adapters/spam").json()
+    assert listed["aliases"] == {"production": "spam@2"}
 
 
 # -- stopping (keep last: it stops the module's server) -----------------------------------

@@ -386,6 +386,33 @@ def test_names_follow_the_registry_and_removed_adapters_stop_serving(served, tmp
         am.close()
 
 
+def test_an_alias_is_served_like_a_name_and_follows_its_moves(served, tmp_path):
+    base, _, expected, _ = served
+    registry = Registry(tmp_path / "registry")
+    _register_copy(served, registry, "live", "sentiment")
+    _register_copy(served, registry, "live", "spam")
+    registry.alias("live@1", "production")
+    am = AdaptedModel(base, registry, max_resident=4)
+    try:
+        first = am.predict(PROBE_TEXTS, adapter="live@production")
+        assert {p.ref for p in first} == {"live@1"} and {p.adapter for p in first} == {
+            "live@production"
+        }
+        np.testing.assert_allclose(
+            am.predict_proba(PROBE_TEXTS, adapter="live@production"), expected["sentiment"],
+            atol=1e-5,
+        )  # fmt: skip
+        registry.alias("live@2", "production")  # moved: the same object serves version 2
+        assert am.predict(PROBE_TEXTS[:1], adapter="live@production")[0].ref == "live@2"
+        np.testing.assert_allclose(
+            am.predict_proba(PROBE_TEXTS, adapter="live@production"), expected["spam"], atol=1e-5
+        )
+        am.evict("live@production")
+        assert am.resident == ["live@1"]
+    finally:
+        am.close()
+
+
 def test_names_are_resolved_again_only_when_the_registry_changed(served, tmp_path, monkeypatch):
     base = served[0]
     registry = Registry(tmp_path / "registry")

@@ -28,7 +28,7 @@ from typing import Any
 
 from peftkit.config.schema import Ctx, parse, read_text, read_yaml
 from peftkit.errors import ConfigError, did_you_mean
-from peftkit.registry.entries import parse_ref
+from peftkit.registry.entries import split_ref
 
 __all__ = ["ServeConfig", "flag_name", "load_serve_config"]
 
@@ -60,7 +60,7 @@ class ServeConfig:
             raise ConfigError("serve.base must name a model (or be left out), got ''")
         for ref in self.adapters:
             try:
-                parse_ref(ref)
+                split_ref(ref)
             except ConfigError as exc:
                 raise ConfigError(f"serve.adapters has a bad entry: {exc}") from None
         if not 1 <= self.port <= 65535:

@@ -3,7 +3,8 @@
 An :class:`Entry` is one adapter version as the index records it; ``check_metadata``
 validates what a caller registers (each bad field named with its valid form),
 ``encode_row`` / ``entry_from_row`` turn an entry into its index row and back, and
-``parse_ref`` reads ``"name"``, ``"name@latest"`` and ``"name@3"``.
+``parse_ref`` reads ``"name"``, ``"name@latest"`` and ``"name@3"``, ``split_ref`` also
+``"name@production"`` (an alias: a label the index moves from version to version).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from peftkit.errors import ConfigError, RegistryError, did_you_mean
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+ALIAS = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")  # starts with a letter: never a version
 COLUMNS = tuple(
     "name version method task labels base_fingerprint base quantization template verbalizer"  # noqa: SIM905
     " metrics files tags created run_id".split()
@@ -75,20 +77,42 @@ def ref_str(ref: object) -> str:
     return ref.ref if isinstance(ref, Entry) else ref  # type: ignore[return-value]
 
 
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """``"name"`` / ``"name@latest"`` -> (name, None); ``"name@3"`` -> (name, 3)."""
+def split_ref(ref: str) -> tuple[str, int | str | None]:
+    """``"name"`` / ``"name@latest"`` -> (name, None); ``"name@3"`` -> (name, 3);
+    ``"name@production"`` -> (name, "production"), an alias."""
     if not isinstance(ref, str):
         raise ConfigError(f"an adapter reference is a string like 'sst2' or 'sst2@3', got {ref!r}")
-    name, at, version = ref.partition("@")
+    name, at, selector = ref.partition("@")
     check_name(name)
-    if not at or version == "latest":
+    if not at or selector == "latest":
         return name, None
-    if not re.fullmatch(r"[0-9]+", version) or int(version) < 1:
+    if re.fullmatch(r"[0-9]+", selector) and int(selector) >= 1:
+        return name, int(selector)
+    if ALIAS.fullmatch(selector):
+        return name, selector
+    raise ConfigError(
+        f"bad adapter reference {ref!r}: after '@' comes a version number from 1, 'latest' "
+        f"or an alias (a letter, then letters, digits, '.', '_', '-'), e.g. '{name}@1'"
+    )
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """``"name"`` / ``"name@latest"`` -> (name, None); ``"name@3"`` -> (name, 3). An alias
+    reference is a ConfigError here: resolve it first (``Registry.resolve``)."""
+    name, selector = split_ref(ref)
+    if isinstance(selector, str):
+        raise ConfigError(f"{ref!r} names an alias; this needs a version (name@N) or a bare name")
+    return name, selector
+
+
+def check_alias(alias: object) -> str:
+    """``alias`` if it is a valid alias name, else ConfigError."""
+    if not isinstance(alias, str) or not ALIAS.fullmatch(alias) or alias == "latest":
         raise ConfigError(
-            f"bad adapter reference {ref!r}: after '@' comes a version number "
-            f"from 1 or 'latest', e.g. '{name}@1'"
+            f"invalid alias {alias!r}: use a letter, then letters, digits, '.', '_' and '-', "
+            "at most 64 characters, not 'latest' (e.g. 'production')"
         )
-    return name, int(version)
+    return alias
 
 
 def check_metadata(given: Mapping[str, Any]) -> dict[str, Any]:

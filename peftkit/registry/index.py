@@ -23,11 +23,12 @@ from pathlib import Path
 from urllib.parse import quote
 
 from peftkit.errors import ConfigError, RegistryError
+from peftkit.registry.aliases import TABLE as ALIAS_TABLE
 from peftkit.registry.entries import COLUMNS, Problem
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 30.0
 _SCHEMA = (
     # One counter per name (case-insensitive, as many file systems are): versions are
@@ -46,6 +47,8 @@ _V2 = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS entries_run_id ON entries (run_id)",
 )
+# v3: aliases (see registry/aliases.py)
+_V3 = (ALIAS_TABLE,)
 _DAMAGE_WORDS = ("malformed", "not a database", "corrupt", "disk image")
 INSERT_ROW = f"INSERT INTO entries ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
@@ -233,12 +236,12 @@ class Index:
         self.owner = conn.execute("SELECT value FROM meta WHERE key = 'id'").fetchone()[0]
 
     def _migrate(self, conn: sqlite3.Connection, found: int) -> None:
-        """Create the schema (``found == 0``) or bring a v1 index to v2, keeping its rows.
+        """Create the schema (``found == 0``) or bring a v1 or v2 index to v3, keeping its rows.
         Runs inside the write transaction (its generation bump needs the meta table)."""
         self._refuse_newer(found)
         if found == 1:
             conn.execute("ALTER TABLE entries ADD COLUMN run_id TEXT")
-        for statement in (*_SCHEMA, *_V2):
+        for statement in (*_SCHEMA, *_V2, *_V3):
             conn.execute(statement)
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('id', ?)", (uuid.uuid4().hex,))
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")

@@ -49,12 +49,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from peftkit.errors import ConfigError, FingerprintMismatch, RegistryError
+from peftkit.registry import aliases as alias_rows
 from peftkit.registry import check
 from peftkit.registry.entries import (
     META_FIELDS,
     Entry,
     Problem,
     Report,
+    check_alias,
     check_json_mapping,
     check_name,
     check_run_id,
@@ -63,6 +65,7 @@ from peftkit.registry.entries import (
     not_found,
     parse_ref,
     ref_str,
+    split_ref,
 )
 from peftkit.registry.files import META_FILE
 from peftkit.registry.index import Index
@@ -201,7 +204,7 @@ class Registry:
     def remove(self, ref: str | Entry, *, all_versions: bool = False) -> builtins.list[Entry]:
         """Remove ``name@N``, or ``name``'s latest version, or every version of ``name``
         with ``all_versions=True``. Returns what was removed."""
-        name, version = parse_ref(ref_str(ref))
+        name, version = parse_ref(self.resolve(ref_str(ref)))
         if all_versions and version is not None:
             raise ConfigError(
                 f"remove({ref_str(ref)!r}, all_versions=True): give the bare name "
@@ -212,6 +215,8 @@ class Registry:
             gone = self.list(name) if all_versions else [self.get(ref)]
             if not gone:
                 raise self._not_found(name, None)
+            for entry in gone:
+                alias_rows.refuse_removing(self._db.conn(), entry.name, entry.version)
             return gone
 
         return remove_entries(self._db, self._adapters, chosen)
@@ -220,8 +225,9 @@ class Registry:
 
     @_index_errors
     def get(self, ref: str | Entry) -> Entry:
-        """The entry for ``"name"`` (latest version), ``"name@3"`` or ``"name@latest"``."""
-        name, version = parse_ref(ref_str(ref))
+        """The entry for ``"name"`` (latest version), ``"name@3"``, ``"name@latest"`` or
+        ``"name@production"`` (the version the alias points at)."""
+        name, version = parse_ref(self.resolve(ref_str(ref)))
         sql = f"SELECT {self._db.columns()} FROM entries WHERE name = ?"
         conn = self._db.conn()
         if version is None:
@@ -231,6 +237,48 @@ class Registry:
         if row is None:
             raise self._not_found(name, version)
         return entry_from_row(row, self._adapters)
+
+    @_index_errors
+    def resolve(self, ref: str) -> str:
+        """``ref`` with an alias replaced by the version it points at now (``"sst2@3"``);
+        any other reference as it is."""
+        name, selector = split_ref(ref)
+        if not isinstance(selector, str):
+            return ref
+        version = alias_rows.target(self._db.conn(), name, selector)
+        if version is None:
+            known = [a for _, a, _, _ in alias_rows.listed(self._db.conn(), name)]
+            raise alias_rows.unknown(name, selector, known)
+        return f"{name}@{version}"
+
+    @_index_errors
+    def alias(self, ref: str | Entry, alias: str) -> tuple[str | None, str]:
+        """Point ``name@alias`` at ``ref``'s version (``"sst2@3"``, or a name: its latest),
+        moving it in one transaction; returns ``(what it pointed at before or None, the
+        version now)``, each as ``name@N``. Readers (a server) see it from their next call."""
+        check_alias(alias)
+        with self._db.write() as conn:
+            entry = self.get(ref)
+            before = alias_rows.point(conn, entry.name, alias, entry.version)
+        return (None if before is None else f"{entry.name}@{before}"), entry.ref
+
+    @_index_errors
+    def unalias(self, name: str, alias: str) -> str:
+        """Remove ``name@alias``; returns the version (``name@N``) it pointed at."""
+        check_name(name)
+        check_alias(alias)
+        with self._db.write() as conn:
+            before = alias_rows.drop(conn, name, alias)
+            if before is None:
+                known = [a for _, a, _, _ in alias_rows.listed(conn, name)]
+                raise alias_rows.unknown(name, alias, known)
+        return f"{name}@{before}"
+
+    @_index_errors
+    def aliases(self, name: str | None = None) -> dict[str, str]:
+        """``{"sst2@production": "sst2@3", ...}``, every alias (or ``name``'s)."""
+        rows = alias_rows.listed(self._db.conn(), None if name is None else check_name(name))
+        return {f"{n}@{a}": f"{n}@{v}" for n, a, v, _ in rows}
 
     @_index_errors
     def list(self, name: str | None = None, *, tag: str | None = None) -> builtins.list[Entry]:

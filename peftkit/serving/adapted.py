@@ -11,8 +11,8 @@
 A name (``"sst2"``) means its latest version each time it is asked: a version registered
 or removed meanwhile is seen on the next call (checked cheaply: the registry's generation
 counter is read, and names are resolved again only when it changed). ``"sst2@1"`` stays
-pinned while it exists; an adapter removed from the registry is evicted and no longer
-served.
+pinned while it exists; an alias (``"sst2@production"``) follows the version it points at,
+like a name. An adapter removed from the registry is evicted and no longer served.
 
 LoRA adapters (and head-only probes) share one peft model: switching only changes which
 adapter the next forward applies, so ``use()`` touches no module; a batch may mix
@@ -46,7 +46,7 @@ from peftkit.data.batching import (
     position_limit,
 )
 from peftkit.errors import ConfigError, RegistryError
-from peftkit.registry.entries import parse_ref
+from peftkit.registry.entries import parse_ref, split_ref
 from peftkit.registry.store import Entry, Registry
 from peftkit.serving.mixed import MixedLoRA
 
@@ -114,7 +114,7 @@ class AdaptedModel:
         self._shape: dict[str, tuple] = {}
         self._mixed: MixedLoRA | None = None  # rebuilt lazily after adapters change
         self._generation: int | None = None  # the registry's, when names were resolved
-        self._latest: dict[str, str] = {}  # name -> its latest "name@N" at that generation
+        self._latest: dict[str, str] = {}  # name or name@alias -> "name@N" at that generation
 
     # -- residency ------------------------------------------------------------------------
 
@@ -165,7 +165,7 @@ class AdaptedModel:
     def evict(self, ref: str) -> None:
         """Take ``name@N`` (or every resident version of ``name``) out of memory."""
         with self._lock:
-            name, version = parse_ref(ref)
+            name, version = parse_ref(self.registry.resolve(ref))
             for key in [k for k in self._resident if parse_ref(k)[0] == name]:
                 if version is None or key == f"{name}@{version}":
                     self._detach(self._resident.pop(key))
@@ -176,13 +176,14 @@ class AdaptedModel:
         """``ref`` as the version to serve now (``name@N``); RegistryError (naming it)
         once it is no longer registered. Lock held."""
         self._refresh()
-        name, version = parse_ref(ref)
-        if version is not None:
-            key = f"{name}@{version}"
+        name, selector = split_ref(ref)
+        if isinstance(selector, int):
+            key = f"{name}@{selector}"
             return key if key in self._resident else self.registry.get(key).ref
-        if name not in self._latest:
-            self._latest[name] = self.registry.get(name).ref
-        return self._latest[name]
+        moving = name if selector is None else f"{name}@{selector}"  # a name or an alias
+        if moving not in self._latest:
+            self._latest[moving] = self.registry.get(moving).ref
+        return self._latest[moving]
 
     def _refresh(self) -> None:
         """When the registry changed since names were resolved: forget the resolutions and

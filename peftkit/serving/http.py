@@ -137,6 +137,7 @@ class Catalog:
         self._generation: int | None = None
         self._entries: list[Entry] = []
         self._pinned: dict[str, Entry] = {}
+        self._aliases: dict[str, dict[str, str]] = {}  # name -> {alias: name@N}
 
     def entries(self) -> list[Entry]:
         """Every version registered for this base, by name then version."""
@@ -146,8 +147,16 @@ class Catalog:
                 e for e in self.registry.list() if e.base_fingerprint == self.fingerprint
             ]
             self._pinned.clear()
+            self._aliases = {}
+            for ref, target in self.registry.aliases().items():
+                name, _, alias = ref.partition("@")
+                self._aliases.setdefault(name, {})[alias] = target
             self._generation = generation
         return self._entries
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """``{"production": "sst2@3"}``: ``name``'s aliases as of the last lookup."""
+        return self._aliases.get(name, {})
 
     def names(self) -> list[str]:
         return sorted({e.name for e in self.entries()})
@@ -178,6 +187,11 @@ class Catalog:
     def _missing(self, ref: str, entries: list[Entry]) -> str:
         name, _, version = ref.partition("@")
         versions = [str(e.version) for e in entries if e.name == name]
+        if versions and version and not version.isdigit() and version != "latest":
+            known = sorted(self.aliases(name))
+            return f"adapter {name!r} has no alias {version!r}; its aliases: " + (
+                ", ".join(known) or "none"
+            )
         if versions:
             return (
                 f"adapter {name!r} has no version {version!r}; its versions: {', '.join(versions)}"
@@ -270,19 +284,30 @@ def create_app(
             metrics.request(names, error.status, time.monotonic() - start)
             raise error from None
         metrics.request(names, 200, time.monotonic() - start)
-        return {"results": [_result(p, body.top_k, body.return_probs) for p in predictions]}
+        asked = [_asked(item, body.adapter) for item in body.inputs]
+        return {
+            "results": [
+                {**_result(p, body.top_k, body.return_probs), "adapter": a}
+                for p, a in zip(predictions, asked, strict=True)
+            ]
+        }
 
     @v1.get("/adapters")
     async def adapters() -> dict[str, Any]:
         grouped = _grouped(catalog.entries())
-        return {"adapters": [_summary(v, scheduler.resident) for v in grouped.values()]}
+        return {
+            "adapters": [
+                _summary(v, scheduler.resident, catalog.aliases(v[0].name))
+                for v in grouped.values()
+            ]
+        }
 
     @v1.get("/adapters/{name}")
     async def adapter(name: str) -> dict[str, Any]:
         entry = catalog.pin(name, "name")
         versions = _grouped(catalog.entries())[entry.name]
         return {
-            **_summary(versions, scheduler.resident),
+            **_summary(versions, scheduler.resident, catalog.aliases(entry.name)),
             "versions": [_version(e, scheduler.resident) for e in versions],
         }
 
@@ -356,6 +381,11 @@ def _rows(body: ClassifyRequest, config: ServeConfig, catalog: Catalog) -> list[
     return rows
 
 
+def _asked(item: str | InputRow, default: str | None) -> str:
+    """The adapter reference a row asked for (``sst2``, ``sst2@production``), as given."""
+    return (None if isinstance(item, str) else item.adapter) or default or ""
+
+
 def _result(prediction: Any, top_k: int | None, return_probs: bool) -> dict[str, Any]:
     out = {
         "label": prediction.label,
@@ -376,12 +406,15 @@ def _grouped(entries: list[Entry]) -> dict[str, list[Entry]]:
     return grouped
 
 
-def _summary(versions: list[Entry], resident: tuple[str, ...]) -> dict[str, Any]:
+def _summary(
+    versions: list[Entry], resident: tuple[str, ...], aliases: Mapping[str, str]
+) -> dict[str, Any]:
     latest = versions[-1]
     return {
         "name": latest.name,
         "latest": latest.ref,
         "versions": [e.version for e in versions],
+        "aliases": dict(aliases),
         "method": latest.method,
         "task": latest.task,
         "labels": list(latest.labels),
