@@ -33,8 +33,9 @@ def _with_adapters(folder, family: str):
     return pm.eval()
 
 
+@pytest.mark.parametrize("strategy", ["stacked", "gathered"])
 @pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
-def test_rank_stacked_rows_equal_peft_adapter_names(tiny_models, family):
+def test_rank_stacked_rows_equal_peft_adapter_names(tiny_models, family, strategy):
     pm = _with_adapters(tiny_models[family], family)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(7, 60, (7, 12), generator=g)
@@ -43,10 +44,11 @@ def test_rank_stacked_rows_equal_peft_adapter_names(tiny_models, family):
     rows = ["a", "b", "__base__", "c", "a", "b", "c"]
     with torch.no_grad():
         want = pm(input_ids=ids, attention_mask=mask, adapter_names=rows).last_hidden_state
-        mixed = MixedLoRA(pm)
+        mixed = MixedLoRA(pm, strategy=strategy)
         assert mixed.supported(rows)
         with mixed.rows(rows):
             got = pm(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert mixed.last_strategy == strategy
         with pm.disable_adapter():
             plain = pm(input_ids=ids, attention_mask=mask).last_hidden_state
         after = pm(input_ids=ids, attention_mask=mask, adapter_names=rows).last_hidden_state
@@ -74,6 +76,42 @@ def test_stacks_follow_weight_changes_after_refresh(tiny_models):
         want = pm(input_ids=ids, adapter_names=["a", "a"]).last_hidden_state
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got - before).abs().max() > 1e-3
+
+
+def test_auto_gathers_once_a_forward_holds_many_adapters_and_matches_peft(tiny_models):
+    from peftkit.serving.mixed import GATHER_FROM
+
+    pm = _with_adapters(tiny_models["bert"], "bert")
+    extra = [f"x{i}" for i in range(GATHER_FROM)]
+    for i, name in enumerate(extra):  # ranks 4 and 3 next to a's 4: stacking adds > 8x r
+        pm.add_adapter(name, peft.LoraConfig(r=4 - i % 2 * (i < 2), target_modules=["query"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.3)
+    ids = torch.randint(7, 60, (GATHER_FROM + 3, 10), generator=torch.Generator().manual_seed(2))
+    mixed = MixedLoRA(pm.eval())
+    few = ["a", "b", "__base__"] + ["a"] * GATHER_FROM
+    many = ["a", "__base__", "c", *extra]
+    assert mixed.choose(few) == "stacked" and mixed.choose(many) == "gathered"
+    with torch.no_grad():
+        for rows in (few, many):
+            want = pm(input_ids=ids, adapter_names=rows).last_hidden_state
+            with mixed.rows(rows):
+                got = pm(input_ids=ids).last_hidden_state
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert mixed.last_strategy == "gathered"
+        # the bank of every adapter follows weight changes after refresh()
+        for n, p in pm.named_parameters():
+            if f"lora_B.{extra[0]}" in n:
+                p.mul_(3)
+        mixed.refresh()
+        with mixed.rows(many):
+            got = pm(input_ids=ids).last_hidden_state
+        want = pm(input_ids=ids, adapter_names=many).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        MixedLoRA(pm, strategy="fast")
 
 
 def test_dora_and_unknown_adapters_are_not_claimed(tiny_models):
