@@ -30,18 +30,25 @@ class StandIn:
         self.max_resident = max_resident
         self.resident: list[str] = []
         self.forwards: list[list[tuple[str, str, str | None]]] = []
+        self.reloads: list[str] = []  # adapters a forward found evicted (AdaptedModel reloads)
 
     def load(self, ref: str) -> str:
+        """Least recently used order, as AdaptedModel keeps it: a resident ref moves last."""
         if ref.startswith("bad"):
             raise IntegrityError(f"adapter {ref}: adapter_model.safetensors differs from the index")
-        if ref not in self.resident:
-            self.resident.append(ref)
+        if ref in self.resident:
+            self.resident.remove(ref)
+        self.resident.append(ref)
         self.resident = self.resident[-self.max_resident :]
         return ref
 
     def predict_mixed(self, texts, adapters, text_pairs=None):
         pairs = list(text_pairs) if text_pairs is not None else [None] * len(texts)
         assert len(set(adapters)) <= self.max_resident
+        for ref in dict.fromkeys(adapters):
+            if ref not in self.resident:
+                self.reloads.append(ref)
+                self.load(ref)
         self.forwards.append(list(zip(adapters, texts, pairs, strict=True)))
         return [f"{a}|{t}|{p}" for a, t, p in zip(adapters, texts, pairs, strict=True)]
 
@@ -224,6 +231,26 @@ def test_an_adapter_that_fails_to_load_fails_only_the_requests_that_asked_for_it
     assert {s.ref for s in loads if not s.error} == {"good@1", "other@2"}
     forwards = [s for s in seen if isinstance(s, ForwardStats)]
     assert sum(s.rows for s in forwards) == 7 and sum(s.failed for s in forwards) == 3
+
+
+def test_loading_for_a_forward_never_evicts_an_adapter_the_same_forward_needs():
+    model = StandIn(max_resident=2)
+    seen: list = []
+    scheduler = Scheduler(model, max_wait_ms=0, observe=seen.append)
+
+    async def body():
+        await scheduler.submit(rows("a@1", 1))
+        await scheduler.submit(rows("x@1", 1))  # resident: a (least recent), x
+        gate = await blocked(scheduler)
+        tasks = await admitted(scheduler.submit([Row("p", "b@1"), Row("q", "a@1")]))
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    (answer,) = run(scheduler, body)
+    assert answer == ["b@1|p|None", "a@1|q|None"]
+    assert model.reloads == []  # a was kept: x, not a, made room for b
+    assert sorted(model.resident) == ["a@1", "b@1"]
+    assert [s.ref for s in seen if isinstance(s, LoadStats)] == ["a@1", "x@1", "b@1"]
 
 
 def test_rows_with_a_text_pair_go_through_their_own_predict_call():

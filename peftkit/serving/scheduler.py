@@ -362,9 +362,10 @@ class Scheduler:
     def _load_all(self, refs: set[str]) -> dict[str, Exception]:
         """Make ``refs`` resident; the error of each that failed to load."""
         failed: dict[str, Exception] = {}
-        for ref in sorted(refs):
-            if ref in self.model.resident:
-                continue
+        resident = set(self.model.resident)
+        for ref in sorted(refs & resident):  # most recently used first: loading the others
+            self.model.load(ref)  # must not evict what this forward needs
+        for ref in sorted(refs - resident):
             start = time.monotonic()
             try:
                 self.model.load(ref)
