@@ -14,9 +14,10 @@ Routes (OpenAPI page at ``/docs``)::
     POST   /v1/reload                 admin: re-read the registry, load the latest of what is resident
     GET    /health  /ready  /metrics  alive; serving; Prometheus text (open to all)
 
-Each row is answered with label, score, probabilities and the ``name@N`` that answered:
-a name is pinned to its version when the request is admitted, so a version registered
-meanwhile serves the next request on. With API keys, every ``/v1`` route needs
+Each row is answered with label, score, probabilities, the adapter as asked and the
+``name@N`` that answered: a name or an alias (``sst2@production``) is pinned to its version
+when the request is admitted, so a version registered or an alias moved meanwhile serves
+the next request on, and a request in flight finishes on the version it started with. With API keys, every ``/v1`` route needs
 ``Authorization: Bearer <key>`` (401), the admin routes a key marked admin (403);
 ``/health``, ``/ready`` and ``/metrics`` stay open for probes and scrapers, and say nothing
 about the data. Every error is ``{"error": "<one line>"}`` with its status (see
@@ -101,7 +102,9 @@ class InputRow(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str
     text_pair: str | None = None
-    adapter: str | None = Field(None, description="name, name@N; default: the request's")
+    adapter: str | None = Field(
+        None, description="name, name@N or name@alias; default: the request's"
+    )
 
 
 class ClassifyRequest(BaseModel):
