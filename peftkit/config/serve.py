@@ -52,6 +52,8 @@ class ServeConfig:
     max_body_bytes: int = 2_000_000  # bytes in one request body; more is 413
     request_timeout_s: float = 30.0  # a request not answered by then is 504
     api_key_file: str | None = None  # one key per line ("KEY" or "KEY admin"); None: no auth
+    ray: bool = False  # serve as a Ray Serve deployment (peftkit.serving.ray_serve)
+    replicas: int | None = None  # Ray Serve replicas, each with its own base (None: 1)
 
     def __post_init__(self) -> None:
         if not self.registry.strip():
@@ -72,6 +74,13 @@ class ServeConfig:
             raise ConfigError(f"serve.max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.request_timeout_s <= 0:
             raise ConfigError(f"serve.request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.replicas is not None and not self.ray:
+            raise ConfigError(
+                f"serve.replicas ({self.replicas}) applies to a Ray Serve deployment: give "
+                "--ray too, or leave replicas out (one process serves without Ray)"
+            )
+        if self.replicas is not None and self.replicas < 1:
+            raise ConfigError(f"serve.replicas must be >= 1, got {self.replicas}")
         if self.max_request_rows > self.max_queue_rows:
             raise ConfigError(
                 f"serve.max_request_rows ({self.max_request_rows}) must be <= max_queue_rows "
