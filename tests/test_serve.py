@@ -457,3 +457,17 @@ def test_overload_and_timeout_map_to_503_with_retry_after_and_504():
     assert status_of(IntegrityError("adapter x@1 at /srv/reg/x differs"), "/srv/reg").status == 409
     assert "/srv/reg" not in str(status_of(IntegrityError("x@1 at /srv/reg/x"), "/srv/reg"))
     assert status_of(KeyError("boom")).status == 500
+
+
+def test_token_counts_equal_the_tokenizers_with_special_tokens_and_no_truncation(tiny_models):
+    from peftkit.serving.serve import token_counter
+
+    tokenizer = load_base(tiny_models["bert"]).tokenizer
+    texts = ["the movie was great", "word " * 900, "déjà vu", "", "stock market price"]
+    pairs = [None, "a pair", None, "p", None]
+    want = [
+        len(tokenizer(t, *([p] if p else []), truncation=False, verbose=False)["input_ids"])
+        for t, p in zip(texts, pairs, strict=True)
+    ]
+    assert want[1] > 900  # beyond any max length: counted whole
+    assert token_counter(tokenizer)(texts, pairs) == want
