@@ -24,6 +24,8 @@ BENCHMARKS = [
     "bench_zeroshot",
     "bench_calibration",
     "bench_fewshot",
+    "bench_mixed",
+    "bench_serve",
 ]
 
 
