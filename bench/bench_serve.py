@@ -105,7 +105,8 @@ def build_registry(work: Path, steps: int) -> dict[str, Any]:
         )
         run = work / "runs" / name
         with train(base, load_preset("lora"), data, config, run) as result:
-            registry.register(name, result.model.save_pretrained(run / "adapter"))
+            folder = result.model.save_pretrained(run / "adapter")
+            registry.register(name, folder, metrics=result.test_metrics)
     for name in info:
         entry = registry.get(name)
         info[name].update(ref=entry.ref, test_accuracy=entry.metrics.get("accuracy"))
