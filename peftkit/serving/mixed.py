@@ -33,7 +33,10 @@ which costs r columns per row whatever the number of adapters, plus copying the 
 weights (rows × r × (in + out) numbers per layer) out of a bank of every resident
 adapter, built once when adapters come or go. ``strategy="auto"`` picks per forward:
 gathered once the forward's adapters hold at least ``GATHER_FROM`` times the largest rank
-in stacked columns (``bench/bench_mixed.py`` measures where the two cross on MiniLM).
+in stacked columns. ``bench/bench_mixed.py`` measures where the two cross: on MiniLM with
+rank-8 LoRA on every linear layer, gathering first wins at 8 adapters in a 64-row batch, and
+at 64 adapters runs at 0.92x a single-adapter batch where stacking runs at 0.44x
+(2026-12-07, 2 CPU cores). The bank holds a second copy of every resident adapter's weights.
 """
 
 from __future__ import annotations
