@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 import pytest
 from helpers import synthetic
+from test_serve import TEXTS as SERVE_TEXTS
 from test_serve import _error, _free_port, _metric
 
 from peftkit import AdaptedModel, Registry, TrainConfig, load_base, load_preset, train
@@ -50,18 +51,7 @@ SERVER_FLAGS = {
     "max_request_rows": 16,
     "request_timeout_s": 30,
 }
-TEXTS = [
-    "the movie was great",
-    "stock market price",
-    "free prize now",
-    "bad film",
-    "the election vote",
-    "hello ok",
-    "a boring game about the team",
-    "call now to win cash",
-    "this phone software is fun",
-    "it was about the company",
-]
+TEXTS = [*SERVE_TEXTS, "this phone software is fun", "it was about the company"]
 
 
 @dataclass
