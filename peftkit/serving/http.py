@@ -35,44 +35,21 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from peftkit.config.serve import ServeConfig
-from peftkit.errors import ConfigError, PeftkitError, RegistryError, did_you_mean
-from peftkit.registry.entries import Entry, check_name
+from peftkit.errors import PeftkitError, RegistryError, did_you_mean
+from peftkit.registry.entries import Entry
 from peftkit.registry.store import Registry
-from peftkit.serving.scheduler import (
-    ForwardStats,
-    LoadStats,
-    Overloaded,
-    RequestTimeout,
-    Row,
-    Scheduler,
-)
+from peftkit.serving.catalog import ApiError, Catalog
+from peftkit.serving.metrics import ServeMetrics
+from peftkit.serving.scheduler import Overloaded, RequestTimeout, Row, Scheduler
 
 __all__ = ["ApiError", "create_app", "status_of"]
 
 log = logging.getLogger(__name__)
-BY = ["adapter", "status"]
-LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-
-
-class ApiError(PeftkitError):
-    """An error answered with ``status``: ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.headers = dict(headers or {})
 
 
 def status_of(exc: Exception, root: object = None) -> ApiError:
@@ -125,132 +102,6 @@ class RowResult(BaseModel):
 
 class ClassifyResponse(BaseModel):
     results: list[RowResult]
-
-
-# -- the registry as this server sees it --------------------------------------------------
-
-
-class Catalog:
-    """The registry's adapters for this base; pins a reference to ``name@N``. Lookups are
-    cached until the registry's generation changes (one cheap query per request)."""
-
-    def __init__(self, registry: Registry, fingerprint: str) -> None:
-        self.registry = registry
-        self.fingerprint = fingerprint
-        self._generation: int | None = None
-        self._entries: list[Entry] = []
-        self._pinned: dict[str, Entry] = {}
-        self._aliases: dict[str, dict[str, str]] = {}  # name -> {alias: name@N}
-
-    def entries(self) -> list[Entry]:
-        """Every version registered for this base, by name then version."""
-        generation = self.registry.generation()
-        if generation != self._generation:
-            self._entries = [
-                e for e in self.registry.list() if e.base_fingerprint == self.fingerprint
-            ]
-            self._pinned.clear()
-            self._aliases = {}
-            for ref, target in self.registry.aliases().items():
-                name, _, alias = ref.partition("@")
-                self._aliases.setdefault(name, {})[alias] = target
-            self._generation = generation
-        return self._entries
-
-    def aliases(self, name: str) -> dict[str, str]:
-        """``{"production": "sst2@3"}``: ``name``'s aliases as of the last lookup."""
-        return self._aliases.get(name, {})
-
-    def names(self) -> list[str]:
-        return sorted({e.name for e in self.entries()})
-
-    def pin(self, ref: str, where: str) -> Entry:
-        """The entry ``ref`` means now; ApiError 422 (bad form), 404 (unknown, with the
-        closest names) or 409 (registered for another base)."""
-        entries = self.entries()
-        if ref in self._pinned:
-            return self._pinned[ref]
-        name = ref.partition("@")[0]
-        try:
-            check_name(name)
-            entry = self.registry.get(ref)
-        except ConfigError as exc:
-            raise ApiError(422, f"{where}: {exc}") from None
-        except RegistryError:
-            raise ApiError(404, self._missing(ref, entries)) from None
-        if entry.base_fingerprint != self.fingerprint:
-            raise ApiError(
-                409,
-                f"{where}: adapter {entry.ref} was trained on another base than this server "
-                f"serves; adapters here: {', '.join(self.names()) or 'none'}",
-            )
-        self._pinned[ref] = entry
-        return entry
-
-    def _missing(self, ref: str, entries: list[Entry]) -> str:
-        name, _, version = ref.partition("@")
-        versions = [str(e.version) for e in entries if e.name == name]
-        if versions and version and not version.isdigit() and version != "latest":
-            known = sorted(self.aliases(name))
-            return f"adapter {name!r} has no alias {version!r}; its aliases: " + (
-                ", ".join(known) or "none"
-            )
-        if versions:
-            return (
-                f"adapter {name!r} has no version {version!r}; its versions: {', '.join(versions)}"
-            )
-        names = self.names()
-        return (
-            f"no adapter named {name!r}{did_you_mean(name, names)}; "
-            f"registered for this base: {', '.join(names[:20]) or 'none'}"
-        )
-
-
-# -- metrics ------------------------------------------------------------------------------
-
-
-class ServeMetrics:
-    """The app's Prometheus metrics, in a CollectorRegistry of its own."""
-
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.registry = r = CollectorRegistry()
-        sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-
-        def histogram(name: str, doc: str, buckets: tuple = LATENCY) -> Histogram:
-            return Histogram(f"peftkit_{name}", doc, buckets=buckets, registry=r)
-
-        self.requests = Counter("peftkit_requests", "classify requests", BY, registry=r)
-        self.rows = Counter("peftkit_rows", "rows classified", BY, registry=r)
-        self.loads = Counter("peftkit_adapter_loads", "adapter loads", ["status"], registry=r)
-        self.total = histogram("request_seconds", "request latency")
-        self.wait = histogram("queue_wait_seconds", "a row's wait for its forward")
-        self.forward = histogram("forward_seconds", "forward time")
-        self.load_time = histogram("adapter_load_seconds", "adapter load time")
-        self.batch = histogram("forward_rows", "rows per forward", sizes)
-        self.mixed = histogram("forward_adapters", "distinct adapters per forward", sizes)
-        queue = Gauge("peftkit_queue_rows", "rows waiting for a forward", registry=r)
-        queue.set_function(lambda: scheduler.queued_rows)
-        resident = Gauge("peftkit_resident_adapters", "adapters in memory", registry=r)
-        resident.set_function(lambda: len(scheduler.resident))
-
-    def observe(self, stats: ForwardStats | LoadStats) -> None:
-        """Called by the scheduler's worker after every forward and adapter load."""
-        if isinstance(stats, LoadStats):
-            self.loads.labels("error" if stats.error else "ok").inc()
-            self.load_time.observe(stats.seconds)
-            return
-        self.forward.observe(stats.seconds)
-        self.batch.observe(stats.rows)
-        self.mixed.observe(stats.adapters)
-        for wait in stats.waits:
-            self.wait.observe(wait)
-
-    def request(self, names: list[str], status: int, seconds: float) -> None:
-        label = names[0] if len(set(names)) == 1 else "(mixed)" if names else "(none)"
-        self.requests.labels(label, str(status)).inc()
-        for name in names:
-            self.rows.labels(name, str(status)).inc()
-        self.total.observe(seconds)
 
 
 # -- the app ------------------------------------------------------------------------------
