@@ -235,6 +235,20 @@ def test_malformed_requests_are_422_naming_the_field(server, body, field):
     assert field in _error(client.post("/v1/classify", json=body), 422)
 
 
+def test_adapter_names_in_paths_never_reach_the_file_system(server):
+    client, _, _, _ = server
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    for name in ("..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "..", "topic@..%2F1"):
+        for method, path in (("GET", ""), ("POST", "/load"), ("DELETE", "")):
+            response = client.request(method, f"/v1/adapters/{name}{path}", headers=admin)
+            assert response.status_code in (404, 422), (name, method, response.text)
+            assert "Traceback" not in response.text and "passwd" not in response.text.lower()
+    for name in ("...", "~root", "a%5C..%5Cb", "topic@..."):  # these reach the route
+        for method, path in (("GET", ""), ("POST", "/load"), ("DELETE", "")):
+            response = client.request(method, f"/v1/adapters/{name}{path}", headers=admin)
+            assert "invalid adapter name" in _error(response, 422) or "topic@" in name
+
+
 def test_bad_json_is_422(server):
     client, _, _, _ = server
     response = client.post(
