@@ -34,7 +34,7 @@ import contextlib
 import logging
 import os
 import signal
-import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -72,7 +72,7 @@ def serve_on_ray(config: ServeConfig, plan: Plan) -> int:
     except Exception as exc:
         where = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start Ray"
         raise ConfigError(f"cannot {where}: {_last_line(exc)}") from None
-    stop = threading.Event()
+    stop: list[int] = []  # the signals received (see _stop_on_signals)
     try:
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if not address and cpus < (config.replicas or 1):
@@ -102,8 +102,8 @@ def serve_on_ray(config: ServeConfig, plan: Plan) -> int:
             "; /v1 needs an API key" if plan.keys else "",
         )
         with _stop_on_signals(stop):
-            while not stop.wait(0.5):
-                pass
+            while not stop:
+                time.sleep(0.2)  # a signal's handler runs here, between two sleeps
     finally:
         if address:  # another's cluster: take back only this application
             with contextlib.suppress(Exception):
@@ -239,10 +239,13 @@ def _last_line(exc: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Any:
-    """SIGTERM and SIGINT set ``stop`` while the block runs (the previous handlers after)."""
+def _stop_on_signals(stop: list[int]) -> Any:
+    """SIGTERM and SIGINT are appended to ``stop`` while the block runs (the previous
+    handlers after). The handler takes no lock: it runs in the main thread between two
+    bytecodes, and a ``threading.Event.set`` there can find the Event's lock held by the
+    ``wait`` it interrupted, which hung the process on a second signal."""
     stops = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in stops}
+    previous = {sig: signal.signal(sig, lambda signum, _: stop.append(signum)) for sig in stops}
     try:
         yield
     finally:
