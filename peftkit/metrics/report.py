@@ -113,9 +113,11 @@ def _check_labels(labels: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def _check_pair(
+def check_pair(
     y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, labels: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Gold and predicted label ids as arrays of equal length within ``labels``, and the
+    label names; a DataError naming what is wrong otherwise."""
     names = _check_labels(labels)
     true = _label_ids(y_true, "y_true", len(names))
     pred = _label_ids(y_pred, "y_pred", len(names))
@@ -141,7 +143,7 @@ def compute_metrics(
     >>> compute_metrics([0, 1, 1, 2], [0, 1, 0, 2], labels=["a", "b", "c"])["macro_f1"]
     0.7777777777777777
     """
-    true, pred, names = _check_pair(y_true, y_pred, labels)
+    true, pred, names = check_pair(y_true, y_pred, labels)
     data = {"references": true.tolist(), "predictions": pred.tolist()}
     ids = list(range(len(names)))
 
@@ -263,7 +265,7 @@ def classification_report(
     >>> report.per_class[0].precision, report.confusion
     (0.5, ((1, 0), (1, 1)))
     """
-    true, pred, names = _check_pair(y_true, y_pred, labels)
+    true, pred, names = check_pair(y_true, y_pred, labels)
     n = len(names)
     confusion = np.zeros((n, n), dtype=np.int64)
     np.add.at(confusion, (true, pred), 1)
