@@ -174,9 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("compare", help="several run folders side by side")
+    p = sub.add_parser(
+        "compare",
+        help="several run folders side by side; two runs on the same test rows: their paired "
+        "difference with its 95%% interval and McNemar's test",
+    )
     p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--json", action="store_true", help="JSON rows instead of a table")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON rows instead of a table (two runs: {runs, paired})",
+    )
     p.set_defaults(func=cmd_compare)
     return parser
 
@@ -507,7 +515,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from peftkit.run.folders import COMPARE_COLUMNS, compare
 
     rows = compare(args.runs)
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows, COMPARE_COLUMNS))
+    if len(args.runs) != 2:
+        print(json.dumps(rows, indent=2) if args.json else format_table(rows, COMPARE_COLUMNS))
+        return 0
+    from peftkit.errors import ConfigError
+    from peftkit.run.predictions import compare_two, comparison_text
+
+    a, b = (Path(r).name for r in args.runs)
+    try:
+        paired, why = compare_two(*args.runs)
+    except ConfigError as exc:  # a run without per-row predictions: the table alone
+        paired, why = None, str(exc)
+    if args.json:
+        found = paired.to_dict() if paired is not None else {"reason": why}
+        print(json.dumps({"runs": rows, "paired": {"a": a, "b": b, **found}}, indent=2))
+        return 0
+    print(format_table(rows, COMPARE_COLUMNS))
+    print("\n" + (comparison_text(paired, a, b) if paired is not None else why))
     return 0
 
 

@@ -35,6 +35,8 @@ def _is_num(value: Any) -> bool:
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, list | tuple):  # an interval: [low, high]
+        return "[" + ", ".join(_cell(v) for v in value) + "]"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1 else f"{value:,.1f}"
     if isinstance(value, int) and not isinstance(value, bool):

@@ -6,13 +6,16 @@
       metrics.json        test metrics, trainable parameters, time, peak memory (written last:
                           a folder without it is an interrupted run, resumed by the same command)
       report.txt|.json    the classification report: per class and averages
+      predictions.jsonl   one line per test row: text, gold and predicted label, probabilities
       confusion.png       the confusion matrix
       curves.png          loss and validation metric curves (training runs)
       history.json        the training log rows; checkpoints/ for resuming
       run.log             everything the run printed and logged
 
 ``compare(["runs/a", "runs/b"])`` reads each ``metrics.json`` into one row per run, and
-``peftkit.metrics.table.format_table(rows, COMPARE_COLUMNS)`` lays them out for a terminal.
+``peftkit.metrics.table.format_table(rows, COMPARE_COLUMNS)`` lays them out for a terminal;
+two runs scored on the same test rows are compared row by row by
+``peftkit.run.predictions.compare_two``.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ COMPARE_COLUMNS = (
     ("recipe", "recipe"),
     ("method", "method"),
     ("accuracy", "accuracy"),
+    ("accuracy_ci95", "95% interval"),
     ("macro_f1", "macro-F1"),
+    ("macro_f1_ci95", "95% interval"),
     ("trainable", "trainable params"),
     ("train_seconds", "train s"),
     ("peak_rss_mb", "peak RSS MiB"),
@@ -116,7 +121,7 @@ RUN_ENTRIES = frozenset(
     | {"history.json", "results.json", "predictions.jsonl", "checkpoints", "tasks"}
     | {"adapter", "registered.json"}
 )
-RUN_SUFFIXES = ("report.txt", "report.json", "confusion.png", "curves.png")
+RUN_SUFFIXES = ("report.txt", "report.json", "confusion.png", "curves.png", "predictions.jsonl")
 
 
 def is_run_entry(name: str) -> bool:
@@ -285,11 +290,15 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
-def write_report(run_dir: Path, report: Any, title: str = "", prefix: str = "") -> None:
-    """``report.txt``, ``report.json`` and ``confusion.png`` (``prefix`` for extra tasks)."""
+def write_report(
+    run_dir: Path, report: Any, title: str = "", prefix: str = "", note: str = ""
+) -> None:
+    """``report.txt``, ``report.json`` and ``confusion.png`` (``prefix`` for extra tasks);
+    ``note`` (the intervals line) ends ``report.txt``."""
     from peftkit.run.plots import plot_confusion
 
-    atomic_write_text(run_dir / f"{prefix}report.txt", report.to_text() + "\n")
+    text = report.to_text() + (f"\n{note}\n" if note else "")
+    atomic_write_text(run_dir / f"{prefix}report.txt", text)
     write_json(run_dir / f"{prefix}report.json", report.to_dict())
     plot_confusion(report, run_dir / f"{prefix}confusion.png", title=title)
 

@@ -46,6 +46,12 @@ from peftkit.run.folders import (
     write_json,
     write_report,
 )
+from peftkit.run.predictions import (
+    PREDICTIONS_FILE,
+    interval_metrics,
+    interval_text,
+    write_predictions,
+)
 
 log = logging.getLogger("peftkit.run")  # the run's report: the CLI prints it
 
@@ -296,10 +302,15 @@ def _train_one(ctx: RunContext, task: Task, first: bool):
         "resumed_from": result.resumed_from,
         "processes": ctx.state.num_processes,
     }
+    if result.test_probs is not None:
+        metrics = interval_metrics(
+            metrics, data.split("test").labels, result.test_probs.argmax(1), data.labels
+        )
     ref = None
     try:
         if ctx.main:
-            ref = _publish(ctx, task, result, folder, prefix="" if first else f"{task.name}-")
+            prefix = "" if first else f"{task.name}-"
+            ref = _publish(ctx, task, result, folder, prefix, interval_text(metrics))
             if ref is not None:
                 metrics["registered"] = ref
     finally:
@@ -308,8 +319,9 @@ def _train_one(ctx: RunContext, task: Task, first: bool):
     return metrics, ref
 
 
-def _publish(ctx: RunContext, task: Task, result, folder: Path, prefix: str):
-    """Save the trained adapter, write its report and curves, and register it (once: the
+def _publish(ctx: RunContext, task: Task, result, folder: Path, prefix: str, note: str):
+    """Save the trained adapter, write its report, test predictions and curves (``note``:
+    the intervals line under the report), and register it (once: the
     entry carries the run's id, so a resumed run finds its registration even when it was
     killed before recording it). Returns the registry ref, if any."""
     from peftkit.adapters.folder import save_adapter
@@ -326,8 +338,11 @@ def _publish(ctx: RunContext, task: Task, result, folder: Path, prefix: str):
     )
     if result.report is not None:
         title = f"{task.name} · {task.spec.method}"
-        write_report(ctx.path, result.report, title=title, prefix=prefix)
-        _say(ctx, f"\ntest report ({task.name}):\n{result.report.to_text()}")
+        write_report(ctx.path, result.report, title=title, prefix=prefix, note=note)
+        _say(ctx, f"\ntest report ({task.name}):\n{result.report.to_text()}\n{note}")
+    if result.test_probs is not None:
+        path = ctx.path / f"{prefix}{PREDICTIONS_FILE}"
+        write_predictions(path, data.split("test"), data.labels, result.test_probs)
     if result.history:
         from peftkit.run.plots import plot_history
 

@@ -66,6 +66,7 @@ class TrainResult:
     best: dict[str, Any]
     test_metrics: dict[str, float] = field(default_factory=dict)
     report: Any = None
+    test_probs: Any = None  # (test rows, labels) softmax probabilities, in the split's order
     trainable: int = 0
     total: int = 0
     seconds: float = 0.0
@@ -264,6 +265,7 @@ def _test(result: TrainResult, data: TextDataset, enc, pad: int, config: TrainCo
             result.model, enc_test, data.labels, pad, config.eval_batch_size, acc
         )
         result.test_metrics = metrics
+        result.test_probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
         result.report = classification_report(
             list(enc_test.labels), logits.argmax(-1).tolist(), data.labels
         )
