@@ -37,8 +37,13 @@ __all__ = [
     "PairedComparison",
     "bootstrap_intervals",
     "bootstrap_method",
+    "check_settings",
+    "confusion_counts",
     "mcnemar_p",
     "paired_comparison",
+    "percentile_interval",
+    "resampled_scores",
+    "scores_from_counts",
 ]
 
 RESAMPLES = 1000
@@ -92,11 +97,14 @@ def bootstrap_intervals(
     (0.75, True)
     """
     true, pred, names = check_pair(y_true, y_pred, labels)
-    _check_settings(resamples, confidence)
+    check_settings(resamples, confidence)
     n_labels = len(names)
-    point = _scores(_confusion(true * n_labels + pred, n_labels)[None])
-    samples = _resampled_scores([true * n_labels + pred], n_labels, resamples, seed)[0]
-    return {name: _interval(point[name][0], samples[name], confidence) for name in INTERVAL_METRICS}
+    point = scores_from_counts(confusion_counts(true * n_labels + pred, n_labels)[None])
+    samples = resampled_scores([true * n_labels + pred], n_labels, resamples, seed)[0]
+    return {
+        name: percentile_interval(point[name][0], samples[name], confidence)
+        for name in INTERVAL_METRICS
+    }
 
 
 @dataclass(frozen=True)
@@ -152,13 +160,15 @@ def paired_comparison(
     """
     true, a, names = check_pair(y_true, pred_a, labels)
     _, b, _ = check_pair(y_true, pred_b, labels)
-    _check_settings(resamples, confidence)
+    check_settings(resamples, confidence)
     n_labels = len(names)
     codes = [true * n_labels + a, true * n_labels + b]
-    point = [_scores(_confusion(c, n_labels)[None]) for c in codes]
-    sa, sb = _resampled_scores(codes, n_labels, resamples, seed)
+    point = [scores_from_counts(confusion_counts(c, n_labels)[None]) for c in codes]
+    sa, sb = resampled_scores(codes, n_labels, resamples, seed)
     difference = {
-        name: _interval(point[1][name][0] - point[0][name][0], sb[name] - sa[name], confidence)
+        name: percentile_interval(
+            point[1][name][0] - point[0][name][0], sb[name] - sa[name], confidence
+        )
         for name in INTERVAL_METRICS
     }
     right_a, right_b = a == true, b == true
@@ -192,14 +202,15 @@ def mcnemar_p(a_only: int, b_only: int) -> float:
 # --- the resampling ------------------------------------------------------------------------
 
 
-def _check_settings(resamples: int, confidence: float) -> None:
+def check_settings(resamples: int, confidence: float) -> None:
+    """DataError unless ``resamples`` is an integer >= 2 and ``confidence`` in (0, 1)."""
     if isinstance(resamples, bool) or not isinstance(resamples, int | np.integer) or resamples < 2:
         raise DataError(f"resamples must be an integer of at least 2; got {resamples!r}")
     if not 0.0 < confidence < 1.0:
         raise DataError(f"confidence must be between 0 and 1 (0.95 for 95%); got {confidence!r}")
 
 
-def _resampled_scores(
+def resampled_scores(
     codes: list[np.ndarray], n_labels: int, resamples: int, seed: int
 ) -> list[dict[str, np.ndarray]]:
     """Each run's scores on ``resamples`` resamples of the rows, the same rows for every
@@ -215,15 +226,16 @@ def _resampled_scores(
         offset = (np.arange(k) * cells)[:, None]
         for run, code in enumerate(codes):
             counts = np.bincount((code[idx] + offset).ravel(), minlength=k * cells)
-            out[run].append(_scores(counts.reshape(k, n_labels, n_labels)))
+            out[run].append(scores_from_counts(counts.reshape(k, n_labels, n_labels)))
     return [{m: np.concatenate([c[m] for c in chunks]) for m in INTERVAL_METRICS} for chunks in out]
 
 
-def _confusion(code: np.ndarray, n_labels: int) -> np.ndarray:
+def confusion_counts(code: np.ndarray, n_labels: int) -> np.ndarray:
+    """The ``(C, C)`` confusion matrix of rows coded ``true * n_labels + pred``."""
     return np.bincount(code, minlength=n_labels * n_labels).reshape(n_labels, n_labels)
 
 
-def _scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
+def scores_from_counts(confusion: np.ndarray) -> dict[str, np.ndarray]:
     """Accuracy and macro-F1 of each ``(k, C, C)`` confusion matrix (rows: true labels)."""
     tp = np.diagonal(confusion, axis1=1, axis2=2).astype(float)
     total = confusion.sum(axis=(1, 2))
@@ -232,7 +244,8 @@ def _scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
     return {"accuracy": tp.sum(axis=1) / total, "macro_f1": f1.mean(axis=1)}
 
 
-def _interval(estimate: float, samples: np.ndarray, confidence: float) -> Interval:
+def percentile_interval(estimate: float, samples: np.ndarray, confidence: float) -> Interval:
+    """``estimate`` with the central ``confidence`` share of ``samples`` as its interval."""
     tail = (1.0 - confidence) / 2 * 100
     low, high = np.percentile(samples, [tail, 100 - tail])
     return Interval(float(estimate), float(low), float(high))

@@ -11,6 +11,8 @@
 Each template's row holds accuracy, macro-F1, expected calibration error, examples/s and
 how many inputs were cut to fit the context; with ``calibration="content-free"`` it also
 holds the same metrics before calibration (``before``), from the same forward passes.
+Accuracy and macro-F1 carry 95% bootstrap intervals over the scored rows, per template and
+for the mean over templates (rows and templates resampled; see ``prompting.results``).
 
 Under ``accelerate launch`` (or torchrun) the examples are split across the processes
 (rank r takes rows r, r+W, r+2W, ...), each scores its share and the probabilities are
@@ -231,7 +233,9 @@ def _evaluate_one(
     return TemplateResult(
         template=prompt.name,
         scorer=scorer,
-        **final,
+        accuracy=final["accuracy"],
+        macro_f1=final["macro_f1"],
+        ece=final["ece"],
         examples_per_s=len(rows) / seconds if seconds > 0 else float("inf"),
         seconds=round(seconds, 3),
         truncated=truncated,

@@ -416,6 +416,7 @@ def _run_prompt(ctx: RunContext) -> RunOutcome:
         "calibration": ref.calibration,
         "templates": [r.to_dict() for r in run.results],
         "summary": run.summary(),
+        "across_templates": run.across_templates(),  # the mean with its 95% interval
         "peak_rss_mb": peak_rss_mb(),
     }
     write_json(path / METRICS_FILE, metrics)
