@@ -209,6 +209,10 @@ def test_the_eval_runs_metrics_json_carries_intervals_as_a_training_run(
     )
     low, high = metrics["accuracy_ci95"]
     assert low <= metrics["accuracy"] <= high
+    # the report under the table ends with the first template's intervals, as a training run's
+    line = f"accuracy {metrics['accuracy']:.4f} [{low:.4f}, {high:.4f}]"
+    report = (run / "report.txt").read_text()
+    assert line in report and report.rstrip().endswith(f"(95% intervals: {metrics['ci_method']})")
     results = json.loads((run / "results.json").read_text())
     assert metrics["accuracy_ci95"] == results["templates"][0]["accuracy_ci95"]
     assert metrics["across_templates"] == results["across_templates"]

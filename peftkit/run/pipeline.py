@@ -406,8 +406,9 @@ def _run_prompt(ctx: RunContext) -> RunOutcome:
     run.save(path)
     head = run.results[0]  # the first template: not picked on the test split
     report = classification_report(list(run.gold), head.probs.argmax(1).tolist(), run.labels)
-    write_report(path, report, title=f"{plan.name} · {head.template}")
-    _say(ctx, f"\nreport ({head.template}):\n{report.to_text()}")
+    note = interval_text(head.to_dict())
+    write_report(path, report, title=f"{plan.name} · {head.template}", note=note)
+    _say(ctx, f"\nreport ({head.template}):\n{report.to_text()}\n{note}")
     metrics = {
         "recipe": recipe.name,
         "method": run.config["method"],
