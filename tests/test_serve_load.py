@@ -214,6 +214,14 @@ def _hammer(
     return threads, calls
 
 
+def _await_sent_after(calls: list, moment: float, count: int, deadline: float) -> None:
+    """Wait (until ``deadline``) for ``count`` requests sent after ``moment`` to be answered."""
+    while time.monotonic() < deadline:
+        if sum(1 for c in list(calls) if c.sent > moment) >= count:
+            return
+        time.sleep(0.01)
+
+
 def _join(threads: list[threading.Thread], seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     for t in threads:
@@ -347,10 +355,7 @@ def test_an_alias_moved_under_load_answers_v1_then_only_v2(server):
         assert len(calls) >= 4 * CLIENTS, "too few requests answered before the move"
         assert registry.alias(f"{ALIASED}@2", "production") == (f"{ALIASED}@1", f"{ALIASED}@2")
         moved = time.monotonic()
-        while time.monotonic() < deadline:
-            if sum(1 for c in list(calls) if c.sent > moved) >= 4 * CLIENTS:
-                break
-            time.sleep(0.01)
+        _await_sent_after(calls, moved, 4 * CLIENTS, deadline)
     finally:
         stop.set()
         _join(threads)
@@ -406,10 +411,7 @@ def test_an_adapter_corrupted_under_load_fails_alone_with_409(server):
                 refused.append(_error(http.post("/v1/classify", json=body), 409))
                 time.sleep(0.02)
         # the load goes on after the refusals
-        while time.monotonic() < deadline:
-            if sum(1 for c in list(calls) if c.sent > corrupted) >= 4 * CLIENTS:
-                break
-            time.sleep(0.01)
+        _await_sent_after(calls, corrupted, 4 * CLIENTS, deadline)
     finally:
         stop.set()
         _join(threads)
