@@ -478,7 +478,7 @@ def test_a_v1_index_reads_read_only_and_migrates_keeping_its_rows(tmp_path):
     assert reg.rebuild_index().added == () and (reg.get("old").path / "peftkit.json").is_file()
     entry = reg.register("old", make_adapter(tmp_path / "n", 1), **META, run_id="r2")
     assert entry.ref == "old@2" and reg.find_run("r2") == entry
-    assert sqlite3.connect(root / "index.sqlite").execute("PRAGMA user_version").fetchone() == (3,)
+    assert sqlite3.connect(root / "index.sqlite").execute("PRAGMA user_version").fetchone() == (4,)
 
 
 # -- 8. the generation ---------------------------------------------------------------------

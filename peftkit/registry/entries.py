@@ -22,10 +22,14 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ALIAS = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")  # starts with a letter: never a version
 COLUMNS = tuple(
     "name version method task labels base_fingerprint base quantization template verbalizer"  # noqa: SIM905
-    " metrics files tags created run_id".split()
+    " metrics files tags created run_id lineage calibration".split()
 )
-META_FIELDS = COLUMNS[2:11] + ("tags",)  # what a caller gives besides name and files
-JSON_COLUMNS = frozenset({"labels", "base", "verbalizer", "metrics", "files", "tags"})
+# what a caller gives besides name and files (lineage and calibration may be None)
+META_FIELDS = (*COLUMNS[2:11], "tags", "lineage", "calibration")
+OPTIONAL_MAPPINGS = ("verbalizer", "lineage", "calibration")  # JSON objects or None
+JSON_COLUMNS = frozenset(
+    {"labels", "base", "verbalizer", "metrics", "files", "tags", "lineage", "calibration"}
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,10 @@ class Entry:
     tags: tuple[str, ...]
     created: str  # ISO 8601, UTC
     run_id: str | None  # the run that registered it (see Registry.find_run)
+    # where it came from: {"parent": "name@V", "data": {...fingerprints...}, ...}, or None
+    lineage: dict[str, Any] | None
+    # its confidence calibration: {"temperature": ..., "threshold": ..., ...}, or None
+    calibration: dict[str, Any] | None
     path: Path
 
     @property
@@ -117,8 +125,10 @@ def check_alias(alias: object) -> str:
 
 def check_metadata(given: Mapping[str, Any]) -> dict[str, Any]:
     """The entry's metadata from ``given`` (other keys ignored), checked: ConfigError
-    names the field and the valid form."""
-    meta = {k: given[k] for k in META_FIELDS}
+    names the field and the valid form (``lineage`` and ``calibration`` may be left out)."""
+    meta: dict[str, Any] = {
+        k: given[k] if k not in OPTIONAL_MAPPINGS[1:] else given.get(k) for k in META_FIELDS
+    }
     for field in ("method", "base_fingerprint", "task", "quantization", "template"):
         value = meta[field]
         if field in ("quantization", "template") and value is None:
@@ -131,8 +141,8 @@ def check_metadata(given: Mapping[str, Any]) -> dict[str, Any]:
     dupes = sorted({x for x in meta["labels"] if meta["labels"].count(x) > 1})
     if dupes:
         raise ConfigError(f"labels must be distinct; repeated: {', '.join(map(repr, dupes))}")
-    for field in ("base", "metrics", "verbalizer"):
-        if meta[field] is not None or field != "verbalizer":
+    for field in ("base", "metrics", *OPTIONAL_MAPPINGS):
+        if meta[field] is not None or field not in OPTIONAL_MAPPINGS:
             meta[field] = check_json_mapping(field, meta[field] or {})
     return meta
 

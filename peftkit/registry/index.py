@@ -2,7 +2,7 @@
 
 :class:`Index` holds one connection per thread (a forked child opens its own), runs write
 transactions (``BEGIN IMMEDIATE``, so writers queue across processes, and every commit
-bumps the generation counter), creates the schema or migrates a v1 index, opens an index
+bumps the generation counter), creates the schema or migrates an older index, opens an index
 read-only (``mode=ro``, or ``immutable=1`` on a read-only mount), and tells a damaged file
 (confirmed with ``PRAGMA quick_check``) from a busy or read-only one. The registry above
 it knows nothing of SQLite but the SQL of its own rows.
@@ -25,10 +25,11 @@ from urllib.parse import quote
 from peftkit.errors import ConfigError, RegistryError
 from peftkit.registry.aliases import TABLE as ALIAS_TABLE
 from peftkit.registry.entries import COLUMNS, Problem
+from peftkit.registry.promotions import TABLE as PROMOTION_TABLE
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_S = 30.0
 _SCHEMA = (
     # One counter per name (case-insensitive, as many file systems are): versions are
@@ -49,6 +50,10 @@ _V2 = (
 )
 # v3: aliases (see registry/aliases.py)
 _V3 = (ALIAS_TABLE,)
+# v4: each entry's lineage and calibration (JSON, nullable), and the promotion decisions
+# (see registry/promotions.py)
+_V4_COLUMNS = ("lineage", "calibration")
+_V4 = (PROMOTION_TABLE,)
 _DAMAGE_WORDS = ("malformed", "not a database", "corrupt", "disk image")
 INSERT_ROW = f"INSERT INTO entries ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
@@ -68,7 +73,8 @@ class Index:
         self.path = root / "index.sqlite"
         self.damage: str | None = None  # why the index cannot be used, once found
         self.owner = ""  # this registry's id (from the index): what its markers name
-        self.has_meta = self.has_run_id = True  # False only for a read-only v1 index
+        self.has_meta = True  # False only for a read-only v1 index
+        self.absent: frozenset[str] = frozenset()  # entry columns a read-only old index lacks
         self.read_only = read_only or not writable(root, self.path)
         self._local = threading.local()
         self._checked = False  # quick_check passed before this object's first write
@@ -128,9 +134,13 @@ class Index:
         return int(row[0]) if row else 0
 
     def columns(self) -> str:
-        """The entry columns for a SELECT (a v1 index has no run_id: read as NULL)."""
-        cols = [c if c != "run_id" or self.has_run_id else "NULL AS run_id" for c in COLUMNS]
-        return ", ".join(cols)
+        """The entry columns for a SELECT (those a read-only older index lacks, such as a v1
+        index's run_id, read as NULL)."""
+        return ", ".join(f"NULL AS {c}" if c in self.absent else c for c in COLUMNS)
+
+    @property
+    def has_run_id(self) -> bool:
+        return "run_id" not in self.absent
 
     # -- refusals and errors ---------------------------------------------------------------
 
@@ -236,13 +246,17 @@ class Index:
         self.owner = conn.execute("SELECT value FROM meta WHERE key = 'id'").fetchone()[0]
 
     def _migrate(self, conn: sqlite3.Connection, found: int) -> None:
-        """Create the schema (``found == 0``) or bring a v1 or v2 index to v3, keeping its rows.
-        Runs inside the write transaction (its generation bump needs the meta table)."""
+        """Create the schema (``found == 0``) or bring an older index to this version, keeping
+        its rows. Runs inside the write transaction (its generation bump needs the meta table)."""
         self._refuse_newer(found)
         if found == 1:
             conn.execute("ALTER TABLE entries ADD COLUMN run_id TEXT")
-        for statement in (*_SCHEMA, *_V2, *_V3):
+        for statement in (*_SCHEMA, *_V2, *_V3, *_V4):
             conn.execute(statement)
+        have = {r[1] for r in conn.execute("PRAGMA table_info(entries)")}
+        for column in _V4_COLUMNS:
+            if column not in have:
+                conn.execute(f"ALTER TABLE entries ADD COLUMN {column} TEXT")
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('id', ?)", (uuid.uuid4().hex,))
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -259,7 +273,8 @@ class Index:
         if "entries" not in tables:
             raise RegistryError(f"the read-only registry at {self.root} has an empty index")
         columns = {r[1] for r in conn.execute("PRAGMA table_info(entries)")}
-        self.has_run_id, self.has_meta = "run_id" in columns, "meta" in tables
+        self.absent = frozenset(COLUMNS) - columns
+        self.has_meta = "meta" in tables
 
     def _refuse_newer(self, found: int) -> None:
         if found > SCHEMA_VERSION:

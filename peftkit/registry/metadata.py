@@ -34,11 +34,15 @@ FROM_TASK = (
     "verbalizer",
 )
 REQUIRED = ("method", "labels", "base_fingerprint")
+# What a task.json may also give (written after training's calibration): read when the
+# folder has a task.json, never required.
+OPTIONAL_FROM_TASK = ("calibration",)
 
 
 def register_metadata(folder: Path, given: Mapping[str, Any]) -> dict[str, Any]:
     """register()'s metadata, checked: each argument in ``given`` that is not None, else
-    the value the folder's ``task.json`` records; ConfigError naming the folder and the
+    the value the folder's ``task.json`` records (``calibration`` too, when it has one:
+    it is never required); ConfigError naming the folder and the
     required fields (method, labels, base_fingerprint) that neither gives.
 
     >>> register_metadata(Path("runs/sst2/adapter"), {"method": None, ...})  # doctest: +SKIP
@@ -46,8 +50,11 @@ def register_metadata(folder: Path, given: Mapping[str, Any]) -> dict[str, Any]:
     """
     meta = dict(given)
     missing = [k for k in FROM_TASK if meta[k] is None]
-    if not missing:
+    optional = [k for k in OPTIONAL_FROM_TASK if meta.get(k) is None]
+    task_file = folder / TASK_FILE
+    if not missing and not (optional and task_file.is_file() and not task_file.is_symlink()):
         return check_metadata(meta)
+    missing += optional
     refuse_links(folder)  # the folder exists and task.json is read from no link
     found = read_task_json(folder, f"adapter folder {folder}")
     task = found or {}
@@ -92,6 +99,8 @@ def import_metadata(
         )
     saved = read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
     args = {k: saved.get(k) if v is None else v for k, v in given.items()}
+    if args.get("calibration") is None:  # a plain folder peftkit saved: its task.json's
+        args["calibration"] = (read_task_json(folder, f"{folder}") or {}).get("calibration")
     if args["method"] is None:
         args["method"] = peft_type(folder / "adapter_config.json")
     lacking = [k for k in ("name", "labels", "base_fingerprint") if args[k] is None]

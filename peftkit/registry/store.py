@@ -51,6 +51,7 @@ from typing import Any, TypeVar
 from peftkit.errors import ConfigError, FingerprintMismatch, RegistryError
 from peftkit.registry import aliases as alias_rows
 from peftkit.registry import check
+from peftkit.registry import promotions as promotion_rows
 from peftkit.registry.entries import (
     META_FIELDS,
     Entry,
@@ -70,9 +71,10 @@ from peftkit.registry.entries import (
 from peftkit.registry.files import META_FILE
 from peftkit.registry.index import Index
 from peftkit.registry.metadata import import_metadata, register_metadata
+from peftkit.registry.promotions import Promotion
 from peftkit.registry.staging import export_entry, register_folder, remove_entries
 
-__all__ = ["Entry", "Problem", "Registry", "Report"]
+__all__ = ["Entry", "Problem", "Promotion", "Registry", "Report"]
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +165,14 @@ class Registry:
         metrics: Mapping[str, Any] | None = None,
         tags: Iterable[str] = (),
         run_id: str | None = None,
+        lineage: Mapping[str, Any] | None = None,
+        calibration: Mapping[str, Any] | None = None,
     ) -> Entry:
         """Copy ``folder``'s adapter files into the registry as the next version of
-        ``name``; ``run_id`` records the run that produced it (see :meth:`find_run`).
+        ``name``; ``run_id`` records the run that produced it (see :meth:`find_run`),
+        ``lineage`` where it came from (``{"parent": "sst2@3", "data": {...}}``) and
+        ``calibration`` its fitted temperature and threshold (default: the ``calibration``
+        the folder's ``task.json`` records, if any); both are JSON objects.
 
         The metadata comes from the arguments given; what they leave out (None) from the
         folder's ``task.json``, as ``model.save_pretrained(folder)`` writes it (method,
@@ -279,6 +286,24 @@ class Registry:
         """``{"sst2@production": "sst2@3", ...}``, every alias (or ``name``'s)."""
         rows = alias_rows.listed(self._db.conn(), None if name is None else check_name(name))
         return {f"{n}@{a}": f"{n}@{v}" for n, a, v, _ in rows}
+
+    @_index_errors
+    def promotions(self, name: str, limit: int | None = None) -> builtins.list[Promotion]:
+        """``name``'s recorded promotion decisions, newest first (at most ``limit``)."""
+        return promotion_rows.listed(self._db.conn(), check_name(name), limit)
+
+    @_index_errors
+    def decide_promotion(self, promotion: Promotion, *, expected: str | None) -> Promotion:
+        """Record ``promotion`` and, when it passed, move its alias to its candidate, in one
+        write transaction, only if the alias still points at ``expected`` (``name@N``, or
+        None: no alias), what it pointed at when the scoring began. If another promotion
+        moved it meanwhile, nothing moves and the decision is recorded as refused, saying
+        so. Returns the decision recorded."""
+        check_name(promotion.name)
+        check_alias(promotion.alias)
+        with self._db.write() as conn:
+            candidate = self.get(promotion.candidate)  # still registered
+            return promotion_rows.decide(conn, promotion, candidate.version, expected)
 
     @_index_errors
     def list(self, name: str | None = None, *, tag: str | None = None) -> builtins.list[Entry]:
@@ -420,6 +445,8 @@ class Registry:
         verbalizer: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
         tags: Iterable[str] | None = None,
+        lineage: Mapping[str, Any] | None = None,
+        calibration: Mapping[str, Any] | None = None,
     ) -> Entry:
         """Register a peft folder (``save_pretrained`` output, or an :meth:`export`).
 
