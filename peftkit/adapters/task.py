@@ -1,5 +1,6 @@
 """What a task model is for: its labels, method, max length, template and the base it was
-trained on, as a transformers config carries ``id2label``.
+trained on, as a transformers config carries ``id2label``; and, after calibration, how
+far its confidence can be trusted (``calibration``: temperature, reject threshold).
 
 A :class:`TaskInfo` is set on every :class:`~peftkit.adapters.model.TaskModel` when it is
 built (``model.task``), written to an adapter folder's ``task.json`` by ``save_pretrained``
@@ -8,6 +9,7 @@ and read back by ``from_pretrained``, the registry and hot-swap. No torch here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,35 @@ class TaskInfo:
     base_fingerprint: str | None = None  # Fingerprint.id, what loading checks
     base: dict[str, Any] | None = None  # Fingerprint.to_dict(): architecture, source...
     quantization: str | None = None
+    # {"temperature": T, "threshold": t | None, "target": {...} | None, "out_of_scope":
+    # label | None, "ece_before": e, "ece_after": e, ...}; None: temperature 1, no threshold
+    calibration: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.calibration is not None:
+            check_calibration(self.calibration, self.labels)
+
+    @property
+    def temperature(self) -> float:
+        """What the head's logits are divided by before the softmax (1: as trained)."""
+        return float((self.calibration or {}).get("temperature") or 1.0)
+
+    @property
+    def threshold(self) -> float | None:
+        """The reject threshold: a row whose top probability is below it abstains."""
+        value = (self.calibration or {}).get("threshold")
+        return None if value is None else float(value)
+
+    @property
+    def out_of_scope(self) -> str | None:
+        """The label that means "none of these": predicting it is an abstention."""
+        return (self.calibration or {}).get("out_of_scope")
+
+    def abstains(self, label: str, score: float) -> bool:
+        """Whether a row predicted ``label`` with top probability ``score`` (temperature
+        applied) abstains: below the threshold, or the out-of-scope label."""
+        threshold = self.threshold
+        return (threshold is not None and score < threshold) or label == self.out_of_scope
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -57,6 +88,8 @@ class TaskInfo:
             out["base_fingerprint"] = self.base_fingerprint
             out["base"] = self.base
             out["quantization"] = self.quantization
+        if self.calibration is not None:
+            out["calibration"] = dict(self.calibration)
         return out
 
     @classmethod
@@ -75,6 +108,34 @@ class TaskInfo:
             base_fingerprint=data.get("base_fingerprint"),
             base=data.get("base"),
             quantization=data.get("quantization"),
+            calibration=data.get("calibration"),
+        )
+
+
+def check_calibration(value: Any, labels: tuple[str, ...]) -> None:
+    """ConfigError unless ``value`` is a calibration record: a positive finite temperature,
+    a threshold in [0, 1] or null, an out-of-scope label among ``labels`` or null."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"task calibration must be a mapping, got {type(value).__name__}")
+    temperature = value.get("temperature", 1.0)
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
+        raise ConfigError(f"task calibration: temperature must be > 0, got {temperature!r}")
+    threshold = value.get("threshold")
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not 0 <= threshold <= 1
+    ):
+        raise ConfigError(f"task calibration: threshold must be in [0, 1], got {threshold!r}")
+    oos = value.get("out_of_scope")
+    if oos is not None and oos not in labels:
+        raise ConfigError(
+            f"task calibration: out_of_scope {oos!r} is not one of the labels {list(labels)}"
         )
 
 

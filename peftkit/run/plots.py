@@ -1,4 +1,5 @@
-"""Pictures of a run: the confusion matrix and the training curves, as image files.
+"""Pictures of a run: the confusion matrix, the training curves, the reliability diagram
+and the risk-coverage curve, as image files.
 
 Drawn on a bare ``matplotlib.figure.Figure`` (the Agg renderer), never through pyplot's
 global state, so it works headless, in threads and in tests; nothing is ever shown::
@@ -245,3 +246,83 @@ def _empty(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.5")
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+# --- confidence -------------------------------------------------------------------------
+
+
+def plot_reliability(
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    path: Path,
+    *,
+    title: str = "",
+    temperature: float | None = None,
+) -> Path:
+    """Reliability diagrams side by side: accuracy per confidence bin against the diagonal,
+    before and after temperature scaling (``metrics.calibration.reliability``'s dicts), with
+    each side's ECE and the share of rows per bin drawn faintly."""
+    fig = Figure(figsize=(10.0, 4.6))
+    axes = fig.subplots(1, 2, sharey=True)
+    after_name = "after" if temperature is None else f"after (T = {temperature:.3f})"
+    for ax, data, name in zip(axes, (before, after), ("before", after_name), strict=True):
+        _reliability_panel(ax, data, name)
+    axes[0].set_ylabel("accuracy")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.set_layout_engine("constrained")
+    return _save(fig, path)
+
+
+def _reliability_panel(ax: Any, data: Mapping[str, Any], name: str) -> None:
+    edges = np.asarray(data["edges"], dtype=float)
+    width = np.diff(edges)
+    count = np.asarray(data["count"], dtype=float)
+    acc = np.array([np.nan if a is None else a for a in data["accuracy"]], dtype=float)
+    conf = np.array([np.nan if c is None else c for c in data["confidence"]], dtype=float)
+    filled = count > 0
+    left, w, a, c = edges[:-1][filled], width[filled], acc[filled], conf[filled]
+    ax.plot([0, 1], [0, 1], "--", color="0.5", lw=1, label="perfectly calibrated")
+    ax.bar(left, a, width=w, align="edge", color="tab:blue", edgecolor="white", alpha=0.8,
+           label="accuracy")  # fmt: skip
+    ax.bar(left, np.abs(c - a), bottom=np.minimum(a, c), width=w, align="edge",
+           color="tab:red", alpha=0.3, label="gap to mean confidence")  # fmt: skip
+    share = ax.twinx()
+    share.step(edges, np.r_[count, count[-1:]] / max(count.sum(), 1), where="post",
+               color="0.35", lw=1, alpha=0.7)  # fmt: skip
+    share.set_ylim(0, 1)
+    share.set_ylabel("share of rows (line)", color="0.4", fontsize=8)
+    share.tick_params(axis="y", colors="0.4", labelsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_title(f"{name}: ECE {data['ece']:.4f}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def plot_risk_coverage(curve: Mapping[str, Any], path: Path, *, title: str = "") -> Path:
+    """The risk (error rate among answered rows) against the coverage (share answered) as
+    the threshold falls (``metrics.calibration.risk_coverage``'s dict), the chosen
+    threshold's point marked when ``curve["chosen"]`` holds one."""
+    coverage = np.asarray(curve["coverage"], dtype=float)
+    risk = np.asarray(curve["risk"], dtype=float)
+    if coverage.size == 0:
+        raise DataError("the risk-coverage curve has no points (no row was answered)")
+    fig = Figure(figsize=(6.0, 4.4))
+    ax = fig.subplots()
+    ax.step(coverage, risk, where="post", color="tab:blue", lw=1.5,
+            label=f"risk (AURC {curve.get('aurc', float('nan')):.4f})")  # fmt: skip
+    chosen = curve.get("chosen")
+    if chosen:
+        ax.plot([chosen["coverage"]], [chosen["risk"]], "o", color="tab:red", ms=7,
+                label=f"threshold {chosen['threshold']:.3f}")  # fmt: skip
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, max(0.05, float(np.nanmax(risk)) * 1.1))
+    ax.set_xlabel("coverage (share of rows answered)")
+    ax.set_ylabel("risk (error rate among answered)")
+    ax.set_title(title or "risk-coverage", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.set_layout_engine("constrained")
+    return _save(fig, path)

@@ -53,13 +53,16 @@ from peftkit.serving.mixed import MixedLoRA
 
 @dataclass(frozen=True)
 class Prediction:
-    """One row's result: ``adapter`` as it was asked for, ``ref`` the version served."""
+    """One row's result: ``adapter`` as it was asked for, ``ref`` the version served.
+    ``abstained``: the adapter's reject option declined to answer (score below its
+    threshold, or its out-of-scope label); ``label`` and ``score`` are still its best."""
 
     label: str
     score: float
     probs: dict[str, float]
     adapter: str
     ref: str = ""
+    abstained: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +71,7 @@ class Prediction:
             "label": self.label,
             "score": self.score,
             "probs": self.probs,
+            "abstained": self.abstained,
         }
 
 
@@ -300,8 +304,9 @@ class AdaptedModel:
         *,
         text_pairs: Sequence[str] | None = None,
     ) -> np.ndarray:
-        """Class probabilities (rows × the adapter's labels); ``text_pairs`` gives each
-        row its second text, encoded as the tokenizer's pair (as training does)."""
+        """Class probabilities (rows × the adapter's labels), with the adapter's
+        calibrated temperature applied; ``text_pairs`` gives each row its second text,
+        encoded as the tokenizer's pair (as training does)."""
         ref = self._ref(adapter)
         probs, _, _ = self._row_probs(list(texts), [ref] * len(texts), text_pairs)
         return np.stack(probs) if probs else np.empty((0, 0))
@@ -323,21 +328,25 @@ class AdaptedModel:
         text_pairs: Sequence[str] | None = None,
     ) -> list[Prediction]:
         """One batch where row ``i`` goes through adapter ``adapters[i]`` and its own head
-        (with ``text_pairs[i]`` as its second text when given)."""
+        (with ``text_pairs[i]`` as its second text when given). Each adapter's
+        calibration (``task.json``) applies: its temperature, and its reject option
+        (``abstained``)."""
         if len(texts) != len(adapters):
             raise ConfigError(f"{len(texts)} texts but {len(adapters)} adapter names")
-        probs, keys, label_sets = self._row_probs(list(texts), list(adapters), text_pairs)
+        probs, keys, infos = self._row_probs(list(texts), list(adapters), text_pairs)
         out = []
         for p, asked, key in zip(probs, adapters, keys, strict=True):
-            labels = label_sets[key]
+            info = infos[key]
             k = int(p.argmax())
+            label, score = info.labels[k], float(p[k])
             out.append(
                 Prediction(
-                    label=labels[k],
-                    score=float(p[k]),
-                    probs={lab: float(v) for lab, v in zip(labels, p, strict=True)},
+                    label=label,
+                    score=score,
+                    probs={lab: float(v) for lab, v in zip(info.labels, p, strict=True)},
                     adapter=asked,
                     ref=key,
+                    abstained=info.abstains(label, score),
                 )
             )
         return out
@@ -354,9 +363,9 @@ class AdaptedModel:
 
     def _row_probs(
         self, texts: list[str], adapters: list[str], text_pairs: Sequence[str] | None
-    ) -> tuple[list[np.ndarray], list[str], dict[str, tuple[str, ...]]]:
+    ) -> tuple[list[np.ndarray], list[str], dict[str, TaskInfo]]:
         """Probabilities per row, the version (``name@N``) each row was served by, and
-        each version's labels."""
+        each version's task (labels, calibration)."""
         pairs = None if text_pairs is None else list(text_pairs)
         if pairs is not None and len(pairs) != len(texts):
             raise ConfigError(f"{len(texts)} texts but {len(pairs)} text_pairs")
@@ -371,8 +380,8 @@ class AdaptedModel:
                 )
             for key in unique:
                 self.load(key)
-            labels = {k: self._resident[k].info.labels for k in unique}
-            return self._probs_loaded(texts, keys, pairs), keys, labels
+            infos = {k: self._resident[k].info for k in unique}
+            return self._probs_loaded(texts, keys, pairs), keys, infos
 
     @torch.inference_mode()
     def _probs_loaded(
@@ -388,9 +397,10 @@ class AdaptedModel:
             pooled = self._features(tensors, [slots[i] for i in idx])
             for key in dict.fromkeys(keys[i] for i in idx):
                 local = [j for j, i in enumerate(idx) if keys[i] == key]
-                head = self._resident[key].head
-                logits = head(pooled[local].to(head.linear.weight.dtype))
-                for j, p in zip(local, torch.softmax(logits.float(), -1).numpy(), strict=True):
+                slot = self._resident[key]
+                logits = slot.head(pooled[local].to(slot.head.linear.weight.dtype)).float()
+                scaled = torch.softmax(logits / slot.info.temperature, -1).numpy()
+                for j, p in zip(local, scaled, strict=True):
                     probs[idx[j]] = p
         return probs
 

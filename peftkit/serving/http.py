@@ -14,7 +14,8 @@ Routes (OpenAPI page at ``/docs``)::
     POST   /v1/reload                 admin: re-read the registry, load the latest of what is resident
     GET    /health  /ready  /metrics  alive; serving; Prometheus text (open to all)
 
-Each row is answered with label, score, probabilities, the adapter as asked and the
+Each row is answered with label, score, probabilities, ``abstained`` (the adapter's
+reject option declined: its label and score are still its best), the adapter as asked and the
 ``name@N`` that answered: a name or an alias (``sst2@production``) is pinned to its version
 when the request is admitted, so a version registered or an alias moved meanwhile serves
 the next request on, and a request in flight finishes on the version it started with. With API keys, every ``/v1`` route needs
@@ -98,6 +99,9 @@ class RowResult(BaseModel):
     probs: dict[str, float] | None = None
     ref: str = Field(description="the version that answered, name@N")
     adapter: str = Field(description="the adapter as asked for")
+    abstained: bool = Field(
+        False, description="the adapter's reject option declined (label, score: its best)"
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -246,6 +250,7 @@ def _result(prediction: Any, top_k: int | None, return_probs: bool) -> dict[str,
         "score": prediction.score,
         "ref": prediction.ref,
         "adapter": prediction.adapter,
+        "abstained": prediction.abstained,
     }
     if return_probs:
         ranked = sorted(prediction.probs.items(), key=lambda kv: -kv[1])
