@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,serve,ray]'
+	$(PY) -m pip install -q -e '.[dev,serve,ray,tensorboard,mlflow]'
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $@
 

@@ -26,6 +26,8 @@ BENCHMARKS = [
     "bench_fewshot",
     "bench_mixed",
     "bench_serve",
+    "bench_confidence",
+    "bench_continual",
 ]
 
 

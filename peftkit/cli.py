@@ -5,6 +5,7 @@
     peftkit eval zero-shot-sst2 data.source=../shared/data/sst2
     peftkit adapters list | show NAME | rm NAME | export NAME DEST | import FOLDER
     peftkit adapters verify [NAME] | doctor | rebuild
+    peftkit adapters promote NAME@V --alias production --gate "accuracy on DATA >= alias - 0.5"
     echo "stocks fell" | peftkit predict --adapter quickstart
     peftkit compare runs/*
 
@@ -30,6 +31,7 @@ from typing import Any
 from peftkit.errors import ConfigError, DataError, PeftkitError
 
 DEFAULT_REGISTRY = "registry"
+SHOWN_PROMOTIONS = 5  # the latest decisions `adapters show` lists
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,6 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("ref", help="NAME@VERSION (or NAME: its latest)")
     a.add_argument("alias", help="e.g. production")
     a.set_defaults(func=cmd_adapters_alias)
+    a = asub.add_parser(
+        "promote",
+        help="move NAME@ALIAS to NAME@VERSION only when every gate holds (exit 1: refused)",
+        description="Score NAME@VERSION and the alias's current version on each gate's test "
+        "rows (paired, 95%% bootstrap intervals); move the alias only when every gate holds; "
+        "record the decision in the registry either way.",
+    )
+    a.add_argument("ref", help="the candidate, NAME@VERSION")
+    a.add_argument("--alias", required=True, help="e.g. production")
+    a.add_argument(
+        "--gate",
+        action="append",
+        required=True,
+        help="'METRIC on DATA >= alias - 0.5' or '... >= 0.85' (repeat, or join with ' and ')",
+    )
+    a.add_argument("--batch-size", type=_positive_int, default=32, help="rows a forward")
+    a.add_argument("--json", action="store_true", help="the decision as JSON")
+    a.set_defaults(func=cmd_adapters_promote)
     a = asub.add_parser("unalias", help="remove NAME@ALIAS")
     a.add_argument("name")
     a.add_argument("alias")
@@ -280,6 +300,7 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
             "task": e.task,
             "labels": len(e.labels),
             "accuracy": e.metrics.get("accuracy"),
+            "95% interval": _interval(e.metrics.get("accuracy_ci95")),
             "base": (e.base or {}).get("source", e.base_fingerprint[:12]),
             "created": e.created[:19],
             "tags": ",".join(e.tags),
@@ -289,6 +310,13 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
     columns = [(k, k) for k in rows[0]]
     print(format_table(rows, columns))
     return 0
+
+
+def _interval(ci: object) -> str:
+    """``[0.9061, 0.9671]`` for a stored ``[low, high]``; empty for an entry without one."""
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        return f"[{float(ci[0]):.4f}, {float(ci[1]):.4f}]"
+    return ""
 
 
 def _unindexed_hint(registry) -> str:
@@ -315,8 +343,14 @@ def cmd_adapters_show(args: argparse.Namespace) -> int:
     aliases = [
         a.partition("@")[2] for a, t in registry.aliases(entry.name).items() if t == entry.ref
     ]
-    # with how its files are read: pooling, max length, head, a rewriting start it came from
-    shown = {**entry.to_dict(), "aliases": aliases, "adapter": read_task(entry.path).to_dict()}
+    # with how its files are read: pooling, max length, head, a rewriting start it came from;
+    # and the latest promotion decisions of its name (newest first)
+    shown = {
+        **entry.to_dict(),
+        "aliases": aliases,
+        "adapter": read_task(entry.path).to_dict(),
+        "promotions": [p.to_dict() for p in registry.promotions(entry.name, SHOWN_PROMOTIONS)],
+    }
     print(json.dumps(shown, indent=2, default=str))
     return 0
 
@@ -326,6 +360,15 @@ def cmd_adapters_alias(args: argparse.Namespace) -> int:
     name = now.partition("@")[0]
     print(f"{name}@{args.alias}: {before or '(new)'} -> {now}")
     return 0
+
+
+def cmd_adapters_promote(args: argparse.Namespace) -> int:
+    from peftkit.run.promote import decision_text, plan_promotion, promote
+
+    plan = plan_promotion(_registry(args), args.ref, args.alias, args.gate)  # loads no model
+    decision = promote(plan, batch_size=args.batch_size)
+    print(json.dumps(decision.to_dict(), indent=2) if args.json else decision_text(decision))
+    return 0 if decision.passed else 1
 
 
 def cmd_adapters_unalias(args: argparse.Namespace) -> int:

@@ -341,3 +341,50 @@ def test_max_length_beyond_the_model_trains_registers_and_serves_long_texts(
     code, out, err = run_cli(argv, capsys)
     assert code == 0, err
     assert json.loads(out)["label"] in ("negative", "positive")
+
+
+# --- adapters promote: refused in one line before any model loads -------------------------
+
+
+def _promote_registry(tmp_path) -> tuple[Path, Path]:
+    """A registry with two versions of 'sst2' (sst2@production -> sst2@1) and test data."""
+    from test_registry_lineage import peftkit_folder
+
+    from peftkit.registry.store import Registry
+
+    reg = Registry(tmp_path / "reg")
+    reg.register("sst2", peftkit_folder(tmp_path / "a", 0))
+    reg.register("sst2", peftkit_folder(tmp_path / "b", 1))
+    reg.alias("sst2@1", "production")
+    data = write_data(tmp_path / "data", ["neg", "pos"])
+    return reg.root, data
+
+
+@pytest.mark.parametrize(
+    ("ref", "gate", "expected"),
+    [
+        ("sst2@7", "accuracy on {data} >= alias", "no version 7"),
+        ("sst2@2", "accuracy {data} >= alias", "cannot read gate"),
+        ("sst2@2", "acuracy on {data} >= alias", "did you mean 'accuracy'"),
+        ("sst2@2", "accuracy on {data} >= boss", "cannot read the bound 'boss'"),
+        ("sst2@2", "accuracy on {data}/nope >= 0.5", "does not exist"),
+        ("sst2@2", "accuracy on bbc-news >= 0.5", "do not match sst2@2's"),
+        ("sst2@2", "accuracy on {data} >= 0.5", "does not record its base model's source"),
+    ],
+)
+def test_promote_bad_input_is_one_line_before_loading(tmp_path, capsys, ref, gate, expected):
+    root, data = _promote_registry(tmp_path)
+    argv = ["adapters", "--registry", root, "promote", ref, "--alias", "production"]
+    code, out, err = run_cli([*argv, "--gate", gate.format(data=data)], capsys)
+    assert_one_line_error(code, out, err, expected)
+    from peftkit.registry.store import Registry
+
+    reg = Registry(root)
+    assert reg.promotions("sst2") == [] and reg.get("sst2@production").ref == "sst2@1"
+
+
+def test_a_tracker_whose_library_is_missing_names_its_extra(recipe, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if it were not installed
+    code, out, err = run_cli(run_args(recipe, "training.log_with=mlflow"), capsys)
+    assert_one_line_error(code, out, err, "log_with: mlflow", "pip install 'peftkit[mlflow]'")
+    assert not recipe["run"].exists()

@@ -244,8 +244,11 @@ def tiny_overrides(path: Path, tmp_path: Path, tiny_models) -> list[str]:
             labels = list(load_prompt_set(init.prompt.split("/")[0]).labels)
         data = write_data(tmp_path / "data", labels, n_train=max(24, 8 * len(labels)))
         out += [f"base={tiny_models['bert']}", "training.max_steps=2", "training.batch_size=8"]
-        for i in range(len(recipe.then)):
-            other = write_data(tmp_path / f"data{i}", ["ham", "spam", "other"])
+        for i, task in enumerate(recipe.then):
+            # a task continuing the one before keeps its labels (and may add one)
+            chained = task.adapter is not None and task.adapter.init_from
+            then_labels = [*labels, "neutral"] if chained else ["ham", "spam", "other"]
+            other = write_data(tmp_path / f"data{i}", then_labels)
             out += [f"then.{i}.data.source={other}", f"then.{i}.training.max_steps=2"]
     out.append(f"data.source={data}")
     return out

@@ -69,6 +69,21 @@ def test_training_run_writes_predictions_and_intervals(tmp_path, tiny_models, re
     assert read.pred.tolist() == pred
 
 
+def test_the_registry_entry_keeps_the_intervals(tmp_path, tiny_models, reset_accelerate, capsys):
+    data = write_data(tmp_path / "data", LABELS, n_eval=40)
+    outcome, _ = tiny_run(tmp_path, tiny_models, "run", data)
+    metrics = json.loads((outcome.run_dir / "metrics.json").read_text())
+    from peftkit import Registry
+
+    entry = Registry(tmp_path / "reg").get(metrics["registered"])
+    for key in ("accuracy", "macro_f1", "accuracy_ci95", "macro_f1_ci95", "ci_method"):
+        assert entry.metrics[key] == metrics[key]
+    assert entry.metrics["temperature"] == metrics["temperature"]  # and the calibration
+    assert cli.main(["adapters", "--registry", str(tmp_path / "reg"), "list"]) == 0
+    low, high = metrics["accuracy_ci95"]
+    assert f"[{low:.4f}, {high:.4f}]" in capsys.readouterr().out
+
+
 # --- peftkit compare RUN_A RUN_B -----------------------------------------------------------------
 
 

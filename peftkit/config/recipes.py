@@ -16,6 +16,7 @@ means ``adapter: {preset: lora}``, ``prompt: sentiment`` means ``prompt: {set: s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import typing
@@ -24,21 +25,25 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.config import overrides as overrides_mod
+from peftkit.config.gates import parse_gates
 from peftkit.config.library import available, find
 from peftkit.config.schema import Ctx, parse, read_text, read_yaml
 from peftkit.config.scorers import RECIPE_SCORERS
 from peftkit.config.training import TrainConfig
 from peftkit.errors import ConfigError
-from peftkit.registry.entries import check_name
+from peftkit.registry.entries import check_alias, check_name
 
 __all__ = [
     "AdapterRef",
     "BaseSpec",
+    "CalibrationSpec",
     "DataSpec",
     "EvaluationSpec",
     "HotswapSpec",
+    "PromoteSpec",
     "PromptRef",
     "HeadInitSpec",
+    "RejectSpec",
     "Recipe",
     "RegistrySpec",
     "TaskSpec",
@@ -92,6 +97,12 @@ class AdapterRef:
         default=None, metadata={"choices": (None, "auto", "mean", "last", "cls")}
     )
     head_init: HeadInitSpec | None = None  # `head_init: prototypes`
+    # continue a registered adapter: NAME@VERSION, or `previous` (the task before, in `then:`)
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.init_from is not None:
+            check_init_from(self.init_from)
 
     def overrides(self) -> dict[str, Any]:
         """The fields given, in the form ``load_preset(..., overrides=)`` takes."""
@@ -101,6 +112,25 @@ class AdapterRef:
             if value not in (None, {}):
                 out[name] = value
         return out
+
+
+INIT_FROM_PREVIOUS = "previous"
+
+
+def check_init_from(ref: str) -> str:
+    """``adapter.init_from``: ``previous`` or a pinned registry reference ``NAME@VERSION``
+    (a number: a resumed run must continue the same parent, not the latest one)."""
+    if ref == INIT_FROM_PREVIOUS:
+        return ref
+    name, _, version = str(ref).partition("@")
+    if version.isdigit() and int(version) >= 1:
+        with contextlib.suppress(ConfigError):
+            check_name(name)
+            return ref
+    raise ConfigError(
+        f"adapter.init_from must be NAME@VERSION (a registered adapter and its version "
+        f"number, e.g. sst2-lora@3) or 'previous' (the adapter of the task before); got {ref!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -193,6 +223,53 @@ class HotswapSpec:
 
 
 @dataclass(frozen=True)
+class RejectSpec:
+    """A reject option's target, met on the validation split: the answered rows' precision
+    at least ``precision``, or a share ``coverage`` of the rows answered (exactly one)."""
+
+    precision: float | None = None
+    coverage: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [(k, v) for k, v in (("precision", self.precision), ("coverage", self.coverage))
+                 if v is not None]  # fmt: skip
+        if len(given) != 1:
+            raise ConfigError(
+                "calibration.reject needs exactly one target: {precision: 0.95} or "
+                f"{{coverage: 0.8}}; got {dict(given) or 'none'}"
+            )
+        key, value = given[0]
+        if not 0 < value <= 1:
+            raise ConfigError(f"calibration.reject.{key} must be in (0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """After training: fit a temperature on the validation split (``temperature``; unset:
+    on for a trained adapter, off for an untrained prototype head), choose a reject
+    threshold for a target (``reject``), and serve ``out_of_scope`` (a label of the data) as
+    an abstention. Stored in the adapter's task.json; see peftkit.run.confidence."""
+
+    temperature: bool | None = None
+    reject: RejectSpec | None = None
+    out_of_scope: str | None = None
+
+
+@dataclass(frozen=True)
+class PromoteSpec:
+    """After registering, promote the new version to ``alias`` when every ``gate`` holds
+    (``accuracy on DATA >= alias - 0.5``: see peftkit.config.gates and peftkit.run.promote);
+    the decision goes to metrics.json and the registry."""
+
+    gate: tuple[str, ...]
+    alias: str = "production"
+
+    def __post_init__(self) -> None:
+        check_alias(self.alias)
+        parse_gates(self.gate, "")  # the error is prefixed with the key
+
+
+@dataclass(frozen=True)
 class Recipe:
     base: BaseSpec
     data: DataSpec
@@ -206,6 +283,8 @@ class Recipe:
     then: tuple[TaskSpec, ...] = ()  # more tasks, one adapter each, on the same base
     revisit: bool = False  # continual learning: re-evaluate earlier tasks after each one
     hotswap: HotswapSpec | None = None
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    promote: PromoteSpec | None = None  # after registering: move an alias behind a gate
     source: str = field(default="<dict>", metadata={"internal": True})
     overrides: tuple[str, ...] = field(default=(), metadata={"internal": True})  # as given
 
@@ -271,6 +350,17 @@ def parse_recipe(
     recipe = typing.cast(Recipe, parse(Recipe, raw, (), ctx))
     if (recipe.adapter is None) == (recipe.prompt is None):
         raise ctx.error((), "give exactly one of 'adapter' (train) or 'prompt' (zero/few-shot)")
+    if recipe.prompt is not None and "calibration" in raw:
+        raise ctx.error(
+            ("calibration",),
+            "calibration (temperature, reject) is for trained adapters; a prompt recipe "
+            "calibrates with prompt.calibration",
+        )
+    if recipe.promote is not None and (recipe.prompt is not None or not recipe.registry.enabled):
+        raise ctx.error(
+            ("promote",), "promote moves a registry alias: it needs an 'adapter' recipe with "
+            "registry.enabled: true"
+        )  # fmt: skip
     if recipe.prompt is not None and recipe.then:
         raise ctx.error(("then",), "'then' (more tasks) needs an 'adapter' recipe")
     for i, task in enumerate(recipe.then):

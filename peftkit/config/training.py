@@ -5,6 +5,7 @@ import."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from peftkit.errors import ConfigError, did_you_mean
@@ -22,6 +23,33 @@ FLOAT_FIELDS = (
     "label_smoothing",
 )
 OBJECTIVES = ("classify", "contrastive")
+# experiment trackers (Accelerate's); each one's library comes with the extra of its name
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a folder's name (TensorBoard)
+REPLAY_PREVIOUS = "previous"  # replay.source: every earlier task's training rows in the recipe
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    """``training.replay``: mix rows of earlier data into the training split, so that
+    ``share`` of the final training rows are replayed ones (seeded by ``training.seed``).
+    ``source`` is a data source (as ``data.source``; its training split) or ``previous``
+    (the training rows of every earlier task of the recipe). Its labels, matched by name,
+    must be among the new data's."""
+
+    source: str
+    share: float = 0.2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.share, bool) or not isinstance(self.share, (int, float)):
+            raise ConfigError(f"training.replay.share must be a number, got {self.share!r}")
+        if not 0 < self.share < 1:
+            raise ConfigError(
+                "training.replay.share is the fraction of the training rows that are replayed: "
+                f"it must be in (0, 1), e.g. 0.2; got {self.share}"
+            )
+        if not str(self.source).strip():
+            raise ConfigError("training.replay.source must name a data source or 'previous'")
 
 
 @dataclass(frozen=True)
@@ -52,8 +80,14 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy target: 1 - x on the gold label
     objective: str = "classify"  # classify | contrastive (pairs train the body; see contrastive)
     progress: bool | None = None  # None: a bar only on a terminal
+    log_with: str | None = None  # an experiment tracker: tensorboard | mlflow | wandb
+    tracker_project: str | None = None  # None: the recipe's name ("peftkit" outside a recipe)
+    tracker_run: str | None = None  # None: the run folder's name
+    replay: ReplaySpec | None = None  # earlier rows mixed into the training split
 
     def __post_init__(self) -> None:
+        if isinstance(self.replay, dict):  # a `then:` task's override, merged as a mapping
+            object.__setattr__(self, "replay", ReplaySpec(**self.replay))
         self._check_numbers()
         if self.metric not in METRICS:
             raise ConfigError(
@@ -89,6 +123,35 @@ class TrainConfig:
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio >= 1:
             raise ConfigError(
                 f"training.loraplus_lr_ratio must be >= 1, got {self.loraplus_lr_ratio}"
+            )
+        self._check_tracker()
+
+    def _check_tracker(self) -> None:
+        """A known tracker, and names it can use (whether its library is installed is
+        checked with the recipe: ``peftkit.training.trackers.check_installed``)."""
+        if self.log_with is not None and self.log_with not in TRACKERS:
+            raise ConfigError(
+                f"training.log_with must be one of {', '.join(TRACKERS)}, got {self.log_with!r}"
+                + did_you_mean(str(self.log_with), TRACKERS)
+            )
+        for name in ("tracker_project", "tracker_run"):
+            if getattr(self, name) is not None and self.log_with is None:
+                raise ConfigError(
+                    f"training.{name} names the tracker's run; set training.log_with too "
+                    f"({', '.join(TRACKERS)})"
+                )
+        project = self.tracker_project
+        if project is not None and not PROJECT_NAME.fullmatch(str(project)):
+            raise ConfigError(
+                "training.tracker_project must be a name of letters, digits, '.', '_' and '-', "
+                f"starting with a letter or digit, at most 128 characters, got {project!r}"
+            )
+        run = self.tracker_run
+        if run is not None and (
+            not isinstance(run, str) or not run.strip() or len(run) > 250 or not run.isprintable()
+        ):
+            raise ConfigError(
+                f"training.tracker_run must be a printable name of 1 to 250 characters, got {run!r}"
             )
 
     def _check_numbers(self) -> None:

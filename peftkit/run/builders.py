@@ -29,6 +29,7 @@ class Task:
     folder: Path
     head_init: Any = None  # recipes.HeadInitSpec
     head: Any = None  # fewshot.Prototypes, when head_init is set
+    continual: Any = None  # run.continual.Continual: parent, data fingerprints, replay
 
 
 def preset_of(recipe: Recipe, ref, where: str):
@@ -80,6 +81,9 @@ def _then_task(recipe: Recipe, task: TaskSpec) -> Task:
 
 def _task(recipe, name, data_spec, spec, config, folder, head_init, where) -> Task:
     """One task with its data loaded and its head's start checked (no model needed)."""
+    from peftkit.training.trackers import check_installed
+
+    check_installed(config.log_with, where=recipe.source)
     as_is = config.max_steps == 0  # no training: register the start head as it stands
     if as_is and (head_init is None or method_row(spec.method).saved_as != "head"):
         raise ConfigError(

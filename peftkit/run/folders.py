@@ -120,8 +120,12 @@ RUN_ENTRIES = frozenset(
     {RECIPE_FILE, METRICS_FILE, ENVIRONMENT_FILE, LOG_FILE, RUN_FILE, LOCK_FILE}
     | {"history.json", "results.json", "predictions.jsonl", "checkpoints", "tasks"}
     | {"adapter", "registered.json"}
+    | {"tensorboard", "mlruns", "wandb"}  # training.log_with's local stores
 )
-RUN_SUFFIXES = ("report.txt", "report.json", "confusion.png", "curves.png", "predictions.jsonl")
+RUN_SUFFIXES: tuple[str, ...] = (
+    *("report.txt", "report.json", "confusion.png", "curves.png", "predictions.jsonl"),
+    *("calibration.json", "reliability.png", "risk_coverage.png", "risk_coverage.json"),
+)
 
 
 def is_run_entry(name: str) -> bool:

@@ -31,6 +31,7 @@ from peftkit.run.builders import (
     load_task_data,
     quantization_of,
 )
+from peftkit.run.confidence import calibrate, check_calibration
 from peftkit.run.folders import (
     ENVIRONMENT_FILE,
     METRICS_FILE,
@@ -52,6 +53,7 @@ from peftkit.run.predictions import (
     interval_text,
     write_predictions,
 )
+from peftkit.run.promote import check_recipe_gates, promote_after_run
 
 log = logging.getLogger("peftkit.run")  # the run's report: the CLI prints it
 
@@ -75,6 +77,7 @@ class Plan:
     tasks: list[Task] = field(default_factory=list)  # training recipes
     data: Any = None  # prompt recipes: the dataset and its training split (demonstrations)
     train_split: Any = None
+    registry_root: Path | None = None  # where `adapter.init_from: NAME@V` is looked up
 
 
 @dataclass
@@ -88,6 +91,7 @@ class RunContext:
     state: Any  # accelerate's PartialState
     run_id: str = ""
     base: Any = None  # peftkit.models.base.Base
+    refs: dict[str, str] = field(default_factory=dict)  # task name -> its registered ref
 
     @property
     def main(self) -> bool:
@@ -116,7 +120,7 @@ def run_recipe(
     import torch
     from accelerate import PartialState
 
-    plan = plan_run(recipe)
+    plan = plan_run(recipe, registry=registry)
     # cpu=True on a machine without CUDA: under torchrun/accelerate launch that makes the
     # process group gloo (MULTI_CPU), the same state train()'s Accelerator then joins.
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -172,11 +176,14 @@ def _say(ctx: RunContext, text: str) -> None:
         log.info(text)
 
 
-def plan_run(recipe: Recipe) -> Plan:
+def plan_run(recipe: Recipe, *, registry: str | Path | None = None) -> Plan:
     """Check everything ``recipe`` can be checked for without loading a model: adapter
     presets and their peft options, the data of every task (fields, labels, sizes), the
-    prompt set and its labels, the head's start, and that the base model can be found."""
+    prompt set and its labels, the head's start, the adapters continued (``init_from``:
+    found in ``registry`` or the recipe's, same method and labels) and the rows replayed,
+    and that the base model can be found."""
     from peftkit.models.base import model_config
+    from peftkit.run.continual import plan_continual
 
     if recipe.prompt is not None:
         data, train_split = load_task_data(recipe.data, need_train=recipe.prompt.demonstrations > 0)
@@ -184,8 +191,13 @@ def plan_run(recipe: Recipe) -> Plan:
         name = _run_name(recipe.name, data.name)
         plan = Plan(name, recipe.base.quantization, data=data, train_split=train_split)
     else:
-        tasks = build_tasks(recipe)
+        root = Path(registry or recipe.registry.path)
+        tasks = plan_continual(recipe, build_tasks(recipe), root)
+        check_calibration(recipe, tasks)
+        if recipe.promote is not None:  # the gates' data, before any training
+            check_recipe_gates(recipe, tasks[0].data.labels)
         plan = Plan(_training_run_name(recipe, tasks[0]), quantization_of(recipe, tasks), tasks)
+        plan.registry_root = root
     model_config(recipe.base.source)
     return plan
 
@@ -223,6 +235,7 @@ def _open_registry(recipe: Recipe, reg_root: Path):
 
 
 def _train_all(ctx: RunContext) -> RunOutcome:
+    from peftkit.run.continual import revisit_refs
     from peftkit.run.hotswap import hotswap, revisit
 
     recipe, tasks, registry = ctx.recipe, ctx.plan.tasks, ctx.registry
@@ -239,13 +252,18 @@ def _train_all(ctx: RunContext) -> RunOutcome:
             metrics.setdefault("tasks", {})[task.name] = task_metrics
         if ref:
             entries.append(ref)
+            ctx.refs[task.name] = ref
         if recipe.revisit and ctx.main and registry is not None:
-            matrix[task.name] = revisit(ctx.base, registry, tasks[: i + 1], entries)
+            scored = revisit_refs(tasks[: i + 1], entries)
+            matrix[task.name] = revisit(ctx.base, registry, tasks[: i + 1], scored)
         ctx.state.wait_for_everyone()
     if recipe.revisit:
         metrics["revisit"] = matrix
     if recipe.hotswap is not None and ctx.main and registry is not None:
         metrics["hotswap"] = hotswap(ctx.base, registry, entries, recipe.hotswap)
+    if recipe.promote is not None and ctx.main and registry is not None and entries:
+        metrics["promotion"], text = promote_after_run(ctx.base, registry, entries[0], recipe)
+        _say(ctx, f"\n{text}")
     metrics["peak_rss_mb"] = peak_rss_mb()
     if ctx.main:
         write_json(ctx.path / METRICS_FILE, metrics)  # last: marks the run finished
@@ -262,7 +280,9 @@ def _pairs_note(data) -> str:
 
 def _train_one(ctx: RunContext, task: Task, first: bool):
     from peftkit.adapters.folder import release
+    from peftkit.run.continual import parent_folder
     from peftkit.training.prototypes import check_mean_pooling
+    from peftkit.training.trackers import named
     from peftkit.training.train import train, untrained
 
     base, data, train_split = ctx.base, task.data, task.train_split
@@ -275,6 +295,13 @@ def _train_one(ctx: RunContext, task: Task, first: bool):
     if task.head is not None:
         check_mean_pooling(base, task.spec)
         _say(ctx, f"head starts from the prototypes of {len(train_split)} rows")
+    parent, parent_ref = parent_folder(ctx, task, ctx.refs)
+    if parent is not None:
+        _say(ctx, f"continues {parent_ref or parent} (adapter.init_from)")
+    if task.continual is not None and task.continual.replay is not None:
+        replay = task.continual.replay
+        _say(ctx, f"replays {replay['rows']} rows of {replay['source']} "
+             f"({replay['share']:.0%} of the training rows)")  # fmt: skip
     if task.config.objective == "contrastive":
         _say(ctx, "training.objective: contrastive - pairs of the rows train the body; the "
              "head is rebuilt on it")  # fmt: skip
@@ -282,9 +309,10 @@ def _train_one(ctx: RunContext, task: Task, first: bool):
         _say(ctx, "training.max_steps: 0 - the prototype head is the classifier, untrained")
         result = untrained(base, data, task.head.head(base.model, base.tokenizer), task.config)
     else:
+        run = ctx.path.name if first else f"{ctx.path.name}-{task.name}"  # the tracker's run
         result = train(
-            base, task.spec, data, task.config, folder, train_split=train_split,
-            head_init=task.head,
+            base, task.spec, data, named(task.config, ctx.recipe.name, run), folder,
+            train_split=train_split, head_init=task.head, init_from=parent,
         )  # fmt: skip
     metrics: dict[str, Any] = {
         "recipe": ctx.recipe.name,
@@ -310,7 +338,14 @@ def _train_one(ctx: RunContext, task: Task, first: bool):
     try:
         if ctx.main:
             prefix = "" if first else f"{task.name}-"
-            ref = _publish(ctx, task, result, folder, prefix, interval_text(metrics))
+            # before saving: the temperature and threshold go into task.json (and its hash)
+            conf = calibrate(ctx.base, task, result, ctx.recipe.calibration, ctx.path, prefix)
+            metrics.update(conf.metrics)
+            note = "\n".join(t for t in (interval_text(metrics), conf.text) if t)
+            # the registry entry keeps the test scores with their intervals and calibration
+            scores = {k: v for k, v in metrics.items() if k in result.test_metrics or k in
+                      conf.metrics or k.endswith("_ci95") or k == "ci_method"}  # fmt: skip
+            ref = _publish(ctx, task, result, folder, prefix, note, parent_ref, scores)
             if ref is not None:
                 metrics["registered"] = ref
     finally:
@@ -319,12 +354,16 @@ def _train_one(ctx: RunContext, task: Task, first: bool):
     return metrics, ref
 
 
-def _publish(ctx: RunContext, task: Task, result, folder: Path, prefix: str, note: str):
+def _publish(ctx: RunContext, task: Task, result, folder: Path, prefix: str, note: str,
+             parent: str | None = None, scores: dict[str, Any] | None = None):  # fmt: skip
     """Save the trained adapter, write its report, test predictions and curves (``note``:
-    the intervals line under the report), and register it (once: the
+    the intervals line under the report), and register it with its lineage (``parent``:
+    the ref it continued; its data's fingerprints; the replay) (once: the
     entry carries the run's id, so a resumed run finds its registration even when it was
-    killed before recording it). Returns the registry ref, if any."""
+    killed before recording it); ``scores``: the entry's metrics (default: the test
+    metrics). Returns the registry ref, if any."""
     from peftkit.adapters.folder import save_adapter
+    from peftkit.run.continual import lineage
     from peftkit.training.train import model_max_length
 
     data, registry = task.data, ctx.registry
@@ -367,9 +406,10 @@ def _publish(ctx: RunContext, task: Task, result, folder: Path, prefix: str, not
         base=ctx.base.fingerprint.to_dict(),
         quantization=ctx.base.quantization,
         task=ctx.recipe.registry.task or data.name,
-        metrics=result.test_metrics,
+        metrics=result.test_metrics if scores is None else scores,
         tags=ctx.recipe.registry.tags,
         run_id=run,
+        lineage=lineage(task, parent),
     )
     write_json(done, {"ref": entry.ref, "run_id": run})
     _say(ctx, f"registered {entry.ref}")

@@ -37,6 +37,7 @@ from peftkit.training.schedule import (
     make_optimizer,
     make_scheduler,
 )
+from peftkit.training.trackers import log_row
 
 if TYPE_CHECKING:
     from peftkit.config.training import TrainConfig
@@ -275,6 +276,7 @@ class TrainLoop:
                 "lr": self.scheduler.get_last_lr()[0],
             }
             state["history"].append(row)
+            log_row(self.acc, row)
             self.bar.set_postfix(loss=f"{row['loss']:.4f}")
             self.running = []
             if self.main:
@@ -392,9 +394,9 @@ class TrainLoop:
         if config.metric not in metrics:
             raise ConfigError(f"training.metric={config.metric!r}; choose one of {sorted(metrics)}")
         value = metrics[config.metric]
-        state["history"].append(
-            {"step": state["step"], **{f"eval_{k}": v for k, v in metrics.items()}}
-        )
+        row = {"step": state["step"], **{f"eval_{k}": v for k, v in metrics.items()}}
+        state["history"].append(row)
+        log_row(acc, row)
         improved = state["best_metric"] is None or value > state["best_metric"]
         if improved:
             state["best_metric"], state["best_step"], state["bad_evals"] = value, state["step"], 0

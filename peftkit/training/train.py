@@ -33,6 +33,7 @@ import torch
 
 from peftkit.adapters.folder import release
 from peftkit.adapters.model import TaskModel, build_task_model, unpack_base, verbalizer_token_ids
+from peftkit.adapters.parent import continue_from
 from peftkit.adapters.task import TaskInfo
 from peftkit.config.presets import AdapterSpec, method_row
 from peftkit.config.training import TrainConfig
@@ -45,6 +46,7 @@ from peftkit.training.contrastive import contrastive_pairs
 from peftkit.training.loop import TrainLoop
 from peftkit.training.predict import evaluate_split, predict_logits
 from peftkit.training.prototypes import Prototypes, check_mean_pooling
+from peftkit.training.trackers import Tracking, accelerator_kwargs, check_installed, start
 
 __all__ = [
     "TrainConfig",
@@ -93,6 +95,7 @@ def train(
     template: str | None = None,
     verbalizer: dict[str, str] | None = None,
     head_init: Any = None,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train ``spec`` on ``data`` and return the best model (in eval mode, wrapping the
     shared base until released), its history and test report. The model knows its task
@@ -103,14 +106,18 @@ def train(
         # the block's end released the adapter: the base is as load_base gave it
 
     ``run_dir`` holds ``checkpoints/`` (resumable state, best weights) and ``history.json``.
-    Starting again on the same ``run_dir`` resumes from the last checkpoint.
+    Starting again on the same ``run_dir`` resumes from the last checkpoint. ``config.log_with``
+    sends the loss, learning rate, evaluations and test report to an experiment tracker too
+    (``peftkit.training.trackers``; by default it writes under ``run_dir``).
 
     ``template`` (``"{text} Sentiment:"``) formats every input; ``verbalizer`` (label ->
     word) starts the head from a causal LM's own rows for the label words' first tokens,
     so training fine-tunes the LM's label-word scores (pattern-based fine-tuning).
     ``head_init`` (an ``adapters.Head`` of the task's labels, e.g. ``fewshot.prototype_head``,
     or a ``fewshot.Prototypes`` to build one on the base) is the head training starts from
-    instead of a fresh one; it is copied, not changed.
+    instead of a fresh one; it is copied, not changed. ``init_from`` (an adapter folder of
+    the same method and base, e.g. a registry entry's ``path``) continues that adapter: its
+    weights and its labels' head rows are where training starts (``adapters.parent``).
 
     ``config.objective="contrastive"`` trains the body on pairs of the training rows
     (``peftkit.training.contrastive``) and not the head, which must be a ``fewshot.Prototypes``: it
@@ -123,6 +130,12 @@ def train(
             "training.max_steps=0 trains nothing: use train.untrained(base, data, head, config) "
             "to evaluate a start head as it stands"
         )
+    if init_from is not None and head_init is not None:
+        raise ConfigError(
+            "adapter.init_from continues a trained adapter's head; it cannot also start the "
+            "head from adapter.head_init (give one)"
+        )
+    check_installed(config.log_with)  # before any work: a tracker's library is an extra
     contrastive = config.objective == "contrastive"
     prototypes = head_init if isinstance(head_init, Prototypes) else None
     if contrastive and (prototypes is None or method_row(spec.method).saved_as == "head"):
@@ -148,8 +161,9 @@ def train(
         head_init = prototypes.head(base.model, base.tokenizer)
     run_dir = Path(run_dir)
     acc = accelerator or Accelerator(
-        gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available()
-    )
+        gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available(),
+        **accelerator_kwargs(config, run_dir),
+    )  # fmt: skip
     tokenizer = base.tokenizer
     train_rows = train_split or data.split("train")
     val_name = "validation" if "validation" in data.splits else "test"
@@ -189,7 +203,10 @@ def train(
     )  # fmt: skip
     if verbalizer is not None:  # recorded as words: serving needs no tokenizer to read them
         model.task = replace(model.task, verbalizer={lab: verbalizer[lab] for lab in data.labels})
+    tracking = Tracking(acc)  # training.log_with's run, started once the loop is set up
     try:
+        if init_from is not None:
+            continue_from(model, init_from)
         if head_init is not None:
             _start_head(model, head_init)
         pad = pad_id(tokenizer)
@@ -204,6 +221,8 @@ def train(
             acc, model, spec, config, enc_train, enc_val, data.labels, pad, run_dir,
             pairs=pairs, refit=refit, test_rows=test_rows,
         )  # fmt: skip
+        params = {**asdict(config), "method": spec.method, "data": data.name}
+        tracking = start(acc, config, run_dir, {**params, "train_rows": len(train_rows)})
         loop.run()
         state = loop.state
         result = TrainResult(
@@ -218,10 +237,14 @@ def train(
             resumed_from=loop.resumed_from,
         )
         _test(result, data, enc, pad, config, acc)
+        report = result.report.to_text() if result.report is not None else None
+        tracking.final(result.test_metrics, report, result.steps)
+        tracking.close()
         if acc.is_main_process:
             atomic_write_text(run_dir / "history.json", json.dumps(result.history, indent=1))
         return result
     except BaseException:
+        tracking.close(failed=True)
         # leave the shared base as it was: take this run's adapter back out of it
         release(model)
         raise
