@@ -28,6 +28,7 @@ BENCHMARKS = [
     "bench_serve",
     "bench_confidence",
     "bench_continual",
+    "bench_intervals",
 ]
 
 
