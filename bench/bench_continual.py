@@ -58,9 +58,17 @@ def source(name: str) -> str:
     return str(DATA / name) if (DATA / name).is_dir() else name
 
 
-def overrides(arm: str, quick: bool) -> list[str]:
-    """The recipe's overrides for one arm (data read from DATA)."""
+def overrides(arm: str, quick: bool, max_rows: int | None = None, max_length: int | None = None):
+    """The recipe's overrides for one arm (data read from DATA); ``max_rows`` and
+    ``max_length``, when given, replace every task's (the recipe's: 2,000 rows a split,
+    128 tokens, 256 for IMDB)."""
     out = [f"data.source={source(DOMAINS[0][1])}", "revisit=false", "training.progress=false"]
+    if max_rows:
+        out += [f"data.max_rows={max_rows}"]
+        out += [f"then.{i}.data.max_rows={max_rows}" for i in range(len(DOMAINS) - 1)]
+    if max_length:
+        out += [f"training.max_length={max_length}"]
+        out += [f"then.{i}.training.max_length={max_length}" for i in range(len(DOMAINS) - 1)]
     for i, (_, name) in enumerate(DOMAINS[1:]):
         out.append(f"then.{i}.data.source={source(name)}")
         if arm in ("no-replay", "fresh"):
@@ -148,6 +156,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--work", default=None, help="folder for runs (default: a temp one)")
     parser.add_argument("--out", default="bench_continual")
+    parser.add_argument("--max-rows", type=int, default=None, help="rows per split, every task")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens, every task")
+    parser.add_argument("--share", type=float, default=None, help="replay share (recipe: 0.2)")
+    parser.add_argument("--arms", default=",".join(ARMS), help="of replay,no-replay,fresh")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from peftkit.config.recipes import load_recipe
@@ -156,11 +168,17 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="peftkit-bench-continual-"))
     env = environment()
     refs, seconds, registries = {}, {}, {}
-    for arm in ARMS:
+    arms = [a for a in ARMS if a in args.arms.split(",")]
+    for arm in arms:
         print(f"== {arm}", flush=True)
-        recipe = load_recipe(RECIPE, overrides(arm, args.quick))
+        extra = [f"then.{i}.training.replay.share={args.share}" for i in range(len(DOMAINS) - 1)]
+        recipe = load_recipe(
+            RECIPE,
+            overrides(arm, args.quick, args.max_rows, args.max_length)
+            + (extra if arm == "replay" and args.share else []),
+        )
         refs[arm], seconds[arm], registries[arm] = run(recipe, work, arm)
-    recipe = load_recipe(RECIPE, overrides("replay", args.quick))
+    recipe = load_recipe(RECIPE, overrides("replay", args.quick, args.max_rows, args.max_length))
     datasets = domain_data(recipe)
     joint_data = write_joint(datasets, work / "joint-data")
     longest = max(
@@ -177,7 +195,7 @@ def main() -> int:
     joint_refs, joint_seconds, joint_registry = run(joint_recipe, work, "joint")
 
     base = load_base(recipe.base.source)
-    matrix = {arm: score(base, registries[arm], refs[arm], datasets) for arm in ARMS}
+    matrix = {arm: score(base, registries[arm], refs[arm], datasets) for arm in arms}
     joint = score_all(base, joint_registry, joint_refs[0], datasets)
     payload = report(args, env, matrix, joint, seconds, joint_seconds[0], datasets, joint_data)
     path = write_results(args.out, payload, quick=args.quick)
@@ -190,14 +208,15 @@ def main() -> int:
 
 def report(args, env, matrix, joint, seconds, joint_seconds, datasets, joint_data) -> dict:
     names = [d for d, _ in DOMAINS]
-    final = {arm: matrix[arm][-1] for arm in ARMS}
+    arms = list(matrix)
+    final = {arm: matrix[arm][-1] for arm in arms}
     gaps = {d: round(100 * (final["replay"][d] - joint[d]), 2) for d in names[:-1]}
     train_rows = [len(d.split("train")) for d in datasets]
     per_row = joint_seconds / max(sum(train_rows), 1)
     each_step = sum(per_row * sum(train_rows[: k + 1]) for k in range(len(train_rows)))
     replay_total = sum(seconds["replay"])
     rows = [[arm, *(f"{100 * final[arm][d]:.1f}" for d in names), f"{sum(seconds[arm]):.0f}"]
-            for arm in ARMS]  # fmt: skip
+            for arm in arms]  # fmt: skip
     rows.append(["joint", *(f"{100 * joint[d]:.1f}" for d in names), f"{joint_seconds:.0f}"])
     print("\naccuracy (%) after the last step, on each domain's test split")
     print(table(rows, ["arm", *names, "train s"]))
@@ -208,13 +227,18 @@ def report(args, env, matrix, joint, seconds, joint_seconds, datasets, joint_dat
         "environment": env,
         "quick": args.quick,
         "recipe": RECIPE,
+        "overrides": {
+            "max_rows": args.max_rows,
+            "max_length": args.max_length,
+            "replay_share": args.share,
+        },  # fmt: skip
         "domains": names,
         "train_rows": dict(zip(names, train_rows, strict=True)),
         "test_rows": {d: len(x.split("test")) for d, x in zip(names, datasets, strict=True)},
         "tweets": "kept as 3 labels (negative, neutral, positive): a label superset",
         "matrix": matrix,
         "joint": joint,
-        "train_seconds": {**{a: seconds[a] for a in ARMS}, "joint": joint_seconds},
+        "train_seconds": {**{a: seconds[a] for a in arms}, "joint": joint_seconds},
         "replay_minus_joint_points": gaps,
         "goal_within_1_point": all(g >= -1.0 for g in gaps.values()),
         "cost": {
@@ -234,7 +258,7 @@ def plot(payload: dict, path: Path) -> None:
     import numpy as np
 
     names = payload["domains"]
-    arms = [*ARMS, "joint"]
+    arms = [*payload["matrix"], "joint"]
     fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.8), squeeze=False)
     for ax, arm in zip(axes[0], arms, strict=True):
         rows = [payload["joint"]] if arm == "joint" else payload["matrix"][arm]
