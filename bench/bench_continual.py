@@ -160,6 +160,9 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=None, help="tokens, every task")
     parser.add_argument("--share", type=float, default=None, help="replay share (recipe: 0.2)")
     parser.add_argument("--arms", default=",".join(ARMS), help="of replay,no-replay,fresh")
+    parser.add_argument(
+        "--continued-lr", type=float, default=None, help="learning rate of continued steps"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from peftkit.config.recipes import load_recipe
@@ -171,11 +174,16 @@ def main() -> int:
     arms = [a for a in ARMS if a in args.arms.split(",")]
     for arm in arms:
         print(f"== {arm}", flush=True)
-        extra = [f"then.{i}.training.replay.share={args.share}" for i in range(len(DOMAINS) - 1)]
+        extra = []
+        if arm == "replay" and args.share:
+            extra += [
+                f"then.{i}.training.replay.share={args.share}" for i in range(len(DOMAINS) - 1)
+            ]
+        if arm != "fresh" and args.continued_lr:  # the steps that continue an adapter
+            extra += [f"then.{i}.adapter.learning_rate={args.continued_lr}"
+                      for i in range(len(DOMAINS) - 1)]  # fmt: skip
         recipe = load_recipe(
-            RECIPE,
-            overrides(arm, args.quick, args.max_rows, args.max_length)
-            + (extra if arm == "replay" and args.share else []),
+            RECIPE, overrides(arm, args.quick, args.max_rows, args.max_length) + extra
         )
         refs[arm], seconds[arm], registries[arm] = run(recipe, work, arm)
     recipe = load_recipe(RECIPE, overrides("replay", args.quick, args.max_rows, args.max_length))
@@ -231,6 +239,7 @@ def report(args, env, matrix, joint, seconds, joint_seconds, datasets, joint_dat
             "max_rows": args.max_rows,
             "max_length": args.max_length,
             "replay_share": args.share,
+            "continued_lr": args.continued_lr,
         },  # fmt: skip
         "domains": names,
         "train_rows": dict(zip(names, train_rows, strict=True)),
