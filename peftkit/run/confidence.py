@@ -182,17 +182,14 @@ def split_probs(base: Any, model: Any, split: Any, batch_size: int) -> np.ndarra
     (template, max length: as training and serving encode them)."""
     import torch
 
-    from peftkit.data.batching import apply_template, encode, pad_id, position_limit
+    from peftkit.data.batching import pad_id, position_limit
     from peftkit.training.predict import predict_logits
+    from peftkit.training.train import split_encoder
 
     info = model.task
     cap = position_limit(getattr(base.model, "config", None))
     limit = info.max_length if cap is None else min(info.max_length, cap)
-    if info.template is None:
-        enc = encode(base.tokenizer, split.texts, split.labels, limit, split.text_pairs)
-    else:
-        texts = apply_template(info.template, split.texts, split.text_pairs)
-        enc = encode(base.tokenizer, texts, split.labels, limit, keep_end=True)
+    enc = split_encoder(base.tokenizer, limit, info.template)(split)
     logits = predict_logits(model, enc, pad_id(base.tokenizer), batch_size)
     return torch.softmax(torch.from_numpy(logits).double(), dim=-1).numpy()
 

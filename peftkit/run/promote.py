@@ -247,8 +247,9 @@ def _score(plan: PromotionPlan, base: Any, batch_size: int) -> dict[str, Any]:
             }
             labels = list(data.labels)
             labels += sorted({x for p in preds.values() for x in p} - set(labels))
-            gold = [labels.index(data.labels[y]) for y in test.labels]
-            ids = {ref: [labels.index(x) for x in p] for ref, p in preds.items()}
+            index = {label: i for i, label in enumerate(labels)}
+            gold = [index[data.labels[y]] for y in test.labels]
+            ids = {ref: [index[x] for x in p] for ref, p in preds.items()}
             cand = bootstrap_intervals(gold, ids[plan.candidate.ref], labels)
             figures: dict[str, Any] = {
                 "rows": len(gold),

@@ -55,6 +55,7 @@ __all__ = [
     "evaluate_split",
     "model_max_length",
     "predict_logits",
+    "split_encoder",
     "train",
 ]
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def train(
     val_name = "validation" if "validation" in data.splits else "test"
 
     max_length = model_max_length(config.max_length, base.model)
-    enc = _encoder(tokenizer, max_length, template)
+    enc = split_encoder(tokenizer, max_length, template)
     enc_train = enc(train_rows)
     enc_val = enc(data.split(val_name))
     if enc_train.truncated:
@@ -268,7 +269,7 @@ def model_max_length(requested: int, model: Any, *, warn: bool = True) -> int:
     return limit
 
 
-def _encoder(tokenizer: Any, max_length: int, template: str | None):
+def split_encoder(tokenizer: Any, max_length: int, template: str | None):
     """Split -> token ids as training and evaluation see them (``template`` formats texts)."""
 
     def enc(split: Split) -> Encoded:
@@ -317,7 +318,7 @@ def untrained(
         model=model, steps=0, history=[], best={}, trainable=trainable, total=total
     )
 
-    enc = _encoder(base.tokenizer, max_length, None)
+    enc = split_encoder(base.tokenizer, max_length, None)
     _test(result, data, enc, pad_id(base.tokenizer), config, acc)
     return result
 
