@@ -15,11 +15,13 @@ TABLE = (
 )
 
 
-def point(conn: sqlite3.Connection, name: str, alias: str, version: int) -> int | None:
-    """Point ``name@alias`` at ``version`` (inside a write transaction); the version it
-    pointed at before, or None for a new alias."""
+def point(
+    conn: sqlite3.Connection, name: str, alias: str, version: int, moved: str | None = None
+) -> int | None:
+    """Point ``name@alias`` at ``version`` (inside a write transaction), moved now or at
+    ``moved`` (a rebuild restores the time); the version it pointed at before, or None."""
     before = target(conn, name, alias)
-    moved = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    moved = moved or datetime.now(timezone.utc).isoformat(timespec="seconds")
     conn.execute(
         "INSERT INTO aliases (name, alias, version, moved) VALUES (?, ?, ?, ?) ON CONFLICT"
         "(name, alias) DO UPDATE SET version = excluded.version, moved = excluded.moved",

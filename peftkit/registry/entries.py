@@ -228,7 +228,9 @@ def describe_base(fingerprint: str, base: Mapping[str, Any]) -> str:
 class Problem:
     """One thing :meth:`Registry.doctor` found: ``kind`` (``damaged-index``,
     ``unindexed-folder``, ``missing-folder``, ``files-differ``, ``unfinished``, ``link``,
-    ``no-metadata``), ``where`` (a ref or a path) and what to do in ``detail``."""
+    ``no-metadata``; a rebuild's replay of the journal adds ``journal-line``,
+    ``alias-dropped`` and, as warnings, ``journal-torn`` and ``metrics-skipped``),
+    ``where`` (a ref or a path) and what to do in ``detail``."""
 
     kind: str
     where: str
@@ -238,13 +240,17 @@ class Problem:
 @dataclass(frozen=True)
 class Report:
     """What a check found: the refs that passed, the problems, and for a rebuild the refs
-    it re-indexed and where it moved a damaged index."""
+    it re-indexed, where it moved a damaged index, what it restored from the journal
+    (``"alias sst2@production -> sst2@3"``, ``"promotion ..."``, ``"metrics sst2@1"``) and
+    what it skipped without harm (``warnings``: they leave the report healthy)."""
 
     root: str
     ok: tuple[str, ...] = ()
     problems: tuple[Problem, ...] = ()
     added: tuple[str, ...] = ()
     moved_aside: str | None = None
+    restored: tuple[str, ...] = ()
+    warnings: tuple[Problem, ...] = ()
 
     @property
     def healthy(self) -> bool:
@@ -258,14 +264,20 @@ class Report:
             "added": list(self.added),
             "moved_aside": self.moved_aside,
             "problems": [asdict(p) for p in self.problems],
+            "restored": list(self.restored),
+            "warnings": [asdict(p) for p in self.warnings],
         }
 
     def lines(self) -> list[str]:
         """The report as lines a person reads (one per problem)."""
         out = [] if self.moved_aside is None else [f"moved the damaged index to {self.moved_aside}"]
         out += [f"{p.kind}: {p.where}: {p.detail}" for p in self.problems]
+        out += [f"warning: {p.kind}: {p.where}: {p.detail}" for p in self.warnings]
         out += [f"re-indexed {ref}" for ref in self.added]
-        rebuilt = self.added or self.moved_aside is not None
+        out += [f"restored {what}" for what in self.restored]
+        rebuilt = self.added or self.moved_aside is not None or self.restored
         done = f"{len(self.added)} re-indexed" if rebuilt else f"{len(self.ok)} checked"
+        if self.restored:
+            done += f", {len(self.restored)} restored from the journal"
         verdict = "healthy" if self.healthy else f"{len(self.problems)} problem(s)"
         return [*out, f"{self.root}: {done}, {verdict}"]

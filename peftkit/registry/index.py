@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
@@ -115,6 +115,8 @@ class Index:
             _quick_check(conn)
             self._checked = True
         conn.execute("BEGIN IMMEDIATE")
+        undo: list[Callable[[], object]] = []
+        self._local.undo = undo
         try:
             yield conn
             conn.execute(
@@ -122,9 +124,24 @@ class Index:
             )
             conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            finally:
+                for step in reversed(undo):
+                    with contextlib.suppress(Exception):
+                        step()
             raise
+        finally:
+            self._local.undo = None
+
+    def on_rollback(self, undo: Callable[[], object]) -> None:
+        """Call ``undo`` should the write transaction now running not commit (the journal
+        voids the events it appended for it)."""
+        steps = getattr(self._local, "undo", None)
+        if steps is None:
+            raise RuntimeError("on_rollback() is for use inside Index.write()")
+        steps.append(undo)
 
     def generation(self) -> int:
         """A number that changes with every committed write (by any process)."""

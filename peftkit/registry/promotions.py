@@ -51,6 +51,24 @@ class Promotion:
     def to_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in _FIELDS}
 
+    @classmethod
+    def from_dict(cls, data: Any) -> Promotion:
+        """The decision a :meth:`to_dict` object records; ValueError saying which field
+        is missing or of the wrong type (a journal line is read with it)."""
+        if not isinstance(data, dict):
+            raise ValueError("a promotion must be a JSON object")
+        missing = [f for f in _FIELDS if f not in data]
+        if missing:
+            raise ValueError(f"the promotion lacks {', '.join(missing)}")
+        for f in _FIELDS:
+            value, optional = data[f], f == "previous"
+            wanted = dict if f == "figures" else str
+            if not isinstance(value, wanted) and not (optional and value is None):
+                raise ValueError(f"the promotion's {f} is {value!r}, not a {wanted.__name__}")
+        if data["decision"] not in DECISIONS:
+            raise ValueError(f"the promotion's decision is {data['decision']!r}")
+        return cls(**{f: data[f] for f in _FIELDS})
+
 
 def who() -> str:
     """Who is promoting: ``PEFTKIT_USER``, else the OS user (``"unknown"`` if neither)."""
@@ -126,15 +144,24 @@ def decide(
     return promotion
 
 
+def every(conn: sqlite3.Connection) -> list[Promotion]:
+    """Every recorded decision, oldest first."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'promotions'").fetchone() is None:
+        return []
+    rows = conn.execute(f"SELECT {', '.join(_FIELDS)} FROM promotions ORDER BY id")
+    return [_from_row(row) for row in rows]
+
+
+def _from_row(row: Any) -> Promotion:
+    values = dict(zip(_FIELDS, row, strict=True))
+    values["figures"] = json.loads(values["figures"])
+    return Promotion(**values)
+
+
 def listed(conn: sqlite3.Connection, name: str, limit: int | None = None) -> list[Promotion]:
     """``name``'s decisions, newest first (at most ``limit``); [] before schema v4."""
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'promotions'").fetchone() is None:
         return []
     sql = f"SELECT {', '.join(_FIELDS)} FROM promotions WHERE name = ? ORDER BY id DESC"
     rows = conn.execute(sql + ("" if limit is None else f" LIMIT {int(limit)}"), (name,))
-    out = []
-    for row in rows:
-        values = dict(zip(_FIELDS, row, strict=True))
-        values["figures"] = json.loads(values["figures"])
-        out.append(Promotion(**values))
-    return out
+    return [_from_row(row) for row in rows]

@@ -3,6 +3,9 @@
 Layout under ``root``::
 
     index.sqlite               one row per adapter version (stdlib sqlite3, WAL)
+    journal.jsonl              aliases, promotion decisions, metrics set later, removals:
+                               what only the index holds, appended before each commit, so
+                               that rebuild_index() restores them too (see ``journal``)
     adapters/<name>/<version>/ the files as registered, plus peftkit.json: the entry's
                                metadata and the sha256 of each file (so a lost index can
                                be rebuilt from the folders: rebuild_index())
@@ -70,6 +73,7 @@ from peftkit.registry.entries import (
 )
 from peftkit.registry.files import META_FILE
 from peftkit.registry.index import Index
+from peftkit.registry.journal import Journal
 from peftkit.registry.metadata import import_metadata, register_metadata
 from peftkit.registry.promotions import Promotion
 from peftkit.registry.staging import export_entry, register_folder, remove_entries
@@ -113,6 +117,7 @@ class Registry:
         self._adapters = self.root / "adapters"
         self._tmp = self.root / "tmp"
         self._db = Index(self.root, read_only=read_only)
+        self._journal = Journal(self.root, self._db)
         try:
             if not self._db.read_only:
                 self._adapters.mkdir(parents=True, exist_ok=True)
@@ -127,6 +132,7 @@ class Registry:
             return  # reads and writes say so; rebuild_index() and doctor() still work
         if not self._db.read_only:
             check.clean_orphans(self._db, self._adapters, self._tmp)
+            self._journal.start(self._adapters)
 
     @property
     def read_only(self) -> bool:
@@ -205,6 +211,7 @@ class Registry:
                 "UPDATE entries SET metrics = ? WHERE name = ? AND version = ?",
                 (json.dumps(new), entry.name, entry.version),
             )
+            self._journal.metrics(entry, new)
         return dataclasses.replace(entry, metrics=new)
 
     @_index_errors
@@ -224,6 +231,8 @@ class Registry:
                 raise self._not_found(name, None)
             for entry in gone:
                 alias_rows.refuse_removing(self._db.conn(), entry.name, entry.version)
+            for entry in gone:
+                self._journal.removed(entry)
             return gone
 
         return remove_entries(self._db, self._adapters, chosen)
@@ -267,6 +276,7 @@ class Registry:
         with self._db.write() as conn:
             entry = self.get(ref)
             before = alias_rows.point(conn, entry.name, alias, entry.version)
+            self._journal.alias(entry, alias)
         return (None if before is None else f"{entry.name}@{before}"), entry.ref
 
     @_index_errors
@@ -279,6 +289,7 @@ class Registry:
             if before is None:
                 known = [a for _, a, _, _ in alias_rows.listed(conn, name)]
                 raise alias_rows.unknown(name, alias, known)
+            self._journal.unalias(name, alias)
         return f"{name}@{before}"
 
     @_index_errors
@@ -303,7 +314,9 @@ class Registry:
         check_alias(promotion.alias)
         with self._db.write() as conn:
             candidate = self.get(promotion.candidate)  # still registered
-            return promotion_rows.decide(conn, promotion, candidate.version, expected)
+            decided = promotion_rows.decide(conn, promotion, candidate.version, expected)
+            self._journal.promotion(decided, candidate)
+        return decided
 
     @_index_errors
     def list(self, name: str | None = None, *, tag: str | None = None) -> builtins.list[Entry]:
@@ -397,23 +410,29 @@ class Registry:
     def rebuild_index(self) -> Report:
         """Re-create the rows missing from the index from the version folders'
         ``peftkit.json`` (each folder's files checked against the hashes it records), and
-        write ``peftkit.json`` where an indexed folder lacks it. A damaged index is first
+        write ``peftkit.json`` where an indexed folder lacks it; then restore the aliases,
+        promotion decisions and later metrics that ``journal.jsonl`` records (see
+        :mod:`peftkit.registry.journal`; the report lists them). A damaged index is first
         moved aside (``index.sqlite.damaged-<time>``, never deleted) and a fresh one made.
         Folders whose files do not match, or that have no metadata, are reported and left
-        as they are. Version counters are kept above every folder found."""
+        as they are. Version counters are kept above every version found."""
         self._db.refuse_read_only()
+        self._journal.refuse_link()  # before anything is moved
         aside = self._db.move_damaged_aside()
         try:
             with self._db.write() as conn:
                 added, problems = check.reindex_folders(conn, self._adapters)
+                replayed = self._journal.replay(conn, self._adapters)
         except sqlite3.DatabaseError as exc:
             raise self._db.error(exc) from None
         check.write_missing_meta(self.list())
         return Report(
             str(self.root),
-            problems=tuple(problems),
+            problems=(*problems, *replayed.problems),
             added=tuple(added),
             moved_aside=None if aside is None else str(aside),
+            restored=tuple(replayed.restored),
+            warnings=tuple(replayed.warnings),
         )
 
     # -- exchange with plain peft --------------------------------------------------------
