@@ -17,9 +17,12 @@ from test_recipes import GOOD, write_data, write_recipe
 from peftkit import AdaptedModel, Registry, TrainConfig, load_base, load_preset, train
 from peftkit.adapters.task import TaskInfo
 from peftkit.config.recipes import load_recipe
+from peftkit.data.dataset import Split
 from peftkit.errors import ConfigError
 from peftkit.metrics.calibration import (
+    TEMPERATURE_BOUNDS,
     apply_temperature,
+    bound_text,
     choose_threshold,
     expected_calibration_error,
     fit_temperature,
@@ -27,8 +30,10 @@ from peftkit.metrics.calibration import (
     out_of_scope_scores,
     reliability,
     risk_coverage,
+    temperature_bound,
 )
 from peftkit.run.pipeline import run_recipe
+from peftkit.run.predictions import compare_two, read_predictions, write_predictions
 
 
 def overconfident(n=3000, classes=4, temperature=2.5, seed=0):
@@ -61,6 +66,27 @@ def test_fit_temperature_recovers_a_known_temperature_and_halves_the_ece():
     # under-confident probabilities are sharpened (T < 1)
     soft = apply_temperature(probs, 5.0)
     assert fit_temperature(soft, gold) == pytest.approx(2.5 / 5.0, rel=0.08)
+
+
+def test_a_temperature_that_stops_at_its_search_bound_is_the_bound_and_says_so():
+    low, high = TEMPERATURE_BOUNDS
+    gold = np.arange(40) % 3
+    right = np.full((40, 3), 0.015)
+    right[np.arange(40), gold] = 0.97  # confident and right: sharpening always helps
+    assert fit_temperature(right, gold) == low and temperature_bound(low) == "lower"
+    wrong = np.roll(right, 1, axis=1)  # confident and wrong: flattening always helps
+    assert fit_temperature(wrong, gold) == high and temperature_bound(high) == "upper"
+    assert fit_temperature(right[:2], gold[:2]) == low  # two rows: nothing to fit on
+    assert fit_temperature(right, gold, bounds=(0.5, 4.0)) == 0.5
+    assert temperature_bound(0.5, (0.5, 4.0)) == "lower"
+    probs, labels = overconfident(n=500)
+    fitted = fit_temperature(probs, labels)
+    assert low < fitted < high and temperature_bound(fitted) is None
+    assert apply_temperature(right, low).argmax(1).tolist() == gold.tolist()  # no overflow
+    for side, value in (("lower", low), ("upper", high)):
+        line = bound_text(side, 40)
+        assert "\n" not in line and f"{side} search bound {value:g}" in line
+        assert "40 validation rows" in line and "too few" in line
 
 
 def test_reliability_bins_sum_to_the_rows_and_give_the_ece():
@@ -140,6 +166,56 @@ def test_task_info_keeps_its_calibration_and_old_folders_read_as_before():
             replace(INFO, calibration=bad)
 
 
+# --- the run folder's predictions.jsonl -------------------------------------------------------
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_predictions_carry_the_served_probabilities_and_abstentions(tmp_path):
+    labels = ["neg", "pos", "oos"]
+    raw = np.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.2, 0.2, 0.6], [0.4, 0.35, 0.25]])
+    split = Split(texts=["a", "b", "c", "d"], labels=[0, 1, 2, 1])
+    cal = {"temperature": 2.0, "threshold": 0.45, "out_of_scope": "oos"}
+    rows = _rows(write_predictions(tmp_path / "p.jsonl", split, labels, raw, cal))
+    served = apply_temperature(raw, 2.0)
+    for r, s_row, r_row in zip(rows, served, raw, strict=True):
+        assert list(r["probs"].values()) == pytest.approx(s_row.tolist(), abs=1e-6)
+        assert list(r["probs_uncalibrated"].values()) == pytest.approx(r_row.tolist(), abs=1e-6)
+        assert r["pred"] == labels[int(r_row.argmax())]  # the argmax does not move
+        assert r["abstained"] == (s_row.max() < 0.45 or r["pred"] == "oos")
+    assert [r["abstained"] for r in rows] == [False, True, True, True]
+    assert list(rows[0]) == ["index", "text", "gold", "pred", "abstained", "probs",
+                             "probs_uncalibrated"]  # fmt: skip
+    # as trained (no calibration, or temperature 1 without a threshold): the old fields only
+    for plain in (None, {"temperature": 1.0}):
+        rows = _rows(write_predictions(tmp_path / "q.jsonl", split, labels, raw, plain))
+        assert list(rows[0]) == ["index", "text", "gold", "pred", "probs"]
+        assert list(rows[1]["probs"].values()) == pytest.approx(raw[1].tolist())
+    # a threshold without a temperature: abstentions, the probabilities as trained
+    rows = _rows(write_predictions(tmp_path / "r.jsonl", split, labels, raw, {"threshold": 0.6}))
+    assert [r["abstained"] for r in rows] == [False, True, False, True]
+    assert "probs_uncalibrated" not in rows[0]
+
+
+def test_old_and_new_predictions_files_compare_row_by_row(tmp_path):
+    labels = ["neg", "pos"]
+    split = Split(texts=["a", "b", "c", "d", "e", "f"], labels=[0, 1, 0, 1, 0, 1])
+    raw = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.45, 0.55], [0.9, 0.1], [0.6, 0.4]])
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    write_predictions(old / "predictions.jsonl", split, labels, raw)  # as runs wrote them
+    write_predictions(new / "predictions.jsonl", split, labels, raw[::-1].copy(),
+                      {"temperature": 0.5, "threshold": 0.9})  # fmt: skip
+    assert "abstained" not in _rows(old / "predictions.jsonl")[0]
+    a, b = read_predictions(old), read_predictions(new)
+    assert a.labels == b.labels == ("neg", "pos") and a.rows_hash == b.rows_hash
+    assert b.pred.tolist() == raw[::-1].argmax(1).tolist()
+    comparison, why = compare_two(old, new)
+    assert why == "" and comparison is not None and comparison.rows == 6
+
+
 # --- the recipe -------------------------------------------------------------------------------
 
 
@@ -199,9 +275,55 @@ def test_a_tiny_run_records_the_temperature_and_threshold_and_draws_them(
         assert line in report and "reject option: threshold" in report
     registered = Registry(tmp_path / "reg").get(outcome.entries[0])
     assert json.loads((registered.path / "task.json").read_text())["calibration"] == cal
+    assert cal["temperature_bound"] in (None, "lower", "upper")
+    # predictions.jsonl holds what the registered adapter serves: probabilities, abstentions
+    rows = _rows(run / "predictions.jsonl")
+    labels = ["negative", "positive"]
+    served = np.array([[r["probs"][lab] for lab in labels] for r in rows])
+    raw = np.array([[r["probs_uncalibrated"][lab] for lab in labels] for r in rows])
+    np.testing.assert_allclose(served, apply_temperature(raw, cal["temperature"]), atol=1e-4)
+    assert [r["pred"] for r in rows] == [labels[i] for i in raw.argmax(1)]
+    assert [r["abstained"] for r in rows] == (served.max(1) < cal["threshold"]).tolist()
+    texts = [json.loads(line)["text"] for line in (data / "test.jsonl").read_text().splitlines()]
+    with AdaptedModel(load_base(tiny_models["bert"]), Registry(tmp_path / "reg")) as model:
+        predicted = model.predict(texts[:12], adapter=outcome.entries[0])
+    for row, got in zip(rows, predicted, strict=False):
+        assert row["pred"] == got.label
+        assert list(row["probs"].values()) == pytest.approx(list(got.probs.values()), abs=1e-4)
+        if abs(got.score - cal["threshold"]) > 1e-4:
+            assert row["abstained"] == got.abstained
+    assert read_predictions(run).pred.tolist() == raw.argmax(1).tolist()  # compare reads it
     # a finished run with these files is still one --overwrite may replace
     again = run_recipe(recipe, run_dir=run, registry=tmp_path / "reg2", overwrite=True)
     assert (again.run_dir / "reliability.png").is_file()
+
+
+def test_a_temperature_at_its_bound_is_stored_and_said_in_the_report_and_the_log(
+    tmp_path, tiny_models, reset_accelerate, monkeypatch
+):
+    import peftkit.run.confidence as confidence
+
+    def confident_and_right(base, model, split, batch_size):  # the validation rows' probs
+        probs = np.full((len(split), 2), 0.01)
+        probs[np.arange(len(split)), list(split.labels)] = 0.99
+        return probs
+
+    monkeypatch.setattr(confidence, "split_probs", confident_and_right)
+    data = write_data(tmp_path / "data", ["negative", "positive"], n_eval=40)
+    text = GOOD.replace("base: minilm", f"base: {tiny_models['bert']}")
+    overrides = [f"data.source={data}", "training.max_steps=2", "training.batch_size=8"]
+    recipe = load_recipe(write_recipe(tmp_path, text), overrides)
+    outcome = run_recipe(recipe, run_dir=tmp_path / "run", registry=tmp_path / "reg")
+    run, low = outcome.run_dir, TEMPERATURE_BOUNDS[0]
+    cal = json.loads((run / "adapter" / "task.json").read_text())["calibration"]
+    assert cal["temperature"] == low and cal["temperature_bound"] == "lower"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["temperature"] == low and metrics["temperature_bound"] == "lower"
+    line = bound_text("lower", 40)
+    assert line in (run / "report.txt").read_text().splitlines()
+    assert sum(line in row for row in (run / "run.log").read_text().splitlines()) == 1
+    rows = _rows(run / "predictions.jsonl")  # served at that temperature: sharp, finite
+    assert all(abs(sum(r["probs"].values()) - 1) < 1e-4 for r in rows)
 
 
 def test_an_out_of_scope_label_is_scored_and_an_unmeetable_target_refused(

@@ -9,6 +9,7 @@ since ``softmax(log p / T)`` is temperature scaling of the logits that gave ``p`
         apply_temperature, choose_threshold, expected_calibration_error, fit_temperature)
 
     T = fit_temperature(val_probs, val_gold)             # one scalar, NLL on validation
+    temperature_bound(T)                                 # "lower"/"upper": stopped at a bound
     calibrated = apply_temperature(test_probs, T)        # same argmax, better confidence
     expected_calibration_error(calibrated, test_gold)    # 15 equal-width bins
     choice = choose_threshold(apply_temperature(val_probs, T), val_gold, precision=0.95)
@@ -31,9 +32,11 @@ from peftkit.metrics.report import expected_calibration_error
 
 __all__ = [
     "N_BINS",
+    "TEMPERATURE_BOUNDS",
     "ThresholdChoice",
     "abstained",
     "apply_temperature",
+    "bound_text",
     "choose_threshold",
     "expected_calibration_error",
     "fit_temperature",
@@ -42,10 +45,12 @@ __all__ = [
     "out_of_scope_scores",
     "reliability",
     "risk_coverage",
+    "temperature_bound",
 ]
 
 N_BINS = 15
 TEMPERATURE_BOUNDS = (0.05, 20.0)
+_AT_BOUND = 1e-3  # in log T: a fit this close to a search bound is that bound
 MIN_ANSWERED = 10  # rows a precision target must be met over
 _FLOOR = 1e-300  # log(0) would be -inf: a float32 softmax underflows on large logit gaps
 
@@ -110,9 +115,40 @@ def fit_temperature(
     low, high = np.log(bounds[0]), np.log(bounds[1])
     found = minimize_scalar(nll, bounds=(low, high), method="bounded", options={"xatol": 1e-5})
     best = float(found.x)
-    # the bounded search never evaluates the ends: a minimum there is taken as it is
+    # the bounded search never evaluates the ends: a minimum there is taken as it is, and a
+    # search that stopped next to an end (the NLL still falling there) stopped at it
     best = min((low, best, high), key=nll)
+    if best - low < _AT_BOUND:
+        return float(bounds[0])
+    if high - best < _AT_BOUND:
+        return float(bounds[1])
     return float(np.exp(best))
+
+
+def temperature_bound(
+    temperature: float, bounds: tuple[float, float] = TEMPERATURE_BOUNDS
+) -> str | None:
+    """``"lower"`` or ``"upper"`` when a :func:`fit_temperature` result is one of its search
+    bounds (the NLL was still falling there: not a fitted value), else None."""
+    if temperature <= bounds[0]:
+        return "lower"
+    if temperature >= bounds[1]:
+        return "upper"
+    return None
+
+
+def bound_text(side: str, rows: int, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> str:
+    """One line saying what a temperature stopped at its search bound means."""
+    if side == "lower":
+        why = "nearly all answered confidently and right, so sharpening kept lowering the NLL"
+    else:
+        why = "answered confidently and wrong so often that flattening kept lowering the NLL"
+    value = bounds[0] if side == "lower" else bounds[1]
+    return (
+        f"calibration: the temperature stopped at its {side} search bound {value:g}: the "
+        f"{rows} validation rows are {why} (or are too few to fit on); {value:g} is stored, "
+        "a limit rather than a fit"
+    )
 
 
 def reliability(probs: Any, y_true: Any, n_bins: int = N_BINS) -> dict[str, Any]:

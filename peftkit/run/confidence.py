@@ -6,7 +6,10 @@ The run folder gets ``reliability.png`` (test split, before and after the temper
 ``risk_coverage.png`` / ``risk_coverage.json`` (test split, calibrated, the threshold
 marked) and ``calibration.json`` (everything below); ``metrics.json`` gets ``ece``,
 ``ece_calibrated``, ``temperature`` and the reject option's threshold, coverage and precision
-on test; the report ends with the same figures. Recipe block (``CalibrationSpec``)::
+on test; the report ends with the same figures. A temperature that stopped at its search
+bound (``TEMPERATURE_BOUNDS``) is stored as that bound, recorded as ``temperature_bound``
+(``"lower"`` / ``"upper"``) and said in one line of the report and the run log.
+Recipe block (``CalibrationSpec``)::
 
     calibration:
       temperature: true            # unset: on when the adapter is trained (max_steps != 0)
@@ -29,6 +32,7 @@ from peftkit.metrics.calibration import (
     N_BINS,
     abstained,
     apply_temperature,
+    bound_text,
     choose_threshold,
     fit_temperature,
     label_index,
@@ -36,6 +40,7 @@ from peftkit.metrics.calibration import (
     out_of_scope_scores,
     reliability,
     risk_coverage,
+    temperature_bound,
 )
 
 log = logging.getLogger(__name__)
@@ -85,6 +90,7 @@ def calibrate(
     val_probs = split_probs(base, result.model, val, task.config.eval_batch_size)
     val_gold = np.asarray(val.labels)
     temperature = fit_temperature(val_probs, val_gold) if fit else 1.0
+    bound = temperature_bound(temperature) if fit else None  # the search stopped at an end
     val_cal = apply_temperature(val_probs, temperature)
     oos = _oos_id(data.labels, spec.out_of_scope)
     choice = None
@@ -102,6 +108,7 @@ def calibrate(
     before, after = reliability(raw, gold), reliability(calibrated, gold)
     record: dict[str, Any] = {
         "temperature": round(temperature, 6),
+        "temperature_bound": bound,  # "lower" / "upper": the fit stopped at that bound
         "threshold": None if choice is None else choice.threshold,
         "target": None if choice is None else choice.target,
         "out_of_scope": spec.out_of_scope if oos is not None else None,
@@ -123,6 +130,9 @@ def calibrate(
         + f"ECE on {where} {before['ece']:.4f} -> {after['ece']:.4f} ({N_BINS} bins), "
         f"NLL {metrics['nll']:.4f} -> {metrics['nll_calibrated']:.4f}"
     ]
+    if bound is not None:
+        metrics["temperature_bound"] = bound
+        lines.append(bound_text(bound, len(val)))
     threshold = None if choice is None else choice.threshold
     curve = risk_coverage(calibrated, gold, oos)
     if choice is not None:

@@ -7,6 +7,7 @@
                           a folder without it is an interrupted run, resumed by the same command)
       report.txt|.json    the classification report: per class and averages
       predictions.jsonl   one line per test row: text, gold and predicted label, probabilities
+                          (calibrated, as served, when a temperature was fit; abstained)
       confusion.png       the confusion matrix
       curves.png          loss and validation metric curves (training runs)
       history.json        the training log rows; checkpoints/ for resuming
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import re
 import resource
 import shutil
 import sys
@@ -80,6 +82,15 @@ COMPARE_COLUMNS = (
 # --- the folder ---------------------------------------------------------------------------------
 
 
+def run_name(name: str, data_name: str) -> str:
+    """A run folder's name: the recipe's, and the data's when the recipe's does not say it
+    (``zero-shot-sst2`` on AG News runs as ``zero-shot-sst2-ag_news``)."""
+    plain = re.sub(r"[^A-Za-z0-9]+", "", data_name.lower())
+    if not plain or plain in re.sub(r"[^A-Za-z0-9]+", "", name.lower()):
+        return name
+    return f"{name}-{re.sub(r'[^A-Za-z0-9._-]+', '-', data_name).strip('-.')}"[:128]
+
+
 def default_run_dir(name: str, root: str | Path = "runs") -> Path:
     """``runs/<name>-<YYYYmmdd-HHMMSS>`` (a suffix is added if that exists already)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -120,7 +131,7 @@ RUN_ENTRIES = frozenset(
     {RECIPE_FILE, METRICS_FILE, ENVIRONMENT_FILE, LOG_FILE, RUN_FILE, LOCK_FILE}
     | {"history.json", "results.json", "predictions.jsonl", "checkpoints", "tasks"}
     | {"adapter", "registered.json"}
-    | {"tensorboard", "mlruns", "wandb"}  # training.log_with's local stores
+    | {"tensorboard", "mlruns", "wandb", "tracker.json"}  # training.log_with's stores, run
 )
 RUN_SUFFIXES: tuple[str, ...] = (
     *("report.txt", "report.json", "confusion.png", "curves.png", "predictions.jsonl"),

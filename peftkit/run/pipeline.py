@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from peftkit.run.folders import (
     prepare_run_dir,
     run_id,
     run_log,
+    run_name,
     write_json,
     write_report,
 )
@@ -188,7 +188,7 @@ def plan_run(recipe: Recipe, *, registry: str | Path | None = None) -> Plan:
     if recipe.prompt is not None:
         data, train_split = load_task_data(recipe.data, need_train=recipe.prompt.demonstrations > 0)
         check_prompt(recipe, data)
-        name = _run_name(recipe.name, data.name)
+        name = run_name(recipe.name, data.name)
         plan = Plan(name, recipe.base.quantization, data=data, train_split=train_split)
     else:
         root = Path(registry or recipe.registry.path)
@@ -202,19 +202,10 @@ def plan_run(recipe: Recipe, *, registry: str | Path | None = None) -> Plan:
     return plan
 
 
-def _run_name(name: str, data_name: str) -> str:
-    """A run folder's name: the recipe's, and the data's when the recipe's does not say it
-    (``zero-shot-sst2`` on AG News runs as ``zero-shot-sst2-ag_news``)."""
-    plain = re.sub(r"[^A-Za-z0-9]+", "", data_name.lower())
-    if not plain or plain in re.sub(r"[^A-Za-z0-9]+", "", name.lower()):
-        return name
-    return f"{name}-{re.sub(r'[^A-Za-z0-9._-]+', '-', data_name).strip('-.')}"[:128]
-
-
 def _training_run_name(recipe: Recipe, first: Task) -> str:
     if recipe.registry.name:  # the user named what the run makes
         return recipe.registry.name
-    return _run_name(recipe.name, first.data.name)
+    return run_name(recipe.name, first.data.name)
 
 
 def _open_registry(recipe: Recipe, reg_root: Path):
@@ -381,7 +372,8 @@ def _publish(ctx: RunContext, task: Task, result, folder: Path, prefix: str, not
         _say(ctx, f"\ntest report ({task.name}):\n{result.report.to_text()}\n{note}")
     if result.test_probs is not None:
         path = ctx.path / f"{prefix}{PREDICTIONS_FILE}"
-        write_predictions(path, data.split("test"), data.labels, result.test_probs)
+        calibration = result.model.task.calibration  # what the adapter serves, as saved
+        write_predictions(path, data.split("test"), data.labels, result.test_probs, calibration)
     if result.history:
         from peftkit.run.plots import plot_history
 

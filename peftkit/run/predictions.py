@@ -7,6 +7,13 @@ for the recipe's later tasks), one line per test row, in the split's order::
     {"index": 0, "text": "a fine film", "gold": "positive", "pred": "positive",
      "probs": {"negative": 0.12, "positive": 0.88}}
 
+``probs`` are what the saved adapter serves: when the run's calibration fit a temperature
+(``task.json``'s ``calibration``) they are the calibrated probabilities, and the softmax as
+trained is kept as ``probs_uncalibrated`` (so the reliability diagram can be redrawn from the
+file). When the adapter has a reject threshold or an out-of-scope label, each row says
+whether it ``abstained``, as ``AdaptedModel.predict`` would. ``pred`` is the argmax either
+way (a temperature does not move it). Files written before these fields read as before.
+
 and ``metrics.json`` carries a 95% interval next to accuracy and macro-F1
 (:func:`interval_metrics`). Two runs scored on the same test rows are compared later from
 these files alone (:func:`compare_two`), with the paired bootstrap and McNemar's test.
@@ -23,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from peftkit.errors import ConfigError
+from peftkit.metrics.calibration import abstained, apply_temperature
 from peftkit.metrics.intervals import (
     INTERVAL_METRICS,
     PairedComparison,
@@ -74,9 +82,30 @@ def interval_text(metrics: dict[str, Any]) -> str:
     return f"{', '.join(parts)} (95% intervals: {metrics['ci_method']})"
 
 
-def write_predictions(path: Path, split: Any, labels: Any, probs: np.ndarray) -> Path:
-    """One JSON line per row of ``split`` (texts, gold ids) with ``probs`` (rows x labels)."""
-    pred = np.asarray(probs).argmax(axis=1)
+def write_predictions(
+    path: Path,
+    split: Any,
+    labels: Any,
+    probs: np.ndarray,
+    calibration: dict[str, Any] | None = None,
+) -> Path:
+    """One JSON line per row of ``split`` (texts, gold ids) with ``probs`` (rows x labels, the
+    softmax as trained) as the adapter serves them under ``calibration`` (``TaskInfo``'s
+    record: temperature, threshold, out-of-scope label; None: as trained)."""
+    raw = np.asarray(probs, dtype=np.float64)
+    pred = raw.argmax(axis=1)
+    cal = calibration or {}
+    temperature = float(cal.get("temperature") or 1.0)
+    served = apply_temperature(raw, temperature) if temperature != 1.0 else raw
+    threshold, oos = cal.get("threshold"), cal.get("out_of_scope")
+    flags = None
+    if threshold is not None or oos is not None:
+        oos_id = list(labels).index(oos) if oos in labels else None
+        flags = abstained(served, None if threshold is None else float(threshold), oos_id)
+
+    def named(values: np.ndarray) -> dict[str, float]:
+        return {lab: round(float(p), 6) for lab, p in zip(labels, values, strict=True)}
+
     lines = []
     for i, text in enumerate(split.texts):
         row: dict[str, Any] = {"index": i, "text": text}
@@ -84,7 +113,11 @@ def write_predictions(path: Path, split: Any, labels: Any, probs: np.ndarray) ->
             row["text_pair"] = split.text_pairs[i]
         row["gold"] = labels[split.labels[i]]
         row["pred"] = labels[int(pred[i])]
-        row["probs"] = {lab: round(float(p), 6) for lab, p in zip(labels, probs[i], strict=True)}
+        if flags is not None:
+            row["abstained"] = bool(flags[i])
+        row["probs"] = named(served[i])
+        if served is not raw:
+            row["probs_uncalibrated"] = named(raw[i])
         lines.append(json.dumps(row) + "\n")
     atomic_write_text(path, "".join(lines))
     return path

@@ -17,35 +17,57 @@ writes under the training run's folder:
 Each tracker's library comes with peftkit's extra of the same name; a missing one is a
 ``ConfigError`` raised when the recipe is checked (:func:`check_installed`). Only the main
 process tracks. No heavy import at module level.
+
+A resumed run continues its tracker's run. At its first start a run writes ``tracker.json``
+(which tracker, project, run name and run id) into its folder; when training resumes from a
+checkpoint, :func:`init_kwargs` passes the run back: MLflow's ``run_id`` (the run is set
+running again; its parameters are kept, new ones added), W&B's ``id`` with
+``resume="allow"``, and TensorBoard writes on in the same log dir with ``purge_step`` set to
+the step after the checkpoint, so the steps the interrupted half logged past its checkpoint
+are hidden rather than shown twice. Steps are the loop's global step, so they go on from the
+checkpoint. MLflow cannot delete metric values: a step logged past the last checkpoint
+before the interruption keeps both values in its metric history (the resumed one last). A run
+that starts over (no checkpoint yet) starts a new tracker run, as does one whose recorded
+MLflow run is not in the tracking store in force (a warning says so).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import math
 import os
+import re
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from peftkit.config.training import TRACKERS, TrainConfig
 from peftkit.errors import ConfigError
+from peftkit.paths import atomic_write_text
 
 __all__ = [
     "TRACKERS",
     "Tracking",
     "accelerator_kwargs",
     "check_installed",
+    "init_kwargs",
     "log_row",
     "named",
+    "read_record",
     "start",
 ]
+log = logging.getLogger(__name__)
 
 LIBRARY = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # its module
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DIR = "mlruns"
 REPORT_KEY = "test/report"
 ALLOW_FILE_STORE = "MLFLOW_ALLOW_FILE_STORE"
+TRACKER_FILE = "tracker.json"  # the tracker's run this run folder logs to, for a resume
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def check_installed(name: str | None, where: str = "") -> None:
@@ -141,9 +163,17 @@ class Tracking:
             self.allowed_file_store = False
 
 
-def start(acc: Any, config: TrainConfig, run_dir: str | Path, params: dict[str, Any]) -> Tracking:
+def start(
+    acc: Any,
+    config: TrainConfig,
+    run_dir: str | Path,
+    params: dict[str, Any],
+    resumed_from: int = 0,
+) -> Tracking:
     """Start ``config.log_with``'s run on ``acc`` (made with :func:`accelerator_kwargs`),
-    logging ``params`` (the run's settings) as its configuration."""
+    logging ``params`` (the run's settings) as its configuration, and record it in
+    ``run_dir/tracker.json``; training that resumed from a checkpoint at step
+    ``resumed_from`` continues the run recorded there (:func:`init_kwargs`)."""
     tracking = Tracking(acc)
     name = config.log_with
     if name is None:
@@ -158,23 +188,166 @@ def start(acc: Any, config: TrainConfig, run_dir: str | Path, params: dict[str, 
         return tracking
     run_dir = Path(run_dir)
     run = config.tracker_run or run_dir.name
-    kwargs: dict[str, Any] = {}
-    if name == "mlflow":
-        _local_mlflow_store(tracking, run_dir / MLFLOW_DIR)
-        kwargs = {"run_name": run}
-    elif name == "wandb":
-        run_dir.mkdir(parents=True, exist_ok=True)
-        kwargs = {"name": run, "dir": str(run_dir)}
+    project = config.tracker_project or "peftkit"
+    previous = read_record(run_dir) if resumed_from > 0 else None
+    kwargs = init_kwargs(name, project, run, run_dir, previous, resumed_from)
+    values = {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool))}
     try:
+        if name == "mlflow":
+            _local_mlflow_store(tracking, run_dir / MLFLOW_DIR)
+            if "run_id" in kwargs and not _mlflow_run_exists(kwargs["run_id"]):
+                log.warning(
+                    "training.log_with: mlflow: run %s (recorded in %s) is not in the tracking "
+                    "store %s; starting a new MLflow run",
+                    kwargs.pop("run_id"),
+                    run_dir / TRACKER_FILE,
+                    _mlflow_uri(),
+                )
+        elif name == "wandb":
+            run_dir.mkdir(parents=True, exist_ok=True)
+        # MLflow refuses to change a logged parameter: a continued run adds only new ones
+        keep_params = name == "mlflow" and "run_id" in kwargs
         acc.init_trackers(
-            config.tracker_project or "peftkit",
-            config={k: v for k, v in params.items() if isinstance(v, (str, int, float, bool))},
-            init_kwargs={name: kwargs},
+            project, config=None if keep_params else values, init_kwargs={name: kwargs}
         )
+        if keep_params:
+            _add_mlflow_params(kwargs["run_id"], values)
+        record = {"log_with": name, "project": project, "run": run,
+                  "run_id": _started_run_id(name, kwargs)}  # fmt: skip
+        if name == "mlflow":
+            record["tracking_uri"] = _mlflow_uri()
+        recorded = None if previous is None else previous.get("run_id")
+        if "run_id" in kwargs or "purge_step" in kwargs or kwargs.get("id") == recorded:
+            log.info("training.log_with: %s: continuing run %s from step %d", name,
+                     record["run_id"] or run, resumed_from)  # fmt: skip
+        write_record(run_dir, record)
     except BaseException:
         tracking.close(failed=True)
         raise
     return tracking
+
+
+def read_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run folder's ``tracker.json`` (None when there is none); ConfigError, one line
+    naming the file, when it is not one peftkit wrote."""
+    path = Path(run_dir) / TRACKER_FILE
+    if not path.exists() and not path.is_symlink():
+        return None
+    fix = "delete it to start a new tracker run"
+    if path.is_symlink() or not path.is_file():
+        raise ConfigError(f"{path}: the tracker record must be a plain file; {fix}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable tracker record ({exc}); {fix}") from None
+    run_id = data.get("run_id") if isinstance(data, dict) else None
+    if (
+        not isinstance(data, dict)
+        or data.get("log_with") not in TRACKERS
+        or not isinstance(data.get("project"), str)
+        or not (run_id is None or isinstance(run_id, str) and _RUN_ID.fullmatch(run_id))
+    ):
+        raise ConfigError(
+            f"{path}: not a tracker record (log_with one of {', '.join(TRACKERS)}, a project, "
+            f"a run_id of letters, digits, '-' or '_'); {fix}"
+        )
+    return data
+
+
+def write_record(run_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``tracker.json`` into ``run_dir`` (atomically: a reader sees old or new)."""
+    path = Path(run_dir) / TRACKER_FILE
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def init_kwargs(
+    name: str,
+    project: str,
+    run: str,
+    run_dir: str | Path,
+    previous: dict[str, Any] | None = None,
+    resumed_from: int = 0,
+) -> dict[str, Any]:
+    """Accelerate's ``init_kwargs[name]`` for tracker ``name``'s run ``run`` in
+    ``project``: when training resumed from a checkpoint at step ``resumed_from`` (> 0) and
+    ``previous`` (the folder's ``tracker.json``) recorded a run of the same tracker and
+    project, that run is continued (MLflow ``run_id``; W&B ``id`` with ``resume="allow"``;
+    TensorBoard's ``purge_step`` hides what the interrupted half logged past the checkpoint)."""
+    same = (
+        previous
+        if resumed_from > 0
+        and previous is not None
+        and previous.get("log_with") == name
+        and previous.get("project") == project
+        and previous.get("run_id")
+        else None
+    )
+    if name == "mlflow":
+        return {"run_name": run, **({"run_id": same["run_id"]} if same else {})}
+    if name == "wandb":
+        # an id chosen here, not by wandb: it is recorded before the run starts
+        run_id = same["run_id"] if same else uuid.uuid4().hex[:12]
+        return {"name": run, "dir": str(run_dir), "id": run_id, "resume": "allow"}
+    return {"purge_step": resumed_from + 1} if resumed_from > 0 else {}
+
+
+def _started_run_id(name: str, kwargs: dict[str, Any]) -> str | None:
+    if name == "mlflow":
+        import mlflow
+
+        active = mlflow.active_run()
+        return None if active is None else str(active.info.run_id)
+    return kwargs.get("id")  # W&B's, chosen by init_kwargs; TensorBoard has none
+
+
+def _mlflow_uri() -> str:
+    import mlflow
+
+    return str(mlflow.get_tracking_uri())
+
+
+def _mlflow_run_exists(run_id: str) -> bool:
+    """Whether the tracking store in force holds MLflow run ``run_id`` (not deleted)."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = urlparse(_mlflow_uri())
+    if uri.scheme in ("", "file") and not Path(url2pathname(uri.path)).exists():
+        return False  # a file store not made yet (or removed) holds no run
+    try:
+        found = MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return found.info.lifecycle_stage != "deleted"
+
+
+def _add_mlflow_params(run_id: str, values: dict[str, Any]) -> None:
+    """Log the parameters MLflow run ``run_id`` does not have yet; a changed one keeps its
+    first value (MLflow refuses to change it), said in one line."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+    kept = MlflowClient().get_run(run_id).data.params
+    new = [
+        (k, v) for k, v in values.items() if k not in kept and len(str(v)) <= MAX_PARAM_VAL_LENGTH
+    ]
+    for i in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):
+        mlflow.log_params(dict(new[i : i + MAX_PARAMS_TAGS_PER_BATCH]))
+    changed = sorted(k for k, v in values.items() if k in kept and kept[k] != str(v))
+    if changed:
+        log.info(
+            "training.log_with: mlflow: run %s keeps its first values of %s (a resumed run "
+            "cannot change a logged parameter)",
+            run_id,
+            ", ".join(changed),
+        )
 
 
 def log_row(acc: Any, row: dict[str, Any]) -> None:

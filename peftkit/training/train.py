@@ -223,7 +223,8 @@ def train(
             pairs=pairs, refit=refit, test_rows=test_rows,
         )  # fmt: skip
         params = {**asdict(config), "method": spec.method, "data": data.name}
-        tracking = start(acc, config, run_dir, {**params, "train_rows": len(train_rows)})
+        tracking = start(acc, config, run_dir, {**params, "train_rows": len(train_rows)},
+                         resumed_from=loop.resumed_from)  # fmt: skip
         loop.run()
         state = loop.state
         result = TrainResult(
