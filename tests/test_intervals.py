@@ -42,11 +42,21 @@ def test_interval_contains_point_estimate_and_matches_sklearn():
         assert interval.contains(interval.estimate)
 
 
-def test_unseen_label_counts_zero_in_macro_f1():
+def test_a_label_never_seen_is_left_out_of_macro_f1():
     gold, pred = [0, 1, 1, 0] * 10, [0, 1, 0, 0] * 10  # label "c" never appears
     ci = bootstrap_intervals(gold, pred, LABELS)
-    macro = f1_score(gold, pred, labels=[0, 1, 2], average="macro", zero_division=0)
-    assert ci["macro_f1"].estimate == pytest.approx(macro)
+    assert ci["macro_f1"].estimate == pytest.approx(f1_score(gold, pred, average="macro"))
+    # each resample averages over its own labels present, so the interval holds the
+    # estimate (counting "c" as a 0 would put every resample at 2/3 of it)
+    assert ci["macro_f1"].low > 0.7 * ci["macro_f1"].estimate
+
+
+def test_macro_f1_resamples_average_over_their_labels_present():
+    from peftkit.metrics.intervals import scores_from_counts
+
+    confusion = np.array([[[3, 1, 0], [0, 2, 0], [0, 0, 0]]])  # "c": no row, no prediction
+    got = scores_from_counts(confusion)["macro_f1"][0]
+    assert got == pytest.approx((6 / 7 + 4 / 5) / 2)
 
 
 def test_interval_narrows_with_more_rows():
@@ -150,8 +160,56 @@ def test_ten_thousand_rows_under_a_second():
 
 def test_method_says_rows_resamples_and_seed():
     assert bootstrap_method(213) == (
-        "bootstrap over 213 test rows, 1,000 resamples, seed 0, percentile 95%"
+        "bootstrap over 213 test rows, 1,000 resamples, seed 0, BCa 95%"
     )
+    cmp = paired_comparison([0, 1] * 20, [0, 1] * 20, [1, 1] * 20, LABELS[:2])
+    assert "percentile 95%" in cmp.method  # the difference of two runs: percentile
+
+
+def test_jackknife_by_cells_is_leave_one_row_out():
+    from peftkit.metrics.intervals import confusion_counts, jackknife_scores, scores_from_counts
+
+    gold = gold_labels(60)
+    pred = noisy(gold, 0.7, seed=3)
+    values, weights = jackknife_scores(confusion_counts(gold * 3 + pred, 3))
+    brute = {m: [] for m in values}
+    for i in range(gold.size):
+        keep = np.arange(gold.size) != i
+        left = scores_from_counts(confusion_counts(gold[keep] * 3 + pred[keep], 3)[None])
+        for m in brute:
+            brute[m].append(left[m][0])
+    for m in values:  # the same multiset: each cell's score, counted once per row in it
+        assert weights.sum() == gold.size
+        assert sorted(np.repeat(values[m], weights.astype(int))) == pytest.approx(sorted(brute[m]))
+
+
+def test_bca_matches_scipy_on_accuracy():
+    from scipy.stats import bootstrap
+
+    gold = gold_labels(400)
+    pred = noisy(gold, 0.85, seed=4)
+    ours = bootstrap_intervals(gold, pred, LABELS, resamples=20000)["accuracy"]
+    right = (gold == pred).astype(float)
+    theirs = bootstrap((right,), np.mean, n_resamples=20000, method="BCa", random_state=0)
+    ci = theirs.confidence_interval
+    assert ours.low == pytest.approx(ci.low, abs=0.006)
+    assert ours.high == pytest.approx(ci.high, abs=0.006)
+
+
+def test_bca_corrects_macro_f1s_small_sample_bias():
+    # 40 labels, 120 rows: a few rows a label, so resamples score macro-F1 below the
+    # estimate; the percentile interval sits low, BCa moves it back up around the estimate
+    from peftkit.metrics.intervals import percentile_interval, resampled_scores
+
+    gold = gold_labels(120, n_labels=40)
+    pred = noisy(gold, 0.8, seed=5, n_labels=40)
+    labels = [f"l{i}" for i in range(40)]
+    bca = bootstrap_intervals(gold, pred, labels)["macro_f1"]
+    samples = resampled_scores([gold * 40 + pred], 40, 1000, 0)[0]["macro_f1"]
+    plain = percentile_interval(bca.estimate, samples, 0.95)
+    assert np.median(samples) < bca.estimate - 0.02
+    assert bca.low > plain.low + 0.01 and bca.high > plain.high + 0.01
+    assert bca.contains(bca.estimate)
 
 
 def test_bad_input_is_a_data_error():

@@ -159,10 +159,9 @@ def test_compute_metrics_matches_sklearn() -> None:
     labels = ["a", "b", "c", "d", "never"]
     y_true, y_pred = random_labels(len(labels), 400, seed=3)
     got = compute_metrics(y_true.tolist(), y_pred.tolist(), labels)
-    ids = list(range(len(labels)))
 
     def sk(func, average):  # type: ignore[no-untyped-def]
-        return func(y_true, y_pred, labels=ids, average=average, zero_division=0)
+        return func(y_true, y_pred, average=average, zero_division=0)
 
     want = {
         "accuracy": skm.accuracy_score(y_true, y_pred),
@@ -174,8 +173,12 @@ def test_compute_metrics_matches_sklearn() -> None:
     assert set(got) == set(want)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-12), key
-    # The never-seen class counts in the macro average (it scores 0).
-    assert got["macro_f1"] < skm.f1_score(y_true, y_pred, average="macro")
+    # The never-seen class does not count in the macro average: counting it (as a 0) is
+    # what scikit-learn gives with every label named, and scores lower.
+    everything = skm.f1_score(
+        y_true, y_pred, labels=range(len(labels)), average="macro", zero_division=0
+    )
+    assert 5 * everything == pytest.approx(4 * got["macro_f1"])
 
 
 def test_absent_classes_score_zero_without_warnings() -> None:
@@ -230,21 +233,36 @@ def test_report_matches_sklearn(report_data) -> None:  # type: ignore[no-untyped
             (ref["precision"], ref["recall"], ref["f1-score"]), abs=1e-12
         )
         assert scores.support == ref["support"]
-    for mine, key in ((report.macro, "macro avg"), (report.weighted, "weighted avg")):
-        ref = want[key]
+    # The macro average is over the labels present (sklearn's default labels): "tech"
+    # never occurs, so it is left out; the weighted one gives it no weight either way.
+    present = skm.classification_report(y_true, y_pred, output_dict=True, zero_division=0)
+    for mine, ref in (
+        (report.macro, present["macro avg"]),
+        (report.weighted, want["weighted avg"]),
+    ):
         assert (mine.precision, mine.recall, mine.f1) == pytest.approx(
             (ref["precision"], ref["recall"], ref["f1-score"]), abs=1e-12
         )
         assert mine.support == ref["support"] == len(y_true)
+    assert report.macro.f1 > want["macro avg"]["f1-score"]
     assert report.accuracy == pytest.approx(want["accuracy"])
     assert np.array_equal(
         np.array(report.confusion), skm.confusion_matrix(y_true, y_pred, labels=ids)
     )
-    # Same layout as sklearn's text report.
+    # Same layout as sklearn's text report (every label's row; the macro row as above).
     text = skm.classification_report(
         y_true, y_pred, labels=ids, target_names=labels, zero_division=0, digits=3
-    )
-    assert report.to_text(digits=3) == text
+    ).splitlines()
+    mine = report.to_text(digits=3).splitlines()
+    assert len(mine) == len(text)
+    for got, ref in zip(mine, text, strict=True):
+        if ref.lstrip().startswith("macro avg"):
+            m = report.macro
+            assert got.split() == ["macro", "avg"] + [
+                f"{v:.3f}" for v in (m.precision, m.recall, m.f1)
+            ] + [str(m.support)]
+        else:
+            assert got == ref
 
 
 def test_report_round_trips_through_json(report_data) -> None:  # type: ignore[no-untyped-def]

@@ -128,7 +128,11 @@ def test_a_promotion_that_passes_moves_the_alias_and_records_it(reg, made, capsy
     assert reg.get("sst2@production").ref == "sst2@3"
     assert "PASSED: sst2@production sst2@1 -> sst2@3" in out
     assert "candidate sst2@3" in out and "current sst2@1" in out
-    assert "0.7500 [0.6250, 0.8750]" in out and "95% intervals: bootstrap over 40 test rows" in out
+    ci = reg.promotions("sst2")[0].figures["data"][str(data)]["candidate"]
+    low, high = ci["accuracy"]["low"], ci["accuracy"]["high"]
+    assert 0.5 < low < 0.75 < high < 1.0, ci
+    assert f"0.7500 [{low:.4f}, {high:.4f}]" in out
+    assert "95% intervals: bootstrap over 40 test rows" in out
     (record,) = reg.promotions("sst2")
     assert (record.candidate, record.previous, record.decision, record.who) == (
         "sst2@3", "sst2@1", "passed", "ana"

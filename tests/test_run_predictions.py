@@ -58,7 +58,7 @@ def test_training_run_writes_predictions_and_intervals(tmp_path, tiny_models, re
         low, high = metrics[f"{key}_ci95"]
         assert low <= metrics[key] <= high
         assert (low, high) == (round(ci[key].low, 6), round(ci[key].high, 6))
-    method = "bootstrap over 40 test rows, 1,000 resamples, seed 0, percentile 95%"
+    method = "bootstrap over 40 test rows, 1,000 resamples, seed 0, BCa 95%"
     assert metrics["ci_method"] == method
     for text in (printed, (run / "report.txt").read_text()):
         assert "macro avg" in text and f"95% intervals: {method}" in text

@@ -10,9 +10,17 @@ A score on 213 test rows is uncertain by about ±3 points; these functions say b
     cmp.verdict("accuracy"), cmp.mcnemar_p                  # ('not distinguishable', 0.41)
 
 The bootstrap resamples row indices with replacement (all resamples at once, in chunks, with
-numpy), scores accuracy and macro-F1 on every resample from its confusion counts, and takes
-the 2.5th and 97.5th percentiles (the percentile method). Macro-F1 counts every label, seen
-or not, and a class with no true and no predicted row scores 0 (as ``compute_metrics``).
+numpy) and scores accuracy and macro-F1 on every resample from its confusion counts. A
+run's interval is the bias-corrected and accelerated one (BCa, Efron 1987; what
+``scipy.stats.bootstrap`` gives by default): the percentiles taken are moved by how far the
+resamples' median sits from the estimate, and by the skew the jackknife finds. Macro-F1 with
+many labels needs it: on a small test set many labels have one or two rows, its estimate
+sits below the population's, and the plain percentiles (which the resamples, sparser still,
+shift further down) miss it (``bench/bench_intervals.py``: 77 labels, 200 rows, 63%
+coverage against 78% for BCa). The jackknife is exact and cheap: leaving out one row only
+takes one from its confusion cell, so there is one leave-one-out score per occupied cell.
+The difference of two runs keeps the percentile method. Macro-F1 averages over the labels
+present (a gold row or a prediction), as ``compute_metrics`` does.
 The paired version scores both runs on the same resampled rows, so what the two runs share
 (easy and hard rows) cancels out of the difference. McNemar's exact test looks only at the
 rows where one run is right and the other wrong: under "no difference" each such row is a
@@ -35,14 +43,18 @@ __all__ = [
     "RESAMPLES",
     "Interval",
     "PairedComparison",
+    "bca_interval",
+    "bca_intervals",
     "bootstrap_intervals",
     "bootstrap_method",
+    "jackknife_scores",
     "check_settings",
     "confusion_counts",
     "mcnemar_p",
     "paired_comparison",
     "percentile_interval",
     "resampled_scores",
+    "row_jackknife",
     "scores_from_counts",
 ]
 
@@ -70,13 +82,17 @@ class Interval:
 
 
 def bootstrap_method(
-    n_rows: int, resamples: int = RESAMPLES, seed: int = 0, confidence: float = 0.95
+    n_rows: int,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+    kind: str = "BCa",
 ) -> str:
     """How an interval was made, in words for a report: ``"bootstrap over 213 test rows,
-    1,000 resamples, seed 0, percentile 95%"``."""
+    1,000 resamples, seed 0, BCa 95%"`` (``kind``: ``"BCa"`` or ``"percentile"``)."""
     return (
         f"bootstrap over {n_rows:,} test rows, {resamples:,} resamples, seed {seed}, "
-        f"percentile {confidence:.0%}"
+        f"{kind} {confidence:.0%}"
     )
 
 
@@ -99,12 +115,80 @@ def bootstrap_intervals(
     true, pred, names = check_pair(y_true, y_pred, labels)
     check_settings(resamples, confidence)
     n_labels = len(names)
-    point = scores_from_counts(confusion_counts(true * n_labels + pred, n_labels)[None])
-    samples = resampled_scores([true * n_labels + pred], n_labels, resamples, seed)[0]
+    code = true * n_labels + pred
+    samples = resampled_scores([code], n_labels, resamples, seed)[0]
+    return bca_intervals(code, n_labels, samples, confidence)
+
+
+def bca_intervals(
+    code: np.ndarray, n_labels: int, samples: dict[str, np.ndarray], confidence: float
+) -> dict[str, Interval]:
+    """The BCa interval of each metric of rows coded ``true * n_labels + pred``, from its
+    bootstrap ``samples`` (:func:`resampled_scores`)."""
+    confusion = confusion_counts(code, n_labels)
+    point = scores_from_counts(confusion[None])
+    jack, weights = jackknife_scores(confusion)
     return {
-        name: percentile_interval(point[name][0], samples[name], confidence)
+        name: bca_interval(point[name][0], samples[name], jack[name], weights, confidence)
         for name in INTERVAL_METRICS
     }
+
+
+def jackknife_scores(confusion: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The leave-one-row-out scores of a ``(C, C)`` confusion matrix: one per occupied
+    cell (every row of a cell leaves the same matrix behind), and how many rows each
+    stands for. Empty with fewer than 2 rows."""
+    flat = confusion.ravel()
+    cells = np.flatnonzero(flat)
+    weights = flat[cells].astype(float)
+    if flat.sum() < 2:
+        return {m: np.zeros(0) for m in INTERVAL_METRICS}, np.zeros(0)
+    per_chunk = max(1, _CHUNK_CELLS // flat.size)
+    parts = []
+    for start in range(0, cells.size, per_chunk):
+        chunk = cells[start : start + per_chunk]
+        left = np.repeat(flat[None], chunk.size, axis=0)
+        left[np.arange(chunk.size), chunk] -= 1
+        parts.append(scores_from_counts(left.reshape(chunk.size, *confusion.shape)))
+    return {m: np.concatenate([p[m] for p in parts]) for m in INTERVAL_METRICS}, weights
+
+
+def row_jackknife(code: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
+    """Each row's leave-it-out scores (rows coded ``true * n_labels + pred``), from
+    :func:`jackknife_scores`' one score per cell; empty with fewer than 2 rows."""
+    confusion = confusion_counts(code, n_labels)
+    values, weights = jackknife_scores(confusion)
+    if not weights.size:
+        return values
+    position = np.zeros(confusion.size, dtype=np.int64)
+    position[np.flatnonzero(confusion.ravel())] = np.arange(weights.size)
+    return {m: v[position[code]] for m, v in values.items()}
+
+
+def bca_interval(
+    estimate: float,
+    samples: np.ndarray,
+    jackknife: np.ndarray,
+    weights: np.ndarray,
+    confidence: float,
+) -> Interval:
+    """The bias-corrected and accelerated percentile interval (as ``scipy.stats.bootstrap``'s
+    ``BCa``): bias ``z0`` from the share of ``samples`` below ``estimate`` (ties count half),
+    acceleration from the skew of the ``jackknife`` scores (each counted ``weights`` times)."""
+    from scipy.special import ndtr, ndtri
+
+    n = samples.size
+    below = (np.sum(samples < estimate) + 0.5 * np.sum(samples == estimate)) / n
+    z0 = float(ndtri(np.clip(below, 0.5 / n, 1 - 0.5 / n)))
+    accel = 0.0
+    if weights.size:
+        spread = np.average(jackknife, weights=weights) - jackknife
+        denom = 6.0 * float(np.sum(weights * spread**2)) ** 1.5
+        accel = float(np.sum(weights * spread**3)) / denom if denom > 0 else 0.0
+    z = ndtri(np.array([(1 - confidence) / 2, (1 + confidence) / 2]))
+    shifted = z0 + (z0 + z) / (1 - accel * (z0 + z))
+    low, high = np.percentile(samples, 100 * ndtr(shifted))
+    return Interval(float(estimate), float(low), float(high))
 
 
 @dataclass(frozen=True)
@@ -179,7 +263,8 @@ def paired_comparison(
         mcnemar_p=mcnemar_p(a_only, b_only),
         a_only=a_only,
         b_only=b_only,
-        method=f"paired {bootstrap_method(int(true.size), resamples, seed, confidence)}; McNemar exact",
+        method=f"paired {bootstrap_method(true.size, resamples, seed, confidence, 'percentile')}"
+        "; McNemar exact",
     )
 
 
@@ -236,12 +321,16 @@ def confusion_counts(code: np.ndarray, n_labels: int) -> np.ndarray:
 
 
 def scores_from_counts(confusion: np.ndarray) -> dict[str, np.ndarray]:
-    """Accuracy and macro-F1 of each ``(k, C, C)`` confusion matrix (rows: true labels)."""
+    """Accuracy and macro-F1 of each ``(k, C, C)`` confusion matrix (rows: true labels); the
+    macro average over the labels present in that matrix (a gold row or a prediction), as
+    :func:`peftkit.metrics.report.compute_metrics`."""
     tp = np.diagonal(confusion, axis1=1, axis2=2).astype(float)
     total = confusion.sum(axis=(1, 2))
     denom = confusion.sum(axis=2) + confusion.sum(axis=1)  # 2tp + fp + fn
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {"accuracy": tp.sum(axis=1) / total, "macro_f1": f1.mean(axis=1)}
+    present = denom > 0
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
+    macro = f1.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+    return {"accuracy": tp.sum(axis=1) / total, "macro_f1": macro}
 
 
 def percentile_interval(estimate: float, samples: np.ndarray, confidence: float) -> Interval:

@@ -131,6 +131,11 @@ def check_pair(
 # --- headline metrics ------------------------------------------------------------------
 
 
+def present_labels(true: np.ndarray, pred: np.ndarray) -> list[int]:
+    """The label ids with a gold row or a prediction, sorted: the ones macro averages count."""
+    return sorted(set(np.unique(true).tolist()) | set(np.unique(pred).tolist()))
+
+
 def compute_metrics(
     y_true: Sequence[int] | np.ndarray,
     y_pred: Sequence[int] | np.ndarray,
@@ -138,14 +143,19 @@ def compute_metrics(
 ) -> dict[str, float]:
     """Accuracy, macro/weighted F1, macro precision and recall, through the evaluate modules.
 
-    Every label in ``labels`` counts in the macro averages, seen in the data or not.
+    The macro averages are over the labels present: those with a gold row or a prediction
+    (scikit-learn's default). A label with neither has no F1 to average; counting it as 0
+    would bias a small test set's macro-F1 below the full population's, the more so the
+    more labels there are.
 
     >>> compute_metrics([0, 1, 1, 2], [0, 1, 0, 2], labels=["a", "b", "c"])["macro_f1"]
     0.7777777777777777
+    >>> compute_metrics([0, 1], [0, 1], labels=["a", "b", "never seen"])["macro_f1"]
+    1.0
     """
     true, pred, names = check_pair(y_true, y_pred, labels)
     data = {"references": true.tolist(), "predictions": pred.tolist()}
-    ids = list(range(len(names)))
+    ids = present_labels(true, pred)
 
     def averaged(metric: str, average: str) -> float:
         result = load_metric(metric).compute(**data, labels=ids, average=average)
@@ -290,17 +300,20 @@ def classification_report(
     )
     total = int(support.sum())
 
-    # Macro and weighted averages are means of the per-class scores, as in sklearn.
+    # Macro and weighted averages are means of the per-class scores, as in sklearn; the
+    # macro one over the labels present (gold or predicted), as compute_metrics.
     def average(weights: np.ndarray) -> ClassScores:
         p, r, f = (
             float(np.average(scores[m], weights=weights)) for m in ("precision", "recall", "f1")
         )
         return ClassScores(p, r, f, total)
 
+    present = np.zeros(n)
+    present[present_labels(true, pred)] = 1.0
     return ClassificationReport(
         labels=names,
         per_class=per_class,
-        macro=average(np.ones(n)),
+        macro=average(present),
         weighted=average(support.astype(float)),
         accuracy=float(np.trace(confusion) / total),
         support=total,

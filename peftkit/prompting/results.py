@@ -25,11 +25,13 @@ from peftkit.metrics.intervals import (
     INTERVAL_METRICS,
     RESAMPLES,
     Interval,
+    bca_interval,
+    bca_intervals,
     bootstrap_method,
     check_settings,
     confusion_counts,
-    percentile_interval,
     resampled_scores,
+    row_jackknife,
     scores_from_counts,
 )
 from peftkit.metrics.report import check_pair
@@ -294,19 +296,23 @@ def template_intervals(
     points = [scores_from_counts(confusion_counts(code, n_labels)[None]) for code in codes]
     samples = resampled_scores(codes, n_labels, resamples, seed)
     per = [
-        {m: percentile_interval(point[m][0], sample[m], confidence) for m in INTERVAL_METRICS}
-        for point, sample in zip(points, samples, strict=True)
+        bca_intervals(code, n_labels, sample, confidence)
+        for code, sample in zip(codes, samples, strict=True)
     ]
     n_templates = len(preds)
     picks = np.random.default_rng([seed, 1]).integers(0, n_templates, (resamples, n_templates))
+    # BCa's acceleration for the mean over templates: each row left out of every template
+    jacks = [row_jackknife(code, n_labels) for code in codes]
+    weights = np.ones(jacks[0]["accuracy"].size)
     both: dict[str, Interval] = {}
     fixed: dict[str, Interval] = {}
     for m in INTERVAL_METRICS:
         stacked = np.stack([sample[m] for sample in samples])  # templates x resamples
         mean = float(np.mean([point[m][0] for point in points]))
-        fixed[m] = percentile_interval(mean, stacked.mean(axis=0), confidence)
+        jack = np.mean([j[m] for j in jacks], axis=0)
+        fixed[m] = bca_interval(mean, stacked.mean(axis=0), jack, weights, confidence)
         drawn = stacked[picks, np.arange(resamples)[:, None]]  # resamples x drawn templates
-        both[m] = percentile_interval(mean, drawn.mean(axis=1), confidence)
+        both[m] = bca_interval(mean, drawn.mean(axis=1), jack, weights, confidence)
     return per, both, fixed
 
 
@@ -325,7 +331,7 @@ def across_template_method(
         drawn = f"drawn with replacement, the {n_templates} templates held fixed"
     return (
         f"bootstrap over {n_rows:,} test rows (the same for every template) {drawn}; "
-        f"{resamples:,} resamples, seed {seed}, percentile 95%"
+        f"{resamples:,} resamples, seed {seed}, BCa 95%"
     )
 
 
