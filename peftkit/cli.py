@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="the report as JSON")
     a.set_defaults(func=cmd_adapters_doctor)
     a = asub.add_parser(
-        "rebuild", help="re-index version folders from their peftkit.json (a lost or damaged index)"
+        "rebuild",
+        help="re-index version folders from their peftkit.json (a lost or damaged index) and "
+        "restore aliases, promotion decisions and later metrics from journal.jsonl",
     )
     a.add_argument("--json", action="store_true", help="the report as JSON")
     a.set_defaults(func=cmd_adapters_rebuild)
