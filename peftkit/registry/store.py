@@ -24,7 +24,8 @@ reused, even after a removal.
 ``peftkit.json`` is written by the registry and is not in an entry's ``files`` (it holds
 their hashes, so it cannot hash itself); checks ignore it, as they ignore the marker.
 
-This module is the :class:`Registry` itself; the SQLite layer is ``index``, the checks and
+This module is the :class:`Registry` itself (its exchange with peft, load_path, export and
+import_folder, is defined in ``exchange``); the SQLite layer is ``index``, the checks and
 repairs ``check``, a folder's own metadata ``metadata``, its files ``files`` and
 ``staging``, and what an entry holds ``entries``.
 
@@ -47,13 +48,12 @@ import json
 import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from peftkit.errors import ConfigError, FingerprintMismatch, RegistryError
+from peftkit.errors import ConfigError, RegistryError
 from peftkit.registry import aliases as alias_rows
-from peftkit.registry import check
+from peftkit.registry import check, exchange
 from peftkit.registry import promotions as promotion_rows
 from peftkit.registry.entries import (
     META_FIELDS,
@@ -64,19 +64,17 @@ from peftkit.registry.entries import (
     check_json_mapping,
     check_name,
     check_run_id,
-    describe_base,
     entry_from_row,
     not_found,
     parse_ref,
     ref_str,
     split_ref,
 )
-from peftkit.registry.files import META_FILE
 from peftkit.registry.index import Index
 from peftkit.registry.journal import Journal
-from peftkit.registry.metadata import import_metadata, register_metadata
+from peftkit.registry.metadata import register_metadata
 from peftkit.registry.promotions import Promotion
-from peftkit.registry.staging import export_entry, register_folder, remove_entries
+from peftkit.registry.staging import register_folder, remove_entries
 
 __all__ = ["Entry", "Problem", "Promotion", "Registry", "Report"]
 
@@ -363,30 +361,6 @@ class Registry:
         from the index (changed: both hashes; missing; or not in the index)."""
         return check.verify_entry(self.get(ref), self._adapters)
 
-    def load_path(
-        self,
-        ref: str | Entry,
-        *,
-        expected_fingerprint: str | None = None,
-        expected_base: Mapping[str, Any] | None = None,
-        verify: bool = True,
-    ) -> Entry:
-        """The entry to load, checked: trained on ``expected_fingerprint`` (the loaded
-        base's id; ``expected_base`` only makes the error clearer) and files intact.
-
-        >>> e = reg.load_path("sst2", expected_fingerprint=fp.id)   # doctest: +SKIP
-        >>> model.load_adapter(str(e.path), adapter_name=e.name)     # doctest: +SKIP
-        """
-        entry = self.get(ref)
-        if expected_fingerprint is not None and entry.base_fingerprint != expected_fingerprint:
-            raise FingerprintMismatch(
-                f"adapter {entry.ref} was trained on base "
-                f"{describe_base(entry.base_fingerprint, entry.base)}, but the loaded base is "
-                f"{describe_base(expected_fingerprint, expected_base or {})}; load the base it "
-                f"was trained on, or use an adapter trained on this base"
-            )
-        return check.verify_entry(entry, self._adapters) if verify else entry
-
     # -- checks and repair (see peftkit.registry.check) ----------------------------------
 
     def check(self, ref: str | Entry | None = None) -> Report:
@@ -435,60 +409,11 @@ class Registry:
             warnings=tuple(replayed.warnings),
         )
 
-    # -- exchange with plain peft --------------------------------------------------------
+    # -- exchange with plain peft (defined in peftkit.registry.exchange) -----------------
 
-    def export(self, ref: str | Entry, dest: str | Path) -> Path:
-        """Write the entry to ``dest`` (new or empty folder) as a folder plain peft loads:
-        its files (adapter_config.json, adapter_model.safetensors, head.safetensors...)
-        plus ``peftkit.json`` with the entry's metadata. Every file is written new (never
-        through a link).
-
-        >>> reg.export("sst2@1", "out/sst2")                           # doctest: +SKIP
-        >>> PeftModel.from_pretrained(base_model, "out/sst2")         # doctest: +SKIP
-        """
-        entry = self.get(ref)
-        return export_entry(entry, Path(dest), partial(check.verify_entry, entry, self._adapters))
-
-    def import_folder(
-        self,
-        folder: str | Path,
-        name: str | None = None,
-        *,
-        method: str | None = None,
-        task: str | None = None,
-        labels: Iterable[str] | None = None,
-        base_fingerprint: str | None = None,
-        base: Mapping[str, Any] | None = None,
-        quantization: str | None = None,
-        template: str | None = None,
-        verbalizer: Mapping[str, Any] | None = None,
-        metrics: Mapping[str, Any] | None = None,
-        tags: Iterable[str] | None = None,
-        lineage: Mapping[str, Any] | None = None,
-        calibration: Mapping[str, Any] | None = None,
-    ) -> Entry:
-        """Register a peft folder (``save_pretrained`` output, or an :meth:`export`).
-
-        Metadata comes from the arguments, else from the folder's ``peftkit.json``;
-        ``method`` falls back to ``adapter_config.json``'s ``peft_type`` (``"lora"``).
-        A plain peft folder needs ``name``, ``labels`` and ``base_fingerprint``. The labels
-        and method are checked against ``task.json`` and the head's shape; an export's
-        files against the hashes its ``peftkit.json`` records. Symbolic links are refused
-        and files that are not part of an adapter folder are left out.
-        """
-        folder = Path(folder).expanduser()
-        given = {k: v for k, v in locals().items() if k in META_FIELDS or k == "name"}
-        new_name, meta, expected = import_metadata(folder, given)
-        return register_folder(
-            self._db,
-            self.root,
-            new_name,
-            folder,
-            meta,
-            exclude={META_FILE},
-            expected=expected,
-            imported=True,
-        )
+    load_path = exchange.load_path
+    export = exchange.export
+    import_folder = exchange.import_folder
 
     # -- internals -----------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ adapter the next forward applies, so ``use()`` touches no module; a batch may mi
 adapters (rank-stacked, see ``peftkit.serving.mixed``: about the cost of a single-adapter batch),
 and each row gets its own head, label set included. IA3, prefix
 and prompt-tuning adapters are served too, one adapter group per forward. Forwards run
-under a lock, so the object is safe to share between threads.
+under a lock, so the object is safe to share between threads. The PeftModel and its adapter
+slots (evicted LoRA slots reused by hot-swapping) are ``peftkit.serving.slots``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from peftkit.adapters.folder import TaskInfo, load_head, read_task
-from peftkit.adapters.model import Head, body_of, peft_quiet, pool
+from peftkit.adapters.model import Head, body_of, pool
 from peftkit.config.presets import method_row
 from peftkit.data.batching import (
     apply_template,
@@ -49,6 +50,7 @@ from peftkit.errors import ConfigError, RegistryError
 from peftkit.registry.entries import parse_ref, split_ref
 from peftkit.registry.store import Entry, Registry
 from peftkit.serving.mixed import MixedLoRA
+from peftkit.serving.slots import BASE_KEY, PeftSlots
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class _Resident:
     entry: Entry
     info: TaskInfo
     head: Head
-    key: str  # the adapter name inside the peft model ("__base__" for a probe)
+    key: str  # the adapter name inside the peft model (BASE_KEY for a probe)
 
 
 class AdaptedModel:
@@ -103,24 +105,22 @@ class AdaptedModel:
         self.batch_size = batch_size
         self.verify = verify
         self._body = body_of(base.model)
-        self._peft: Any = None  # the PeftModel once a peft adapter is loaded
-        self._family: str | None = None
         self._resident: OrderedDict[str, _Resident] = OrderedDict()
         self._current: str | None = None
         self._lock = threading.RLock()
         self._pad = pad_id(base.tokenizer)
         self._device = next(self._body.parameters()).device
-        self._serial = 0
-        # Evicted LoRA slots keep their (stale) weights: the next adapter of the same shape
-        # is hot-swapped into one (peft's hotswap_adapter, a copy in place) instead of
-        # building new layers, which is most of a load's cost.
-        self._free: dict[str, tuple] = {}
-        self._shape: dict[str, tuple] = {}
+        self._slots = PeftSlots(self._body, self._device)  # the PeftModel, free LoRA slots
         self._mixed: MixedLoRA | None = None  # rebuilt lazily after adapters change
         self._generation: int | None = None  # the registry's, when names were resolved
         self._latest: dict[str, str] = {}  # name or name@alias -> "name@N" at that generation
 
     # -- residency ------------------------------------------------------------------------
+
+    @property
+    def _peft(self) -> Any:
+        """The PeftModel once a peft adapter is loaded, else None."""
+        return self._slots.peft
 
     @property
     def current(self) -> str | None:
@@ -159,7 +159,7 @@ class AdaptedModel:
                     "adapter); load its export with load_base(folder) instead"
                 )
             head = load_head(entry.path, info, self._device)
-            slot = self._attach(entry, info)
+            slot = self._slots.attach(entry, info)
             self._invalidate()
             while len(self._resident) >= self.max_resident:
                 self._evict_lru()
@@ -205,40 +205,6 @@ class AdaptedModel:
         _, slot = self._resident.popitem(last=False)
         self._detach(slot)  # a name in use() is loaded again when next asked for
 
-    def _attach(self, entry: Entry, info: TaskInfo) -> str:
-        import peft
-
-        row = method_row(info.method)
-        if row.saved_as == "head":  # a probe: the bare base, its own head
-            return "__base__"
-        family = row.family
-        if self._family is not None and family != self._family:
-            raise ConfigError(
-                f"{entry.ref} is a {info.method} adapter, but this AdaptedModel serves "
-                f"{self._family} adapters; peft cannot hold both on one base. Load another "
-                f"base for {info.method} adapters"
-            )
-        shape = _lora_shape(entry.path) if family == "lora" else None
-        reused = self._reuse_slot(entry, shape)
-        if reused is not None:
-            return reused
-        self._serial += 1
-        key = f"a{self._serial}"
-        if shape is not None:
-            self._shape[key] = shape
-        if self._peft is None:
-            # low_cpu_mem_usage: create the adapter weights empty and load them in place
-            # (no random init that the checkpoint overwrites anyway).
-            with peft_quiet():
-                self._peft = peft.PeftModel.from_pretrained(
-                    self._body, str(entry.path), adapter_name=key, is_trainable=False
-                )
-            self._family = family
-        else:
-            self._peft.load_adapter(str(entry.path), adapter_name=key, is_trainable=False)
-        self._peft.eval()
-        return key
-
     def __enter__(self) -> AdaptedModel:
         return self
 
@@ -250,35 +216,11 @@ class AdaptedModel:
         no-op); ``with AdaptedModel(base, registry) as model:`` calls it at the end."""
         with self._lock:
             self._resident.clear()
-            self._free.clear()
-            self._shape.clear()
             self._current = None
             self._latest.clear()
             self._generation = None
             self._invalidate()
-            if self._peft is not None:
-                if self._family == "lora" or self._family == "ia3":
-                    self._peft.unload()  # prompt learning injected nothing into the base
-                self._peft = None
-                self._family = None
-
-    def _reuse_slot(self, entry: Entry, shape: tuple | None) -> str | None:
-        """Hot-swap ``entry`` into a free LoRA slot of the same shape, if there is one."""
-        from peft.utils.hotswap import hotswap_adapter
-
-        key = next((k for k, v in self._free.items() if shape is not None and v == shape), None)
-        if key is None or self._peft is None:
-            return None
-        del self._free[key]
-        try:
-            hotswap_adapter(
-                self._peft, str(entry.path), adapter_name=key, torch_device=str(self._device)
-            )
-        except Exception:  # incompatible after all: drop the slot, load the usual way
-            self._peft.delete_adapter(key)
-            self._shape.pop(key, None)
-            return None
-        return key
+            self._slots.close()
 
     def _invalidate(self) -> None:
         if self._mixed is not None:
@@ -286,14 +228,10 @@ class AdaptedModel:
             self._mixed = None
 
     def _detach(self, slot: _Resident) -> None:
-        if slot.key == "__base__" or self._peft is None:
+        if slot.key == BASE_KEY or self._peft is None:
             return
         self._invalidate()
-        if slot.key in self._shape and len(self._free) < self.max_resident:
-            self._free[slot.key] = self._shape[slot.key]  # keep the layers for reuse
-            return
-        self._peft.delete_adapter(slot.key)
-        self._shape.pop(slot.key, None)
+        self._slots.detach(slot.key, keep_free=self.max_resident)
 
     # -- prediction -----------------------------------------------------------------------
 
@@ -438,7 +376,7 @@ class AdaptedModel:
         mask = tensors["attention_mask"].to(self._device)
         names = [s.key for s in slots]
         poolings = {s.info.pooling for s in slots}
-        if self._peft is None or self._family == "lora":
+        if self._peft is None or self._slots.family == "lora":
             if self._peft is None:
                 out = self._body(input_ids=ids, attention_mask=mask)
             else:
@@ -462,7 +400,7 @@ class AdaptedModel:
         result: torch.Tensor | None = None
         for key in dict.fromkeys(names):
             rows = [i for i, n in enumerate(names) if n == key]
-            if key == "__base__":
+            if key == BASE_KEY:
                 with self._peft.disable_adapter():
                     out = self._peft(input_ids=ids[rows], attention_mask=mask[rows])
             else:
@@ -474,28 +412,3 @@ class AdaptedModel:
             result[rows] = vec
         assert result is not None
         return result
-
-
-def _lora_shape(folder: Path) -> tuple | None:
-    """What must match for one LoRA adapter to be hot-swapped into another's layers."""
-    import json
-
-    try:
-        cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    targets = cfg.get("target_modules")
-    targets = tuple(sorted(targets)) if isinstance(targets, list) else targets
-    keys = (
-        "peft_type",
-        "r",
-        "lora_alpha",
-        "use_rslora",
-        "use_dora",
-        "bias",
-        "fan_in_fan_out",
-        "modules_to_save",
-        "rank_pattern",
-        "alpha_pattern",
-    )
-    return (targets, *(json.dumps(cfg.get(k), sort_keys=True) for k in keys))
