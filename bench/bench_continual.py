@@ -26,7 +26,10 @@ seen so far: the forgetting matrix (``matrix[arm][after step][domain]``, PNG + J
 goal: with replay, the accuracy on every earlier domain within 1 point of the joint model's,
 at a fraction of its training cost (``cost``: total train seconds of the replay chain over
 the joint model's; and over retraining the joint model at every step, estimated from its
-seconds per row).
+seconds per row). The replay chain's last adapter and the joint one are also compared on
+each earlier domain's test rows, paired (``replay_minus_joint_paired``: the bootstrap
+interval of the accuracy difference in points, McNemar's p, and whether even the interval's
+low end is within 1 point).
 """
 
 from __future__ import annotations
@@ -120,35 +123,63 @@ def write_joint(datasets: list[Any], folder: Path) -> Path:
     return folder
 
 
-def accuracy(model, ref: str, data) -> float:
+def predicted(model, ref: str, data) -> tuple[float, list[str]]:
+    """``ref``'s accuracy on ``data``'s test split and its predicted label names."""
     test = data.split("test")
-    preds = model.predict(list(test.texts), adapter=ref)
+    preds = [p.label for p in model.predict(list(test.texts), adapter=ref)]
     gold = [data.labels[y] for y in test.labels]
-    return sum(p.label == g for p, g in zip(preds, gold, strict=True)) / max(len(gold), 1)
+    return sum(p == g for p, g in zip(preds, gold, strict=True)) / max(len(gold), 1), preds
 
 
-def score(base, registry: Path, refs: list[str], datasets: list[Any]) -> list[dict[str, float]]:
-    """``[after step k][domain] = accuracy`` of ``refs[k]`` on every domain up to k."""
+def score(base, registry: Path, refs: list[str], datasets: list[Any]):
+    """``[after step k][domain] = accuracy`` of ``refs[k]`` on every domain up to k, and the
+    last step's predictions on each domain."""
     from peftkit.serving.adapted import AdaptedModel
 
-    rows = []
+    rows, last = [], {}
     with AdaptedModel(base, registry) as model:
         for k, ref in enumerate(refs):
-            rows.append(
-                {DOMAINS[j][0]: round(accuracy(model, ref, datasets[j]), 4) for j in range(k + 1)}
-            )
-    return rows
+            row = {}
+            for j in range(k + 1):
+                acc, preds = predicted(model, ref, datasets[j])
+                row[DOMAINS[j][0]] = round(acc, 4)
+                if k == len(refs) - 1:
+                    last[DOMAINS[j][0]] = preds
+            rows.append(row)
+    return rows, last
 
 
-def score_all(base, registry: Path, ref: str, datasets: list[Any]) -> dict[str, float]:
-    """``[domain] = accuracy`` of ``ref`` on every domain."""
+def score_all(base, registry: Path, ref: str, datasets: list[Any]):
+    """``[domain] = accuracy`` of ``ref`` on every domain, and its predictions there."""
     from peftkit.serving.adapted import AdaptedModel
 
     with AdaptedModel(base, registry) as model:
-        return {
-            d: round(accuracy(model, ref, x), 4)
-            for (d, _), x in zip(DOMAINS, datasets, strict=True)
+        out = {d: predicted(model, ref, x) for (d, _), x in zip(DOMAINS, datasets, strict=True)}
+    return {d: round(a, 4) for d, (a, _) in out.items()}, {d: p for d, (_, p) in out.items()}
+
+
+def paired_gaps(datasets: list[Any], replay: dict, joint: dict) -> dict[str, dict[str, Any]]:
+    """Replay's last adapter minus the joint one on each earlier domain's test rows: the
+    paired bootstrap interval of the accuracy difference (points) and McNemar's p."""
+    from peftkit.metrics.intervals import paired_comparison
+
+    out = {}
+    for (d, _), data in zip(DOMAINS[:-1], datasets, strict=False):
+        gold = [data.labels[y] for y in data.split("test").labels]
+        names = sorted(set(gold) | set(replay[d]) | set(joint[d]))
+        ids = {n: i for i, n in enumerate(names)}
+        cmp = paired_comparison([ids[g] for g in gold], [ids[p] for p in joint[d]],
+                                [ids[p] for p in replay[d]], names)  # fmt: skip
+        diff = cmp.difference["accuracy"]
+        out[d] = {
+            "points": round(100 * diff.estimate, 2),
+            "ci95": [round(100 * diff.low, 2), round(100 * diff.high, 2)],
+            "mcnemar_p": round(cmp.mcnemar_p, 4),
+            "verdict": cmp.verdict("accuracy").replace("B", "replay").replace("A", "joint"),
+            # the goal read with its uncertainty: even the interval's low end within 1 point
+            "within_1_point_at_95": diff.low >= -0.01,
         }
+    return out
 
 
 def main() -> int:
@@ -203,9 +234,14 @@ def main() -> int:
     joint_refs, joint_seconds, joint_registry = run(joint_recipe, work, "joint")
 
     base = load_base(recipe.base.source)
-    matrix = {arm: score(base, registries[arm], refs[arm], datasets) for arm in arms}
-    joint = score_all(base, joint_registry, joint_refs[0], datasets)
+    scored = {arm: score(base, registries[arm], refs[arm], datasets) for arm in arms}
+    matrix = {arm: rows for arm, (rows, _) in scored.items()}
+    joint, joint_preds = score_all(base, joint_registry, joint_refs[0], datasets)
     payload = report(args, env, matrix, joint, seconds, joint_seconds[0], datasets, joint_data)
+    if "replay" in scored:
+        payload["replay_minus_joint_paired"] = paired_gaps(datasets, scored["replay"][1],
+                                                           joint_preds)  # fmt: skip
+        print(f"paired (points, 95% interval): {payload['replay_minus_joint_paired']}")
     path = write_results(args.out, payload, quick=args.quick)
     plot(payload, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png').name}")
