@@ -67,7 +67,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--json", action="store_true", help="the report as JSON")
     a.set_defaults(func=cmd_adapters_verify)
     a = asub.add_parser(
-        "doctor", help="check the index and every folder; report what disagrees (exit 1)"
+        "doctor",
+        help="check the index, every folder and the journal; report what disagrees (exit 1)",
     )
     a.add_argument("--json", action="store_true", help="the report as JSON")
     a.set_defaults(func=cmd_adapters_doctor)

@@ -229,7 +229,8 @@ class Problem:
     """One thing :meth:`Registry.doctor` found: ``kind`` (``damaged-index``,
     ``unindexed-folder``, ``missing-folder``, ``files-differ``, ``unfinished``, ``link``,
     ``no-metadata``; a rebuild's replay of the journal adds ``journal-line``,
-    ``alias-dropped`` and, as warnings, ``journal-torn`` and ``metrics-skipped``),
+    ``alias-dropped`` and, as warnings, ``journal-torn`` and ``metrics-skipped``; the
+    doctor also ``journal-file``, ``journal-differs`` and ``journal-lacks``),
     ``where`` (a ref or a path) and what to do in ``detail``."""
 
     kind: str

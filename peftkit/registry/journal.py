@@ -34,6 +34,8 @@ A rebuild replays the events into the index (:mod:`peftkit.registry.replay`: per
 (name, alias) the last event wins, promotions the index lacks are inserted in order...).
 After a replay, and when a writable registry first opens without a journal, what the index
 holds and the journal lacks (written by a peftkit from before the journal) is appended.
+The doctor (:meth:`Journal.check`) only reads: the lines a replay would skip, and what a
+dry replay finds the index and the journal disagree on.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from peftkit.registry.entries import Entry, Problem, check_alias, check_name
 from peftkit.registry.files import fsync_dir, open_regular
 from peftkit.registry.index import Index
 from peftkit.registry.promotions import Promotion
-from peftkit.registry.replay import Replayed, State, missing, restore
+from peftkit.registry.replay import Replayed, State, lacking, missing, restore
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +175,22 @@ class Journal:
         lacking = missing(conn, adapters, restore(conn, events, done))
         if lacking:
             self._append([_stamp(e) for e in lacking])
+        return done
+
+    def check(self, conn: sqlite3.Connection | None, adapters: Path) -> Replayed:
+        """What the doctor reports, read-only (nothing written, no link followed): a
+        journal that cannot be read, lines a replay skips, and, given the index's ``conn``,
+        what a replay would restore and what the index holds that the journal lacks. No
+        journal yet (a registry from before it) is nothing to report."""
+        if not os.path.lexists(self.path):
+            return Replayed()
+        try:
+            events, done = self.read()
+        except RegistryError as exc:
+            return Replayed(problems=[Problem("journal-file", str(self.path), str(exc))])
+        if conn is not None:
+            done.dry = True
+            done.problems += lacking(missing(conn, adapters, restore(conn, events, done)))
         return done
 
     def read(self) -> tuple[list[dict[str, Any]], Replayed]:
@@ -311,7 +329,7 @@ def _parse_lines(where: str, data: bytes) -> tuple[list[dict[str, Any]], Replaye
                 Problem(
                     "journal-line",
                     f"{where}:{number}",
-                    f"not a journal event ({got}): skipped, the other lines were replayed",
+                    f"not a journal event ({got}): every replay skips it (and replays the rest)",
                 )
             )
         else:

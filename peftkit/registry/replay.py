@@ -6,7 +6,9 @@ an alias whose version is not in the registry, or is another adapter now (regist
 another time: a lost version number taken again), is dropped and reported; promotions the
 index lacks are inserted in journal order; per entry the last metrics event wins; each
 name's version counter goes above every version the journal names. Everything runs inside
-the rebuild's write transaction, after the version folders were re-indexed.
+the rebuild's write transaction, after the version folders were re-indexed. A dry replay
+(``Replayed(dry=True)``, what the doctor runs) writes nothing: each change it would make is
+a ``journal-differs`` problem instead, and :func:`lacking` words what :func:`missing` finds.
 """
 
 from __future__ import annotations
@@ -32,12 +34,17 @@ from peftkit.registry.promotions import Promotion
 log = logging.getLogger(__name__)
 
 
+REBUILD = "'peftkit adapters rebuild'"
+
+
 def restore(conn: sqlite3.Connection, events: list[dict[str, Any]], done: Replayed) -> State:
-    """Restore ``events`` (the journal's, in order) into the index; what they come to."""
+    """Restore ``events`` (the journal's, in order) into the index; what they come to.
+    With ``done.dry`` nothing is written: what would change is reported instead."""
     state = State.fold(events)
     entries = _entries(conn)
     for name, top in sorted(state.top.items()):
-        raise_counter(conn, name, top)
+        if not done.dry:
+            raise_counter(conn, name, top)
     _restore_aliases(conn, state, entries, done)
     _restore_promotions(conn, state, done)
     _restore_metrics(conn, state, entries, done)
@@ -51,6 +58,17 @@ class Replayed:
     restored: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
+    dry: bool = False  # only look: each change is a problem, nothing is written
+
+    def change(self, where: str, restored: str, differs: str) -> bool:
+        """Note a change the replay makes (``restored``), or when dry the disagreement
+        (``differs``) as a problem at ``where``; whether to make it."""
+        if self.dry:
+            hint = f"{REBUILD} restores it from the journal"
+            self.problems.append(Problem("journal-differs", where, f"{differs}; {hint}"))
+        else:
+            self.restored.append(restored)
+        return not self.dry
 
 
 @dataclass
@@ -99,13 +117,26 @@ def _restore_aliases(
     have = {(n, a): v for n, a, v, _ in alias_rows.listed(conn)}
     for (name, alias), e in state.aliases.items():
         now = have.get((name, alias))
+        where = f"{name}@{alias}"
         if e["event"] == "unalias":
-            if now is not None:
+            if now is not None and done.change(
+                where,
+                f"alias {where} dropped, as the journal records",
+                f"the index has it at {name}@{now}, the journal records it dropped",
+            ):
                 alias_rows.drop(conn, name, alias)
-                done.restored.append(f"alias {name}@{alias} dropped, as the journal records")
             continue
         version, target = e["version"], entries.get((name, e["version"]))
-        if target is None or not _same_adapter(e, target[0]):
+        if target is None and done.dry:  # a rebuild re-indexes the folders first
+            done.problems.append(
+                Problem(
+                    "journal-differs",
+                    where,
+                    f"the journal has it at {name}@{version}, which the index does not list; "
+                    f"{REBUILD} restores it if it can re-index that version's folder",
+                )
+            )
+        elif target is None or not _same_adapter(e, target[0]):
             why = (
                 "is not in the registry (its folder is gone or could not be re-indexed)"
                 if target is None
@@ -114,14 +145,18 @@ def _restore_aliases(
             done.problems.append(
                 Problem(
                     "alias-dropped",
-                    f"{name}@{alias}",
+                    where,
                     f"the journal has it at {name}@{version}, which {why}; not restored: "
                     f"point it again with 'peftkit adapters alias {name}@N {alias}'",
                 )
             )
-        elif now != version:
+        elif now != version and done.change(
+            where,
+            f"alias {where} -> {name}@{version}",
+            f"the journal has it at {name}@{version}, the index "
+            + ("lacks it" if now is None else f"at {name}@{now}"),
+        ):
             alias_rows.point(conn, name, alias, version, moved=e["at"])
-            done.restored.append(f"alias {name}@{alias} -> {name}@{version}")
 
 
 def _key(promotion: Promotion) -> str:
@@ -134,10 +169,13 @@ def _restore_promotions(conn: sqlite3.Connection, state: State, done: Replayed) 
         if indexed[_key(p)] > 0:
             indexed[_key(p)] -= 1
             continue
-        promotion_rows.record(conn, p)
-        done.restored.append(
-            f"promotion {p.name}@{p.alias}: {p.candidate} {p.decision} ({p.who}, {p.at})"
-        )
+        what = f"{p.candidate} {p.decision} ({p.who}, {p.at})"
+        if done.change(
+            f"{p.name}@{p.alias}",
+            f"promotion {p.name}@{p.alias}: {what}",
+            f"the journal records the promotion decision {what}, the index lacks it",
+        ):
+            promotion_rows.record(conn, p)
 
 
 def _restore_metrics(
@@ -156,12 +194,15 @@ def _restore_metrics(
                     f"{e['created']}, not of this one (registered {target[0]}): not restored",
                 )
             )
-        elif target[1] != e["metrics"]:
+        elif target[1] != e["metrics"] and done.change(
+            f"{name}@{version}",
+            f"metrics of {name}@{version}",
+            "its metrics in the index differ from the last the journal records",
+        ):
             conn.execute(
                 "UPDATE entries SET metrics = ? WHERE name = ? AND version = ?",
                 (json.dumps(e["metrics"]), name, version),
             )
-            done.restored.append(f"metrics of {name}@{version}")
 
 
 def missing(conn: sqlite3.Connection, adapters: Path, state: State) -> list[dict[str, Any]]:
@@ -225,3 +266,24 @@ def _folder_metrics(folder: Path) -> Any:
         return read_json(folder / META_FILE).get("metrics", {})
     except (ConfigError, OSError):
         return {}
+
+
+def lacking(events: list[dict[str, Any]]) -> list[Problem]:
+    """One ``journal-lacks`` problem for each event of :func:`missing` (what the index
+    holds and the journal lacks, which a rebuild appends)."""
+    hint = f"{REBUILD} writes it into the journal (else a lost index loses it)"
+    problems = []
+    for e in events:
+        if e["event"] == "alias":
+            where = f"{e['name']}@{e['alias']}"
+            what = f"the index has it at {e['name']}@{e['version']}, the journal never names it"
+        elif e["event"] == "promotion":
+            p = Promotion.from_dict(e["promotion"])
+            where = f"{p.name}@{p.alias}"
+            what = f"the index's promotion decision {p.candidate} {p.decision} ({p.who}, "
+            what += f"{p.at}) is not in the journal"
+        else:
+            where = f"{e['name']}@{e['version']}"
+            what = "its metrics in the index are in neither the journal nor its peftkit.json"
+        problems.append(Problem("journal-lacks", where, f"{what}; {hint}"))
+    return problems

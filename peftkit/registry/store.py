@@ -373,13 +373,14 @@ class Registry:
         return check.check_entries(self.root, entries, self._adapters)
 
     def doctor(self) -> Report:
-        """:meth:`check` of every entry, plus what the index and the folders disagree on:
-        version folders with no row, unfinished registrations, links, missing metadata."""
-        report = self.check()
-        if self._db.damage is not None:
-            return report
-        problems = (*report.problems, *check.folder_problems(self.list(), self._adapters))
-        return dataclasses.replace(report, problems=problems)
+        """:meth:`check` of every entry, plus what the index and the folders disagree on
+        (version folders with no row, unfinished registrations, links, missing metadata)
+        and the journal's skipped lines and disagreements with the index; writes nothing."""
+        report, intact = self.check(), self._db.damage is None
+        found = self._journal.check(self._db.conn() if intact else None, self._adapters)
+        folders = check.folder_problems(self.list(), self._adapters) if intact else []
+        problems = (*report.problems, *folders, *found.problems)
+        return dataclasses.replace(report, problems=problems, warnings=tuple(found.warnings))
 
     def rebuild_index(self) -> Report:
         """Re-create the rows missing from the index from the version folders'
