@@ -142,6 +142,9 @@ class Journal:
 
     def _record(self, kind: str, **fields: Any) -> None:
         line = _stamp({"event": kind, **fields})
+        # a journal that cannot take the line at all (a link, not a file) is refused before a
+        # void is armed: voiding would only fail the same way and say it twice
+        self.refuse_link()
         self._index.on_rollback(partial(self._void, line["id"]))
         self._append([line])
 
