@@ -387,7 +387,11 @@ def main() -> int:
     parser.add_argument("--clients", default="1,8,32,64")
     parser.add_argument("--rates", default="0.25,0.5,0.75,0.9,1.0,1.2", help="x saturation")
     parser.add_argument("--out", default="bench_serve")
+    parser.add_argument(
+        "--server-args", default="", help="more peftkit serve flags, e.g. '--max-wait-ms 5'"
+    )
     args = parser.parse_args()
+    SERVER_ARGS[:] = args.server_args.split()
     clients = [int(c) for c in args.clients.split(",")]
     fractions = [float(r) for r in args.rates.split(",")]
     if args.quick:
@@ -515,8 +519,9 @@ def report(args, env, setup, offline, servers, open_loops, mem, clients) -> dict
             "seconds_per_level": args.seconds,
             "warmup_s": args.warmup,
             "zipf_s": ZIPF_S,
-            "server_settings": "peftkit serve defaults (max_batch_rows 32, max_wait_ms 5), "
-            "max_resident 16, every adapter preloaded; naive: bench/naive_server.py",
+            "server_settings": f"peftkit serve defaults ({_defaults()}) "
+            + (f"with {' '.join(SERVER_ARGS)}, " if SERVER_ARGS else "")
+            + "max_resident 16, every adapter preloaded; naive: bench/naive_server.py",
             "load_generator": "aiohttp in the benchmark's process (shares the 2 cores)",
         },
         "offline_limit_rows_per_s": offline,
@@ -525,6 +530,13 @@ def report(args, env, setup, offline, servers, open_loops, mem, clients) -> dict
         "memory": mem,
         "goals": goals,
     }
+
+
+def _defaults() -> str:
+    from peftkit.config.serve import ServeConfig
+
+    config = ServeConfig("registry")
+    return ", ".join(f"{key} {getattr(config, key):g}" for key in ("max_batch_rows", "max_wait_ms"))
 
 
 def _ratio(rows: list, key: str) -> float | None:

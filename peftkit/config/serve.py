@@ -45,7 +45,7 @@ class ServeConfig:
     max_resident: int = 8  # adapters in memory at once (least recently used go)
     max_batch_rows: int = 32  # rows per forward
     max_batch_tokens: int = 8192  # tokens per forward (base tokenizer, before truncation)
-    max_wait_ms: float = 5.0  # longest a forward waits for more rows after the first
+    max_wait_ms: float = 0.0  # longest a forward waits for more rows (0: starts at once)
     max_queue_rows: int = 4096  # rows waiting; more is answered 503 + Retry-After
     max_request_rows: int = 256  # rows in one request; more is 413
     max_text_chars: int = 10_000  # characters in one text (or text_pair); more is 413
