@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -20,7 +21,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+    # a file left there by a crash, or a link planted there, goes by its name only: the new
+    # file is created (O_EXCL, O_NOFOLLOW), never written through what was in its place
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(tmp, flags | getattr(os, "O_CLOEXEC", 0), 0o666), "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

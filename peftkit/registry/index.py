@@ -108,6 +108,8 @@ class Index:
         self.refuse_read_only()
         self.refuse_if_damaged()
         conn = self.conn()
+        if not conn.in_transaction:
+            self.refuse_hard_link()
         if conn.in_transaction:  # nested use from a method called inside another
             yield conn
             return
@@ -172,6 +174,21 @@ class Index:
             raise RegistryError(
                 f"the registry at {self.root} is read-only: {why}; reading works, but to "
                 "register, import, remove or change entries open a writable copy"
+            )
+
+    def refuse_hard_link(self) -> None:
+        """RegistryError when index.sqlite has another hard link: a write would change the
+        file under its other names too (a ``cp -al`` backup, say)."""
+        try:
+            links = os.lstat(self.path).st_nlink
+        except FileNotFoundError:
+            return
+        if links > 1:
+            raise RegistryError(
+                f"the registry index {self.path} has {links} hard links: a write would change "
+                "the file under its other names too, and peftkit never writes through a link; "
+                "give it a file of its own (with no peftkit using the registry: cp "
+                "index.sqlite index.own && mv index.own index.sqlite) and try again"
             )
 
     def refuse_if_damaged(self) -> None:

@@ -211,9 +211,11 @@ class Journal:
         return _parse_lines(str(self.path), data)
 
     def refuse_link(self) -> None:
-        """RegistryError when the journal is a symbolic link or not a regular file."""
+        """RegistryError when the journal is a symbolic link, not a regular file, or a file
+        with another hard link (an append would change that other name's file too)."""
         try:
-            mode = os.lstat(self.path).st_mode
+            info = os.lstat(self.path)
+            mode = info.st_mode
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -229,6 +231,8 @@ class Journal:
                 f"the registry journal {self.path} is not a regular file; move it away and "
                 "try again"
             )
+        if info.st_nlink > 1:
+            raise RegistryError(_hard_linked(self.path, info.st_nlink))
 
     def _append(self, lines: list[dict[str, Any]]) -> None:
         """Append ``lines`` in one write, fsynced (an empty list: make sure the file exists);
@@ -244,6 +248,8 @@ class Journal:
                 info = os.fstat(fd)
                 if not stat.S_ISREG(info.st_mode):
                     raise OSError(f"{self.path} is not a regular file")
+                if info.st_nlink > 1:  # linked since refuse_link() looked
+                    raise RegistryError(_hard_linked(self.path, info.st_nlink))
                 if info.st_size:
                     os.lseek(fd, info.st_size - 1, os.SEEK_SET)
                     if os.read(fd, 1) != b"\n":
@@ -262,6 +268,15 @@ class Journal:
                 "nothing was changed: make it writable, or move it away and run 'peftkit "
                 "adapters rebuild' to write a new one"
             ) from None
+
+
+def _hard_linked(path: Path, links: int) -> str:
+    return (
+        f"the registry journal {path} has {links} hard links: an append would change the "
+        "file under its other names too, and peftkit never writes through a link; give it a "
+        f"file of its own (cp {path.name} {path.name}.own && mv {path.name}.own {path.name}) "
+        "and try again"
+    )
 
 
 # -- reading ----------------------------------------------------------------------------------

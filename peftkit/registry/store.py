@@ -379,6 +379,10 @@ class Registry:
         report, intact = self.check(), self._db.damage is None
         found = self._journal.check(self._db.conn() if intact else None, self._adapters)
         folders = check.folder_problems(self.list(), self._adapters) if intact else []
+        try:
+            self._db.refuse_hard_link()
+        except RegistryError as exc:
+            folders.append(Problem("link", str(self._db.path), str(exc)))
         problems = (*report.problems, *folders, *found.problems)
         return dataclasses.replace(report, problems=problems, warnings=tuple(found.warnings))
 

@@ -237,6 +237,12 @@ def lock_run_dir(path: str | Path) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
+        links = os.fstat(fd).st_nlink
+        if links > 1:  # truncating it would empty the file under its other names too
+            raise ConfigError(
+                f"run folder {path}: its {LOCK_FILE} has {links} hard links, and peftkit "
+                "never writes through a link; remove that file, or give another --run-dir"
+            )
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
