@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import os
 import random
@@ -139,8 +140,11 @@ def expected_answers(registry_dir: Path, texts: dict[str, list[str]]) -> dict[tu
     return out
 
 
-def offline_limit(registry_dir: Path, requests: list, batch_sizes: list[int]) -> dict:
-    """predict_mixed over the workload's rows in this process at each batch size."""
+def offline_limit(
+    registry_dir: Path, requests: list, batch_sizes: list[int], forward_ms: dict | None = None
+) -> dict:
+    """predict_mixed over the workload's rows in this process at each batch size; the
+    median milliseconds of one forward at each size go into ``forward_ms``."""
     from peftkit import AdaptedModel, Registry, load_base
 
     texts = [t for _, rows in requests for t in rows]
@@ -153,11 +157,42 @@ def offline_limit(registry_dir: Path, requests: list, batch_sizes: list[int]) ->
         for size in batch_sizes:
             model.batch_size = size
             model.predict_mixed(texts[:size], names[:size])  # warm
+            times = []
             t0 = time.perf_counter()
             for i in range(0, len(texts), size):
+                t = time.perf_counter()
                 model.predict_mixed(texts[i : i + size], names[i : i + size])
+                times.append(time.perf_counter() - t)
             out[size] = len(texts) / (time.perf_counter() - t0)
+            if forward_ms is not None:
+                forward_ms[size] = 1e3 * float(np.median(times))
     return out
+
+
+def ideal_batcher(forward_ms: dict[int, float], rate: float, max_rows: int, n: int = 100_000):
+    """p50 and p99 latency (ms) of one-row requests arriving at ``rate`` per second (Poisson,
+    seeded) at a batcher with no HTTP, no queueing overhead and no contention: whenever it is
+    free it runs one forward over everything waiting (at most ``max_rows``), which takes the
+    median time measured offline for that many rows (interpolated between the sizes
+    measured). What any batching server on this CPU and model can reach at best."""
+    sizes = sorted(forward_ms)
+
+    def cost(k: int) -> float:
+        return float(np.interp(k, sizes, [forward_ms[s] for s in sizes]))
+
+    rng = random.Random(11)
+    arrivals, t = [], 0.0
+    for _ in range(n):
+        t += 1e3 * rng.expovariate(rate)
+        arrivals.append(t)
+    latencies, i, now = [], 0, 0.0
+    while i < n:
+        now = max(now, arrivals[i])
+        k = min(max(bisect.bisect_right(arrivals, now, lo=i) - i, 1), max_rows)
+        now += cost(k)
+        latencies += [now - a for a in arrivals[i : i + k]]
+        i += k
+    return float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
 
 
 # -- servers ------------------------------------------------------------------------------
@@ -413,10 +448,17 @@ def main() -> int:
     }
     scenarios = {f"{w}/{c}-clients": (loads[w], c) for w in loads for c in clients}
     print("offline limit (predict_mixed, no HTTP)", flush=True)
+    forward_ms: dict[int, float] = {}
     offline = {
-        w: offline_limit(registry, loads[w][:512], [8, 16, 32, 64])
-        for w in ("1-row/uniform", "1-8-rows/uniform")
+        "1-row/uniform": offline_limit(
+            registry, loads["1-row/uniform"][:512], [1, 2, 4, 8, 16, 32, 64], forward_ms
+        ),
+        "1-8-rows/uniform": offline_limit(
+            registry, loads["1-8-rows/uniform"][:512], [8, 16, 32, 64]
+        ),
     }
+    print("  one forward, one row per adapter: " + ", ".join(
+        f"{k} rows {v:.1f} ms" for k, v in forward_ms.items()))  # fmt: skip
     for w, by_size in offline.items():
         print(f"  {w}: " + ", ".join(f"{s}: {v:.1f} rows/s" for s, v in by_size.items()))
     servers = {}
@@ -448,14 +490,26 @@ def main() -> int:
                 "16": memory_with(kind, registry, names, work),
                 "64": memory_with(kind, registry, names + extra, work),
             }
-    payload = report(args, env, setup, offline, servers, open_loops, mem, clients)
+    from peftkit.config.serve import ServeConfig
+
+    max_rows = int(ServeConfig("registry").max_batch_rows)
+    for flag, value in zip(SERVER_ARGS, SERVER_ARGS[1:], strict=False):
+        if flag == "--max-batch-rows":
+            max_rows = int(value)
+    bound = {"forward_ms": forward_ms, "max_batch_rows": max_rows, "rows": []}
+    for fraction, rate in rates.items():
+        p50, p99 = ideal_batcher(forward_ms, rate, max_rows)
+        bound["rows"].append({"fraction_of_saturation": fraction, "offered_requests_per_s": rate,
+                              "p50_ms": p50, "p99_ms": p99})  # fmt: skip
+        print(f"  ideal batcher {rate:7.1f} req/s   p50 {p50:8.1f} ms  p99 {p99:8.1f} ms")
+    payload = report(args, env, setup, offline, servers, open_loops, mem, clients, bound)
     path = write_results(args.out, payload, quick=args.quick)
     plot(payload, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png').name}")
     return 0
 
 
-def report(args, env, setup, offline, servers, open_loops, mem, clients) -> dict:
+def report(args, env, setup, offline, servers, open_loops, mem, clients, bound) -> dict:
     rows = []
     for key in servers["peftkit"]:
         if key.count("/") != 2:
@@ -481,8 +535,8 @@ def report(args, env, setup, offline, servers, open_loops, mem, clients) -> dict
                     f"{r['naive']['rows_per_s']:.1f}",
                     f"{r['peftkit_vs_naive_rows_per_s']:.2f}",
                     f"{r['peftkit_vs_offline_limit']:.2f}",
-                    f"{r['peftkit']['p50_ms']:.0f} / {r['peftkit']['p99_ms']:.0f}",
-                    f"{r['naive']['p50_ms']:.0f} / {r['naive']['p99_ms']:.0f}",
+                    _ms(r["peftkit"]),
+                    _ms(r["naive"]),
                 ]
                 for r in rows
             ],
@@ -507,6 +561,13 @@ def report(args, env, setup, offline, servers, open_loops, mem, clients) -> dict
         ),
         "p99_at_half_saturation_over_lone_p50": (half["p99_ms"] / lone) if lone else None,
         "half_saturation_offered_requests_per_s": half["offered_requests_per_s"],
+        # the same ratio for the ideal batcher (its lone request: one one-row forward)
+        "ideal_batcher_p99_at_half_saturation_over_its_lone_latency": next(
+            r["p99_ms"]
+            for r in bound["rows"]
+            if r["fraction_of_saturation"] == half["fraction_of_saturation"]
+        )
+        / bound["forward_ms"][1],  # fmt: skip
         "errors": sum(r[k]["errors"] for r in rows for k in ("peftkit", "naive")),
         "wrong_answers": sum(r[k]["wrong_answers"] for r in rows for k in ("peftkit", "naive")),
     }
@@ -527,9 +588,23 @@ def report(args, env, setup, offline, servers, open_loops, mem, clients) -> dict
         "offline_limit_rows_per_s": offline,
         "closed_loop": rows,
         "open_loop": open_loops,
+        "ideal_batcher": {
+            **bound,
+            "what": "the open loop's one-row Poisson arrivals at a batcher with no HTTP and no "
+            "contention that runs, whenever free, one forward over all that waits (up to "
+            "max_batch_rows) taking the median offline time of a forward that size: a lower "
+            "bound on any batching server's latency with this model on this CPU",
+        },
         "memory": mem,
         "goals": goals,
     }
+
+
+def _ms(r: dict) -> str:
+    """``p50 / p99`` in ms; ``-`` for a level that answered nothing in its window."""
+    if r["p50_ms"] is None:
+        return "-"
+    return f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}"
 
 
 def _defaults() -> str:
@@ -564,6 +639,12 @@ def plot(payload: dict, path: Path) -> None:
         right.plot(xs, [p["p50_ms"] for p in pts], marker="o", color=colour, label=f"{kind} p50")
         right.plot(xs, [p["p99_ms"] for p in pts], marker="o", color=colour, ls="--",
                    label=f"{kind} p99")  # fmt: skip
+    ideal = payload.get("ideal_batcher", {}).get("rows", [])
+    if ideal:
+        xs = [p["offered_requests_per_s"] for p in ideal]
+        right.plot(xs, [p["p50_ms"] for p in ideal], color="grey", label="ideal batcher p50")
+        right.plot(xs, [p["p99_ms"] for p in ideal], color="grey", ls="--",
+                   label="ideal batcher p99")  # fmt: skip
     left.set(xlabel="rows/s (closed loop: 1, 8, 32, 64 clients)", ylabel="latency ms",
              yscale="log", title="throughput vs latency")  # fmt: skip
     right.set(xlabel="offered one-row requests/s (open loop)", ylabel="latency ms",
