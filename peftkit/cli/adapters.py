@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from peftkit.cli.common import DEFAULT_REGISTRY, open_registry, positive_int
+from peftkit.errors import ConfigError, RegistryError
 
 SHOWN_PROMOTIONS = 5  # the latest decisions `adapters show` lists
 
@@ -89,8 +90,16 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
 
     registry = open_registry(args)
     entries = registry.list(args.name, tag=args.tag)
+    if not entries and args.name is not None and not registry.list(args.name):
+        try:
+            registry.get(args.name)  # the error `show NAME` gives: close names, versions
+        except RegistryError as exc:
+            raise RegistryError(f"{exc}{_unindexed_hint(registry)}") from None
     if not entries:
-        print(f"no adapters in {args.registry}{_unindexed_hint(registry)}", file=sys.stderr)
+        tagged = "" if args.tag is None else f" tagged {args.tag!r}"
+        named = "" if args.name is None else f" of {args.name!r}"
+        where = f"{args.registry}{_unindexed_hint(registry)}"
+        print(f"no adapters{named}{tagged} in {where}", file=sys.stderr)
         return 0
     held: dict[str, list[str]] = {}
     for alias, target in registry.aliases(args.name).items():
@@ -201,6 +210,8 @@ def cmd_adapters_export(args: argparse.Namespace) -> int:
 def cmd_adapters_import(args: argparse.Namespace) -> int:
     from peftkit.registry.store import Registry
 
+    if not Path(args.folder).is_dir():  # before a new registry is made for it
+        raise ConfigError(f"adapter folder {args.folder} does not exist or is not a folder")
     Path(args.registry).mkdir(parents=True, exist_ok=True)
     entry = Registry(args.registry).import_folder(args.folder, args.name)
     print(f"imported {args.folder} as {entry.ref}")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from peftkit.errors import ConfigError, IntegrityError
 from peftkit.registry.entries import (
+    MAX_VERSION,
     META_FIELDS,
     Entry,
     Problem,
@@ -31,6 +32,7 @@ from peftkit.registry.files import (
     OWN_FILES,
     PENDING_FILE,
     compare_hashes,
+    unusable_version_folders,
     version_folders,
     walk,
 )
@@ -54,7 +56,8 @@ def verify_entry(entry: Entry, adapters: Path) -> Entry:
         raise IntegrityError(
             f"adapter {entry.ref} at {path} does not match the index: "
             + "; ".join(problems)
-            + f". Restore the files, or remove the entry with remove({entry.ref!r})"
+            + f". Restore the files, or remove the entry ('peftkit adapters rm {entry.ref}', "
+            f"or Registry.remove({entry.ref!r}))"
         )
     return entry
 
@@ -85,10 +88,11 @@ def folder_problems(indexed: Iterable[Entry], adapters: Path) -> list[Problem]:
                 Problem(
                     "no-metadata",
                     f"{name}@{version}",
-                    f"{folder} has no {META_FILE}; run rebuild_index() "
-                    "('peftkit adapters rebuild') to write it",
+                    f"{folder} has no {META_FILE}; run 'peftkit adapters rebuild' "
+                    "(or Registry.rebuild_index()) to write it",
                 )
             )
+    problems += [unusable_problem(folder) for folder in unusable_version_folders(adapters)]
     problems += [
         Problem("link", str(p), "a symbolic link in adapters/: left alone; remove it by hand")
         for p in (adapters.iterdir() if adapters.is_dir() else ())
@@ -112,6 +116,7 @@ def reindex_folders(conn: sqlite3.Connection, adapters: Path) -> tuple[list[str]
             added.append(f"{name}@{version}")
         else:
             problems.append(problem)
+    problems += [unusable_problem(folder) for folder in unusable_version_folders(adapters)]
     return added, problems
 
 
@@ -154,6 +159,16 @@ def _reindex(conn: sqlite3.Connection, name: str, version: int, folder: Path) ->
     return None
 
 
+def unusable_problem(folder: Path) -> Problem:
+    """The problem of a numbered folder whose number is no version the index can hold."""
+    return Problem(
+        "unindexed-folder",
+        str(folder),
+        f"its name is not a version number from 1 to {MAX_VERSION}; not indexed, left as "
+        "it is: rename or remove it by hand",
+    )
+
+
 def unindexed_problem(folder: Path) -> Problem:
     """The problem of a version folder the index has no row for."""
     if folder.is_symlink():
@@ -169,7 +184,8 @@ def unindexed_problem(folder: Path) -> Problem:
         "unindexed-folder",
         str(folder),
         "a version folder the index does not list (a lost or restored index?); kept: "
-        "run rebuild_index() ('peftkit adapters rebuild') to index it from its peftkit.json",
+        "run 'peftkit adapters rebuild' (or Registry.rebuild_index()) to index it from its "
+        "peftkit.json",
     )
 
 

@@ -20,6 +20,7 @@ from peftkit.errors import ConfigError, RegistryError, did_you_mean
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ALIAS = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")  # starts with a letter: never a version
+MAX_VERSION = 2**63 - 1  # SQLite's largest INTEGER: a larger version cannot be stored
 COLUMNS = tuple(
     "name version method task labels base_fingerprint base quantization template verbalizer"  # noqa: SIM905
     " metrics files tags created run_id lineage calibration".split()
@@ -94,14 +95,33 @@ def split_ref(ref: str) -> tuple[str, int | str | None]:
     check_name(name)
     if not at or selector == "latest":
         return name, None
-    if re.fullmatch(r"[0-9]+", selector) and int(selector) >= 1:
-        return name, int(selector)
+    if re.fullmatch(r"[0-9]+", selector):
+        version = version_number(selector)
+        if version is None:
+            shown = ref if len(ref) <= 80 else ref[:60] + "..."
+            raise ConfigError(
+                f"bad adapter reference {shown!r}: a version number runs from 1 to "
+                f"{MAX_VERSION}, e.g. '{name}@1'"
+            )
+        return name, version
     if ALIAS.fullmatch(selector):
         return name, selector
     raise ConfigError(
         f"bad adapter reference {ref!r}: after '@' comes a version number from 1, 'latest' "
         f"or an alias (a letter, then letters, digits, '.', '_', '-'), e.g. '{name}@1'"
     )
+
+
+def version_number(text: str) -> int | None:
+    """The version ``text`` names when it is ASCII digits from 1 to :data:`MAX_VERSION`
+    (a reference's ``@3``, a version folder's name), else None."""
+    if not re.fullmatch(r"[0-9]+", text):
+        return None
+    digits = text.lstrip("0")
+    if not digits or len(digits) > len(str(MAX_VERSION)):  # int() of 5,000 digits raises
+        return None
+    version = int(digits)
+    return version if version <= MAX_VERSION else None
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import ConfigError
+from peftkit.registry.entries import version_number
 
 CHUNK = 1 << 20
 META_FILE = "peftkit.json"  # an entry's metadata, in each version folder and each export
@@ -204,12 +205,28 @@ def fsync_dir(path: Path) -> None:
 
 def version_folders(adapters: Path) -> Iterator[tuple[str, int, Path]]:
     """(name, version, path) of every ``adapters/<name>/<number>`` folder, links included
-    (a link is listed, never entered)."""
+    (a link is listed, never entered); a number that is no version is left out (see
+    :func:`unusable_version_folders`)."""
+    for named, folder in _numbered_folders(adapters):
+        version = version_number(folder.name)
+        if version is not None:
+            yield named, version, folder
+
+
+def unusable_version_folders(adapters: Path) -> Iterator[Path]:
+    """Every ``adapters/<name>/<digits>`` folder whose number is no version (0, or above
+    what the index can hold): never indexed, reported by the checks."""
+    for _, folder in _numbered_folders(adapters):
+        if version_number(folder.name) is None:
+            yield folder
+
+
+def _numbered_folders(adapters: Path) -> Iterator[tuple[str, Path]]:
     if not adapters.is_dir():
         return
     for named in sorted(adapters.iterdir()):
         if named.is_symlink() or not named.is_dir():
             continue
         for folder in sorted(named.iterdir()):
-            if folder.name.isdigit():
-                yield named.name, int(folder.name), folder
+            if re.fullmatch(r"[0-9]+", folder.name):
+                yield named.name, folder

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -24,7 +25,7 @@ from urllib.parse import quote
 
 from peftkit.errors import ConfigError, RegistryError
 from peftkit.registry.aliases import TABLE as ALIAS_TABLE
-from peftkit.registry.entries import COLUMNS, Problem
+from peftkit.registry.entries import COLUMNS, MAX_VERSION, Problem
 from peftkit.registry.promotions import TABLE as PROMOTION_TABLE
 
 log = logging.getLogger(__name__)
@@ -180,10 +181,11 @@ class Index:
         """RegistryError when index.sqlite has another hard link: a write would change the
         file under its other names too (a ``cp -al`` backup, say)."""
         try:
-            links = os.lstat(self.path).st_nlink
+            found = os.lstat(self.path)
         except FileNotFoundError:
             return
-        if links > 1:
+        links = found.st_nlink
+        if stat.S_ISREG(found.st_mode) and links > 1:  # a folder's count is never 1
             raise RegistryError(
                 f"the registry index {self.path} has {links} hard links: a write would change "
                 "the file under its other names too, and peftkit never writes through a link; "
@@ -252,7 +254,7 @@ class Index:
             self._init_schema()
         except sqlite3.DatabaseError as exc:
             raise self.error(exc) from None
-        log.warning("moved the damaged index %s aside to %s", self.path, aside)
+        log.info("moved the damaged index %s aside to %s", self.path, aside)  # the report says so
         return aside
 
     def _damage_detail(self, exc: sqlite3.DatabaseError) -> str | None:
@@ -325,11 +327,9 @@ def allocate_version(conn: sqlite3.Connection, name: str, floor: int = 0) -> int
     """The next version of ``name`` (above ``floor``, the highest folder on disk); call
     inside the write transaction."""
     row = conn.execute("SELECT name, last_version FROM names WHERE name = ?", (name,)).fetchone()
-    if row is None:
-        conn.execute("INSERT INTO names (name, last_version) VALUES (?, ?)", (name, floor + 1))
-        return floor + 1
     if (
-        row[0] != name
+        row is not None
+        and row[0] != name
         and conn.execute("SELECT 1 FROM entries WHERE name = ?", (row[0],)).fetchone()
     ):
         raise ConfigError(
@@ -337,10 +337,18 @@ def allocate_version(conn: sqlite3.Connection, name: str, floor: int = 0) -> int
             f"{row[0]!r} (names are folders, and many file systems ignore case); "
             f"use {row[0]!r} or another name"
         )
-    version = max(row[1], floor) + 1
-    conn.execute(
-        "UPDATE names SET name = ?, last_version = ? WHERE name = ?", (name, version, row[0])
-    )
+    version = max(0 if row is None else row[1], floor) + 1
+    if version > MAX_VERSION:
+        raise RegistryError(
+            f"adapter {name!r} has used every version number up to {MAX_VERSION}; "
+            "register it under another name"
+        )
+    if row is None:
+        conn.execute("INSERT INTO names (name, last_version) VALUES (?, ?)", (name, version))
+    else:
+        conn.execute(
+            "UPDATE names SET name = ?, last_version = ? WHERE name = ?", (name, version, row[0])
+        )
     return version
 
 

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import RegistryError
-from peftkit.registry.entries import Entry, Problem, check_alias, check_name
+from peftkit.registry.entries import MAX_VERSION, Entry, Problem, check_alias, check_name
 from peftkit.registry.files import fsync_dir, open_regular
 from peftkit.registry.index import Index
 from peftkit.registry.promotions import Promotion
@@ -66,7 +66,7 @@ FORMAT = 1
 
 
 def _version(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VERSION:
         raise ValueError(f"{value!r} is not a version number")
     return value
 

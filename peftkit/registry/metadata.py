@@ -107,8 +107,15 @@ def import_metadata(
     if lacking:
         raise ConfigError(
             f"cannot import {folder}: it has no {META_FILE} giving "
-            f"{', '.join(lacking)}; pass them, e.g. import_folder(folder, "
-            f"'sst2', labels=['neg', 'pos'], base_fingerprint=fp.id)"
+            f"{', '.join(lacking)}; "
+            + (
+                "give it one ('peftkit adapters import FOLDER --name NAME', or "
+                "Registry.import_folder(folder, 'NAME'))"
+                if lacking == ["name"]
+                else "import a folder 'peftkit adapters export' wrote, or pass them from "
+                "Python: Registry.import_folder(folder, 'sst2', labels=['neg', 'pos'], "
+                "base_fingerprint=fp.id)"
+            )
         )
     name = check_name(args.pop("name"))
     args["task"], args["tags"] = args["task"] or "", args["tags"] or ()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import IntegrityError, RegistryError
-from peftkit.registry.entries import Entry, encode_row, entry_from_row
+from peftkit.registry.entries import Entry, encode_row, entry_from_row, version_number
 from peftkit.registry.files import (
     META_FILE,
     PEFT_FILES,
@@ -331,4 +331,4 @@ def _highest_folder(adapters: Path, name: str) -> int:
     lower = name.lower()
     folders = (p for p in adapters.iterdir() if p.name.lower() == lower)
     numbers = (v.name for p in folders if p.is_dir() for v in p.iterdir())
-    return max((int(n) for n in numbers if n.isdigit()), default=0)
+    return max((v for v in map(version_number, numbers) if v is not None), default=0)

@@ -46,6 +46,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -71,7 +72,7 @@ from peftkit.registry.entries import (
     split_ref,
 )
 from peftkit.registry.index import Index
-from peftkit.registry.journal import Journal
+from peftkit.registry.journal import JOURNAL_FILE, Journal
 from peftkit.registry.metadata import register_metadata
 from peftkit.registry.promotions import Promotion
 from peftkit.registry.staging import register_folder, remove_entries
@@ -98,11 +99,40 @@ def _index_errors(method: Callable[..., _T]) -> Callable[..., _T]:
     return guarded
 
 
+# what a registry folder consists of: a folder holding anything else is not one
+_OWN_NAMES = frozenset({"adapters", "tmp", JOURNAL_FILE})
+_OWN_PREFIX = "index.sqlite"  # the index, its -wal / -shm and damaged copies moved aside
+
+
+def _refuse_other_folder(root: Path) -> None:
+    """RegistryError when ``root`` has no index yet but holds files a registry does not
+    consist of: a registry is never made inside a folder of other things (a missing or
+    empty folder becomes a new registry)."""
+    if os.path.lexists(root / _OWN_PREFIX) or not root.is_dir():
+        return
+    try:
+        other = sorted(
+            p.name
+            for p in root.iterdir()
+            if p.name not in _OWN_NAMES and not p.name.startswith(_OWN_PREFIX)
+        )
+    except OSError as exc:
+        raise RegistryError(f"cannot open the adapter registry at {root}: {exc}") from None
+    if other:
+        shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+        raise RegistryError(
+            f"{root} is not a peftkit registry (it has no index.sqlite) and holds other "
+            f"files ({shown}); give an empty or new folder for a registry"
+        )
+
+
 class Registry:
     """Adapters by name and version; safe from several threads and processes at once.
 
     A registry whose folder or index cannot be written (a mounted snapshot, another user's
     folder), or one opened with ``read_only=True``, reads as usual and refuses writes.
+    A missing or empty folder becomes a new registry; a folder with no index.sqlite that
+    holds other files is refused (RegistryError), and nothing is created in it.
 
     >>> reg = Registry(tmp / "registry")                       # doctest: +SKIP
     >>> reg.register("sst2", folder).ref  # metadata from folder/task.json  # doctest: +SKIP
@@ -112,6 +142,7 @@ class Registry:
 
     def __init__(self, root: str | Path, *, read_only: bool = False) -> None:
         self.root = Path(root).expanduser().absolute()
+        _refuse_other_folder(self.root)  # before anything is created in it
         self._adapters = self.root / "adapters"
         self._tmp = self.root / "tmp"
         self._db = Index(self.root, read_only=read_only)
@@ -219,8 +250,9 @@ class Registry:
         name, version = parse_ref(self.resolve(ref_str(ref)))
         if all_versions and version is not None:
             raise ConfigError(
-                f"remove({ref_str(ref)!r}, all_versions=True): give the bare name "
-                f"{name!r} to remove every version, or drop all_versions"
+                f"{ref_str(ref)!r} names one version; to remove every version give the bare "
+                f"name ('peftkit adapters rm {name} --all', or Registry.remove({name!r}, "
+                "all_versions=True)), or remove only this version (no --all / all_versions)"
             )
 
         def chosen() -> builtins.list[Entry]:  # inside the write transaction
@@ -261,8 +293,7 @@ class Registry:
             return ref
         version = alias_rows.target(self._db.conn(), name, selector)
         if version is None:
-            known = [a for _, a, _, _ in alias_rows.listed(self._db.conn(), name)]
-            raise alias_rows.unknown(name, selector, known)
+            raise self._unknown_alias(name, selector)
         return f"{name}@{version}"
 
     @_index_errors
@@ -285,8 +316,7 @@ class Registry:
         with self._db.write() as conn:
             before = alias_rows.drop(conn, name, alias)
             if before is None:
-                known = [a for _, a, _, _ in alias_rows.listed(conn, name)]
-                raise alias_rows.unknown(name, alias, known)
+                raise self._unknown_alias(name, alias)
             self._journal.unalias(name, alias)
         return f"{name}@{before}"
 
@@ -421,6 +451,14 @@ class Registry:
     import_folder = exchange.import_folder
 
     # -- internals -----------------------------------------------------------------------
+
+    def _unknown_alias(self, name: str, alias: str) -> RegistryError:
+        """The error for ``name@alias`` that points nowhere: no such adapter (with close
+        names), or the aliases it has."""
+        known = [a for _, a, _, _ in alias_rows.listed(self._db.conn(), name)]
+        if not known and not self.list(name):
+            return self._not_found(name, None)
+        return alias_rows.unknown(name, alias, known)
 
     def _not_found(self, name: str, version: int | None) -> RegistryError:
         sql = "SELECT version FROM entries WHERE name = ? ORDER BY version"
