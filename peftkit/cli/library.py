@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from peftkit.errors import ConfigError
+
 _KINDS = {"recipes": "recipes", "presets": "adapters", "prompts": "prompts"}  # CLI word -> library
 
 
@@ -33,10 +35,44 @@ def cmd_library_list(args: argparse.Namespace) -> int:
 
 
 def cmd_library_show(args: argparse.Namespace) -> int:
-    from peftkit.config.library import find
+    """Print the file after checking it is one of its kind: readable UTF-8, valid YAML, and
+    a recipe / preset / prompt set that loads (an error names what is wrong, in one line)."""
+    from peftkit.config.library import KINDS, find, library_dir
+    from peftkit.config.schema import read_text
 
-    print(find(_KINDS[args.kind], args.name).read_text(encoding="utf-8"), end="")
+    kind = _KINDS[args.kind]
+    what = KINDS[kind]
+    given = Path(args.name).expanduser()
+    builtin = "/" not in args.name and (library_dir(kind) / f"{args.name}.yaml").is_file()
+    if not builtin and given.exists() and not given.is_file():  # find() says "does not exist"
+        kind_of = "a folder" if given.is_dir() else "a device, pipe or socket"
+        raise ConfigError(f"{what} file {args.name!r} is {kind_of}, not a regular file")
+    path = find(kind, args.name)
+    text = read_text(path, what)
+    _LOADERS[kind](path)  # a file that is not a valid recipe / preset / prompt set is refused
+    print(text, end="")
     return 0
+
+
+def _load_recipe(path: Path) -> None:
+    from peftkit.config.recipes import load_recipe
+
+    load_recipe(path)
+
+
+def _load_preset(path: Path) -> None:
+    from peftkit.config.presets import load_preset
+
+    load_preset(path)
+
+
+def _load_prompts(path: Path) -> None:
+    from peftkit.prompting.templates import load_prompt_set
+
+    load_prompt_set(path)
+
+
+_LOADERS = {"recipes": _load_recipe, "adapters": _load_preset, "prompts": _load_prompts}
 
 
 def _summary(path: Path) -> str:

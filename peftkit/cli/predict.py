@@ -49,14 +49,16 @@ def _read_texts(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
     if args.texts and args.file:
         raise ConfigError("give texts as arguments or --file, not both")
     if args.texts:
+        for i, text in enumerate(args.texts, 1):
+            if not text.strip():
+                raise ConfigError(f"text argument {i} is empty; give a non-empty text")
+            _check_encodable(text, f"text argument {i}")
         return list(args.texts), None
     if args.file:
         where = f"--file {args.file}"
         path = Path(args.file)
         if not path.is_file():
-            raise ConfigError(
-                f"{where}: {'a folder, not a file' if path.is_dir() else 'no such file'}"
-            )
+            raise ConfigError(f"{where}: {_not_a_file(path)}")
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:
@@ -67,7 +69,10 @@ def _read_texts(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
             raise ConfigError(f"{where}: cannot read it ({exc.strerror or exc})") from None
     else:
         lines, where = _stdin_lines(), "standard input"
-    rows = [_row_of(line, i + 1, where) for i, line in enumerate(lines) if line.strip()]
+    jsonl = args.file is not None and Path(args.file).suffix.lower() in (".jsonl", ".ndjson")
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    jsonl = jsonl or any(_json_object(line) is not None for _, line in numbered)
+    rows = [_row_of(line, n, where, jsonl) for n, line in numbered]
     if not rows:
         raise ConfigError(f"no texts in {where} (empty lines only)")
     with_pair = [r[1] is not None for r in rows]
@@ -96,18 +101,56 @@ def _stdin_lines() -> list[str]:
     raise ConfigError("no texts: give them as arguments, with --file, or on stdin")
 
 
-def _row_of(line: str, lineno: int, where: str) -> tuple[str, str | None]:
-    """A line as (text, text_pair): a JSON object's fields, else the line itself."""
-    if line.lstrip().startswith("{"):
-        try:
-            row: Any = json.loads(line)
-        except ValueError:
-            return line, None
-        if isinstance(row, dict):
-            if not isinstance(row.get("text"), str) or not row["text"].strip():
-                raise DataError(f"{where}, line {lineno}: a JSON row needs a non-empty 'text'")
-            pair = row.get("text_pair")
-            if pair is not None and not isinstance(pair, str):
-                raise DataError(f"{where}, line {lineno}: 'text_pair' must be a string")
-            return row["text"], pair
-    return line, None
+def _not_a_file(path: Path) -> str:
+    if path.is_dir():
+        return "a folder, not a file"
+    if path.exists():
+        return "not a regular file (a device, pipe or socket); give a text or JSONL file"
+    return "no such file"
+
+
+def _json_object(line: str) -> dict | None:
+    """The JSON object a line holds, or None (not JSON, or JSON but not an object)."""
+    if not line.lstrip().startswith("{"):
+        return None
+    try:
+        row: Any = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _check_encodable(text: str, where: str) -> None:
+    """Refuse text the tokenizer cannot take: lone surrogates (bytes that were not UTF-8 in
+    argv, or ``\\ud800`` escapes in JSON) have no UTF-8 encoding."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(
+            f"{where}: not valid UTF-8 text (character {exc.start}: {exc.reason}); give UTF-8 text"
+        ) from None
+
+
+def _row_of(line: str, lineno: int, where: str, jsonl: bool) -> tuple[str, str | None]:
+    """A line as (text, text_pair): a JSON object's fields, else the line itself. In a
+    JSON-lines input (a .jsonl file, or one with JSON rows) a line that opens a JSON object
+    must be one: a broken row is an error, not a text."""
+    here = f"{where}, line {lineno}"
+    row = _json_object(line)
+    if row is None:
+        if jsonl and line.lstrip().startswith("{"):
+            try:
+                json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"{here}: not valid JSON ({exc}); fix or remove the row") from None
+        _check_encodable(line, here)
+        return line, None
+    if not isinstance(row.get("text"), str) or not row["text"].strip():
+        raise DataError(f"{here}: a JSON row needs a non-empty 'text'")
+    pair = row.get("text_pair")
+    if pair is not None and not isinstance(pair, str):
+        raise DataError(f"{here}: 'text_pair' must be a string")
+    _check_encodable(row["text"], f"{here}, 'text'")
+    if pair is not None:
+        _check_encodable(pair, f"{here}, 'text_pair'")
+    return row["text"], pair

@@ -60,7 +60,12 @@ class ServeConfig:
             raise ConfigError("serve.registry must name the registry folder, got ''")
         if self.base is not None and not self.base.strip():
             raise ConfigError("serve.base must name a model (or be left out), got ''")
-        for ref in self.adapters:
+        for i, ref in enumerate(self.adapters, 1):
+            if not ref.strip():
+                raise ConfigError(
+                    f"adapters entry {i} is empty; give adapter references separated "
+                    "by commas (sst2,agnews@3)"
+                )
             try:
                 split_ref(ref)
             except ConfigError as exc:

@@ -386,6 +386,22 @@ def compare(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
             metrics = json.loads(path.read_text())
         except ValueError as exc:
             raise ConfigError(f"{path}: unreadable metrics ({exc})") from None
+        if not isinstance(metrics, dict):
+            raise ConfigError(
+                f"{path}: metrics must be a JSON object of names to values, "
+                f"got {type(metrics).__name__}"
+            )
+        for key, _ in COMPARE_COLUMNS:
+            value = metrics.get(key)
+            if value is None or key in ("run", "recipe", "method"):
+                continue
+            pair = key.endswith("_ci95")
+            numbers = value if pair and isinstance(value, list) and len(value) == 2 else [value]
+            if (pair and numbers is not value) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers
+            ):
+                shape = "a [low, high] pair of numbers" if pair else "a number"
+                raise ConfigError(f"{path}: {key!r} must be {shape}, got {value!r}")
         row = {key: metrics.get(key) for key, _ in COMPARE_COLUMNS}
         row["run"] = Path(folder).name
         rows.append(row)

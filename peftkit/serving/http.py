@@ -31,13 +31,13 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException
 
 from peftkit.config.serve import ServeConfig
@@ -76,21 +76,36 @@ def status_of(exc: Exception, root: object = None) -> ApiError:
 # -- requests and answers -----------------------------------------------------------------
 
 
+def _utf8(text: str) -> str:
+    """JSON may carry lone surrogates (``"\\ud800"``): no tokenizer takes them, and no
+    answer could echo them, so they are refused here (422 naming the field)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"not valid UTF-8 text (a lone surrogate at character {exc.start})"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class InputRow(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str
-    text_pair: str | None = None
-    adapter: str | None = Field(
+    text: Text
+    text_pair: Text | None = None
+    adapter: Text | None = Field(
         None, description="name, name@N or name@alias; default: the request's"
     )
 
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    adapter: str | None = Field(None, description="the adapter of rows that name none")
-    inputs: list[str | InputRow]
+    adapter: Text | None = Field(None, description="the adapter of rows that name none")
+    inputs: list[Text | InputRow]
     top_k: int | None = Field(None, ge=1, description="probabilities kept per row (all)")
-    return_probs: bool = True
+    return_probs: StrictBool = True  # "yes" is a 422, not True
 
 
 class RowResult(BaseModel):
@@ -401,8 +416,25 @@ def validation_message(errors: Any) -> str:
     """pydantic's errors as one line naming each field (``inputs.0.text: Field required``);
     the alternatives of ``str | InputRow`` are folded into one message per row."""
     parts: list[str] = []
+    errors = list(errors)
+    # a row one alternative of ``Text | InputRow`` refused by its value (a lone surrogate)
+    # is answered with that reason, not with the other alternative's type error
+    refused = set()
+    for e in errors:
+        at = [str(p) for p in e.get("loc", ()) if p != "body"]
+        if e.get("type") == "value_error" and len(at) >= 3 and at[0] == "inputs":
+            refused.add(at[1])
     for error in errors:
         loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        if len(loc) >= 3 and loc[0] == "inputs" and loc[2].startswith("function-after"):
+            loc[2] = "str"  # the Text alternative, named by its validator
+        row_refused = loc[:1] == ["inputs"] and len(loc) >= 3 and loc[1] in refused
+        if row_refused and error.get("type") != "value_error":
+            continue
+        if error.get("type") == "value_error":
+            where = ".".join(loc[:2] + loc[3:] if loc[:1] == ["inputs"] else loc)
+            parts.append(f"{where}: {str(error.get('msg', '')).removeprefix('Value error, ')}")
+            continue
         if error.get("type") == "json_invalid":
             parts.append(
                 f"the body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])})"

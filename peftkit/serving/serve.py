@@ -22,9 +22,11 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import importlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ __all__ = [
     "Service",
     "add_arguments",
     "build_service",
+    "check_listen",
     "check_startup",
     "main",
     "read_api_keys",
@@ -72,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adapters",
         metavar="A,B@2",
-        type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+        type=lambda s: [x.strip() for x in s.split(",")],  # an empty entry is refused later
         help="adapters to load at start (others load on their first request)",
     )
     parser.add_argument("--host", help="default 127.0.0.1 (this machine only)")
@@ -124,7 +127,9 @@ def main(args: argparse.Namespace) -> int:
             from peftkit.serving.ray_serve import serve_on_ray
 
             return serve_on_ray(config, check_startup(config))
-        return serve(config, check_startup(config))
+        plan = check_startup(config)
+        check_listen(config.host, config.port)  # before the base loads, not after
+        return serve(config, plan)
     except PeftkitError as exc:
         print(f"peftkit: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
@@ -145,6 +150,42 @@ def check_startup(config: ServeConfig) -> Plan:
             raise ConfigError(f"--adapters: {exc}") from None
     keys = None if config.api_key_file is None else read_api_keys(config.api_key_file)
     return Plan(source, quantization, fingerprint, keys, len({e.name for e in entries}))
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse a host:port this process cannot listen on, naming the flag to change: the
+    host resolved (a name or an IP address) and a socket bound to it for a moment."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(
+            f"--host {host}: not an IP address or a host name this machine resolves "
+            f"({reason}); give one such as 127.0.0.1 or 0.0.0.0"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind(address)
+    except OSError as exc:
+        raise ConfigError(listen_problem(host, port, exc)) from None
+
+
+def listen_problem(host: str, port: int, exc: OSError) -> str:
+    """Why host:port cannot be listened on, and the flag that would fix it."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {host}:{port} ({reason}): is another server using it? "
+            "choose another with --port"
+        )
+    if exc.errno == errno.EACCES:
+        return (
+            f"cannot listen on {host}:{port} ({reason}): ports below 1024 need privileges; "
+            "choose another with --port"
+        )
+    return f"cannot listen on {host}:{port} ({reason}); give another address with --host"
 
 
 def _registered_base(registry: Registry, entries: list) -> tuple[str, str | None, str]:
@@ -313,9 +354,13 @@ def serve(config: ServeConfig, plan: Plan) -> int:
             with _signals_end_serving():
                 server.run()
         except SystemExit:  # uvicorn could not bind host:port (it logged why)
+            try:  # taken since the check at startup: say why, naming the flag to change
+                check_listen(config.host, config.port)
+            except ConfigError:
+                raise
             raise ConfigError(
                 f"cannot listen on {config.host}:{config.port}; is another server using "
-                "it? choose another with --port"
+                "it? choose another with --port (or --host)"
             ) from None
     finally:
         service.close(timeout=config.request_timeout_s)
