@@ -52,6 +52,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from peftkit.config.recipes import load_recipe
     from peftkit.run.pipeline import run_recipe
 
+    for flag, value in (("--run-dir", args.run_dir), ("--registry", args.registry)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{flag} is empty; give a folder (or leave {flag} out)")
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "eval" and recipe.prompt is None:
         raise ConfigError(
@@ -65,12 +68,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         if value
     ]
     words = [args.command, args.recipe, *args.overrides, *(w for f in folders for w in f)]
-    again = "peftkit " + shlex.join(words)
-    args.resume_hint = f"run '{again}' again to resume from the last checkpoint"
-    with _report_to_stdout():
-        outcome = run_recipe(
-            recipe, run_dir=args.run_dir, registry=args.registry, overwrite=args.overwrite
-        )
+    again = shlex.join(["peftkit", *words])
+    args.resume_hint = f"to resume from the last checkpoint, run: {again}"
+    try:
+        with _report_to_stdout():
+            outcome = run_recipe(
+                recipe, run_dir=args.run_dir, registry=args.registry, overwrite=args.overwrite
+            )
+    except KeyboardInterrupt as exc:  # the loop says where it stopped: one line with the hint
+        if str(exc):
+            args.resume_hint = f"{exc}; to resume from it, run: {again}"
+        raise
     args.resume_hint = None
     return 0 if outcome.run_dir else 1
 

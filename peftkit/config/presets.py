@@ -250,6 +250,18 @@ def _check_ranges(opts: dict[str, Any], source: str) -> None:
             f"{source}: adapter.peft.bias must be one of {', '.join(LORA_BIAS)}, got "
             f"{opts['bias']!r}"
         )
+    targets = opts.get("target_modules")
+    if targets is not None and targets != "auto":
+        names = [targets] if isinstance(targets, str) else targets
+        if (
+            not isinstance(targets, (str, list, tuple))
+            or not names
+            or not all(isinstance(t, str) and t.strip() for t in names)
+        ):
+            raise ConfigError(
+                f"{source}: adapter.peft.target_modules must be a non-empty list of module "
+                f"names (e.g. [query, value]), a name pattern, or 'all-linear'; got {targets!r}"
+            )
     drop = opts.get("lora_dropout", 0.0)
     if not (_is_number(drop) and 0 <= drop < 1):
         raise ConfigError(f"{source}: adapter.peft.lora_dropout must be in [0, 1), got {drop!r}")

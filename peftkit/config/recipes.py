@@ -28,8 +28,8 @@ from peftkit.config import overrides as overrides_mod
 from peftkit.config.gates import parse_gates
 from peftkit.config.library import available, find
 from peftkit.config.schema import Ctx, parse, read_text, read_yaml
-from peftkit.config.scorers import RECIPE_SCORERS
-from peftkit.config.training import TrainConfig
+from peftkit.config.scorers import RECIPE_SCORERS, scorer_row
+from peftkit.config.training import SEED_MAX, TrainConfig
 from peftkit.errors import ConfigError
 from peftkit.registry.entries import check_alias, check_name
 
@@ -145,6 +145,13 @@ class PromptRef:
     demonstrations: int = 0  # k per class; 0: zero-shot
     demo_selection: str = field(default="random", metadata={"choices": ("random", "nearest")})
 
+    def __post_init__(self) -> None:
+        if self.demonstrations < 0:
+            raise ConfigError(
+                f"prompt.demonstrations must be >= 0 (per label; 0: zero-shot), "
+                f"got {self.demonstrations}"
+            )
+
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -162,6 +169,12 @@ class DataSpec:
     few_shot_k: int | None = None  # train on k examples per class
 
     def __post_init__(self) -> None:
+        if not str(self.source).strip():
+            raise ConfigError(
+                "data.source must name a data folder, a CSV/JSONL file or a packaged corpus, got ''"
+            )
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"data.seed must be in [0, {SEED_MAX}], got {self.seed}")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"data.max_rows must be >= 1 (or null for all), got {self.max_rows}")
         if self.few_shot_k is not None and self.few_shot_k < 1:
@@ -361,15 +374,43 @@ def parse_recipe(
             ("promote",), "promote moves a registry alias: it needs an 'adapter' recipe with "
             "registry.enabled: true"
         )  # fmt: skip
+    prompt = recipe.prompt
+    if (
+        prompt is not None
+        and prompt.demonstrations
+        and prompt.scorer != "auto"
+        and not scorer_row(prompt.scorer).demonstrations
+    ):
+        raise ctx.error(
+            ("prompt", "demonstrations"),
+            f"the {prompt.scorer} scorer takes no demonstrations; set prompt.demonstrations: 0",
+        )
     if recipe.prompt is not None and recipe.then:
         raise ctx.error(("then",), "'then' (more tasks) needs an 'adapter' recipe")
+    _check_contrastive(recipe.adapter, recipe.training, ("training", "objective"), ctx)
     for i, task in enumerate(recipe.then):
         merged = {**dataclasses.asdict(recipe.training), **task.training}
-        parse(TrainConfig, merged, ("then", str(i), "training"), ctx)
+        config = parse(TrainConfig, merged, ("then", str(i), "training"), ctx)
+        where = ("then", str(i), "training", "objective")
+        _check_contrastive(task.adapter or recipe.adapter, config, where, ctx)
     if not recipe.name:
         recipe = dataclasses.replace(recipe, name=_name_from_stem(Path(source).stem))
     _check_names(recipe, ctx)
     return dataclasses.replace(recipe, source=source)
+
+
+def _check_contrastive(
+    adapter: AdapterRef | None, config: TrainConfig, path: tuple[str, ...], ctx: Ctx
+) -> None:
+    """A contrastive objective rebuilds a prototype head: it needs ``adapter.head_init``
+    (whether the preset trains the body is checked with the preset, in the run's plan)."""
+    if adapter is None or config.objective != "contrastive" or adapter.head_init is not None:
+        return
+    raise ctx.error(
+        path,
+        "contrastive trains the body and rebuilds a prototype head on it: it needs "
+        "adapter.head_init: prototypes",
+    )
 
 
 def _name_from_stem(stem: str) -> str:

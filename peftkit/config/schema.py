@@ -37,13 +37,13 @@ class Ctx:
 
     def error(self, path: tuple[str, ...], message: str) -> ConfigError:
         where = self.source
-        for n in range(len(path), -1, -1):
-            if path[:n] in self.overridden:
-                where += f" (override {self.overridden[path[:n]]!r})"
-                break
-            if path[:n] in self.lines:
-                where += f", line {self.lines[path[:n]]}"
-                break
+        # an override replaces everything under its key: the file's lines there are stale
+        overrides = [path[:n] for n in range(len(path), -1, -1) if path[:n] in self.overridden]
+        lines = [path[:n] for n in range(len(path), -1, -1) if path[:n] in self.lines]
+        if overrides:
+            where += f" (override {self.overridden[overrides[0]]!r})"
+        elif lines:
+            where += f", line {self.lines[lines[0]]}"
         dotted = ".".join(path)
         # a message that starts with the key path already says where
         key = f" {dotted}:" if path and not message.startswith(dotted + " ") else ""

@@ -26,6 +26,7 @@ OBJECTIVES = ("classify", "contrastive")
 # experiment trackers (Accelerate's); each one's library comes with the extra of its name
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a folder's name (TensorBoard)
+SEED_MAX = 2**32 - 1  # torch.manual_seed and numpy take an unsigned 32-bit seed
 REPLAY_PREVIOUS = "previous"  # replay.source: every earlier task's training rows in the recipe
 
 
@@ -110,6 +111,7 @@ class TrainConfig:
         ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        self._check_counts()
         if self.max_steps is not None and self.max_steps < 0:
             raise ConfigError(f"training.max_steps must be >= 0, got {self.max_steps}")
         if self.epochs < 0 or (self.epochs == 0 and not self.max_steps):
@@ -125,6 +127,22 @@ class TrainConfig:
                 f"training.loraplus_lr_ratio must be >= 1, got {self.loraplus_lr_ratio}"
             )
         self._check_tracker()
+
+    def _check_counts(self) -> None:
+        """The seed fits torch's and numpy's (an unsigned 32-bit integer); evaluations come
+        every N >= 1 steps; patience counts evaluations (>= 0)."""
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"training.seed must be in [0, {SEED_MAX}], got {self.seed}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ConfigError(
+                f"training.eval_every must be >= 1 (steps; null: once per epoch), "
+                f"got {self.eval_every}"
+            )
+        if self.patience is not None and self.patience < 0:
+            raise ConfigError(
+                f"training.patience must be >= 0 (evaluations; null: never stop early), "
+                f"got {self.patience}"
+            )
 
     def _check_tracker(self) -> None:
         """A known tracker, and names it can use (whether its library is installed is

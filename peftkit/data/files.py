@@ -87,8 +87,8 @@ def split_files(folder: Path, need_train: bool = True) -> dict[str, Path]:
     if need_train and "train" not in found:
         raise DataError(
             f"{folder} has no training file: expected train.jsonl, train.csv or train.tsv "
-            f"(with validation.* and test.*); {holds} (scoring alone, as zero-shot and "
-            "prediction do, takes a folder without one: need_train=False)"
+            f"(with validation.* and test.*); {holds} (zero-shot evaluation and prediction "
+            "take a folder without one; in Python, load_data(..., need_train=False))"
         )
     if not found:
         raise DataError(
@@ -247,7 +247,7 @@ def require_fields(where: str, lineno: int, present: Iterable[str], fields: Fiel
             raise DataError(
                 f"{where}, line {lineno}: no field {name!r}; fields present: "
                 f"{', '.join(map(repr, present)) or 'none'}{_closest_field(name, present)}; "
-                f"name yours with {arg}="
+                f"name yours with data.{arg} in a recipe ({arg}= in load_data)"
             )
 
 

@@ -28,7 +28,7 @@ class Task:
     config: Any  # TrainConfig
     folder: Path
     head_init: Any = None  # recipes.HeadInitSpec
-    head: Any = None  # fewshot.Prototypes, when head_init is set
+    head: Any = None  # training.prototypes.Prototypes, when head_init is set
     continual: Any = None  # run.continual.Continual: parent, data fingerprints, replay
 
 
@@ -89,6 +89,15 @@ def _task(recipe, name, data_spec, spec, config, folder, head_init, where) -> Ta
         raise ConfigError(
             f"{recipe.source}: training.max_steps: 0 registers the prototype head untrained; "
             f"it needs adapter.preset: probe and adapter.head_init: prototypes (this task: "
+            f"{spec.method}, head_init {'set' if head_init else 'unset'})"
+        )
+    if config.objective == "contrastive" and (
+        head_init is None or method_row(spec.method).saved_as == "head"
+    ):
+        raise ConfigError(
+            f"{recipe.source}: {where.rpartition('adapter.head_init')[0]}training.objective: "
+            "contrastive trains the body and rebuilds a prototype head on it: it needs "
+            f"adapter.head_init: prototypes and an adapter that trains the body (this task: "
             f"{spec.method}, head_init {'set' if head_init else 'unset'})"
         )
     data, train_split = load_task_data(data_spec)
@@ -171,6 +180,84 @@ def check_prompt(recipe: Recipe, data) -> None:
             prompt.verbalizer.for_labels(data.labels, where=f"prompt {prompt.name!r}")
     except PeftkitError as exc:
         raise type(exc)(f"{recipe.source}: prompt: {exc}") from None
+
+
+def check_demonstrations(recipe: Recipe, data, pool) -> None:
+    """``prompt.demonstrations`` (k per label) fits the training rows drawn from, checked
+    once the data is loaded, before the model is."""
+    from collections import Counter
+
+    k = recipe.prompt.demonstrations if recipe.prompt is not None else 0
+    if not k:
+        return
+    counts = Counter(pool.labels)
+    short = [(name, counts[i]) for i, name in enumerate(data.labels) if counts[i] < k]
+    if short:
+        listing = ", ".join(f"{name!r} has {n}" for name, n in short)
+        smallest = min(counts[i] for i in range(len(data.labels)))
+        raise ConfigError(
+            f"{where_set(recipe, 'prompt.demonstrations')}: prompt.demonstrations={k} per label, "
+            f"but the training split is too small: {listing}; use at most {smallest}"
+        )
+
+
+def where_set(recipe: Recipe, key: str) -> str:
+    """The recipe file, with the command-line override that set ``key`` when one did."""
+    for item in reversed(recipe.overrides):
+        given = item.partition("=")[0].strip()
+        if key == given or key.startswith(given + "."):
+            return f"{recipe.source} (override {item!r})"
+    return recipe.source
+
+
+def check_targets(recipe: Recipe, tasks: list[Task], base) -> None:
+    """Every task's ``adapter.peft.target_modules`` names modules the loaded base has (only
+    the base can tell): a one-line error listing some of its module names, before training."""
+    import re
+
+    modules = [(n, m) for n, m in base.model.named_modules() if n]
+    names = [n for n, _ in modules]
+    # what to suggest: the linear layers' own names (LoRA's usual targets), else every leaf
+    linear = {n.rpartition(".")[2] for n, m in modules if type(m).__name__ in ("Linear", "Conv1D")}
+    leaves = sorted(linear or {n.rpartition(".")[2] for n in names if not n[-1].isdigit()})
+    for task in tasks:
+        targets = task.spec.peft.get("target_modules") if task.spec.uses_peft else None
+        if targets is None or targets in ("auto", "all-linear"):
+            continue
+        if isinstance(targets, str):
+            patterns = [re.compile(targets)] if _compiles(targets) else []
+            found = any(p.fullmatch(n) for p in patterns for n in _suffixes(names))
+            missing = [] if found or not patterns else [targets]
+        else:
+            missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            shown = ", ".join(leaves[:12]) + (", ..." if len(leaves) > 12 else "")
+            key = "adapter.peft.target_modules"
+            task_note = "" if task is tasks[0] else f" (then: {task.name})"
+            raise ConfigError(
+                f"{where_set(recipe, key)}: {key}{task_note}: {', '.join(map(repr, missing))} "
+                f"matches no module of base {recipe.base.source!r}; its layers include: {shown}"
+            )
+
+
+def _compiles(pattern: str) -> bool:
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
+def _suffixes(names: list[str]) -> list[str]:
+    """Each module name and every tail of it (peft matches the body's names, which may lack
+    the wrapper's first parts)."""
+    out: set[str] = set()
+    for n in names:
+        parts = n.split(".")
+        out.update(".".join(parts[i:]) for i in range(len(parts)))
+    return sorted(out)
 
 
 def load_recipe_base(spec, quantization: str | None):

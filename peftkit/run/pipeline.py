@@ -25,7 +25,9 @@ from peftkit.errors import ConfigError
 from peftkit.run.builders import (
     Task,
     build_tasks,
+    check_demonstrations,
     check_prompt,
+    check_targets,
     load_recipe_base,
     load_task_data,
     quantization_of,
@@ -33,7 +35,11 @@ from peftkit.run.builders import (
 from peftkit.run.confidence import calibrate, check_calibration
 from peftkit.run.folders import (
     ENVIRONMENT_FILE,
+    LOCK_FILE,
+    LOG_FILE,
     METRICS_FILE,
+    RECIPE_FILE,
+    RUN_FILE,
     check_run_dir,
     default_run_dir,
     environment,
@@ -124,29 +130,62 @@ def run_recipe(
     # cpu=True on a machine without CUDA: under torchrun/accelerate launch that makes the
     # process group gloo (MULTI_CPU), the same state train()'s Accelerator then joins.
     state = PartialState(cpu=not torch.cuda.is_available())
-    with contextlib.ExitStack() as stack:
-        path, reg, resumed = None, None, False
-        if state.is_main_process:
-            path, reg, resumed = _prepare(recipe, plan, state, stack, run_dir, registry,
-                                          overwrite, runs_root)  # fmt: skip
-            if out is not None:
-                stack.enter_context(_echo(out))
-        path = Path(_broadcast(state, str(path) if path else None))
-        ctx = RunContext(recipe, plan, path, reg, state)
-        if recipe.prompt is not None:
-            return _run_prompt(ctx)
-        outcome = _train_all(ctx)
-        outcome.resumed = resumed
-        return outcome
+    made: tuple[Path, Path] | None = None  # (run folder, outermost folder this run made)
+    try:
+        with contextlib.ExitStack() as stack:
+            path, reg, resumed = None, None, False
+            if state.is_main_process:
+                path, reg, resumed, top = _prepare(recipe, plan, state, stack, run_dir,
+                                                   registry, overwrite, runs_root)  # fmt: skip
+                made = None if top is None else (Path(path), top)
+                if out is not None:
+                    stack.enter_context(_echo(out))
+            path = Path(_broadcast(state, str(path) if path else None))
+            ctx = RunContext(recipe, plan, path, reg, state)
+            if recipe.prompt is not None:
+                return _run_prompt(ctx)
+            outcome = _train_all(ctx)
+            outcome.resumed = resumed
+            return outcome
+    except BaseRefused:
+        # refused once the base was loaded, before any training: nothing worth keeping
+        if made is not None:
+            _unmake(*made)
+        raise
+
+
+def _unmake(path: Path, made: Path) -> None:
+    """Remove what preparing the run folder ``path`` wrote (its own files, then the folders
+    up to ``made``, the outermost it created), each only while it holds nothing else: a
+    folder another run wrote into meanwhile (a sibling run under a shared ``runs/``) stays."""
+    own = {RUN_FILE, LOCK_FILE, RECIPE_FILE, ENVIRONMENT_FILE, LOG_FILE}
+    for name in own:
+        with contextlib.suppress(OSError):
+            if (path / name).is_file() and not (path / name).is_symlink():
+                (path / name).unlink()
+    for folder in (path, *path.parents):
+        try:
+            folder.rmdir()  # only an empty folder goes
+        except OSError:
+            return
+        if folder == made:
+            return
+
+
+class BaseRefused(ConfigError):
+    """The recipe asks for something the loaded base does not have (checked before any
+    training, so the run folder it made holds nothing and goes)."""
 
 
 def _prepare(recipe, plan, state, stack, run_dir, registry, overwrite, runs_root):
-    """The main process's run folder (checked, locked, written) and registry."""
+    """The main process's run folder (checked, locked, written) and registry; the last
+    item is the folder when this call created it (else None)."""
     resolved = recipe_to_dict(recipe)
     if run_dir is None:
         found = interrupted_run(runs_root, plan.name, resolved)
         run_dir = found or default_run_dir(plan.name, runs_root)
     check_run_dir(run_dir, resolved, overwrite=overwrite)
+    made = _first_missing(Path(run_dir))
     reg = _open_registry(recipe, Path(registry or recipe.registry.path))
     if reg is not None:
         stack.callback(reg.close)
@@ -156,7 +195,17 @@ def _prepare(recipe, plan, state, stack, run_dir, registry, overwrite, runs_root
         print(f"peftkit: resuming the unfinished run in {path}", file=sys.stderr)
     write_json(path / ENVIRONMENT_FILE, environment(state.num_processes))
     stack.enter_context(run_log(path))
-    return path, reg, resumed
+    return path, reg, resumed, made
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what making it creates)."""
+    missing = None
+    for folder in (path, *path.absolute().parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
 
 
 @contextlib.contextmanager
@@ -188,6 +237,7 @@ def plan_run(recipe: Recipe, *, registry: str | Path | None = None) -> Plan:
     if recipe.prompt is not None:
         data, train_split = load_task_data(recipe.data, need_train=recipe.prompt.demonstrations > 0)
         check_prompt(recipe, data)
+        check_demonstrations(recipe, data, train_split)
         name = run_name(recipe.name, data.name)
         plan = Plan(name, recipe.base.quantization, data=data, train_split=train_split)
     else:
@@ -231,6 +281,10 @@ def _train_all(ctx: RunContext) -> RunOutcome:
 
     recipe, tasks, registry = ctx.recipe, ctx.plan.tasks, ctx.registry
     ctx.base = load_recipe_base(recipe.base, ctx.plan.quantization)
+    try:  # only the loaded base knows its module names
+        check_targets(recipe, tasks, ctx.base)
+    except ConfigError as exc:
+        raise BaseRefused(str(exc)) from None
     ctx.run_id = run_id(ctx.path) if ctx.main else ""
     metrics: dict[str, Any] = {}
     entries: list[str] = []

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from peftkit.errors import TrainingError
@@ -189,20 +190,40 @@ def _refuse(candidate: Path, name: str, root: Path) -> None:
     )
 
 
-def restore_checkpoint(found: Path, model, optimizer, scheduler) -> dict[str, Any]:
+def damaged(found: Path, why: str) -> TrainingError:
+    """The one error for a checkpoint that cannot be read back as written."""
+    return TrainingError(
+        f"checkpoint {found} is damaged ({why}); delete {found.parent} to train this run "
+        "again from the start"
+    )
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of a checkpoint; one that is not whole is a damaged checkpoint."""
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise damaged(path.parent, f"{path.name}: {type(exc).__name__}: {exc}") from None
+
+
+def restore_checkpoint(
+    found: Path, model, optimizer, scheduler, total_steps: int | None = None
+) -> dict[str, Any]:
     """Load checkpoint ``found`` (from :func:`find_checkpoint`) into ``model``, ``optimizer``,
-    ``scheduler`` and the torch / numpy RNGs; returns the loop's saved ``state``."""
+    ``scheduler`` and the torch / numpy RNGs; returns the loop's saved ``state`` (checked:
+    its step within ``total_steps``, the run's, when given)."""
     try:
         state = json.loads((found / STATE).read_text())
         extra = json.loads((found / EXTRA).read_text())
-        tensors = load_file(str(found / TENSORS))
-        weights = load_file(str(found / WEIGHTS))
+    except (OSError, ValueError) as exc:  # JSON errors
+        raise damaged(found, f"{type(exc).__name__}: {exc}") from None
+    check_state(state, found, total_steps)
+    tensors = read_weights(found / TENSORS)
+    weights = read_weights(found / WEIGHTS)
+    try:
         parts = {key: from_json(extra[key], tensors) for key in _PARTS}
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # JSON and safetensors errors
-        raise TrainingError(
-            f"checkpoint {found} is damaged ({type(exc).__name__}: {exc}); delete "
-            f"{found.parent} to train this run again from the start"
-        ) from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise damaged(found, f"{EXTRA}: {type(exc).__name__}: {exc}") from None
     load_trainable(model, weights)
     _check_schedule(parts["scheduler"], scheduler, found)
     try:
@@ -220,6 +241,35 @@ def restore_checkpoint(found: Path, model, optimizer, scheduler) -> dict[str, An
 
 
 _PARTS = ("optimizer", "scheduler", "torch_rng", "numpy_rng")
+# the training loop's state: counters (whole numbers >= 0) and the rest, by type
+_COUNTERS = ("step", "epoch", "batch", "best_step", "bad_evals")
+
+
+def check_state(state: Any, found: Path, total_steps: int | None = None) -> None:
+    """``state.json`` as the loop wrote it: counters whole numbers >= 0, the step within the
+    run's ``total_steps``, the history a list, the best metric and elapsed time numbers."""
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not isinstance(state, dict):
+        raise damaged(found, f"{STATE} is not a mapping")
+    for key in _COUNTERS:
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise damaged(found, f"{STATE}: {key} must be a whole number >= 0, got {value!r}")
+    step = state["step"]
+    if total_steps is not None and step > total_steps:
+        raise damaged(found, f"{STATE}: step {step} is past this run's {total_steps} steps")
+    if not isinstance(state.get("history"), list) or not all(
+        isinstance(row, dict) for row in state["history"]
+    ):
+        raise damaged(found, f"{STATE}: history must be a list of evaluations")
+    if state.get("best_metric") is not None and not number(state["best_metric"]):
+        raise damaged(found, f"{STATE}: best_metric must be a number, got {state['best_metric']!r}")
+    elapsed = state.get("elapsed_s", 0.0)
+    if not number(elapsed) or not 0 <= elapsed < float("inf"):
+        raise damaged(found, f"{STATE}: elapsed_s must be a number >= 0, got {elapsed!r}")
 
 
 def _check_schedule(saved: Any, scheduler, found: Path) -> None:

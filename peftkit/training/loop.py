@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from peftkit.adapters.model import TaskModel, trainable_parameters
 from peftkit.config.presets import AdapterSpec
@@ -25,6 +24,7 @@ from peftkit.errors import ConfigError, TrainingError
 from peftkit.training.checkpoints import (
     find_checkpoint,
     load_trainable,
+    read_weights,
     restore_checkpoint,
     save_best,
     save_checkpoint,
@@ -137,7 +137,9 @@ class TrainLoop:
             torch.manual_seed(self.config.seed)
             return 0
         unwrapped = self.acc.unwrap_model(self.model)
-        self.state = restore_checkpoint(found, unwrapped, self.optimizer, self.scheduler)
+        self.state = restore_checkpoint(
+            found, unwrapped, self.optimizer, self.scheduler, total_steps=self.cap_steps
+        )
         self.state.setdefault("elapsed_s", 0.0)
         sched = self.scheduler.lr_lambdas[0]  # its horizon came back with the checkpoint
         budgeted = self.config.max_minutes is not None
@@ -191,13 +193,10 @@ class TrainLoop:
                     state["epoch"] += 1
                     state["batch"] = 0
         except KeyboardInterrupt:
-            if self.main:
-                print(
-                    f"\npeftkit: interrupted at step {state['step']}; the last checkpoint is in "
-                    f"{self.ckpt_dir / 'last'}. Run the same command again to resume.",
-                    file=sys.stderr,
-                )
-            raise
+            # said once, by whoever catches it (the CLI adds the command that resumes)
+            raise KeyboardInterrupt(
+                f"at step {state['step']}; the last checkpoint is in {self.ckpt_dir / 'last'}"
+            ) from None
         finally:
             self.bar.close()
         self.seconds = time.perf_counter() - start
@@ -423,7 +422,7 @@ class TrainLoop:
         unwrapped = self.acc.unwrap_model(self.model)
         best = self.ckpt_dir / "best" / "trainable.safetensors"
         if best.is_file():
-            load_trainable(unwrapped, load_file(str(best)))
+            load_trainable(unwrapped, read_weights(best))
         if self.refit is not None:
             self.refit(unwrapped)
         return unwrapped.eval()

@@ -142,8 +142,8 @@ def train(
     if contrastive and (prototypes is None or method_row(spec.method).saved_as == "head"):
         raise ConfigError(
             "training.objective: contrastive trains the body and rebuilds a prototype head "
-            "on it: it needs adapter.head_init: prototypes (fewshot.Prototypes) and an "
-            f"adapter that trains the body (this run: {spec.method}, head_init "
+            "on it: it needs adapter.head_init: prototypes and an adapter that trains the "
+            f"body (this run: {spec.method}, head_init "
             f"{type(head_init).__name__ if head_init is not None else 'unset'})"
         )
     if prototypes is not None:
@@ -198,10 +198,18 @@ def train(
             f"head_init has {head_init.linear.out_features} outputs but the data has "
             f"{len(data.labels)} labels"
         )
-    model = build_task_model(
-        base, spec, labels=data.labels, max_length=max_length, template=template,
-        seed=config.seed, verbalizer=token_ids,
-    )  # fmt: skip
+    try:
+        model = build_task_model(
+            base, spec, labels=data.labels, max_length=max_length, template=template,
+            seed=config.seed, verbalizer=token_ids,
+        )  # fmt: skip
+    except ValueError as exc:
+        if "target modules" not in str(exc).lower() or isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(
+            f"adapter.peft.target_modules: {spec.peft.get('target_modules')!r} matches no "
+            "module of the base model; name modules it has (e.g. its attention projections)"
+        ) from None
     if verbalizer is not None:  # recorded as words: serving needs no tokenizer to read them
         model.task = replace(model.task, verbalizer={lab: verbalizer[lab] for lab in data.labels})
     tracking = Tracking(acc)  # training.log_with's run, started once the loop is set up
