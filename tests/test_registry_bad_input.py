@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
+from test_cli_adapters import run
 
-from peftkit.cli import main
 from peftkit.errors import ConfigError, RegistryError
 from peftkit.registry.store import Registry
 
@@ -37,13 +37,6 @@ def root(tmp_path) -> Path:
     reg.alias("sst2@1", "production")
     reg.close()
     return reg.root
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
 
 
 def _tree(folder: Path) -> list[str]:
