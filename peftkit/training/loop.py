@@ -194,8 +194,15 @@ class TrainLoop:
                     state["batch"] = 0
         except KeyboardInterrupt:
             # said once, by whoever catches it (the CLI adds the command that resumes)
+            last = self.ckpt_dir / "last"
+            try:
+                kept = find_checkpoint(last)
+            except TrainingError:  # said when the run resumes
+                kept = last
             raise KeyboardInterrupt(
-                f"at step {state['step']}; the last checkpoint is in {self.ckpt_dir / 'last'}"
+                f"at step {state['step']}; the last checkpoint is in {last}"
+                if kept is not None
+                else f"at step {state['step']}, before the first checkpoint (resuming starts over)"
             ) from None
         finally:
             self.bar.close()
