@@ -264,14 +264,20 @@ async def _send(session, url: str, adapter: str, rows: list[str]) -> tuple[int, 
         return response.status, body
 
 
-async def closed_loop(url: str, requests: list, clients: int, seconds: float, warm: float):
-    """``clients`` workers, each sending its next request when the last is answered."""
+async def closed_loop(
+    url: str, requests: list, clients: int, seconds: float, warm: float, bounds: dict | None = None
+):
+    """``clients`` workers, each sending its next request when the last is answered;
+    ``bounds`` gets the measured window's start and stop."""
     import aiohttp
+
+    bounds = {} if bounds is None else bounds
 
     done: list[tuple[float, float, int, int, int, Any]] = []  # start, end, i, rows, status, body
     index = iter(range(len(requests)))
     t_start = time.perf_counter()
     stop_at = t_start + warm + seconds
+    bounds.update(start=t_start + warm, stop=stop_at)
 
     async def worker(session) -> None:
         for i in index:
@@ -292,6 +298,15 @@ async def closed_loop(url: str, requests: list, clients: int, seconds: float, wa
     window = [d for d in done if d[0] >= t_start + warm]
     elapsed = max(d[1] for d in window) - (t_start + warm) if window else float("nan")
     return window, elapsed, done
+
+
+def served_in_window(done: list, t_from: float, t_to: float) -> float:
+    """Rows/s answered (200) between ``t_from`` and ``t_to``, whenever their requests were
+    sent: counting only requests sent inside the window instead leaves out the rows the
+    server answers in the window's first latency's worth of time, which undercounts by
+    about latency / (window + latency) (18% for 1-8-row requests at 64 clients)."""
+    rows = sum(d[3] for d in done if d[4] == 200 and t_from <= d[1] <= t_to)
+    return rows / (t_to - t_from)
 
 
 async def open_loop(url: str, requests: list, rate: float, seconds: float):
@@ -356,10 +371,13 @@ def run_server(kind, args, registry, names, work, scenarios, expected) -> dict:
     results: dict[str, Any] = {"memory_16_resident": memory(process.pid)}
     try:
         for key, (requests, clients) in scenarios.items():
-            window, elapsed, _ = asyncio.run(
-                closed_loop(url, requests, clients, args.seconds, args.warmup)
+            bounds: dict[str, float] = {}
+            window, elapsed, done = asyncio.run(
+                closed_loop(url, requests, clients, args.seconds, args.warmup, bounds)
             )
             results[key] = summarize(window, elapsed, requests, expected)
+            # throughput: rows answered inside the window (latency: requests sent in it)
+            results[key]["rows_per_s"] = served_in_window(done, bounds["start"], bounds["stop"])
             print(f"  {kind:8s} {key:28s} {_line(results[key])}", flush=True)
         results["memory_after_load"] = memory(process.pid)
     finally:
@@ -584,6 +602,8 @@ def report(args, env, setup, offline, servers, open_loops, mem, clients, bound) 
             + (f"with {' '.join(SERVER_ARGS)}, " if SERVER_ARGS else "")
             + "max_resident 16, every adapter preloaded; naive: bench/naive_server.py",
             "load_generator": "aiohttp in the benchmark's process (shares the 2 cores)",
+            "closed_loop_rows_per_s": "rows answered inside each level's measured window, "
+            "whenever sent; latency percentiles over the requests sent inside it",
         },
         "offline_limit_rows_per_s": offline,
         "closed_loop": rows,
