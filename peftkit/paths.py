@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from pathlib import Path
 
 
@@ -17,20 +18,39 @@ def cache_dir() -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new, never half."""
+    """Write ``data`` to ``path`` so that readers see the old file or the new, never half.
+
+    The temporary file gets a fresh random name, created ``O_EXCL | O_NOFOLLOW``: whatever
+    already has that name (a file, a planted link) is left alone and another name is drawn,
+    so the write never goes through, nor removes, anything peftkit did not create. On
+    failure the temporary file (this call's own) is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # a file left there by a crash, or a link planted there, goes by its name only: the new
-    # file is created (O_EXCL, O_NOFOLLOW), never written through what was in its place
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    with os.fdopen(os.open(tmp, flags | getattr(os, "O_CLOEXEC", 0), 0o666), "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{_token()}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)  # 0o666: the umask decides, as open() does
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name beside {path}")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # created above by this call
+        raise
+
+
+def _token() -> str:
+    return secrets.token_hex(6)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -76,18 +76,46 @@ def test_a_run_folder_whose_lock_has_another_hard_link_is_refused_untouched(tmp_
     assert precious.read_text() == "my notes\n"
 
 
-@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
-def test_an_atomic_write_never_writes_through_a_file_planted_at_its_temporary_name(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "file"])
+def test_an_atomic_write_never_touches_a_file_planted_at_its_temporary_name(
+    tmp_path, kind, monkeypatch
+):
+    """Whatever holds the temporary name drawn (a link, a user's own file) is neither
+    written through nor removed: another name is drawn."""
+    import peftkit.paths
+
+    names = iter(["planted", "fresh"])
+    monkeypatch.setattr(peftkit.paths, "_token", lambda: next(names))
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me\n")
     target = tmp_path / "run" / "metrics.json"
     target.parent.mkdir()
-    planted = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    planted = target.with_name(f".{target.name}.planted.tmp")
     if kind == "symlink":
         planted.symlink_to(precious)
-    else:
+    elif kind == "hardlink":
         os.link(precious, planted)
+    else:
+        planted.write_text("a user's file\n")
     atomic_write_text(target, '{"accuracy": 1.0}\n')
     assert precious.read_text() == "keep me\n"
     assert target.read_text() == '{"accuracy": 1.0}\n' and not target.is_symlink()
-    assert not os.path.lexists(planted)
+    assert os.path.lexists(planted)  # left as it was
+    if kind == "file":
+        assert planted.read_text() == "a user's file\n"
+    assert not (target.parent / ".metrics.json.fresh.tmp").exists()  # renamed into place
+
+
+def test_a_failed_atomic_write_removes_only_its_own_temporary_file(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    target.write_text("old\n")
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_text(target, "new\n")
+    monkeypatch.undo()
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

@@ -6,6 +6,7 @@ damaged checkpoint is refused on resume the one way damaged checkpoints are."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 
 import pytest
@@ -246,7 +247,7 @@ def test_unmaking_a_refused_run_folder_leaves_what_another_run_wrote(tmp_path):
     """A run refused after the base loaded removes only its own files and the folders it
     made that are empty then: a sibling run under the ``runs/`` it created stays."""
     from peftkit.run.folders import LOCK_FILE, RUN_FILE
-    from peftkit.run.pipeline import _unmake
+    from peftkit.run.pipeline import _own_files, _unmake
 
     runs = tmp_path / "runs"
     mine, theirs = runs / "mine", runs / "theirs"
@@ -255,12 +256,44 @@ def test_unmaking_a_refused_run_folder_leaves_what_another_run_wrote(tmp_path):
     for name in (RUN_FILE, LOCK_FILE):
         (mine / name).write_text("x")
     (theirs / RUN_FILE).write_text("their run")
-    _unmake(mine, runs)
+    own = _own_files(mine)
+    _unmake(mine, runs, own)
+    _close(own)
     assert not mine.exists()
     assert (theirs / RUN_FILE).read_text() == "their run"
     # a file it did not write keeps its folder
     (mine / "notes.txt").parent.mkdir()
-    (mine / "notes.txt").write_text("keep")
     (mine / RUN_FILE).write_text("x")
-    _unmake(mine, runs)
+    own = _own_files(mine)
+    (mine / "notes.txt").write_text("keep")
+    _unmake(mine, runs, own)
+    _close(own)
     assert (mine / "notes.txt").read_text() == "keep" and not (mine / RUN_FILE).exists()
+
+
+def test_unmaking_leaves_a_file_put_in_place_of_one_the_run_wrote(tmp_path):
+    """Only the very files the run wrote go: a user's file moved in under one of their
+    names (another inode), or a link there, stays."""
+    from peftkit.run.folders import LOG_FILE, RUN_FILE
+    from peftkit.run.pipeline import _own_files, _unmake
+
+    run = tmp_path / "runs" / "mine"
+    run.mkdir(parents=True)
+    for name in (RUN_FILE, LOG_FILE):
+        (run / name).write_text("x")
+    own = _own_files(run)
+    precious = tmp_path / "precious.log"
+    precious.write_text("the user's log\n")
+    (run / LOG_FILE).unlink()
+    (run / LOG_FILE).write_text("the user's own run.log\n")  # a new file, a new inode
+    (run / RUN_FILE).unlink()
+    (run / RUN_FILE).symlink_to(precious)
+    _unmake(run, tmp_path / "runs", own)
+    _close(own)
+    assert (run / LOG_FILE).read_text() == "the user's own run.log\n"
+    assert (run / RUN_FILE).is_symlink() and precious.read_text() == "the user's log\n"
+
+
+def _close(own: dict[str, int]) -> None:
+    for fd in own.values():
+        os.close(fd)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,14 +132,15 @@ def run_recipe(
     # cpu=True on a machine without CUDA: under torchrun/accelerate launch that makes the
     # process group gloo (MULTI_CPU), the same state train()'s Accelerator then joins.
     state = PartialState(cpu=not torch.cuda.is_available())
-    made: tuple[Path, Path] | None = None  # (run folder, outermost folder this run made)
+    # (run folder, outermost folder this run made, the files it wrote there, held open)
+    made: tuple[Path, Path, dict[str, int]] | None = None
     try:
         with contextlib.ExitStack() as stack:
             path, reg, resumed = None, None, False
             if state.is_main_process:
                 path, reg, resumed, top = _prepare(recipe, plan, state, stack, run_dir,
                                                    registry, overwrite, runs_root)  # fmt: skip
-                made = None if top is None else (Path(path), top)
+                made = None if top is None else (Path(path), top, _own_files(Path(path)))
                 if out is not None:
                     stack.enter_context(_echo(out))
             path = Path(_broadcast(state, str(path) if path else None))
@@ -152,16 +155,41 @@ def run_recipe(
         if made is not None:
             _unmake(*made)
         raise
+    finally:
+        for fd in [] if made is None else made[2].values():
+            os.close(fd)
 
 
-def _unmake(path: Path, made: Path) -> None:
-    """Remove what preparing the run folder ``path`` wrote (its own files, then the folders
-    up to ``made``, the outermost it created), each only while it holds nothing else: a
-    folder another run wrote into meanwhile (a sibling run under a shared ``runs/``) stays."""
-    own = {RUN_FILE, LOCK_FILE, RECIPE_FILE, ENVIRONMENT_FILE, LOG_FILE}
-    for name in own:
+_OWN = (RUN_FILE, LOCK_FILE, RECIPE_FILE, ENVIRONMENT_FILE, LOG_FILE)
+
+
+def _own_files(path: Path) -> dict[str, int]:
+    """The files preparing the new run folder ``path`` wrote, each held open (a descriptor),
+    so that its inode cannot be freed and reused by a file put in its place."""
+    out = {}
+    for name in _OWN:
         with contextlib.suppress(OSError):
-            if (path / name).is_file() and not (path / name).is_symlink():
+            fd = os.open(path / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                out[name] = fd
+            else:
+                os.close(fd)
+    return out
+
+
+def _unmake(path: Path, made: Path, own: dict[str, int]) -> None:
+    """Remove what preparing the run folder ``path`` wrote: the files in ``own`` that are
+    still those very files (same inode as the descriptor held: a file or link put in one's
+    place stays), then the folders up to ``made``, the outermost it created, each only
+    while empty: a folder another run wrote into meanwhile (a sibling run under a shared
+    ``runs/``) stays."""
+    for name, fd in own.items():
+        with contextlib.suppress(OSError):
+            held, there = os.fstat(fd), (path / name).lstat()
+            if stat.S_ISREG(there.st_mode) and (there.st_dev, there.st_ino) == (
+                held.st_dev,
+                held.st_ino,
+            ):
                 (path / name).unlink()
     for folder in (path, *path.parents):
         try:
