@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from peftkit.errors import ConfigError
-
 _KINDS = {"recipes": "recipes", "presets": "adapters", "prompts": "prompts"}  # CLI word -> library
 
 
@@ -37,18 +35,12 @@ def cmd_library_list(args: argparse.Namespace) -> int:
 def cmd_library_show(args: argparse.Namespace) -> int:
     """Print the file after checking it is one of its kind: readable UTF-8, valid YAML, and
     a recipe / preset / prompt set that loads (an error names what is wrong, in one line)."""
-    from peftkit.config.library import KINDS, find, library_dir
+    from peftkit.config.library import KINDS, find
     from peftkit.config.schema import read_text
 
     kind = _KINDS[args.kind]
-    what = KINDS[kind]
-    given = Path(args.name).expanduser()
-    builtin = "/" not in args.name and (library_dir(kind) / f"{args.name}.yaml").is_file()
-    if not builtin and given.exists() and not given.is_file():  # find() says "does not exist"
-        kind_of = "a folder" if given.is_dir() else "a device, pipe or socket"
-        raise ConfigError(f"{what} file {args.name!r} is {kind_of}, not a regular file")
-    path = find(kind, args.name)
-    text = read_text(path, what)
+    path = find(kind, args.name)  # a folder or device given is refused there
+    text = read_text(path, KINDS[kind])
     _LOADERS[kind](path)  # a file that is not a valid recipe / preset / prompt set is refused
     print(text, end="")
     return 0

@@ -43,6 +43,9 @@ def find(kind: str, name_or_path: str | Path) -> Path:
         return path
     text = str(name_or_path)
     if path.suffix in (".yaml", ".yml") or "/" in text:
+        if path.exists():  # there, but no regular file
+            kind_of = "a folder" if path.is_dir() else "a device, pipe or socket"
+            raise ConfigError(f"{what} file {str(path)!r} is {kind_of}, not a regular file")
         raise ConfigError(f"{what} file {str(path)!r} does not exist")
     candidate = library_dir(kind) / f"{text}.yaml"
     if candidate.is_file():

@@ -109,11 +109,10 @@ class Index:
         self.refuse_read_only()
         self.refuse_if_damaged()
         conn = self.conn()
-        if not conn.in_transaction:
-            self.refuse_hard_link()
         if conn.in_transaction:  # nested use from a method called inside another
             yield conn
             return
+        self.refuse_hard_link()
         if not self._checked:  # never write into a damaged file
             _quick_check(conn)
             self._checked = True

@@ -354,10 +354,8 @@ def serve(config: ServeConfig, plan: Plan) -> int:
             with _signals_end_serving():
                 server.run()
         except SystemExit:  # uvicorn could not bind host:port (it logged why)
-            try:  # taken since the check at startup: say why, naming the flag to change
-                check_listen(config.host, config.port)
-            except ConfigError:
-                raise
+            # taken since the check at startup: say why, naming the flag to change
+            check_listen(config.host, config.port)
             raise ConfigError(
                 f"cannot listen on {config.host}:{config.port}; is another server using "
                 "it? choose another with --port (or --host)"
