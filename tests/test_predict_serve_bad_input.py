@@ -291,3 +291,66 @@ def test_bad_fields_are_422_naming_the_field(client, body, field):
     error = response.json()["error"]
     assert field in error and "internal error" not in error, error
     assert "function-after" not in error and "Value error" not in error, error
+
+
+def _classify(client, body):
+    return client.post(
+        "/v1/classify",
+        content=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+
+
+@pytest.mark.parametrize("top_k", ["3", True, 2.5, 2.0, 0, [3]])
+def test_top_k_must_be_a_json_integer_of_at_least_one(client, top_k):
+    response = _classify(client, {"adapter": "a", "inputs": ["ok"], "top_k": top_k})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error.startswith("top_k: ") and "internal error" not in error, error
+
+
+@pytest.fixture()
+def answering_client(tmp_path, monkeypatch):
+    """A client whose scheduler answers every row and whose catalog pins any name to @1."""
+    from fastapi.testclient import TestClient
+
+    from peftkit.config.serve import ServeConfig
+    from peftkit.registry.store import Registry
+    from peftkit.serving.catalog import Catalog
+    from peftkit.serving.http import create_app
+
+    monkeypatch.setattr(Catalog, "pin", lambda self, ref, where: SimpleNamespace(ref=f"{ref}@1"))
+    probs = {"positive": 0.7, "neutral": 0.2, "negative": 0.1}
+
+    async def submit(rows):
+        return [
+            SimpleNamespace(
+                label="positive", score=0.7, ref=r.ref, adapter="a", abstained=False, probs=probs
+            )
+            for r in rows
+        ]
+
+    scheduler = SimpleNamespace(
+        observe=None, queued_rows=0, resident=(), running=True, submit=submit
+    )
+    registry = Registry(tmp_path / "reg")
+    app = create_app(scheduler, registry, "fp", ServeConfig(registry=str(registry.root)))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.mark.parametrize(("top_k", "kept"), [(3, 3), (1, 1), (None, 3)])
+def test_an_integer_top_k_or_null_is_taken(answering_client, top_k, kept):
+    body = {"adapter": "a", "inputs": ["ok"], "top_k": top_k, "return_probs": False}
+    assert _classify(answering_client, body).status_code == 200
+    response = _classify(answering_client, {**body, "return_probs": True})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"][0]["probs"]) == kept
+
+
+def test_the_openapi_page_describes_the_strict_request(client):
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    request = schema["ClassifyRequest"]["properties"]
+    assert {"type": "integer", "minimum": 1} in request["top_k"]["anyOf"]
+    assert request["return_probs"]["type"] == "boolean"
+    assert {"InputRow", "RowResult", "ClassifyResponse"} <= set(schema)

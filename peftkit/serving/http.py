@@ -22,7 +22,8 @@ the next request on, and a request in flight finishes on the version it started 
 ``Authorization: Bearer <key>`` (401), the admin routes a key marked admin (403);
 ``/health``, ``/ready`` and ``/metrics`` stay open for probes and scrapers, and say nothing
 about the data. Every error is ``{"error": "<one line>"}`` with its status (see
-``status_of``) and one log line; never a traceback.
+``status_of``) and one log line; never a traceback. The request and answer models, and the
+422 message for a request they refuse, are in :mod:`peftkit.serving.schemas`.
 """
 
 from __future__ import annotations
@@ -31,22 +32,27 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException
 
 from peftkit.config.serve import ServeConfig
-from peftkit.errors import PeftkitError, RegistryError, did_you_mean
+from peftkit.errors import PeftkitError, RegistryError
 from peftkit.registry.entries import Entry
 from peftkit.registry.store import Registry
 from peftkit.serving.catalog import ApiError, Catalog
 from peftkit.serving.metrics import ServeMetrics
 from peftkit.serving.scheduler import Overloaded, RequestTimeout, Row, Scheduler
+from peftkit.serving.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    InputRow,
+    validation_message,
+)
 
 __all__ = ["ApiError", "create_app", "status_of"]
 
@@ -71,56 +77,6 @@ def status_of(exc: Exception, root: object = None) -> ApiError:
         return ApiError(409, f"cannot serve this adapter: {message}")
     log.error("internal error: %s: %s", type(exc).__name__, " ".join(str(exc).split()))
     return ApiError(500, f"internal error ({type(exc).__name__}); the server log has it")
-
-
-# -- requests and answers -----------------------------------------------------------------
-
-
-def _utf8(text: str) -> str:
-    """JSON may carry lone surrogates (``"\\ud800"``): no tokenizer takes them, and no
-    answer could echo them, so they are refused here (422 naming the field)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"not valid UTF-8 text (a lone surrogate at character {exc.start})"
-        ) from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_utf8)]
-
-
-class InputRow(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    text: Text
-    text_pair: Text | None = None
-    adapter: Text | None = Field(
-        None, description="name, name@N or name@alias; default: the request's"
-    )
-
-
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    adapter: Text | None = Field(None, description="the adapter of rows that name none")
-    inputs: list[Text | InputRow]
-    top_k: int | None = Field(None, ge=1, description="probabilities kept per row (all)")
-    return_probs: StrictBool = True  # "yes" is a 422, not True
-
-
-class RowResult(BaseModel):
-    label: str
-    score: float
-    probs: dict[str, float] | None = None
-    ref: str = Field(description="the version that answered, name@N")
-    adapter: str = Field(description="the adapter as asked for")
-    abstained: bool = Field(
-        False, description="the adapter's reject option declined (label, score: its best)"
-    )
-
-
-class ClassifyResponse(BaseModel):
-    results: list[RowResult]
 
 
 # -- the app ------------------------------------------------------------------------------
@@ -407,50 +363,3 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         return answer(request, 500, f"internal error ({type(exc).__name__}); the server log has it")
-
-
-FIELDS = {"adapter", "inputs", "top_k", "return_probs", "text", "text_pair"}
-
-
-def validation_message(errors: Any) -> str:
-    """pydantic's errors as one line naming each field (``inputs.0.text: Field required``);
-    the alternatives of ``str | InputRow`` are folded into one message per row."""
-    parts: list[str] = []
-    errors = list(errors)
-    # a row one alternative of ``Text | InputRow`` refused by its value (a lone surrogate)
-    # is answered with that reason, not with the other alternative's type error
-    refused = set()
-    for e in errors:
-        at = [str(p) for p in e.get("loc", ()) if p != "body"]
-        if e.get("type") == "value_error" and len(at) >= 3 and at[0] == "inputs":
-            refused.add(at[1])
-    for error in errors:
-        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
-        if len(loc) >= 3 and loc[0] == "inputs" and loc[2].startswith("function-after"):
-            loc[2] = "str"  # the Text alternative, named by its validator
-        row_refused = loc[:1] == ["inputs"] and len(loc) >= 3 and loc[1] in refused
-        if row_refused and error.get("type") != "value_error":
-            continue
-        if error.get("type") == "value_error":
-            where = ".".join(loc[:2] + loc[3:] if loc[:1] == ["inputs"] else loc)
-            parts.append(f"{where}: {str(error.get('msg', '')).removeprefix('Value error, ')}")
-            continue
-        if error.get("type") == "json_invalid":
-            parts.append(
-                f"the body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])})"
-            )
-            continue
-        if len(loc) >= 3 and loc[0] == "inputs" and loc[2] in ("str", "InputRow"):
-            if loc[2] == "str" or len(loc) == 3:
-                parts.append(
-                    f"inputs.{loc[1]}: must be a string or a mapping with 'text' (and 'text_pair', 'adapter')"
-                )
-                continue
-            loc = [*loc[:2], *loc[3:]]
-        where = ".".join(loc) or "body"
-        if error.get("type") == "extra_forbidden":
-            parts.append(f"{where}: unknown field{did_you_mean(loc[-1], FIELDS)}")
-        else:
-            parts.append(f"{where}: {error.get('msg', 'invalid')}")
-    unique = list(dict.fromkeys(parts))
-    return "; ".join(unique[:4]) + (f"; and {len(unique) - 4} more" if len(unique) > 4 else "")
