@@ -12,11 +12,14 @@ Every key is checked: an unknown key, a wrong type or a missing required field i
 ``key.path=value`` overrides (values parsed as YAML scalars) go through the same checks.
 Scalar shorthands: ``base: minilm`` means ``base: {source: minilm}``, ``adapter: lora``
 means ``adapter: {preset: lora}``, ``prompt: sentiment`` means ``prompt: {set: sentiment}``.
+
+This module is the schema and its loading; the checks across sections (adapter or prompt,
+what needs an adapter recipe, ``then:`` tasks, names that become folders) are
+``peftkit.config.recipe_checks``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 import typing
@@ -27,11 +30,12 @@ from typing import Any
 from peftkit.config import overrides as overrides_mod
 from peftkit.config.gates import parse_gates
 from peftkit.config.library import available, find
+from peftkit.config.recipe_checks import INIT_FROM_PREVIOUS, check_init_from, check_recipe
 from peftkit.config.schema import Ctx, parse, read_text, read_yaml
-from peftkit.config.scorers import RECIPE_SCORERS, scorer_row
+from peftkit.config.scorers import RECIPE_SCORERS
 from peftkit.config.training import SEED_MAX, TrainConfig
 from peftkit.errors import ConfigError
-from peftkit.registry.entries import check_alias, check_name
+from peftkit.registry.entries import check_alias
 
 __all__ = [
     "AdapterRef",
@@ -40,6 +44,7 @@ __all__ = [
     "DataSpec",
     "EvaluationSpec",
     "HotswapSpec",
+    "INIT_FROM_PREVIOUS",
     "PromoteSpec",
     "PromptRef",
     "HeadInitSpec",
@@ -49,6 +54,7 @@ __all__ = [
     "TaskSpec",
     "apply_overrides",
     "available_recipes",
+    "check_init_from",
     "find_recipe",
     "load_recipe",
     "parse_recipe",
@@ -112,25 +118,6 @@ class AdapterRef:
             if value not in (None, {}):
                 out[name] = value
         return out
-
-
-INIT_FROM_PREVIOUS = "previous"
-
-
-def check_init_from(ref: str) -> str:
-    """``adapter.init_from``: ``previous`` or a pinned registry reference ``NAME@VERSION``
-    (a number: a resumed run must continue the same parent, not the latest one)."""
-    if ref == INIT_FROM_PREVIOUS:
-        return ref
-    name, _, version = str(ref).partition("@")
-    if version.isdigit() and int(version) >= 1:
-        with contextlib.suppress(ConfigError):
-            check_name(name)
-            return ref
-    raise ConfigError(
-        f"adapter.init_from must be NAME@VERSION (a registered adapter and its version "
-        f"number, e.g. sst2-lora@3) or 'previous' (the adapter of the task before); got {ref!r}"
-    )
 
 
 @dataclass(frozen=True)
@@ -361,86 +348,16 @@ def parse_recipe(
         raise ctx.error((), "a recipe must be a mapping with at least 'base' and 'data'")
     raw = dict(raw)
     recipe = typing.cast(Recipe, parse(Recipe, raw, (), ctx))
-    if (recipe.adapter is None) == (recipe.prompt is None):
-        raise ctx.error((), "give exactly one of 'adapter' (train) or 'prompt' (zero/few-shot)")
-    if recipe.prompt is not None and "calibration" in raw:
-        raise ctx.error(
-            ("calibration",),
-            "calibration (temperature, reject) is for trained adapters; a prompt recipe "
-            "calibrates with prompt.calibration",
-        )
-    if recipe.promote is not None and (recipe.prompt is not None or not recipe.registry.enabled):
-        raise ctx.error(
-            ("promote",), "promote moves a registry alias: it needs an 'adapter' recipe with "
-            "registry.enabled: true"
-        )  # fmt: skip
-    prompt = recipe.prompt
-    if (
-        prompt is not None
-        and prompt.demonstrations
-        and prompt.scorer != "auto"
-        and not scorer_row(prompt.scorer).demonstrations
-    ):
-        raise ctx.error(
-            ("prompt", "demonstrations"),
-            f"the {prompt.scorer} scorer takes no demonstrations; set prompt.demonstrations: 0",
-        )
-    if recipe.prompt is not None and recipe.then:
-        raise ctx.error(("then",), "'then' (more tasks) needs an 'adapter' recipe")
-    _check_contrastive(recipe.adapter, recipe.training, ("training", "objective"), ctx)
-    for i, task in enumerate(recipe.then):
-        merged = {**dataclasses.asdict(recipe.training), **task.training}
-        config = parse(TrainConfig, merged, ("then", str(i), "training"), ctx)
-        where = ("then", str(i), "training", "objective")
-        _check_contrastive(task.adapter or recipe.adapter, config, where, ctx)
     if not recipe.name:
         recipe = dataclasses.replace(recipe, name=_name_from_stem(Path(source).stem))
-    _check_names(recipe, ctx)
+    check_recipe(recipe, raw, ctx)
     return dataclasses.replace(recipe, source=source)
-
-
-def _check_contrastive(
-    adapter: AdapterRef | None, config: TrainConfig, path: tuple[str, ...], ctx: Ctx
-) -> None:
-    """A contrastive objective rebuilds a prototype head: it needs ``adapter.head_init``
-    (whether the preset trains the body is checked with the preset, in the run's plan)."""
-    if adapter is None or config.objective != "contrastive" or adapter.head_init is not None:
-        return
-    raise ctx.error(
-        path,
-        "contrastive trains the body and rebuilds a prototype head on it: it needs "
-        "adapter.head_init: prototypes",
-    )
 
 
 def _name_from_stem(stem: str) -> str:
     """A file's stem as a run name: characters a folder name may not hold become '-'."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "recipe"
     return name if name[0].isalnum() else f"r{name}"
-
-
-def _check_names(recipe: Recipe, ctx: Ctx) -> None:
-    """Every name that becomes a folder (run folder, registry entry, task folder) is one
-    plain path component: checked here, once, before anything is loaded or written."""
-    named = [(("name",), recipe.name), (("registry", "name"), recipe.registry.name)]
-    named += [(("then", str(i), "name"), t.name) for i, t in enumerate(recipe.then)]
-    for path, value in named:
-        if value is None:
-            continue
-        try:
-            check_name(value)
-        except ConfigError as exc:
-            raise ctx.error(
-                path, str(exc).replace("invalid adapter name", "invalid name")
-            ) from None
-    seen = [recipe.registry_name, *(t.name for t in recipe.then)]
-    dupes = sorted({n for n in seen if seen.count(n) > 1})
-    if dupes:
-        raise ctx.error(
-            ("then",),
-            f"task names must differ from each other and from the "
-            f"registry name; repeated: {', '.join(dupes)}",
-        )
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -25,9 +25,10 @@ reused, even after a removal.
 their hashes, so it cannot hash itself); checks ignore it, as they ignore the marker.
 
 This module is the :class:`Registry` itself (its exchange with peft, load_path, export and
-import_folder, is defined in ``exchange``); the SQLite layer is ``index``, the checks and
-repairs ``check``, a folder's own metadata ``metadata``, its files ``files`` and
-``staging``, and what an entry holds ``entries``.
+import_folder, is defined in ``exchange``; verify, check, doctor and rebuild_index in
+``integrity``); the SQLite layer is ``index``, the per-entry checks and repairs ``check``, a
+folder's own metadata ``metadata``, its files ``files`` and ``staging``, and what an entry
+holds ``entries``.
 
 Example::
 
@@ -46,7 +47,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 
 from peftkit.errors import ConfigError, RegistryError
 from peftkit.registry import aliases as alias_rows
-from peftkit.registry import check, exchange
+from peftkit.registry import check, exchange, integrity
 from peftkit.registry import promotions as promotion_rows
 from peftkit.registry.entries import (
     META_FIELDS,
@@ -72,7 +72,7 @@ from peftkit.registry.entries import (
     split_ref,
 )
 from peftkit.registry.index import Index
-from peftkit.registry.journal import JOURNAL_FILE, Journal
+from peftkit.registry.journal import Journal
 from peftkit.registry.metadata import register_metadata
 from peftkit.registry.promotions import Promotion
 from peftkit.registry.staging import register_folder, remove_entries
@@ -99,33 +99,6 @@ def _index_errors(method: Callable[..., _T]) -> Callable[..., _T]:
     return guarded
 
 
-# what a registry folder consists of: a folder holding anything else is not one
-_OWN_NAMES = frozenset({"adapters", "tmp", JOURNAL_FILE})
-_OWN_PREFIX = "index.sqlite"  # the index, its -wal / -shm and damaged copies moved aside
-
-
-def _refuse_other_folder(root: Path) -> None:
-    """RegistryError when ``root`` has no index yet but holds files a registry does not
-    consist of: a registry is never made inside a folder of other things (a missing or
-    empty folder becomes a new registry)."""
-    if os.path.lexists(root / _OWN_PREFIX) or not root.is_dir():
-        return
-    try:
-        other = sorted(
-            p.name
-            for p in root.iterdir()
-            if p.name not in _OWN_NAMES and not p.name.startswith(_OWN_PREFIX)
-        )
-    except OSError as exc:
-        raise RegistryError(f"cannot open the adapter registry at {root}: {exc}") from None
-    if other:
-        shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
-        raise RegistryError(
-            f"{root} is not a peftkit registry (it has no index.sqlite) and holds other "
-            f"files ({shown}); give an empty or new folder for a registry"
-        )
-
-
 class Registry:
     """Adapters by name and version; safe from several threads and processes at once.
 
@@ -142,7 +115,7 @@ class Registry:
 
     def __init__(self, root: str | Path, *, read_only: bool = False) -> None:
         self.root = Path(root).expanduser().absolute()
-        _refuse_other_folder(self.root)  # before anything is created in it
+        integrity.refuse_other_folder(self.root)  # before anything is created in it
         self._adapters = self.root / "adapters"
         self._tmp = self.root / "tmp"
         self._db = Index(self.root, read_only=read_only)
@@ -386,63 +359,12 @@ class Registry:
         to tell cheaply whether names may resolve to other versions now."""
         return self._db.generation()
 
-    def verify(self, ref: str | Entry) -> Entry:
-        """Re-hash every file of the entry; IntegrityError names each file that differs
-        from the index (changed: both hashes; missing; or not in the index)."""
-        return check.verify_entry(self.get(ref), self._adapters)
+    # -- checks and repair (defined in peftkit.registry.integrity) ---------------------
 
-    # -- checks and repair (see peftkit.registry.check) ----------------------------------
-
-    def check(self, ref: str | Entry | None = None) -> Report:
-        """Re-hash one entry's files (``ref``) or every entry's; problems are reported,
-        nothing is changed."""
-        damaged = self._db.damage_problem()
-        if damaged is not None:
-            return Report(str(self.root), problems=(damaged,))
-        entries = [self.get(ref)] if ref is not None else self.list()
-        return check.check_entries(self.root, entries, self._adapters)
-
-    def doctor(self) -> Report:
-        """:meth:`check` of every entry, plus what the index and the folders disagree on
-        (version folders with no row, unfinished registrations, links, missing metadata)
-        and the journal's skipped lines and disagreements with the index; writes nothing."""
-        report, intact = self.check(), self._db.damage is None
-        found = self._journal.check(self._db.conn() if intact else None, self._adapters)
-        folders = check.folder_problems(self.list(), self._adapters) if intact else []
-        try:
-            self._db.refuse_hard_link()
-        except RegistryError as exc:
-            folders.append(Problem("link", str(self._db.path), str(exc)))
-        problems = (*report.problems, *folders, *found.problems)
-        return dataclasses.replace(report, problems=problems, warnings=tuple(found.warnings))
-
-    def rebuild_index(self) -> Report:
-        """Re-create the rows missing from the index from the version folders'
-        ``peftkit.json`` (each folder's files checked against the hashes it records), and
-        write ``peftkit.json`` where an indexed folder lacks it; then restore the aliases,
-        promotion decisions and later metrics that ``journal.jsonl`` records (see
-        :mod:`peftkit.registry.journal`; the report lists them). A damaged index is first
-        moved aside (``index.sqlite.damaged-<time>``, never deleted) and a fresh one made.
-        Folders whose files do not match, or that have no metadata, are reported and left
-        as they are. Version counters are kept above every version found."""
-        self._db.refuse_read_only()
-        self._journal.refuse_link()  # before anything is moved
-        aside = self._db.move_damaged_aside()
-        try:
-            with self._db.write() as conn:
-                added, problems = check.reindex_folders(conn, self._adapters)
-                replayed = self._journal.replay(conn, self._adapters)
-        except sqlite3.DatabaseError as exc:
-            raise self._db.error(exc) from None
-        check.write_missing_meta(self.list())
-        return Report(
-            str(self.root),
-            problems=(*problems, *replayed.problems),
-            added=tuple(added),
-            moved_aside=None if aside is None else str(aside),
-            restored=tuple(replayed.restored),
-            warnings=tuple(replayed.warnings),
-        )
+    verify = integrity.verify
+    check = integrity.check
+    doctor = integrity.doctor
+    rebuild_index = integrity.rebuild_index
 
     # -- exchange with plain peft (defined in peftkit.registry.exchange) -----------------
 
