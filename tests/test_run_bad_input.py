@@ -116,6 +116,7 @@ def test_target_modules_the_base_lacks_name_its_modules_and_leave_no_folder(
                  "query"):  # fmt: skip
         assert text in err, (text, err)
     assert not recipe["run"].exists()  # only the base could tell; its folder is gone again
+    assert not recipe["reg"].exists()  # and so is the registry that the run created
 
 
 def _prompt_argv(tmp_path, tiny_models, *overrides):
@@ -141,6 +142,26 @@ def test_prompt_demonstrations_are_checked_before_the_model(
 ):
     code, out, err = run_cli(_prompt_argv(tmp_path, tiny_models, *overrides), capsys)
     assert_one_line_error(code, out, err, expected, f"(override {overrides[-1]!r})")
+    assert not (tmp_path / "run").exists()
+
+
+def test_auto_scorer_without_demonstrations_is_refused_before_the_model(
+    tmp_path, tiny_models, capsys, monkeypatch
+):
+    """``prompt.scorer: auto`` picks by the base's kind, which its config tells: an encoder
+    gets the embedding scorer, which takes no demonstrations."""
+    import peftkit.models.base
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(peftkit.models.base, "load_base", never)
+    override = "prompt.demonstrations=2"
+    argv = _prompt_argv(tmp_path, tiny_models, f"base={tiny_models['bert']}", "prompt.scorer=auto",
+                        override)  # fmt: skip
+    code, out, err = run_cli(argv, capsys)
+    assert_one_line_error(code, out, err, f"(override {override!r})",
+                          "the embedding scorer takes no demonstrations", "an encoder")  # fmt: skip
     assert not (tmp_path / "run").exists()
 
 
@@ -247,7 +268,7 @@ def test_unmaking_a_refused_run_folder_leaves_what_another_run_wrote(tmp_path):
     """A run refused after the base loaded removes only its own files and the folders it
     made that are empty then: a sibling run under the ``runs/`` it created stays."""
     from peftkit.run.folders import LOCK_FILE, RUN_FILE
-    from peftkit.run.pipeline import _own_files, _unmake
+    from peftkit.run.prepare import own_files, unmake
 
     runs = tmp_path / "runs"
     mine, theirs = runs / "mine", runs / "theirs"
@@ -256,17 +277,17 @@ def test_unmaking_a_refused_run_folder_leaves_what_another_run_wrote(tmp_path):
     for name in (RUN_FILE, LOCK_FILE):
         (mine / name).write_text("x")
     (theirs / RUN_FILE).write_text("their run")
-    own = _own_files(mine)
-    _unmake(mine, runs, own)
+    own = own_files(mine)
+    unmake(mine, runs, own)
     _close(own)
     assert not mine.exists()
     assert (theirs / RUN_FILE).read_text() == "their run"
     # a file it did not write keeps its folder
     (mine / "notes.txt").parent.mkdir()
     (mine / RUN_FILE).write_text("x")
-    own = _own_files(mine)
+    own = own_files(mine)
     (mine / "notes.txt").write_text("keep")
-    _unmake(mine, runs, own)
+    unmake(mine, runs, own)
     _close(own)
     assert (mine / "notes.txt").read_text() == "keep" and not (mine / RUN_FILE).exists()
 
@@ -275,20 +296,20 @@ def test_unmaking_leaves_a_file_put_in_place_of_one_the_run_wrote(tmp_path):
     """Only the very files the run wrote go: a user's file moved in under one of their
     names (another inode), or a link there, stays."""
     from peftkit.run.folders import LOG_FILE, RUN_FILE
-    from peftkit.run.pipeline import _own_files, _unmake
+    from peftkit.run.prepare import own_files, unmake
 
     run = tmp_path / "runs" / "mine"
     run.mkdir(parents=True)
     for name in (RUN_FILE, LOG_FILE):
         (run / name).write_text("x")
-    own = _own_files(run)
+    own = own_files(run)
     precious = tmp_path / "precious.log"
     precious.write_text("the user's log\n")
     (run / LOG_FILE).unlink()
     (run / LOG_FILE).write_text("the user's own run.log\n")  # a new file, a new inode
     (run / RUN_FILE).unlink()
     (run / RUN_FILE).symlink_to(precious)
-    _unmake(run, tmp_path / "runs", own)
+    unmake(run, tmp_path / "runs", own)
     _close(own)
     assert (run / LOG_FILE).read_text() == "the user's own run.log\n"
     assert (run / RUN_FILE).is_symlink() and precious.read_text() == "the user's log\n"

@@ -65,6 +65,31 @@ def base_has(base: Any) -> Callable[[str], bool]:
     return lambda need: found[need]
 
 
+def config_has(config: Any, kind: str = "auto") -> Callable[[str], bool]:
+    """``has(need)`` as :func:`base_has` gives it for the base that ``load_base(source,
+    kind=kind)`` makes of ``config`` (``models.base.model_config(source)``), told without
+    loading the weights: a causal LM where ``kind`` (``"auto"``: from the config) is
+    causal-lm, else a head-less encoder (``AutoModel``: no masked-LM head, no classifier)."""
+    from peftkit.models.base import infer_kind
+
+    causal = (infer_kind(config) if kind == "auto" else kind) == "causal-lm"
+    found = {"causal-lm": causal, "masked-lm": False, "any": True, "nli": False}
+    return lambda need: found[need]
+
+
+def without_demonstrations(
+    scorer: str, has: Callable[[str], bool], uses_mask: Sequence[bool]
+) -> str | None:
+    """The first scorer that ``scorer`` resolves to for templates with or without a
+    ``{mask}`` (``uses_mask``, one per template, in order) that takes no demonstrations;
+    None when every one takes them."""
+    for mask in uses_mask:
+        used = pick_scorer(scorer, has, mask)
+        if not scorer_row(used).demonstrations:
+            return used
+    return None
+
+
 def evaluate_prompts(
     base: Any,
     data: Any,
@@ -132,6 +157,10 @@ def evaluate_prompts(
     has = base_has(base)
     _check_needs(scorer, has, base)
     chosen = _prompts(prompts, templates, pick_scorer(scorer, has, False) == "embedding")
+    masks = [p.template.uses_mask for p in chosen]
+    refused = without_demonstrations(scorer, has, masks) if demonstrations else None
+    if refused is not None:
+        raise ConfigError(f"the {refused} scorer takes no demonstrations; use demonstrations=0")
     rows = data.split(split)
     if max_rows is not None and max_rows < len(rows):
         from peftkit.data.load import stratified_rows
@@ -152,8 +181,6 @@ def evaluate_prompts(
     for prompt in chosen:
         used = pick_scorer(scorer, has, prompt.template.uses_mask)
         row = scorer_row(used)
-        if demos and not row.demonstrations:
-            raise ConfigError(f"the {used} scorer takes no demonstrations; use demonstrations=0")
         if prompt.template.uses_mask and not row.fills_mask:
             why = (
                 "a masked LM"

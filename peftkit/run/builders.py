@@ -201,6 +201,31 @@ def check_demonstrations(recipe: Recipe, data, pool) -> None:
         )
 
 
+def check_scorer(recipe: Recipe, config) -> None:
+    """With ``prompt.demonstrations``, the scorer ``prompt.scorer: auto`` picks for the base
+    takes them: the pick follows the base's kind, which its ``config`` (the transformers
+    config, read without the weights) tells, so this is refused before the model loads."""
+    from peftkit.models.base import infer_kind
+    from peftkit.prompting.evaluation import config_has, without_demonstrations
+    from peftkit.prompting.templates import load_prompt_set
+
+    ref = recipe.prompt
+    if ref is None or not ref.demonstrations or ref.scorer != "auto":
+        return
+    prompts = load_prompt_set(ref.set)
+    chosen = [prompts.get(ref.template)] if ref.template else list(prompts)
+    has = config_has(config, recipe.base.kind)
+    used = without_demonstrations(ref.scorer, has, [p.template.uses_mask for p in chosen])
+    if used is not None:
+        kind = infer_kind(config) if recipe.base.kind == "auto" else recipe.base.kind
+        raise ConfigError(
+            f"{where_set(recipe, 'prompt.demonstrations')}: the {used} scorer takes no "
+            f"demonstrations (prompt.scorer: auto picks it for base {recipe.base.source!r}, "
+            f"loaded as {'a causal LM' if kind == 'causal-lm' else 'an encoder'}); set "
+            "prompt.demonstrations: 0, or give a causal LM as base"
+        )
+
+
 def where_set(recipe: Recipe, key: str) -> str:
     """The recipe file, with the command-line override that set ``key`` when one did."""
     for item in reversed(recipe.overrides):

@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import stat
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from peftkit.config.recipes import Recipe, recipe_to_dict
+from peftkit.config.recipes import Recipe
 from peftkit.errors import ConfigError
 from peftkit.run.builders import (
     Task,
     build_tasks,
     check_demonstrations,
     check_prompt,
+    check_scorer,
     check_targets,
     load_recipe_base,
     load_task_data,
@@ -36,21 +34,9 @@ from peftkit.run.builders import (
 )
 from peftkit.run.confidence import calibrate, check_calibration
 from peftkit.run.folders import (
-    ENVIRONMENT_FILE,
-    LOCK_FILE,
-    LOG_FILE,
     METRICS_FILE,
-    RECIPE_FILE,
-    RUN_FILE,
-    check_run_dir,
-    default_run_dir,
-    environment,
-    interrupted_run,
-    lock_run_dir,
     peak_rss_mb,
-    prepare_run_dir,
     run_id,
-    run_log,
     run_name,
     write_json,
     write_report,
@@ -61,6 +47,7 @@ from peftkit.run.predictions import (
     interval_text,
     write_predictions,
 )
+from peftkit.run.prepare import BaseRefused, Made, prepare
 from peftkit.run.promote import check_recipe_gates, promote_after_run
 
 log = logging.getLogger("peftkit.run")  # the run's report: the CLI prints it
@@ -132,120 +119,31 @@ def run_recipe(
     # cpu=True on a machine without CUDA: under torchrun/accelerate launch that makes the
     # process group gloo (MULTI_CPU), the same state train()'s Accelerator then joins.
     state = PartialState(cpu=not torch.cuda.is_available())
-    # (run folder, outermost folder this run made, the files it wrote there, held open)
-    made: tuple[Path, Path, dict[str, int]] | None = None
+    made: list[Made] = []  # the folders this run created, in the order it made them
+    prepared = False
     try:
         with contextlib.ExitStack() as stack:
-            path, reg, resumed = None, None, False
-            if state.is_main_process:
-                path, reg, resumed, top = _prepare(recipe, plan, state, stack, run_dir,
-                                                   registry, overwrite, runs_root)  # fmt: skip
-                made = None if top is None else (Path(path), top, _own_files(Path(path)))
-                if out is not None:
-                    stack.enter_context(_echo(out))
-            path = Path(_broadcast(state, str(path) if path else None))
+            path, reg, resumed = prepare(recipe, plan, state, stack, made, run_dir, registry,
+                                         overwrite, runs_root, out)  # fmt: skip
+            prepared = True
             ctx = RunContext(recipe, plan, path, reg, state)
             if recipe.prompt is not None:
                 return _run_prompt(ctx)
             outcome = _train_all(ctx)
             outcome.resumed = resumed
             return outcome
-    except BaseRefused:
-        # refused once the base was loaded, before any training: nothing worth keeping
-        if made is not None:
-            _unmake(*made)
+    except ConfigError as exc:
+        # refused while preparing (the run folder in use: a new registry was made) or once
+        # the base was loaded, before any training: nothing worth keeping (the registry is
+        # closed by now; the newest first: a run folder inside a new registry goes before
+        # the registry is checked for strangers' files)
+        if not prepared or isinstance(exc, BaseRefused):
+            for folder in reversed(made):
+                folder.remove()
         raise
     finally:
-        for fd in [] if made is None else made[2].values():
-            os.close(fd)
-
-
-_OWN = (RUN_FILE, LOCK_FILE, RECIPE_FILE, ENVIRONMENT_FILE, LOG_FILE)
-
-
-def _own_files(path: Path) -> dict[str, int]:
-    """The files preparing the new run folder ``path`` wrote, each held open (a descriptor),
-    so that its inode cannot be freed and reused by a file put in its place."""
-    out = {}
-    for name in _OWN:
-        with contextlib.suppress(OSError):
-            fd = os.open(path / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                out[name] = fd
-            else:
-                os.close(fd)
-    return out
-
-
-def _unmake(path: Path, made: Path, own: dict[str, int]) -> None:
-    """Remove what preparing the run folder ``path`` wrote: the files in ``own`` that are
-    still those very files (same inode as the descriptor held: a file or link put in one's
-    place stays), then the folders up to ``made``, the outermost it created, each only
-    while empty: a folder another run wrote into meanwhile (a sibling run under a shared
-    ``runs/``) stays."""
-    for name, fd in own.items():
-        with contextlib.suppress(OSError):
-            held, there = os.fstat(fd), (path / name).lstat()
-            if stat.S_ISREG(there.st_mode) and (there.st_dev, there.st_ino) == (
-                held.st_dev,
-                held.st_ino,
-            ):
-                (path / name).unlink()
-    for folder in (path, *path.parents):
-        try:
-            folder.rmdir()  # only an empty folder goes
-        except OSError:
-            return
-        if folder == made:
-            return
-
-
-class BaseRefused(ConfigError):
-    """The recipe asks for something the loaded base does not have (checked before any
-    training, so the run folder it made holds nothing and goes)."""
-
-
-def _prepare(recipe, plan, state, stack, run_dir, registry, overwrite, runs_root):
-    """The main process's run folder (checked, locked, written) and registry; the last
-    item is the folder when this call created it (else None)."""
-    resolved = recipe_to_dict(recipe)
-    if run_dir is None:
-        found = interrupted_run(runs_root, plan.name, resolved)
-        run_dir = found or default_run_dir(plan.name, runs_root)
-    check_run_dir(run_dir, resolved, overwrite=overwrite)
-    made = _first_missing(Path(run_dir))
-    reg = _open_registry(recipe, Path(registry or recipe.registry.path))
-    if reg is not None:
-        stack.callback(reg.close)
-    stack.enter_context(lock_run_dir(run_dir))
-    path, resumed = prepare_run_dir(run_dir, resolved, overwrite=overwrite)
-    if resumed:
-        print(f"peftkit: resuming the unfinished run in {path}", file=sys.stderr)
-    write_json(path / ENVIRONMENT_FILE, environment(state.num_processes))
-    stack.enter_context(run_log(path))
-    return path, reg, resumed, made
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder of ``path`` that does not exist yet (what making it creates)."""
-    missing = None
-    for folder in (path, *path.absolute().parents):
-        if folder.exists():
-            break
-        missing = folder
-    return missing
-
-
-@contextlib.contextmanager
-def _echo(out: TextIO):
-    """The run's report written to ``out`` as well, for the duration."""
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
+        for folder in made:
+            folder.close()
 
 
 def _say(ctx: RunContext, text: str) -> None:
@@ -258,7 +156,8 @@ def plan_run(recipe: Recipe, *, registry: str | Path | None = None) -> Plan:
     presets and their peft options, the data of every task (fields, labels, sizes), the
     prompt set and its labels, the head's start, the adapters continued (``init_from``:
     found in ``registry`` or the recipe's, same method and labels) and the rows replayed,
-    and that the base model can be found."""
+    and that the base model can be found (its config: the scorer a prompt's ``auto`` picks
+    takes the demonstrations asked for)."""
     from peftkit.models.base import model_config
     from peftkit.run.continual import plan_continual
 
@@ -276,7 +175,7 @@ def plan_run(recipe: Recipe, *, registry: str | Path | None = None) -> Plan:
             check_recipe_gates(recipe, tasks[0].data.labels)
         plan = Plan(_training_run_name(recipe, tasks[0]), quantization_of(recipe, tasks), tasks)
         plan.registry_root = root
-    model_config(recipe.base.source)
+    check_scorer(recipe, model_config(recipe.base.source))
     return plan
 
 
@@ -284,23 +183,6 @@ def _training_run_name(recipe: Recipe, first: Task) -> str:
     if recipe.registry.name:  # the user named what the run makes
         return recipe.registry.name
     return run_name(recipe.name, first.data.name)
-
-
-def _open_registry(recipe: Recipe, reg_root: Path):
-    """The registry a training recipe registers into (opened before training, so a damaged
-    or read-only one is refused before the work, not after it)."""
-    if recipe.prompt is not None or not recipe.registry.enabled:
-        if recipe.revisit or recipe.hotswap:
-            raise ConfigError(
-                f"{recipe.source}: 'revisit' and 'hotswap' load the adapters from the "
-                "registry; set registry.enabled: true"
-            )
-        return None
-    from peftkit.registry import Registry
-
-    if reg_root.exists() and not reg_root.is_dir():
-        raise ConfigError(f"registry {reg_root} is a file, not a folder; give another --registry")
-    return Registry(reg_root)
 
 
 def _train_all(ctx: RunContext) -> RunOutcome:
@@ -537,13 +419,3 @@ def _run_prompt(ctx: RunContext) -> RunOutcome:
     write_json(path / METRICS_FILE, metrics)
     _say(ctx, f"\nrun folder: {path}")
     return RunOutcome(path, metrics, [], False)
-
-
-def _broadcast(state, value: Any) -> Any:
-    if state.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
