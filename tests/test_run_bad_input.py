@@ -165,6 +165,30 @@ def test_auto_scorer_without_demonstrations_is_refused_before_the_model(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("base", "scorer", "expected"),
+    [
+        ("bert", "masked-lm", "the masked-lm scorer needs a base with a masked-LM head"),
+        ("bert", "causal", "the causal scorer needs a causal LM"),
+        ("llama", "masked-lm", "the masked-lm scorer needs a base with a masked-LM head"),
+    ],
+)
+def test_a_scorer_the_base_cannot_run_is_refused_before_the_model(
+    tmp_path, tiny_models, capsys, monkeypatch, base, scorer, expected
+):
+    import peftkit.models.base
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(peftkit.models.base, "load_base", never)
+    override = f"prompt.scorer={scorer}"
+    argv = _prompt_argv(tmp_path, tiny_models, f"base={tiny_models[base]}", override)
+    code, out, err = run_cli(argv, capsys)
+    assert_one_line_error(code, out, err, f"(override {override!r})", expected)
+    assert not (tmp_path / "run").exists()
+
+
 # --- damaged checkpoints ----------------------------------------------------------------------
 
 QUICK = dict(batch_size=8, progress=False, eval_every=1000, patience=None, checkpoint_every=5)

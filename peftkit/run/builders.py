@@ -202,26 +202,37 @@ def check_demonstrations(recipe: Recipe, data, pool) -> None:
 
 
 def check_scorer(recipe: Recipe, config) -> None:
-    """With ``prompt.demonstrations``, the scorer ``prompt.scorer: auto`` picks for the base
-    takes them: the pick follows the base's kind, which its ``config`` (the transformers
-    config, read without the weights) tells, so this is refused before the model loads."""
+    """``prompt.scorer`` can run on the base, and with ``prompt.demonstrations`` the scorer
+    used takes them (for ``auto``: the one it picks). Both follow the base's kind, which its
+    ``config`` (the transformers config, read without the weights) tells, so this is refused
+    before the model loads."""
+    from peftkit.config.scorers import scorer_row
     from peftkit.models.base import infer_kind
-    from peftkit.prompting.evaluation import config_has, without_demonstrations
+    from peftkit.prompting.evaluation import NEEDS_TEXT, config_has, without_demonstrations
     from peftkit.prompting.templates import load_prompt_set
 
     ref = recipe.prompt
-    if ref is None or not ref.demonstrations or ref.scorer != "auto":
+    if ref is None:
+        return
+    has = config_has(config, recipe.base.kind)
+    kind = infer_kind(config) if recipe.base.kind == "auto" else recipe.base.kind
+    article = "a causal LM" if kind == "causal-lm" else "an encoder"
+    loaded = f"base {recipe.base.source!r}, loaded as {article}"
+    if ref.scorer != "auto" and not has(scorer_row(ref.scorer).needs):
+        raise ConfigError(
+            f"{where_set(recipe, 'prompt.scorer')}: the {ref.scorer} scorer needs "
+            f"{NEEDS_TEXT[scorer_row(ref.scorer).needs]}, and {loaded} has none; use "
+            "prompt.scorer: auto"
+        )
+    if not ref.demonstrations or ref.scorer != "auto":
         return
     prompts = load_prompt_set(ref.set)
     chosen = [prompts.get(ref.template)] if ref.template else list(prompts)
-    has = config_has(config, recipe.base.kind)
     used = without_demonstrations(ref.scorer, has, [p.template.uses_mask for p in chosen])
     if used is not None:
-        kind = infer_kind(config) if recipe.base.kind == "auto" else recipe.base.kind
         raise ConfigError(
             f"{where_set(recipe, 'prompt.demonstrations')}: the {used} scorer takes no "
-            f"demonstrations (prompt.scorer: auto picks it for base {recipe.base.source!r}, "
-            f"loaded as {'a causal LM' if kind == 'causal-lm' else 'an encoder'}); set "
+            f"demonstrations (prompt.scorer: auto picks it for {loaded}); set "
             "prompt.demonstrations: 0, or give a causal LM as base"
         )
 
