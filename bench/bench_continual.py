@@ -25,7 +25,8 @@ After each step, every arm's current adapter is scored on the test split of ever
 seen so far: the forgetting matrix (``matrix[arm][after step][domain]``, PNG + JSON). The
 goal: with replay, the accuracy on every earlier domain within 1 point of the joint model's,
 at a fraction of its training cost (``cost``: total train seconds of the replay chain over
-the joint model's; and over retraining the joint model at every step, estimated from its
+the joint model's; the last update's, which made the adapter compared, over the joint
+model's; and the chain's over retraining the joint model at every step, estimated from its
 seconds per row). The replay chain's last adapter and the joint one are also compared on
 each earlier domain's test rows, paired (``replay_minus_joint_paired``: the bootstrap
 interval of the accuracy difference in points, McNemar's p, and whether even the interval's
@@ -194,6 +195,7 @@ def main() -> int:
     parser.add_argument(
         "--continued-lr", type=float, default=None, help="learning rate of continued steps"
     )
+    parser.add_argument("--seed", type=int, default=None, help="training.seed, every task and arm")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from peftkit.config.recipes import load_recipe
@@ -203,6 +205,12 @@ def main() -> int:
     env = environment()
     refs, seconds, registries = {}, {}, {}
     arms = [a for a in ARMS if a in args.arms.split(",")]
+    seeded = (
+        []
+        if args.seed is None
+        else [f"training.seed={args.seed}"]
+        + [f"then.{i}.training.seed={args.seed}" for i in range(len(DOMAINS) - 1)]
+    )
     for arm in arms:
         print(f"== {arm}", flush=True)
         extra = []
@@ -214,7 +222,7 @@ def main() -> int:
             extra += [f"then.{i}.adapter.learning_rate={args.continued_lr}"
                       for i in range(len(DOMAINS) - 1)]  # fmt: skip
         recipe = load_recipe(
-            RECIPE, overrides(arm, args.quick, args.max_rows, args.max_length) + extra
+            RECIPE, overrides(arm, args.quick, args.max_rows, args.max_length) + extra + seeded
         )
         refs[arm], seconds[arm], registries[arm] = run(recipe, work, arm)
     recipe = load_recipe(RECIPE, overrides("replay", args.quick, args.max_rows, args.max_length))
@@ -229,7 +237,7 @@ def main() -> int:
         [f"data.source={joint_data}", "data.max_rows=null", "then=[]", "revisit=false",
          "registry.name=joint-sentiment", "training.progress=false",
          f"training.max_length={64 if args.quick else longest}"]
-        + (["training.max_steps=3"] if args.quick else []),
+        + (["training.max_steps=3"] if args.quick else []) + seeded[:1],
     )  # fmt: skip
     joint_refs, joint_seconds, joint_registry = run(joint_recipe, work, "joint")
 
@@ -265,7 +273,8 @@ def report(args, env, matrix, joint, seconds, joint_seconds, datasets, joint_dat
     print("\naccuracy (%) after the last step, on each domain's test split")
     print(table(rows, ["arm", *names, "train s"]))
     print(f"replay - joint on earlier domains (points): {gaps}")
-    print(f"train seconds, replay chain / joint once: {replay_total / joint_seconds:.2f}")
+    print(f"train seconds, replay chain / joint once: {replay_total / joint_seconds:.2f}; "
+          f"last update / joint: {seconds['replay'][-1] / joint_seconds:.2f}")  # fmt: skip
     return {
         "benchmark": "bench_continual",
         "environment": env,
@@ -276,6 +285,7 @@ def report(args, env, matrix, joint, seconds, joint_seconds, datasets, joint_dat
             "max_length": args.max_length,
             "replay_share": args.share,
             "continued_lr": args.continued_lr,
+            "seed": args.seed,
         },  # fmt: skip
         "domains": names,
         "train_rows": dict(zip(names, train_rows, strict=True)),
@@ -288,6 +298,8 @@ def report(args, env, matrix, joint, seconds, joint_seconds, datasets, joint_dat
         "goal_within_1_point": all(g >= -1.0 for g in gaps.values()),
         "cost": {
             "replay_over_joint_once": round(replay_total / joint_seconds, 3),
+            # the update that made the final adapter against retraining on everything
+            "last_update_over_joint": round(seconds["replay"][-1] / joint_seconds, 3),
             "replay_over_joint_each_step_estimated": round(replay_total / each_step, 3),
             "note": "joint at every step: the joint model's seconds per training row times the "
             "rows of every domain so far, summed over the steps (an estimate, not a run)",
