@@ -6,7 +6,7 @@ A YAML file holds them under ``serve:`` (paths are relative to the working folde
       registry: registry
       adapters: [sst2, agnews@3]     # preloaded; others load on their first request
       port: 8000
-      max_batch_rows: 32
+      max_batch_rows: 64
 
     from peftkit.config.serve import load_serve_config
     config = load_serve_config("serve.yaml", {"port": 9000})   # flags override the file
@@ -43,7 +43,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
     max_resident: int = 8  # adapters in memory at once (least recently used go)
-    max_batch_rows: int = 32  # rows per forward
+    max_batch_rows: int = 64  # rows per forward
     max_batch_tokens: int = 8192  # tokens per forward (base tokenizer, before truncation)
     max_wait_ms: float = 0.0  # longest a forward waits for more rows (0: starts at once)
     max_queue_rows: int = 4096  # rows waiting; more is answered 503 + Retry-After

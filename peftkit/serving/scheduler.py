@@ -3,7 +3,7 @@
 The HTTP routes (``peftkit.serving.http``) only admit requests; this object does the model
 work, off the event loop::
 
-    scheduler = Scheduler(model, max_batch_rows=32)   # model: AdaptedModel
+    scheduler = Scheduler(model, max_batch_rows=64)   # model: AdaptedModel
     scheduler.start()
     predictions = await scheduler.submit([Row("a gripping film", ref="sst2@3")])
     scheduler.close()      # answers what is queued, then stops the thread
@@ -149,7 +149,7 @@ class Scheduler:
         self,
         model: Any,
         *,
-        max_batch_rows: int = 32,
+        max_batch_rows: int = 64,
         max_batch_tokens: int = 8192,
         max_wait_ms: float = 0.0,
         max_queue_rows: int = 4096,
