@@ -244,23 +244,28 @@ def test_serve_refuses_an_address_not_of_this_machine_naming_host(serve_args, ca
 # --- the HTTP request models: 422 naming the field, never a 500 -----------------------------
 
 
-@pytest.fixture()
-def client(tmp_path):
+def _test_client(tmp_path, submit):
+    """A TestClient on the app over a stand-in scheduler whose ``submit`` is given."""
     from fastapi.testclient import TestClient
 
     from peftkit.config.serve import ServeConfig
     from peftkit.registry.store import Registry
     from peftkit.serving.http import create_app
 
-    async def submit(rows):
-        raise AssertionError("a bad request reached the scheduler")
-
     scheduler = SimpleNamespace(
         observe=None, queued_rows=0, resident=(), running=True, submit=submit
     )
     registry = Registry(tmp_path / "reg")
     app = create_app(scheduler, registry, "fp", ServeConfig(registry=str(registry.root)))
-    with TestClient(app, raise_server_exceptions=False) as c:
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture()
+def client(tmp_path):
+    async def submit(rows):
+        raise AssertionError("a bad request reached the scheduler")
+
+    with _test_client(tmp_path, submit) as c:
         yield c
 
 
@@ -312,12 +317,7 @@ def test_top_k_must_be_a_json_integer_of_at_least_one(client, top_k):
 @pytest.fixture()
 def answering_client(tmp_path, monkeypatch):
     """A client whose scheduler answers every row and whose catalog pins any name to @1."""
-    from fastapi.testclient import TestClient
-
-    from peftkit.config.serve import ServeConfig
-    from peftkit.registry.store import Registry
     from peftkit.serving.catalog import Catalog
-    from peftkit.serving.http import create_app
 
     monkeypatch.setattr(Catalog, "pin", lambda self, ref, where: SimpleNamespace(ref=f"{ref}@1"))
     probs = {"positive": 0.7, "neutral": 0.2, "negative": 0.1}
@@ -330,12 +330,7 @@ def answering_client(tmp_path, monkeypatch):
             for r in rows
         ]
 
-    scheduler = SimpleNamespace(
-        observe=None, queued_rows=0, resident=(), running=True, submit=submit
-    )
-    registry = Registry(tmp_path / "reg")
-    app = create_app(scheduler, registry, "fp", ServeConfig(registry=str(registry.root)))
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with _test_client(tmp_path, submit) as c:
         yield c
 
 
