@@ -72,7 +72,9 @@ def _start(root: Path, registry: Path, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "peftkit.cli", "serve", "--registry", str(registry)]
     command += ["--port", str(port), "--adapters", "sentiment,spam@1", "--api-key-file"]
     command += [str(keys), "--max-wait-ms", "5", "--max-batch-rows", "8", *limits]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command += ["--threads", "1"]  # one torch thread (not OMP_NUM_THREADS: the flag is tested)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONUNBUFFERED"] = "1"
     log = open(root / "server.log", "w")  # noqa: SIM115 (closed by the fixture)
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -129,6 +131,11 @@ def _metric(client: httpx.Client, name: str, **labels: str) -> float:
 
 
 # -- classify -----------------------------------------------------------------------------
+
+
+def test_the_server_runs_forwards_on_the_threads_it_was_given(server):
+    log = server[3].read_text()
+    assert "(API docs at /docs; 1 torch threads)" in log, log[-2000:]
 
 
 def test_health_ready_and_metrics_are_open_but_v1_needs_a_key(server):
@@ -426,6 +433,11 @@ def test_bad_settings_are_one_line_before_the_base_loads(tmp_path, capsys):
     settings.write_text("serve:\n  registry: r\n  max_batch_rows: 3\n")
     code, err = _run_main(capsys, "--config", str(settings), "--max-batch-rows", "0")
     assert code == 1 and "--max-batch-rows 0" in err
+    code, err = _run_main(capsys, "--config", str(settings), "--threads", "0")
+    assert code == 1 and "--threads 0" in err and "must be >= 1" in err
+    settings.write_text("serve:\n  registry: r\n  threads: two\n")
+    code, err = _run_main(capsys, "--config", str(settings))
+    assert code == 1 and "line 3" in err and "threads" in err
 
 
 def test_a_weak_or_malformed_key_file_is_refused(tmp_path, capsys, server):

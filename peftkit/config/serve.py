@@ -51,6 +51,7 @@ class ServeConfig:
     max_text_chars: int = 10_000  # characters in one text (or text_pair); more is 413
     max_body_bytes: int = 2_000_000  # bytes in one request body; more is 413
     request_timeout_s: float = 30.0  # a request not answered by then is 504
+    threads: int | None = None  # torch threads for forwards (None: torch's default, the cores)
     api_key_file: str | None = None  # one key per line ("KEY" or "KEY admin"); None: no auth
     ray: bool = False  # serve as a Ray Serve deployment (peftkit.serving.ray_serve)
     replicas: int | None = None  # Ray Serve replicas, each with its own base (None: 1)
@@ -84,6 +85,8 @@ class ServeConfig:
                 f"serve.replicas ({self.replicas}) applies to a Ray Serve deployment: give "
                 "--ray too, or leave replicas out (one process serves without Ray)"
             )
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"serve.threads must be >= 1, got {self.threads}")
         if self.replicas is not None and self.replicas < 1:
             raise ConfigError(f"serve.replicas must be >= 1, got {self.replicas}")
         if self.max_request_rows > self.max_queue_rows:

@@ -87,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 flag_name(field.name), type=kind, metavar="N", help=f"default {field.default}"
             )
     parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads for forwards (default: one per core; fewer when the machine "
+        "runs other work, whose threads would otherwise contend with the server's)",
+    )
+    parser.add_argument(
         "--api-key-file", metavar="FILE", help="one key per line ('KEY' or 'KEY admin')"
     )
     parser.add_argument(
@@ -292,11 +299,15 @@ class Service:
 def build_service(config: ServeConfig, plan: Plan, say: logging.Logger = log) -> Service:
     """Load the base (its fingerprint checked against the adapters'), the AdaptedModel with
     the preloaded adapters, the scheduler and the app (``create_app``)."""
+    import torch
+
     from peftkit.models.base import load_base
     from peftkit.serving.adapted import AdaptedModel
     from peftkit.serving.http import create_app
     from peftkit.serving.scheduler import Scheduler
 
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     base = load_base(plan.source, quantization=plan.quantization)
     if plan.fingerprint is not None and base.fingerprint.id != plan.fingerprint:
         raise ConfigError(
@@ -328,6 +339,7 @@ def build_service(config: ServeConfig, plan: Plan, say: logging.Logger = log) ->
 
 def serve(config: ServeConfig, plan: Plan) -> int:
     """Load the base and the preloaded adapters, then serve until SIGTERM / SIGINT."""
+    import torch
     import uvicorn
 
     service = build_service(config, plan)
@@ -343,11 +355,13 @@ def serve(config: ServeConfig, plan: Plan) -> int:
         )
         service.scheduler.start()
         log.info(
-            "serving %d registered adapters on %s at http://%s:%d (API docs at /docs)%s",
+            "serving %d registered adapters on %s at http://%s:%d (API docs at /docs; "
+            "%d torch threads)%s",
             plan.registered,
             service.base.fingerprint.describe(),
             config.host,
             config.port,
+            torch.get_num_threads(),
             "; /v1 needs an API key" if plan.keys else "",
         )
         try:
