@@ -23,7 +23,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     The temporary file gets a fresh random name, created ``O_EXCL | O_NOFOLLOW``: whatever
     already has that name (a file, a planted link) is left alone and another name is drawn,
     so the write never goes through, nor removes, anything peftkit did not create. On
-    failure the temporary file (this call's own) is removed."""
+    failure the temporary file is removed while its name still holds this call's own file
+    (the inode created here: a file moved in over it meanwhile stays)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
@@ -37,6 +38,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             continue
     else:
         raise FileExistsError(f"no free temporary name beside {path}")
+    made = os.fstat(fd)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -45,7 +47,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)  # created above by this call
+            there = os.lstat(tmp)
+            if (there.st_dev, there.st_ino) == (made.st_dev, made.st_ino):
+                os.unlink(tmp)  # the file this call created, still under its name
         raise
 
 

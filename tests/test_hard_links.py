@@ -119,3 +119,25 @@ def test_a_failed_atomic_write_removes_only_its_own_temporary_file(tmp_path, mon
     monkeypatch.undo()
     assert target.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_a_failed_atomic_write_leaves_a_file_moved_over_its_temporary_name(
+    tmp_path, monkeypatch
+):
+    """Between the temporary file's creation and the failure, another process moves its own
+    file in under that name: the cleanup removes only the inode this write created."""
+    target = tmp_path / "metrics.json"
+    theirs = tmp_path / "theirs.txt"
+    theirs.write_text("another process's file\n")
+
+    def swap_then_fail(src, dst):
+        os.rename(theirs, src)  # their file now holds the temporary name
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", swap_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_text(target, "new\n")
+    monkeypatch.undo()
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert kept.read_text() == "another process's file\n"
+    assert not target.exists()

@@ -110,3 +110,41 @@ def test_a_run_refused_for_a_run_folder_in_use_leaves_no_new_registry(
         assert code == 1 and "is in use by another run" in err, err
         assert recipe["run"].is_dir()
     assert not reg.exists()
+
+
+def test_folders_put_in_place_of_the_ones_a_new_registry_made_stay(tmp_path):
+    """A user's folder moved in under a made subfolder's name, or a link to a user's folder
+    put where the registry was, is not removed, even when it is empty."""
+    root = tmp_path / "reg"
+    top = first_missing(root)
+    with Registry(root):
+        pass
+    files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    folders = tuple(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir())
+    assert "adapters" in folders
+    made = Made(root, top, own_files(root, files), folders, whole=True)
+    users = tmp_path / "users-empty-folder"
+    users.mkdir()
+    (root / "adapters").rmdir()
+    users.rename(root / "adapters")  # another inode under a made folder's name
+    made.remove()
+    made.close()
+    assert (root / "adapters").is_dir()  # theirs stays, and so does the registry root
+
+    # the whole registry folder swapped for a link to a user's folder of the same shape
+    root2 = tmp_path / "reg2"
+    with Registry(root2):
+        pass
+    files = {str(p.relative_to(root2)) for p in root2.rglob("*") if p.is_file()}
+    folders = tuple(str(p.relative_to(root2)) for p in root2.rglob("*") if p.is_dir())
+    made = Made(root2, first_missing(tmp_path / "nowhere") or root2, own_files(root2, files),
+                folders, whole=True)  # fmt: skip
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    for sub in folders:
+        (theirs / sub).mkdir(parents=True, exist_ok=True)
+    root2.rename(tmp_path / "moved-away")
+    root2.symlink_to(theirs)
+    made.remove()
+    made.close()
+    assert all((theirs / sub).is_dir() for sub in folders) and root2.is_symlink()

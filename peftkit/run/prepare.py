@@ -17,7 +17,7 @@ import logging
 import os
 import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -64,12 +64,19 @@ class Made:
     files: dict[str, int]
     folders: tuple[str, ...] = ()
     whole: bool = False
+    # each folder's identity when recorded ("": ``path``), so one put in its place stays
+    ids: dict[str, tuple[int, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ids = {
+            rel: ident for rel in ("", *self.folders) if (ident := _dir_id(self.path / rel))
+        }
 
     def remove(self) -> None:
         """Remove what was made (call :meth:`close` after, and after closing the registry)."""
         if self.whole and not _holds_only(self.path, self.files, self.folders):
             return
-        unmake(self.path, self.top, self.files, self.folders)
+        unmake(self.path, self.top, self.files, self.folders, ids=self.ids)
 
     def close(self) -> None:
         """Let go of the descriptors held."""
@@ -190,13 +197,35 @@ def _holds_only(folder: Path, files: dict[str, int], folders: tuple[str, ...]) -
     return set(there) <= set(files) and set(subfolders) <= set(folders)
 
 
-def unmake(path: Path, made: Path, own: dict[str, int], folders: tuple[str, ...] = ()) -> None:
+def _dir_id(folder: Path) -> tuple[int, int] | None:
+    """``folder``'s (device, inode) when it is a folder itself (not a link to one)."""
+    try:
+        there = folder.lstat()
+    except OSError:
+        return None
+    return (there.st_dev, there.st_ino) if stat.S_ISDIR(there.st_mode) else None
+
+
+def unmake(
+    path: Path,
+    made: Path,
+    own: dict[str, int],
+    folders: tuple[str, ...] = (),
+    ids: dict[str, tuple[int, int]] | None = None,
+) -> None:
     """Remove what preparing the folder ``path`` wrote: the files in ``own`` that are still
     those very files (same inode as the descriptor held: a file or link put in one's place
     stays), its subfolders ``folders``, then ``path`` and the folders above it up to
     ``made``, the outermost it created, each only while empty: a folder another run wrote
-    into meanwhile (a sibling run under a shared ``runs/``) stays."""
+    into meanwhile (a sibling run under a shared ``runs/``) stays. With ``ids`` (relative
+    path -> identity recorded when made, ``""``: ``path``), a folder that is no longer the
+    one recorded (another moved in, or a link) stays, and when ``path`` itself is not, no
+    folder goes."""
     path, made = path.absolute(), made.absolute()
+
+    def recorded(rel: str) -> bool:
+        return ids is None or (ids.get(rel) is not None and _dir_id(path / rel) == ids[rel])
+
     for name, fd in own.items():
         with contextlib.suppress(OSError):
             held, there = os.fstat(fd), (path / name).lstat()
@@ -205,9 +234,12 @@ def unmake(path: Path, made: Path, own: dict[str, int], folders: tuple[str, ...]
                 held.st_ino,
             ):
                 (path / name).unlink()
+    if not recorded(""):
+        return
     for sub in sorted(folders, key=lambda f: -len(Path(f).parts)):  # the deepest first
-        with contextlib.suppress(OSError):
-            (path / sub).rmdir()
+        if recorded(sub):
+            with contextlib.suppress(OSError):
+                (path / sub).rmdir()
     for folder in (path, *path.parents):
         try:
             folder.rmdir()  # only an empty folder goes
