@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from pathlib import Path
 
 _KINDS = {"recipes": "recipes", "presets": "adapters", "prompts": "prompts"}  # CLI word -> library
@@ -41,30 +42,22 @@ def cmd_library_show(args: argparse.Namespace) -> int:
     kind = _KINDS[args.kind]
     path = find(kind, args.name)  # a folder or device given is refused there
     text = read_text(path, KINDS[kind])
-    _LOADERS[kind](path)  # a file that is not a valid recipe / preset / prompt set is refused
+    _load(kind, path)  # a file that is not a valid recipe / preset / prompt set is refused
     print(text, end="")
     return 0
 
 
-def _load_recipe(path: Path) -> None:
-    from peftkit.config.recipes import load_recipe
-
-    load_recipe(path)
-
-
-def _load_preset(path: Path) -> None:
-    from peftkit.config.presets import load_preset
-
-    load_preset(path)
+# each kind's loader ("module:function"), imported only when a file of that kind is shown
+_LOADERS = {
+    "recipes": "peftkit.config.recipes:load_recipe",
+    "adapters": "peftkit.config.presets:load_preset",
+    "prompts": "peftkit.prompting.templates:load_prompt_set",
+}
 
 
-def _load_prompts(path: Path) -> None:
-    from peftkit.prompting.templates import load_prompt_set
-
-    load_prompt_set(path)
-
-
-_LOADERS = {"recipes": _load_recipe, "adapters": _load_preset, "prompts": _load_prompts}
+def _load(kind: str, path: Path) -> None:
+    module, _, name = _LOADERS[kind].partition(":")
+    getattr(importlib.import_module(module), name)(path)
 
 
 def _summary(path: Path) -> str:

@@ -38,12 +38,13 @@ class Ctx:
     def error(self, path: tuple[str, ...], message: str) -> ConfigError:
         where = self.source
         # an override replaces everything under its key: the file's lines there are stale
-        overrides = [path[:n] for n in range(len(path), -1, -1) if path[:n] in self.overridden]
-        lines = [path[:n] for n in range(len(path), -1, -1) if path[:n] in self.lines]
-        if overrides:
-            where += f" (override {self.overridden[overrides[0]]!r})"
-        elif lines:
-            where += f", line {self.lines[lines[0]]}"
+        prefixes = [path[:n] for n in range(len(path), -1, -1)]
+        override = next((p for p in prefixes if p in self.overridden), None)
+        line = next((p for p in prefixes if p in self.lines), None)
+        if override is not None:
+            where += f" (override {self.overridden[override]!r})"
+        elif line is not None:
+            where += f", line {self.lines[line]}"
         dotted = ".".join(path)
         # a message that starts with the key path already says where
         key = f" {dotted}:" if path and not message.startswith(dotted + " ") else ""
