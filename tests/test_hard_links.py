@@ -121,9 +121,7 @@ def test_a_failed_atomic_write_removes_only_its_own_temporary_file(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
-def test_a_failed_atomic_write_leaves_a_file_moved_over_its_temporary_name(
-    tmp_path, monkeypatch
-):
+def test_a_failed_atomic_write_leaves_a_file_moved_over_its_temporary_name(tmp_path, monkeypatch):
     """Between the temporary file's creation and the failure, another process moves its own
     file in under that name: the cleanup removes only the inode this write created."""
     target = tmp_path / "metrics.json"

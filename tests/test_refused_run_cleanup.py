@@ -72,16 +72,23 @@ def test_an_empty_registry_folder_that_existed_stays(
     assert recipe["reg"].is_dir() and not recipe["run"].exists()
 
 
+def _new_registry(root: Path, top: Path | None = None) -> tuple[Made, tuple[str, ...]]:
+    """A registry made at ``root`` as a run makes one: its files held, its folders listed."""
+    top = top or first_missing(root)
+    with Registry(root):
+        pass
+    files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    folders = tuple(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir())
+    return Made(root, top, own_files(root, files), folders, whole=True), folders
+
+
 def test_a_new_registry_holding_anything_else_is_left_whole(tmp_path):
     """Its index may record what another process registered meanwhile: a new registry
     goes only while it holds nothing but what opening it wrote."""
     root = tmp_path / "reg"
     top = first_missing(root)
-    with Registry(root):
-        pass
+    made, folders = _new_registry(root)
     files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
-    folders = tuple(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir())
-    made = Made(root, top, own_files(root, files), folders, whole=True)
     (root / "adapters" / "theirs").mkdir()
     made.remove()
     made.close()
@@ -116,13 +123,8 @@ def test_folders_put_in_place_of_the_ones_a_new_registry_made_stay(tmp_path):
     """A user's folder moved in under a made subfolder's name, or a link to a user's folder
     put where the registry was, is not removed, even when it is empty."""
     root = tmp_path / "reg"
-    top = first_missing(root)
-    with Registry(root):
-        pass
-    files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
-    folders = tuple(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir())
+    made, folders = _new_registry(root)
     assert "adapters" in folders
-    made = Made(root, top, own_files(root, files), folders, whole=True)
     users = tmp_path / "users-empty-folder"
     users.mkdir()
     (root / "adapters").rmdir()
@@ -133,12 +135,7 @@ def test_folders_put_in_place_of_the_ones_a_new_registry_made_stay(tmp_path):
 
     # the whole registry folder swapped for a link to a user's folder of the same shape
     root2 = tmp_path / "reg2"
-    with Registry(root2):
-        pass
-    files = {str(p.relative_to(root2)) for p in root2.rglob("*") if p.is_file()}
-    folders = tuple(str(p.relative_to(root2)) for p in root2.rglob("*") if p.is_dir())
-    made = Made(root2, first_missing(tmp_path / "nowhere") or root2, own_files(root2, files),
-                folders, whole=True)  # fmt: skip
+    made, folders = _new_registry(root2)
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     for sub in folders:
