@@ -13,7 +13,7 @@ from helpers import synthetic
 from test_recipes import GOOD, write_data, write_recipe
 
 from peftkit.adapters.model import TaskModel, build_task_model
-from peftkit.adapters.parent import continue_from, label_order
+from peftkit.adapters.parent import ParentWeights, continue_from, label_order
 from peftkit.config.presets import load_preset
 from peftkit.config.recipes import load_recipe
 from peftkit.data.batching import encode
@@ -193,3 +193,94 @@ def test_a_bad_parent_is_refused_before_the_base_loads(
         run(tmp_path, tiny_models, "child", data, extra)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "child").exists()  # nothing written
+
+
+# --- adapter.keep_parent: the parent's weights blended back in after training -------------
+
+
+def trained_tensors(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_keep_parent_blends_each_trained_tensor_and_only_the_parents_head_rows(
+    tiny_models, tmp_path
+):
+    spec = load_preset("lora")
+    base = load_base(tiny_models["bert"], kind="encoder")
+    folder = parent_folder(base, spec, tmp_path, synthetic("sentiment", n=32))
+    labels = ("negative", "positive", "neutral")  # a label superset: row 2 is new
+    with build_task_model(base, spec, labels=labels, seed=5) as model:
+        start = ParentWeights(model, continue_from(model, folder))
+        assert start.head_rows == [0, 1]
+        parent = trained_tensors(model)
+        with torch.no_grad():  # "training": every trainable tensor moves
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p))
+        trained = trained_tensors(model)
+        start.blend_into(model, 0.25)
+        blended = trained_tensors(model)
+    head = "head.linear.weight"
+    assert head in blended and len(blended) > 2  # LoRA factors and the head
+    for name, value in blended.items():
+        expected = 0.75 * trained[name] + 0.25 * parent[name]
+        if name.startswith("head."):  # the new label's row stays as trained
+            expected[2] = trained[name][2]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+    assert not torch.equal(blended[head][2], parent[head][2])
+
+
+def test_train_with_keep_parent_equals_the_blend_of_the_trained_child_and_its_parent(
+    tiny_models, tmp_path
+):
+    spec = load_preset("lora")
+    base = load_base(tiny_models["bert"], kind="encoder")
+    data = synthetic("sentiment", n=32)
+    folder = parent_folder(base, spec, tmp_path, data)
+    with TaskModel.from_pretrained(base, folder) as parent_model:  # loaded frozen: every tensor
+        parent = {n: p.detach().clone() for n, p in parent_model.named_parameters()}
+    config = TrainConfig(max_steps=4, learning_rate=5e-3, **QUICK)
+    with train(base, spec, data, config, tmp_path / "plain", init_from=folder) as child:
+        trained = trained_tensors(child.model)
+    with train(
+        base, spec, data, config, tmp_path / "kept", init_from=folder, keep_parent=0.5
+    ) as kept:
+        blended = trained_tensors(kept.model)
+        assert kept.test_metrics  # the test split was scored on the blended weights
+    assert set(blended) == set(trained) and set(blended) <= set(parent)
+    assert any(not torch.allclose(trained[n], parent[n]) for n in trained)  # it trained
+    for name in blended:
+        torch.testing.assert_close(
+            blended[name], 0.5 * trained[name] + 0.5 * parent[name], rtol=0, atol=1e-5
+        )
+    with pytest.raises(ConfigError, match="keep_parent blends .* needs adapter.init_from"):
+        train(base, spec, data, config, tmp_path / "orphan", keep_parent=0.5)
+
+
+def test_a_recipe_keeps_part_of_its_parent_and_records_it(tmp_path, tiny_models, reset_accelerate):
+    first = write_data(tmp_path / "d1", LABELS)
+    outcome, _ = run(tmp_path, tiny_models, "first", first)
+    (parent_ref,) = outcome.entries
+    outcome, text = run(
+        tmp_path, tiny_models, "second", first,
+        [f"adapter.init_from={parent_ref}", "adapter.keep_parent=0.3", "registry.name=kept"],
+    )  # fmt: skip
+    assert f"continues {parent_ref} (adapter.init_from; keeps 0.3 of its weights" in text
+    with Registry(tmp_path / "reg") as reg:
+        entry = reg.get(outcome.entries[0])
+    assert entry.lineage["parent"] == parent_ref and entry.lineage["keep_parent"] == 0.3
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["adapter.keep_parent=0.5"], "keep_parent blends .* give adapter.init_from too"),
+        (["adapter.init_from=first@1", "adapter.keep_parent=1"], r"must be in \[0, 1\)"),
+        (["adapter.init_from=first@1", "adapter.keep_parent=-0.1"], r"must be in \[0, 1\)"),
+    ],
+)
+def test_a_bad_keep_parent_is_one_line_naming_the_key(tmp_path, tiny_models, extra, expected):
+    path = write_recipe(tmp_path, GOOD, "kept.yaml")
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_recipe(path, extra)
+    assert "\n" not in str(err.value) and "keep_parent" in str(err.value)

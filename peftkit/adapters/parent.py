@@ -9,6 +9,18 @@ target modules); the new labels must include every parent label. Head rows are m
 label name: a parent label's row is the parent's, bitwise; a new label keeps the fresh row
 the model was built with. :func:`label_order` gives the order that keeps the parent's rows
 first (what a recipe trains with).
+
+With ``adapter.keep_parent`` a recipe blends the parent's weights back in after training,
+a weight-space ensemble of parent and child (WiSE-FT, Wortsman et al. 2022)::
+
+    start = ParentWeights(model, continue_from(model, folder))   # a copy, before training
+    ...train...
+    start.blend_into(model, keep=0.5)   # each trained tensor: 0.5 x trained + 0.5 x parent
+
+Both share the parent's starting point, so averaging the LoRA factors (not only their
+product) stays between the two models. The head rows of labels the parent lacked stay as
+trained. ``bench/bench_continual.py --keep-parent`` measures it across four sentiment
+domains (bench/README.md).
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from peftkit.config.presets import method_row
 from peftkit.errors import ConfigError, FingerprintMismatch, IntegrityError
 from peftkit.registry.entries import describe_base
 
-__all__ = ["check_parent", "continue_from", "label_order"]
+__all__ = ["ParentWeights", "check_parent", "continue_from", "label_order"]
 
 # adapter_config.json fields that decide the shape of the saved weights
 SHAPE_FIELDS = ("peft_type", "r", "target_modules", "num_virtual_tokens", "feedforward_modules")
@@ -57,11 +69,46 @@ def check_parent(
     return label_order(labels, task_labels)
 
 
-def continue_from(model: TaskModel, folder: str | Path) -> None:
+class ParentWeights:
+    """A copy of a continued model's trainable tensors as ``continue_from`` left them (the
+    parent's weights), by parameter name, and which head rows (``head_rows``, as
+    ``continue_from`` returns them) are the parent's."""
+
+    def __init__(self, model: TaskModel, head_rows: Sequence[int]) -> None:
+        self.tensors = {
+            n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+        self.head_rows = list(head_rows)
+
+    @torch.no_grad()
+    def blend_into(self, model: TaskModel, keep: float) -> None:
+        """Make each trainable tensor of ``model`` ``(1 - keep) * trained + keep * parent``;
+        in the head, only the rows of the parent's labels (a new label's row stays as
+        trained). ``keep`` in [0, 1); 0 changes nothing."""
+        if not 0 <= keep < 1:
+            raise ConfigError(f"adapter.keep_parent must be in [0, 1), got {keep}")
+        if keep == 0:
+            return
+        params = dict(model.named_parameters())
+        missing = sorted(set(self.tensors) - set(params))
+        if missing:
+            raise ConfigError(f"adapter.keep_parent: the trained model lacks {missing[:3]}")
+        head = {id(model.head.linear.weight), id(model.head.linear.bias)}
+        for name, start in self.tensors.items():
+            param = params[name]
+            if id(param) in head and param.shape[0] != len(self.head_rows):
+                rows = torch.tensor(self.head_rows, dtype=torch.long, device=param.device)
+                mixed = param[rows].lerp(start[rows].to(param.device), keep)
+                param[rows] = mixed
+            else:
+                param.lerp_(start.to(param.device), keep)
+
+
+def continue_from(model: TaskModel, folder: str | Path) -> list[int]:
     """Copy the adapter saved in ``folder`` into ``model`` (just built for the new task,
     not trained yet): peft weights (or the whole body for ``full``) and the head's rows of
-    the parent's labels. ConfigError / FingerprintMismatch, changing nothing, when the
-    parent does not fit."""
+    the parent's labels; returns the indices of those head rows. ConfigError /
+    FingerprintMismatch, changing nothing, when the parent does not fit."""
     folder = Path(folder)
     info, task = read_task(folder), model.task
     where = f"adapter.init_from ({folder})"
@@ -94,6 +141,7 @@ def continue_from(model: TaskModel, folder: str | Path) -> None:
         for new, old in rows["map"]:
             weight[new].copy_(rows["weight"][old])
             bias[new].copy_(rows["bias"][old])
+    return [new for new, _ in rows["map"]]
 
 
 def _body_state(model: TaskModel, folder: Path, method: str) -> dict[str, torch.Tensor] | None:

@@ -105,10 +105,23 @@ class AdapterRef:
     head_init: HeadInitSpec | None = None  # `head_init: prototypes`
     # continue a registered adapter: NAME@VERSION, or `previous` (the task before, in `then:`)
     init_from: str | None = None
+    # after training, blend this share of init_from's weights back in (0: none; WiSE-FT)
+    keep_parent: float | None = None
 
     def __post_init__(self) -> None:
         if self.init_from is not None:
             check_init_from(self.init_from)
+        if self.keep_parent is not None:
+            if not 0 <= self.keep_parent < 1:
+                raise ConfigError(
+                    f"adapter.keep_parent must be in [0, 1) (the share of the parent's "
+                    f"weights kept), got {self.keep_parent}"
+                )
+            if self.init_from is None:
+                raise ConfigError(
+                    "adapter.keep_parent blends the trained adapter with the one it "
+                    "continues: give adapter.init_from too"
+                )
 
     def overrides(self) -> dict[str, Any]:
         """The fields given, in the form ``load_preset(..., overrides=)`` takes."""

@@ -30,6 +30,7 @@ class Continual:
     previous: int | None = None  # or the task at this index of the recipe
     data: dict[str, str] = dataclasses.field(default_factory=dict)
     replay: dict[str, Any] | None = None
+    keep_parent: float = 0.0  # adapter.keep_parent: the parent's share blended back in
     original: Any = None  # the training rows before replay (what a later task replays)
 
 
@@ -50,7 +51,7 @@ def plan_continual(recipe: Recipe, tasks: list[Any], registry_root: Path) -> lis
 
     out: list[Any] = []
     for i, (task, ref) in enumerate(zip(tasks, adapter_refs(recipe), strict=True)):
-        cont = Continual()
+        cont = Continual(keep_parent=ref.keep_parent or 0.0)
         where = f"{recipe.source}: task {task.name!r}: adapter.init_from: {ref.init_from}"
         if ref.init_from is not None:
             if ref.head_init is not None:
@@ -173,7 +174,10 @@ def parent_folder(ctx: Any, task: Any, refs: dict[str, str]) -> tuple[Path | Non
 def lineage(task: Any, parent: str | None) -> dict[str, Any]:
     """What the registered version records of where it came from."""
     cont = task.continual or Continual()
-    return {"parent": parent, "data": dict(cont.data), "replay": cont.replay}
+    out = {"parent": parent, "data": dict(cont.data), "replay": cont.replay}
+    if cont.keep_parent:
+        out["keep_parent"] = cont.keep_parent
+    return out
 
 
 def revisit_refs(tasks: list[Any], refs: list[str]) -> list[str]:

@@ -251,8 +251,10 @@ def _train_one(ctx: RunContext, task: Task, first: bool):
         check_mean_pooling(base, task.spec)
         _say(ctx, f"head starts from the prototypes of {len(train_split)} rows")
     parent, parent_ref = parent_folder(ctx, task, ctx.refs)
+    keep = task.continual.keep_parent if task.continual is not None else 0.0
     if parent is not None:
-        _say(ctx, f"continues {parent_ref or parent} (adapter.init_from)")
+        kept = f"; keeps {keep:g} of its weights after training" if keep else ""
+        _say(ctx, f"continues {parent_ref or parent} (adapter.init_from{kept})")
     if task.continual is not None and task.continual.replay is not None:
         replay = task.continual.replay
         _say(ctx, f"replays {replay['rows']} rows of {replay['source']} "
@@ -267,7 +269,7 @@ def _train_one(ctx: RunContext, task: Task, first: bool):
         run = ctx.path.name if first else f"{ctx.path.name}-{task.name}"  # the tracker's run
         result = train(
             base, task.spec, data, named(task.config, ctx.recipe.name, run), folder,
-            train_split=train_split, head_init=task.head, init_from=parent,
+            train_split=train_split, head_init=task.head, init_from=parent, keep_parent=keep,
         )  # fmt: skip
     metrics: dict[str, Any] = {
         "recipe": ctx.recipe.name,

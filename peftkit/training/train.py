@@ -33,7 +33,7 @@ import torch
 
 from peftkit.adapters.folder import release
 from peftkit.adapters.model import TaskModel, build_task_model, unpack_base, verbalizer_token_ids
-from peftkit.adapters.parent import continue_from
+from peftkit.adapters.parent import ParentWeights, continue_from
 from peftkit.adapters.task import TaskInfo
 from peftkit.config.presets import AdapterSpec, method_row
 from peftkit.config.training import TrainConfig
@@ -97,6 +97,7 @@ def train(
     verbalizer: dict[str, str] | None = None,
     head_init: Any = None,
     init_from: str | Path | None = None,
+    keep_parent: float = 0.0,
 ) -> TrainResult:
     """Train ``spec`` on ``data`` and return the best model (in eval mode, wrapping the
     shared base until released), its history and test report. The model knows its task
@@ -118,7 +119,9 @@ def train(
     or a ``fewshot.Prototypes`` to build one on the base) is the head training starts from
     instead of a fresh one; it is copied, not changed. ``init_from`` (an adapter folder of
     the same method and base, e.g. a registry entry's ``path``) continues that adapter: its
-    weights and its labels' head rows are where training starts (``adapters.parent``).
+    weights and its labels' head rows are where training starts (``adapters.parent``);
+    ``keep_parent`` (in [0, 1)) then blends that share of the parent's weights back into the
+    trained ones (``ParentWeights.blend_into``) before the test split is scored.
 
     ``config.objective="contrastive"`` trains the body on pairs of the training rows
     (``peftkit.training.contrastive``) and not the head, which must be a ``fewshot.Prototypes``: it
@@ -131,6 +134,13 @@ def train(
             "training.max_steps=0 trains nothing: use train.untrained(base, data, head, config) "
             "to evaluate a start head as it stands"
         )
+    if keep_parent and init_from is None:
+        raise ConfigError(
+            "adapter.keep_parent blends the trained adapter with the one it continued: it "
+            "needs adapter.init_from"
+        )
+    if not 0 <= keep_parent < 1:
+        raise ConfigError(f"adapter.keep_parent must be in [0, 1), got {keep_parent}")
     if init_from is not None and head_init is not None:
         raise ConfigError(
             "adapter.init_from continues a trained adapter's head; it cannot also start the "
@@ -214,8 +224,10 @@ def train(
         model.task = replace(model.task, verbalizer={lab: verbalizer[lab] for lab in data.labels})
     tracking = Tracking(acc)  # training.log_with's run, started once the loop is set up
     try:
+        parent = None
         if init_from is not None:
-            continue_from(model, init_from)
+            rows = continue_from(model, init_from)
+            parent = ParentWeights(model, rows) if keep_parent else None
         if head_init is not None:
             _start_head(model, head_init)
         pad = pad_id(tokenizer)
@@ -235,8 +247,12 @@ def train(
                          resumed_from=loop.resumed_from)  # fmt: skip
         loop.run()
         state = loop.state
+        best = loop.load_best()
+        if parent is not None:
+            parent.blend_into(best, keep_parent)
+            log.info("kept %g of the parent's weights (adapter.keep_parent)", keep_parent)
         result = TrainResult(
-            model=loop.load_best(),
+            model=best,
             steps=state["step"],
             history=state["history"],
             best={"step": state["best_step"], config.metric: state["best_metric"]},
