@@ -183,6 +183,16 @@ def test_replicas_need_ray_and_must_be_positive():
         load_serve_config(None, {"registry": "r", "ray": True, "replicas": 0})
 
 
+def test_each_replica_reserves_a_cpu_per_torch_thread():
+    from peftkit.serving.ray_serve import deployment_options
+
+    plain = deployment_options(load_serve_config(None, {"registry": "r", "ray": True}))
+    assert plain["ray_actor_options"] == {"num_cpus": 1} and plain["num_replicas"] == 1
+    config = load_serve_config(None, {"registry": "r", "ray": True, "replicas": 2, "threads": 3})
+    options = deployment_options(config)
+    assert options["ray_actor_options"] == {"num_cpus": 3} and options["num_replicas"] == 2
+
+
 def test_the_flags_reach_the_settings():
     parser = argparse.ArgumentParser()
     add_arguments(parser)

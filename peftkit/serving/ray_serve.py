@@ -47,6 +47,7 @@ __all__ = [
     "MODEL_ID_HEADER",
     "REPLICA_HEADER",
     "build_deployment",
+    "deployment_options",
     "replica_app",
     "serve_on_ray",
 ]
@@ -75,10 +76,12 @@ def serve_on_ray(config: ServeConfig, plan: Plan) -> int:
     stop: list[int] = []  # the signals received (see _stop_on_signals)
     try:
         cpus = int(ray.cluster_resources().get("CPU", 0))
-        if not address and cpus < (config.replicas or 1):
+        each = deployment_options(config)["ray_actor_options"]["num_cpus"]
+        if not address and cpus < (config.replicas or 1) * each:
+            per = "a CPU" if config.threads is None else f"{each} CPUs (--threads)"
             raise ConfigError(
-                f"--replicas {config.replicas} needs a CPU per replica; the local Ray instance "
-                f"has {cpus}: give fewer, or join a larger cluster with RAY_ADDRESS"
+                f"--replicas {config.replicas} needs {per} per replica; the local Ray "
+                f"instance has {cpus}: give fewer, or join a larger cluster with RAY_ADDRESS"
             )
         try:
             serve.start(http_options={"host": config.host, "port": config.port})
@@ -123,15 +126,23 @@ def build_deployment(config: ServeConfig, plan: Plan) -> Any:
     def build() -> Any:  # run by each replica when it starts
         return replica_app(config, plan)
 
-    deployment = serve.deployment(
-        name=APP_NAME,
-        num_replicas=config.replicas or 1,
+    deployment = serve.deployment(**deployment_options(config))(serve.ingress(build)())
+    return deployment.bind()
+
+
+def deployment_options(config: ServeConfig) -> dict[str, Any]:
+    """The Ray Serve deployment's options: each replica reserves as many CPUs as it runs
+    torch threads (``threads``; one when not given), so Ray places no more replicas on a
+    node than its cores can run without contending."""
+    return {
+        "name": APP_NAME,
+        "num_replicas": config.replicas or 1,
         # enough requests inside a replica for its scheduler to fill forwards; more wait
         # in the proxy, where they can still go to another replica
-        max_ongoing_requests=4 * config.max_batch_rows,
-        graceful_shutdown_timeout_s=config.request_timeout_s + 5,
-    )(serve.ingress(build)())
-    return deployment.bind()
+        "max_ongoing_requests": 4 * config.max_batch_rows,
+        "graceful_shutdown_timeout_s": config.request_timeout_s + 5,
+        "ray_actor_options": {"num_cpus": config.threads or 1},
+    }
 
 
 def replica_app(config: ServeConfig, plan: Plan) -> Any:
