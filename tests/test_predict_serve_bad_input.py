@@ -40,7 +40,10 @@ def predict(tmp_path, no_base):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("\udcff\udcfe bad", "text argument 1: not valid UTF-8 text (character 0"),
+        (
+            "\udcff\udcfe bad",
+            "text argument 1: not valid UTF-8 text (a lone surrogate at character 0",
+        ),
         ("", "text argument 1 is empty"),
         ("   ", "text argument 1 is empty"),
     ],

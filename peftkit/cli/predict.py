@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.cli.common import DEFAULT_REGISTRY, open_registry, positive_int
+from peftkit.data.dataset import not_utf8
 from peftkit.errors import ConfigError, DataError
 
 
@@ -121,14 +122,10 @@ def _json_object(line: str) -> dict | None:
 
 
 def _check_encodable(text: str, where: str) -> None:
-    """Refuse text the tokenizer cannot take: lone surrogates (bytes that were not UTF-8 in
-    argv, or ``\\ud800`` escapes in JSON) have no UTF-8 encoding."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise DataError(
-            f"{where}: not valid UTF-8 text (character {exc.start}: {exc.reason}); give UTF-8 text"
-        ) from None
+    """Refuse text the tokenizer cannot take (``dataset.not_utf8``), naming ``where``."""
+    problem = not_utf8(text)
+    if problem is not None:
+        raise DataError(f"{where}: {problem}; give UTF-8 text")
 
 
 def _row_of(line: str, lineno: int, where: str, jsonl: bool) -> tuple[str, str | None]:

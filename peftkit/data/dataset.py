@@ -15,7 +15,7 @@ from types import MappingProxyType
 
 from peftkit.errors import DataError, did_you_mean
 
-__all__ = ["SPLITS", "Split", "TextDataset", "preview"]
+__all__ = ["SPLITS", "Split", "TextDataset", "not_utf8", "preview"]
 
 
 SPLITS = ("train", "validation", "test")
@@ -123,3 +123,14 @@ def preview(items: Sequence[str], n: int = 10) -> str:
     """``a, b, c`` -- or the first ``n`` and how many there are in all (for messages)."""
     shown = ", ".join(map(str, items[:n]))
     return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def not_utf8(text: str) -> str | None:
+    """Why ``text`` cannot be encoded as UTF-8, or None when it can. Only a lone surrogate
+    has no UTF-8 form (bytes that were not UTF-8 in argv or stdin, or a ``\\ud800`` escape in
+    JSON); no tokenizer takes one, and no answer could echo it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"not valid UTF-8 text (a lone surrogate at character {exc.start})"
+    return None

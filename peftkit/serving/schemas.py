@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
+from peftkit.data.dataset import not_utf8
 from peftkit.errors import did_you_mean
 
 __all__ = [
@@ -32,14 +33,10 @@ __all__ = [
 
 
 def _utf8(text: str) -> str:
-    """JSON may carry lone surrogates (``"\\ud800"``): no tokenizer takes them, and no
-    answer could echo them, so they are refused here (422 naming the field)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"not valid UTF-8 text (a lone surrogate at character {exc.start})"
-        ) from None
+    """Lone surrogates (``"\\ud800"`` in JSON) refused here: 422 naming the field."""
+    problem = not_utf8(text)
+    if problem is not None:
+        raise ValueError(problem)
     return text
 
 
