@@ -35,6 +35,7 @@ import torch
 from peftkit.adapters.folder import read_task
 from peftkit.adapters.model import TaskModel
 from peftkit.config.presets import method_row
+from peftkit.config.recipe_checks import check_keep_parent
 from peftkit.errors import ConfigError, FingerprintMismatch, IntegrityError
 from peftkit.registry.entries import describe_base
 
@@ -85,9 +86,7 @@ class ParentWeights:
         """Make each trainable tensor of ``model`` ``(1 - keep) * trained + keep * parent``;
         in the head, only the rows of the parent's labels (a new label's row stays as
         trained). ``keep`` in [0, 1); 0 changes nothing."""
-        if not 0 <= keep < 1:
-            raise ConfigError(f"adapter.keep_parent must be in [0, 1), got {keep}")
-        if keep == 0:
+        if check_keep_parent(keep) == 0:
             return
         params = dict(model.named_parameters())
         missing = sorted(set(self.tensors) - set(params))
@@ -95,13 +94,12 @@ class ParentWeights:
             raise ConfigError(f"adapter.keep_parent: the trained model lacks {missing[:3]}")
         head = {id(model.head.linear.weight), id(model.head.linear.bias)}
         for name, start in self.tensors.items():
-            param = params[name]
-            if id(param) in head and param.shape[0] != len(self.head_rows):
+            param, start = params[name], start.to(params[name].device)
+            if id(param) in head:  # the parent's labels' rows only
                 rows = torch.tensor(self.head_rows, dtype=torch.long, device=param.device)
-                mixed = param[rows].lerp(start[rows].to(param.device), keep)
-                param[rows] = mixed
+                param[rows] = param[rows].lerp(start[rows], keep)
             else:
-                param.lerp_(start.to(param.device), keep)
+                param.lerp_(start, keep)
 
 
 def continue_from(model: TaskModel, folder: str | Path) -> list[int]:

@@ -48,6 +48,17 @@ def check_init_from(ref: str) -> str:
     )
 
 
+def check_keep_parent(keep: float) -> float:
+    """``adapter.keep_parent``: the share of the parent's weights blended back in after
+    training, in [0, 1) (0: none)."""
+    if not 0 <= keep < 1:
+        raise ConfigError(
+            f"adapter.keep_parent must be in [0, 1) (the share of the parent's weights kept), "
+            f"got {keep}"
+        )
+    return keep
+
+
 def check_recipe(recipe: Recipe, raw: dict[str, Any], ctx: Ctx) -> None:
     """The checks across sections of a parsed ``recipe`` (``raw``: the mapping it was
     parsed from, to tell which keys were given); errors name ``ctx``'s file and the key."""

@@ -30,7 +30,12 @@ from typing import Any
 from peftkit.config import overrides as overrides_mod
 from peftkit.config.gates import parse_gates
 from peftkit.config.library import available, find
-from peftkit.config.recipe_checks import INIT_FROM_PREVIOUS, check_init_from, check_recipe
+from peftkit.config.recipe_checks import (
+    INIT_FROM_PREVIOUS,
+    check_init_from,
+    check_keep_parent,
+    check_recipe,
+)
 from peftkit.config.schema import Ctx, parse, read_text, read_yaml
 from peftkit.config.scorers import RECIPE_SCORERS
 from peftkit.config.training import SEED_MAX, TrainConfig
@@ -112,11 +117,7 @@ class AdapterRef:
         if self.init_from is not None:
             check_init_from(self.init_from)
         if self.keep_parent is not None:
-            if not 0 <= self.keep_parent < 1:
-                raise ConfigError(
-                    f"adapter.keep_parent must be in [0, 1) (the share of the parent's "
-                    f"weights kept), got {self.keep_parent}"
-                )
+            check_keep_parent(self.keep_parent)
             if self.init_from is None:
                 raise ConfigError(
                     "adapter.keep_parent blends the trained adapter with the one it "

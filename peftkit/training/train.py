@@ -36,6 +36,7 @@ from peftkit.adapters.model import TaskModel, build_task_model, unpack_base, ver
 from peftkit.adapters.parent import ParentWeights, continue_from
 from peftkit.adapters.task import TaskInfo
 from peftkit.config.presets import AdapterSpec, method_row
+from peftkit.config.recipe_checks import check_keep_parent
 from peftkit.config.training import TrainConfig
 from peftkit.data.batching import Encoded, apply_template, encode, pad_id, position_limit
 from peftkit.data.load import Split, TextDataset
@@ -139,8 +140,7 @@ def train(
             "adapter.keep_parent blends the trained adapter with the one it continued: it "
             "needs adapter.init_from"
         )
-    if not 0 <= keep_parent < 1:
-        raise ConfigError(f"adapter.keep_parent must be in [0, 1), got {keep_parent}")
+    check_keep_parent(keep_parent)
     if init_from is not None and head_init is not None:
         raise ConfigError(
             "adapter.init_from continues a trained adapter's head; it cannot also start the "
